@@ -1,0 +1,42 @@
+# hnfverify — set-up, demo, tests, benchmarks. Every target creates .venv idempotently.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned: the CPU wheel lies on local disk; an unpinned torch
+# would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast bench proofs clean model
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e '.[torch,test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+model: venv
+	$(BIN)/hnfverify fetch-model smollm2
+
+demo: venv
+	bash benchmarks/demo.sh
+
+proofs: venv
+	@for p in proofs/*.py; do echo "== $$p"; $(BIN)/python $$p || exit 1; done
+
+test: venv proofs
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: venv
+	$(BIN)/python benchmarks/analyzer_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
