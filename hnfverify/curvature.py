@@ -12,25 +12,35 @@ For a query q, scale tau, cached keys K_t and values V_t (keys after RoPE, as ca
 t, the statistics are maxima over every query that attends to t: all query heads of h's GQA group
 and every query position allowed by the mask (causal, sliding window).
 
-Enclosures. Inputs are the captured float32 tensors, which are exact rationals. Everything is
-evaluated in float64 and each reported maximum is widened to an interval [lo, hi] that contains
-the exact real value of that maximum for those inputs:
-relative margin DELTA = 2^-30 on every product, and absolute margins for the two cancellation-
-prone factors: |1 - 2 alpha| +- ETA (ETA = 2^-30) and ||V_t - o||^2 +- ETA (||V_t|| + ||o||)^2.
-Float64 evaluation of these expressions (dot products of length <= a few thousand, one exp per
-score) errs by a few thousand units of 2^-53 relative to the scale of its operands, i.e. below
-2^-40: the margins exceed it by three orders of magnitude. Tests compare lo <= exact <= hi against
-50-digit mpmath on random and adversarial inputs (alpha near 0, 1/2, 1; V_t = o).
+Enclosures. Inputs are the captured float32 tensors, which are exact rationals. Every quantity is
+evaluated once in float64 (the central value), reduced by max over queries, and only then widened
+to an interval [lo, hi] that contains the exact real value of that maximum for those inputs:
+
+* relative factor (1 +- DELTA) per multiplicative factor, DELTA = 2^-30; float64 evaluation of a
+  softmax over <= a few thousand scores and of length-d dot products errs by far less than
+  2^-40 relative, so DELTA has a margin of > 2^10;
+* ``|1 - 2 alpha|`` gets an absolute margin ETA = 2^-30 (it cancels near alpha = 1/2);
+* ``||V_t - o||`` is computed from ``||V_t||^2 - 2 V_t.o + ||o||^2`` whose float64 error is below
+  GAMMA (||V_t|| + ||o||)^2 with GAMMA = 2^-40 (a margin of > 2^5 over (d + 4) 2^-53 for d <= 512), so
+  its square root errs by at most EPS_t = sqrt(GAMMA) (||V_t|| + max ||o||);
+* a product's error is bounded with the per-position maxima of its other factors, e.g.
+  max kappa <= (1 + DELTA)^2 [max kappa_c + 1/2 tau^2 Q_t^2 A_t (ETA VO_t + (1 + ETA) EPS_t)],
+  and symmetrically for the lower end (the maximizing query of the central value is a witness).
+
+Tests compare lo <= exact <= hi against 50-digit mpmath on random and adversarial inputs
+(alpha near 0, 1/2 and 1; V_t = o).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 DELTA = 2.0 ** -30
 ETA = 2.0 ** -30
+GAMMA = 2.0 ** -40
 
 #: names of the per-(kv head, position) maxima computed by :func:`position_stats`
 MAX_FIELDS = ("alpha_max", "qnorm_max", "vo_max", "alpha_vo_max", "kappa", "grad_k", "htrace")
@@ -67,7 +77,7 @@ def position_stats(
     scaling: float,
     allowed: torch.Tensor | None = None,
     *,
-    q_chunk: int = 256,
+    q_chunk: int = 512,
 ) -> PositionStats:
     """Exact per-position maxima for one sequence.
 
@@ -82,63 +92,73 @@ def position_stats(
     g = hq // hkv
     if allowed is None:
         allowed = causal_allowed(tq, tk, device=query.device)
+    allowed = allowed.to(torch.bool)
     q = query.detach().to(torch.float64).reshape(hkv, g, tq, d)
     k = key.detach().to(torch.float64)
     v = value.detach().to(torch.float64)
     tau = float(scaling)
-    v_sq = (v * v).sum(-1)                               # (Hkv, Tk)
-    v_norm = v_sq.sqrt()
+    v_sq = (v * v).sum(-1)                                  # (Hkv, Tk)
+    qn_sq_all = (q * q).sum(-1)                             # (Hkv, G, Tq)
 
-    lo = {f: torch.zeros(hkv, tk, dtype=torch.float64) for f in MAX_FIELDS}
-    hi = {f: torch.zeros(hkv, tk, dtype=torch.float64) for f in MAX_FIELDS}
-    alpha_sum = torch.zeros(hkv, tk, dtype=torch.float64)
+    z = lambda: torch.zeros(hkv, tk, dtype=torch.float64)  # noqa: E731
+    c_alpha, c_vo, c_avo, c_kappa, c_grad, q2_max = z(), z(), z(), z(), z(), z()
+    o_norm_max = torch.zeros(hkv, dtype=torch.float64)
+    alpha_sum = z()
     n_queries = torch.zeros(hkv, tk, dtype=torch.int64)
-    up, dn = 1.0 + DELTA, 1.0 - DELTA
 
     for start in range(0, tq, q_chunk):
-        qc = q[:, :, start:start + q_chunk]                                 # (Hkv, G, c, d)
-        mask = allowed[start:start + q_chunk].to(q.device)                  # (c, Tk)
-        s = tau * torch.einsum("hgid,htd->hgit", qc, k)
-        s = s.masked_fill(~mask, float("-inf"))
-        alpha = torch.softmax(s, dim=-1)                                    # (Hkv, G, c, Tk)
-        alpha = alpha.masked_fill(~mask, 0.0)
-        o = torch.einsum("hgit,htd->hgid", alpha, v)                        # (Hkv, G, c, d)
-        o_sq = (o * o).sum(-1)
-        vo_sq = v_sq[:, None, None, :] - 2.0 * torch.einsum("hgid,htd->hgit", o, v) + o_sq[..., None]
-        err = ETA * (v_norm[:, None, None, :] + o_sq.sqrt()[..., None]) ** 2
-        vo_hi = (vo_sq + err).clamp_min(0.0).sqrt() * up
-        vo_lo = (vo_sq - err).clamp_min(0.0).sqrt() * dn
-        qn_sq = (qc * qc).sum(-1)[..., None]                                # (Hkv, G, c, 1)
-        qn = qn_sq.sqrt()
-        one_m = (1.0 - 2.0 * alpha).abs()
-        a_hi, a_lo = alpha * up, alpha * dn
-        half_t2q2 = 0.5 * tau * tau * qn_sq
-        vals_hi = {
-            "alpha_max": a_hi,
-            "qnorm_max": (qn * up).expand_as(alpha),
-            "vo_max": vo_hi,
-            "alpha_vo_max": a_hi * vo_hi * up,
-            "kappa": half_t2q2 * a_hi * (one_m + ETA) * vo_hi * up ** 3,
-            "grad_k": tau * qn * a_hi * vo_hi * up ** 2,
-            "htrace": 2.0 * half_t2q2 * a_hi * (one_m + ETA) * vo_hi * up ** 3,
-        }
-        vals_lo = {
-            "alpha_max": a_lo,
-            "qnorm_max": (qn * dn).expand_as(alpha),
-            "vo_max": vo_lo,
-            "alpha_vo_max": a_lo * vo_lo * dn,
-            "kappa": half_t2q2 * a_lo * (one_m - ETA).clamp_min(0.0) * vo_lo * dn ** 3,
-            "grad_k": tau * qn * a_lo * vo_lo * dn ** 2,
-            "htrace": 2.0 * half_t2q2 * a_lo * (one_m - ETA).clamp_min(0.0) * vo_lo * dn ** 3,
-        }
-        m = mask[None, None]
-        for f in MAX_FIELDS:
-            h = vals_hi[f].masked_fill(~m, 0.0).amax(dim=(1, 2))
-            l_ = vals_lo[f].masked_fill(~m, 0.0).amax(dim=(1, 2))
-            hi[f] = torch.maximum(hi[f], h)
-            lo[f] = torch.maximum(lo[f], l_)
+        qc = q[:, :, start:start + q_chunk]                                  # (Hkv, G, c, d)
+        mask = allowed[start:start + q_chunk]                                # (c, Tk)
+        qn_sq = qn_sq_all[:, :, start:start + q_chunk]                       # (Hkv, G, c)
+        s = torch.einsum("hgid,htd->hgit", qc, k).mul_(tau)
+        s.masked_fill_(~mask, float("-inf"))
+        alpha = torch.softmax(s, dim=-1)                                     # masked entries exactly 0
+        del s
+        o = torch.einsum("hgit,htd->hgid", alpha, v)                         # (Hkv, G, c, d)
+        o_sq = (o * o).sum(-1)                                               # (Hkv, G, c)
+        o_norm_max = torch.maximum(o_norm_max, o_sq.sqrt().amax(dim=(1, 2)))
+        vo = torch.einsum("hgid,htd->hgit", o, v).mul_(-2.0)
+        vo.add_(v_sq[:, None, None, :]).add_(o_sq[..., None]).clamp_min_(0.0).sqrt_()
+        vo.masked_fill_(~mask, 0.0)
+        c_alpha = torch.maximum(c_alpha, alpha.amax(dim=(1, 2)))
+        c_vo = torch.maximum(c_vo, vo.amax(dim=(1, 2)))
         alpha_sum += alpha.sum(dim=(1, 2))
+        avo = vo.mul_(alpha)                                                 # alpha ||V_t - o||
+        c_avo = torch.maximum(c_avo, avo.amax(dim=(1, 2)))
+        c_grad = torch.maximum(c_grad, (avo * (tau * qn_sq.sqrt())[..., None]).amax(dim=(1, 2)))
+        kap = alpha.mul_(-2.0).add_(1.0).abs_().mul_(avo).mul_((0.5 * tau * tau) * qn_sq[..., None])
+        c_kappa = torch.maximum(c_kappa, kap.amax(dim=(1, 2)))
+        del alpha, vo, avo, kap
+        qmax_c = qn_sq.amax(dim=1)                                           # (Hkv, c) over the group
+        q2 = torch.where(mask[None], qmax_c[..., None], torch.zeros((), dtype=torch.float64)).amax(dim=1)
+        q2_max = torch.maximum(q2_max, q2)
         n_queries += (mask.sum(0) * g).to(torch.int64)[None, :]
+
+    up, dn = 1.0 + DELTA, 1.0 - DELTA
+    eps = math.sqrt(GAMMA) * (v_sq.sqrt() + o_norm_max[:, None])             # error of ||V_t - o||
+    q_max = q2_max.sqrt()
+    vo_hi, vo_lo = (c_vo + eps) * up, (c_vo - eps).clamp_min(0.0) * dn
+    a_hi, a_lo = c_alpha * up, c_alpha * dn
+    k_err = 0.5 * tau * tau * q2_max * a_hi * (ETA * vo_hi + (1.0 + ETA) * eps)
+    g_err = tau * q_max * a_hi * eps
+    av_err = a_hi * eps
+    hi = {
+        "alpha_max": a_hi,
+        "qnorm_max": q_max * up,
+        "vo_max": vo_hi,
+        "alpha_vo_max": (c_avo + av_err) * up ** 2,
+        "kappa": (c_kappa + k_err) * up ** 3,
+        "grad_k": (c_grad + g_err) * up ** 3,
+    }
+    lo = {
+        "alpha_max": a_lo,
+        "qnorm_max": q_max * dn,
+        "vo_max": vo_lo,
+        "alpha_vo_max": (c_avo - av_err).clamp_min(0.0) * dn ** 2,
+        "kappa": (c_kappa - k_err).clamp_min(0.0) * dn ** 3,
+        "grad_k": (c_grad - g_err).clamp_min(0.0) * dn ** 3,
+    }
+    hi["htrace"], lo["htrace"] = 2.0 * hi["kappa"], 2.0 * lo["kappa"]
     return PositionStats(lo=lo, hi=hi, alpha_sum=alpha_sum, n_queries=n_queries)
 
 

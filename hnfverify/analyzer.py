@@ -1,0 +1,266 @@
+"""The analyzer: one calibration run -> per (layer, KV head, position) sensitivity intervals.
+
+Streaming: each attention call is reduced to (Hkv, T) statistics inside the instrumentation
+sink and its q, K, V are released; memory is the model plus a few (T x T) float64 blocks.
+Positions are cache positions 0..W-1 of a calibration window; statistics are maxima (sums for
+the mean attention) over all windows, so they describe the sup over every calibration query.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from .curvature import MAX_FIELDS, causal_allowed, position_stats, seed_curvature
+from .errors import InvalidArgument, ModelError
+from .instrument import AttentionCall, attention_modules, instrument, output_projection
+from .texts import TokenWindows
+
+CURVATURES = ("exact", "seed")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    curvature: str = "exact"          # which curvature the planner uses: exact (DESIGN 2.1) | seed (heuristic)
+    channel_group: int = 32           # tokens per per-channel key/value quantization group (KIVI-style)
+    lipschitz_tokens: int = 32        # prefix of the first window used for the block Lipschitz estimate
+    lipschitz_iters: int = 6          # power iterations; 0 disables the estimate
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise InvalidArgument(f"--curvature must be one of {list(CURVATURES)}, got {self.curvature!r}")
+        if self.channel_group < 1:
+            raise InvalidArgument(f"--channel-group must be >= 1, got {self.channel_group}")
+        if self.lipschitz_tokens < 2:
+            raise InvalidArgument(f"--lipschitz-tokens must be >= 2, got {self.lipschitz_tokens}")
+        if self.lipschitz_iters < 0:
+            raise InvalidArgument(f"--lipschitz-iters must be >= 0, got {self.lipschitz_iters}")
+
+
+@dataclass
+class Analysis:
+    """Result: ``arrays`` maps field name -> numpy array (see ``report.ARRAY_FIELDS``); ``meta`` the rest."""
+
+    arrays: dict
+    meta: dict
+    timings: dict = field(default_factory=dict)
+
+
+def _allowed_from_mask(call: AttentionCall, b: int, tq: int, tk: int):
+    import torch
+
+    mask = call.attention_mask
+    if mask is None:
+        return causal_allowed(tq, tk, call.kwargs.get("sliding_window"))
+    if not torch.is_tensor(mask):
+        raise ModelError(f"layer {call.layer}: unsupported attention mask type {type(mask).__name__}")
+    m = mask[b if mask.shape[0] > 1 else 0]
+    if m.dim() == 3:
+        if m.shape[0] != 1:
+            raise ModelError(f"layer {call.layer}: per-head attention masks are not supported")
+        m = m[0]
+    m = m[-tq:, -tk:]
+    if m.dtype == torch.bool:
+        return m.clone()
+    return m > torch.finfo(m.dtype).min / 2
+
+
+class _Accumulator:
+    """Running per-layer maxima over windows. All tensors (L, Hkv, T) float64 unless noted."""
+
+    def __init__(self, n_layers: int, hkv: int, hq: int, t: int, d: int, g: int):
+        import torch
+
+        z = lambda: torch.zeros(n_layers, hkv, t, dtype=torch.float64)  # noqa: E731
+        self.lo = {f: z() for f in MAX_FIELDS}
+        self.hi = {f: z() for f in MAX_FIELDS}
+        self.alpha_sum = z()
+        self.n_queries = torch.zeros(n_layers, hkv, t, dtype=torch.int64)
+        inf = float("inf")
+        n_groups = math.ceil(t / g)
+        self.ranges = {}
+        for kv in ("k", "v"):
+            self.ranges[f"{kv}_tok_min"] = torch.full((n_layers, hkv, t), inf, dtype=torch.float32)
+            self.ranges[f"{kv}_tok_max"] = torch.full((n_layers, hkv, t), -inf, dtype=torch.float32)
+            self.ranges[f"{kv}_ch_min"] = torch.full((n_layers, hkv, n_groups, d), inf, dtype=torch.float32)
+            self.ranges[f"{kv}_ch_max"] = torch.full((n_layers, hkv, n_groups, d), -inf, dtype=torch.float32)
+            self.ranges[f"{kv}_d_token"] = z()
+            self.ranges[f"{kv}_d_channel"] = z()
+        self.scaling = [None] * n_layers
+        self.seen = [0] * n_layers
+        self.g, self.t, self.d = g, t, d
+
+    def add(self, call: AttentionCall) -> None:
+        import torch
+
+        layer = call.layer
+        q, k, v = call.query, call.key, call.value
+        b_n, hq, tq, d = q.shape
+        _, hkv, tk, _ = k.shape
+        if tk != self.t or tq != tk:
+            raise ModelError(f"layer {layer}: expected a cache-free pass of {self.t} tokens, got q {tq}, k {tk}")
+        if self.scaling[layer] is None:
+            self.scaling[layer] = call.scaling
+        elif self.scaling[layer] != call.scaling:
+            raise ModelError(f"layer {layer}: attention scaling changed between windows")
+        for b in range(b_n):
+            allowed = _allowed_from_mask(call, b, tq, tk)
+            st = position_stats(q[b], k[b], v[b], call.scaling, allowed)
+            for f in MAX_FIELDS:
+                torch.maximum(self.hi[f][layer], st.hi[f], out=self.hi[f][layer])
+                torch.maximum(self.lo[f][layer], st.lo[f], out=self.lo[f][layer])
+            self.alpha_sum[layer] += st.alpha_sum
+            self.n_queries[layer] += st.n_queries
+            for name, x in (("k", k[b]), ("v", v[b])):
+                self._ranges(layer, name, x.detach().to(torch.float32))
+        self.seen[layer] += b_n
+
+    def _ranges(self, layer: int, name: str, x) -> None:
+        """x: (Hkv, T, d) float32. Updates per-token and per-channel ranges and diameters."""
+        import torch
+        import torch.nn.functional as F
+
+        hkv, t, d = x.shape
+        r = self.ranges
+        tmin, tmax = x.amin(-1), x.amax(-1)
+        torch.minimum(r[f"{name}_tok_min"][layer], tmin, out=r[f"{name}_tok_min"][layer])
+        torch.maximum(r[f"{name}_tok_max"][layer], tmax, out=r[f"{name}_tok_max"][layer])
+        # per-token group = the head's d channels; box [min, max]^d has l2 diameter sqrt(d) (max - min)
+        d_tok = (tmax.double() - tmin.double()) * math.sqrt(d) * (1 + 2.0 ** -30)
+        torch.maximum(r[f"{name}_d_token"][layer], d_tok, out=r[f"{name}_d_token"][layer])
+        # per-channel groups of g tokens; box prod_c [min_c, max_c] has diameter ||max - min||_2
+        g = self.g
+        n_groups = math.ceil(t / g)
+        pad = n_groups * g - t
+        xp_min = F.pad(x, (0, 0, 0, pad), value=float("inf")).reshape(hkv, n_groups, g, d).amin(2)
+        xp_max = F.pad(x, (0, 0, 0, pad), value=float("-inf")).reshape(hkv, n_groups, g, d).amax(2)
+        torch.minimum(r[f"{name}_ch_min"][layer], xp_min, out=r[f"{name}_ch_min"][layer])
+        torch.maximum(r[f"{name}_ch_max"][layer], xp_max, out=r[f"{name}_ch_max"][layer])
+        d_ch = (xp_max.double() - xp_min.double()).norm(dim=-1) * (1 + 2.0 ** -30)   # (Hkv, n_groups)
+        d_ch = d_ch.repeat_interleave(g, dim=1)[:, :t]
+        torch.maximum(r[f"{name}_d_channel"][layer], d_ch, out=r[f"{name}_d_channel"][layer])
+
+
+def _layer_blocks(model) -> dict:
+    """layer index -> decoder block (the parent module of each attention module)."""
+    mods = dict(model.named_modules())
+    blocks = {}
+    for name, attn in attention_modules(model):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        blocks[int(attn.layer_idx)] = mods[parent]
+    return blocks
+
+
+def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOptions(), progress: bool = False) -> Analysis:
+    """Run the calibration windows through ``lm.model`` and return the per-position analysis."""
+    import numpy as np
+    import torch
+
+    options.validate()
+    model = lm.model
+    attn = attention_modules(model)
+    if not attn:
+        raise ModelError(f"model {lm.name!r} ({type(model).__name__}) has no attention layers hnfverify can analyze")
+    n_layers = max(int(m.layer_idx) for _, m in attn) + 1
+    first = attn[0][1]
+    cfg = getattr(first, "config", model.config)
+    hq = int(getattr(cfg, "num_attention_heads"))
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    d = int(getattr(first, "head_dim", None) or cfg.hidden_size // hq)
+    t = windows.window
+    acc = _Accumulator(n_layers, hkv, hq, t, d, options.channel_group)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(windows.windows), desc="calibration windows", unit="win", leave=False)
+    t0 = time.perf_counter()
+    with torch.no_grad(), instrument(model, acc.add):
+        for w in windows.windows:
+            ids = torch.tensor([w], dtype=torch.long)
+            model(input_ids=ids, use_cache=False)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    t_stats = time.perf_counter() - t0
+    missing = [i for i in range(n_layers) if acc.seen[i] == 0]
+    if missing:
+        raise ModelError(f"no attention call was captured for layers {missing[:5]}: the model does not route "
+                         "attention through transformers' attention interface")
+
+    # output projection restricted to each query head's and each KV group's slice (spectral norms)
+    o_q = np.zeros((n_layers, hq))
+    o_kv = np.zeros((n_layers, hkv))
+    g = hq // hkv
+    for _, m in attn:
+        w = output_projection(m).weight.detach().to(torch.float64)        # (hidden, Hq*d)
+        if w.shape[1] != hq * d:
+            w = w.T
+        li = int(m.layer_idx)
+        for h in range(hq):
+            o_q[li, h] = float(torch.linalg.matrix_norm(w[:, h * d:(h + 1) * d], ord=2))
+        for h in range(hkv):
+            o_kv[li, h] = float(torch.linalg.matrix_norm(w[:, h * g * d:(h + 1) * g * d], ord=2))
+    o_q *= 1 + 2.0 ** -30
+    o_kv *= 1 + 2.0 ** -30
+
+    # measured Lipschitz estimate of every decoder block on a calibration prefix
+    lips = np.full(n_layers, np.nan)
+    lips_rel = np.full(n_layers, np.nan)
+    t1 = time.perf_counter()
+    if options.lipschitz_iters > 0:
+        from .lipschitz import block_lipschitz, capture_block_inputs
+
+        blocks = _layer_blocks(model)
+        n_tok = min(options.lipschitz_tokens, t)
+        ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
+        with torch.no_grad(), capture_block_inputs(model, blocks) as cap:
+            model(input_ids=ids, use_cache=False)
+        it = sorted(blocks)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="block Lipschitz (power iteration)", unit="layer", leave=False)
+        for li in it:
+            est = block_lipschitz(blocks[li], *cap[li], iters=options.lipschitz_iters, seed=options.seed)
+            lips[li], lips_rel[li] = est.value, est.rel_change
+    t_lip = time.perf_counter() - t1
+
+    n_q = acc.n_queries.clamp_min(1).double()
+    alpha_mean = acc.alpha_sum / n_q
+    seed_k = seed_curvature(alpha_mean, acc.hi["grad_k"], acc.hi["htrace"])
+    arrays = {}
+    for f in MAX_FIELDS:
+        arrays[f"{f}_lo"] = acc.lo[f].numpy()
+        arrays[f"{f}_hi"] = acc.hi[f].numpy()
+    arrays["kappa_exact_lo"] = arrays.pop("kappa_lo")
+    arrays["kappa_exact_hi"] = arrays.pop("kappa_hi")
+    arrays["kappa_seed"] = seed_k.numpy()
+    if options.curvature == "exact":
+        arrays["kappa_lo"], arrays["kappa_hi"] = arrays["kappa_exact_lo"], arrays["kappa_exact_hi"]
+    else:
+        arrays["kappa_lo"], arrays["kappa_hi"] = arrays["kappa_seed"], arrays["kappa_seed"]
+    arrays["kappa_v"] = np.zeros_like(arrays["kappa_exact_hi"])
+    arrays["alpha_mean"] = alpha_mean.numpy()
+    arrays["n_queries"] = acc.n_queries.numpy()
+    for k_, v_ in acc.ranges.items():
+        arrays[k_] = v_.numpy()
+    arrays["o_proj_norm_qhead"] = o_q
+    arrays["o_proj_norm_kvhead"] = o_kv
+    arrays["lipschitz"] = lips
+    arrays["lipschitz_rel_change"] = lips_rel
+    arrays["scaling"] = np.array([s if s is not None else np.nan for s in acc.scaling], dtype=np.float64)
+    arrays = {k_: np.ascontiguousarray(v_) for k_, v_ in arrays.items()}
+    meta = {
+        "shape": {"layers": n_layers, "kv_heads": hkv, "query_heads": hq, "head_dim": d, "positions": t,
+                  "channel_groups": int(math.ceil(t / options.channel_group))},
+        "options": {"curvature": options.curvature, "channel_group": options.channel_group,
+                    "lipschitz_tokens": min(options.lipschitz_tokens, t), "lipschitz_iters": options.lipschitz_iters,
+                    "seed": options.seed},
+        "attn_implementation": model.config._attn_implementation,
+    }
+    return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip})

@@ -1,0 +1,223 @@
+"""Command line: every subcommand is a function ``(args, out, err) -> exit code``; only ``main`` exits.
+
+Exit codes: 0 success, 1 violated (check/eval), 2 usage error or unusable input,
+3 undecided (check), 4 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import TextIO
+
+from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, HnfError, InvalidArgument
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        return v
+    return parse
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers missing is reported elsewhere
+        pass
+
+
+# --------------------------------------------------------------------------- analyze
+def print_analysis(summary: dict, out: TextIO, paths: tuple[str, str] | None = None) -> None:
+    m, c, s = summary["model"], summary["calibration"], summary["shape"]
+    a = summary["analysis"]
+    print(f"model        {m['name']}: {m['architecture']}, {s['layers']} layers x {s['kv_heads']} KV heads "
+          f"({s['query_heads']} query heads), head_dim {s['head_dim']}; config sha256 {m['config_sha256'][:16]}",
+          file=out)
+    print(f"calibration  {c['source']} [{c['split']} split]: {c['n_windows']} windows x {c['window']} tokens "
+          f"= {c['n_tokens']} tokens from {c['n_documents']} documents; token ids sha256 {c['token_ids_sha256'][:16]}",
+          file=out)
+    print(f"curvature    {a['curvature']} (planning uses kappa_lo/hi); values: curvature 0 (linear in V_t); "
+          f"Lipschitz: measured on {a['lipschitz_tokens']} tokens, {a['lipschitz_iters']} power iterations", file=out)
+    hdr = (f"{'layer':>5} {'kappa_max':>10} {'(h,t)':>9} {'alpha_max':>9} {'|q|max':>7} "
+           f"{'D_K tok':>15} {'D_V tok':>15} {'Lip(meas)':>9} {'|W_o|':>6}")
+    print(hdr, file=out)
+    for r in summary["layers"]:
+        am = r["kappa_argmax"]
+        lip = r["lipschitz_measured"]
+        print(f"{r['layer']:>5} {r['kappa_max']:>10.3e} {'(%d,%d)' % (am['kv_head'], am['position']):>9} "
+              f"{r['alpha_max']:>9.4f} {r['qnorm_max']:>7.2f} "
+              f"{r['k_d_token'][0]:>7.2f}-{r['k_d_token'][1]:<7.2f} {r['v_d_token'][0]:>7.2f}-{r['v_d_token'][1]:<7.2f} "
+              f"{(lip if lip is not None else float('nan')):>9.3f} {max(r['o_proj_norm_kvhead']):>6.2f}", file=out)
+    kmax = max(summary["layers"], key=lambda r: r["kappa_max"])
+    print(f"max kappa {kmax['kappa_max']:.4e} at layer {kmax['layer']}, kv head {kmax['kappa_argmax']['kv_head']}, "
+          f"position {kmax['kappa_argmax']['position']}", file=out)
+    if paths:
+        print(f"wrote        {paths[0]} and {paths[1]} (arrays sha256 {summary['arrays']['sha256'][:16]})", file=out)
+
+
+def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
+    from .analyzer import AnalysisOptions
+    from .report import arrays_path_for
+
+    if args.max_tokens <= 0:
+        raise InvalidArgument(f"--max-tokens must be a positive integer, got {args.max_tokens}")
+    if args.window <= 1:
+        raise InvalidArgument(f"--window must be at least 2, got {args.window}")
+    if args.out and os.path.isdir(args.out):
+        raise InvalidArgument(f"--out {args.out!r} is a directory; give a file name such as report.json")
+    options = AnalysisOptions(curvature=args.curvature, channel_group=args.channel_group,
+                              lipschitz_tokens=args.lipschitz_tokens, lipschitz_iters=args.lipschitz_iters)
+    options.validate()
+    # cheap checks first: the calibration source must exist before the model is loaded
+    if args.calib not in ("prose", "code") and not os.path.isfile(args.calib):
+        from .errors import InputError
+
+        raise InputError(f"--calib {args.calib!r}: no such file (built-in corpora: prose, code)")
+
+    _set_threads(args.threads)
+    _quiet_transformers()
+    from .analyzer import analyze
+    from .models import load_model
+    from .report import save
+    from .texts import token_windows
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model, verbose=not args.quiet)
+    windows = token_windows(lm.tokenizer, args.calib, split="calib", max_tokens=args.max_tokens, window=args.window)
+    t_load = time.perf_counter() - t0
+    result = analyze(lm, windows, options, progress=not args.quiet and err.isatty())
+    result.timings["load_s"] = t_load
+    summary = save(result, lm.identity(), windows.identity(), args.out)
+    if args.json:
+        out.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    else:
+        print_analysis(summary, out, (args.out, str(arrays_path_for(args.out))))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- inspect
+def cmd_inspect(args, out: TextIO, err: TextIO) -> int:
+    from .report import load, lookup
+
+    summary, arrays = load(args.report)
+    if args.layer is None:
+        print_analysis(summary, out)
+        return EXIT_OK
+    row = lookup(summary, arrays, args.layer, args.head, args.position)
+    if args.json:
+        out.write(json.dumps(row, indent=1, sort_keys=True) + "\n")
+    else:
+        for k, v in row.items():
+            if isinstance(v, list) and len(v) > 6:
+                v = "[" + ", ".join(f"{x:.4g}" for x in v[:6]) + f", ... ({len(v)} values)]"
+            print(f"{k:24} {v}", file=out)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- fetch-model, splits
+def cmd_fetch_model(args, out: TextIO, err: TextIO) -> int:
+    _quiet_transformers()
+    from .models import load_model
+
+    lm = load_model(args.model, verbose=True)
+    ident = lm.identity()
+    print(f"{args.model}: {ident['source']} ({ident['architecture']}), config sha256 {ident['config_sha256'][:16]}",
+          file=out)
+    return EXIT_OK
+
+
+def cmd_splits(args, out: TextIO, err: TextIO) -> int:
+    from .texts import split_table
+
+    print(f"{'corpus':8} {'split':6} {'documents':>9} {'characters':>11}", file=out)
+    for corpus, split, n, chars in split_table():
+        print(f"{corpus:8} {split:6} {n:>9} {chars:>11}", file=out)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser, main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hnfverify", description="Certified mixed-precision KV-cache plans.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("analyze", help="per-position key/value sensitivity of a model on calibration text")
+    a.add_argument("--model", default="smollm2", help="smollm2 | tiny-llama | tiny-qwen2 | model dir | .gguf file")
+    a.add_argument("--calib", default="prose", help="prose | code (built-in, calibration split) | a text file")
+    a.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=1024)
+    a.add_argument("--window", type=_positive_int("--window"), default=512, help="tokens per calibration window")
+    a.add_argument("--out", default="report.json", help="report JSON; arrays go to <stem>.safetensors")
+    a.add_argument("--json", action="store_true", help="print the report summary as JSON")
+    a.add_argument("--curvature", default="exact", help="exact (default) | seed (heuristic, ablation only)")
+    a.add_argument("--channel-group", type=_positive_int("--channel-group"), default=32)
+    a.add_argument("--lipschitz-tokens", type=_positive_int("--lipschitz-tokens"), default=32)
+    a.add_argument("--lipschitz-iters", type=_positive_int("--lipschitz-iters"), default=6)
+    a.add_argument("--threads", type=_positive_int("--threads"), default=None)
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_analyze)
+
+    i = sub.add_parser("inspect", help="print a report, or every field at one (layer, head, position)")
+    i.add_argument("report")
+    i.add_argument("--layer", type=_positive_int("--layer"))
+    i.add_argument("--head", type=_positive_int("--head"), default=0)
+    i.add_argument("--position", type=_positive_int("--position"), default=0)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    f = sub.add_parser("fetch-model", help="download and convert a named model into the cache")
+    f.add_argument("model", nargs="?", default="smollm2")
+    f.set_defaults(func=cmd_fetch_model)
+
+    s = sub.add_parser("splits", help="the built-in corpora's calibration / evaluation splits")
+    s.set_defaults(func=cmd_splits)
+    return p
+
+
+def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Parse ``argv`` and run one subcommand in-process. Returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage error
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    if not getattr(args, "command", None):
+        parser.print_help(err)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args, out, err))
+    except HnfError as e:
+        print(f"hnfverify: error: {e}", file=err)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hnfverify: interrupted", file=err)
+        return 130
+    except MemoryError:
+        print("hnfverify: error: out of memory", file=err)
+        return EXIT_INTERNAL
+    except Exception as e:  # internal error: one line unless HNFVERIFY_DEBUG is set
+        if os.environ.get("HNFVERIFY_DEBUG"):
+            raise
+        print(f"hnfverify: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(set HNFVERIFY_DEBUG=1 for a traceback)", file=err)
+        return EXIT_INTERNAL
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
