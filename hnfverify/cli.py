@@ -99,6 +99,13 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
 
     t0 = time.perf_counter()
     lm = load_model(args.model, verbose=not args.quiet)
+    from .instrument import attention_modules
+
+    if not attention_modules(lm.model):
+        from .errors import ModelError
+
+        raise ModelError(f"model {args.model!r} ({type(lm.model).__name__}) has no attention layers "
+                         "hnfverify can analyze")
     windows = token_windows(lm.tokenizer, args.calib, split="calib", max_tokens=args.max_tokens, window=args.window)
     t_load = time.perf_counter() - t0
     result = analyze(lm, windows, options, progress=not args.quiet and err.isatty())
@@ -152,8 +159,16 @@ def cmd_splits(args, out: TextIO, err: TextIO) -> int:
 
 
 # --------------------------------------------------------------------------- parser, main
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as :class:`InvalidArgument` (so ``run`` prints them to its
+    own error stream with exit code 2) instead of writing to sys.stderr and exiting."""
+
+    def error(self, message):
+        raise InvalidArgument(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hnfverify", description="Certified mixed-precision KV-cache plans.")
+    p = _Parser(prog="hnfverify", description="Certified mixed-precision KV-cache plans.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     a = sub.add_parser("analyze", help="per-position key/value sensitivity of a model on calibration text")
@@ -195,7 +210,10 @@ def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | 
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the usage error
+    except InvalidArgument as e:
+        print(f"hnfverify: error: {e}", file=err)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     if not getattr(args, "command", None):
         parser.print_help(err)

@@ -1,0 +1,51 @@
+"""Independent recomputation of q, K, V from a model's own weights (not via instrumentation)."""
+
+import sys
+
+import torch
+
+
+def independent_qkv(model, input_ids, layer):
+    """Post-RoPE q (Hq,T,d), K and V (Hkv,T,d) of ``layer`` for a Llama/Qwen2/Mistral-style model,
+    recomputed from the layer's input hidden states and its projection weights."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        h = out.hidden_states[layer]
+        blk = model.model.layers[layer]
+        attn = blk.self_attn
+        x = blk.input_layernorm(h)
+        d = attn.head_dim
+        t = input_ids.shape[1]
+        q = attn.q_proj(x).view(1, t, -1, d).transpose(1, 2)
+        k = attn.k_proj(x).view(1, t, -1, d).transpose(1, 2)
+        v = attn.v_proj(x).view(1, t, -1, d).transpose(1, 2)
+        pos = torch.arange(t)[None]
+        cos, sin = model.model.rotary_emb(x, pos)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = rope(q, k, cos, sin)
+    return q[0], k[0], v[0], float(attn.scaling)
+
+
+def naive_kappa(q, k, v, tau, t, sliding_window=None):
+    """max over query heads of the group and queries i >= t of the closed-form kappa_t (float64 loops)."""
+    hq, tl, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    out = []
+    for h in range(hkv):
+        best = 0.0
+        kk, vv = k[h].double(), v[h].double()
+        for gi in range(g):
+            for i in range(t, tl):
+                if sliding_window is not None and i - t >= sliding_window:
+                    continue
+                lo_j = 0 if sliding_window is None else max(0, i - sliding_window + 1)
+                qq = q[h * g + gi, i].double()
+                s = tau * (kk[lo_j:i + 1] @ qq)
+                a = torch.softmax(s, 0)
+                o = a @ vv[lo_j:i + 1]
+                at = a[t - lo_j]
+                val = 0.5 * tau ** 2 * float(qq @ qq) * float(at) * abs(1 - 2 * float(at)) * float((vv[t] - o).norm())
+                best = max(best, val)
+        out.append(best)
+    return out
