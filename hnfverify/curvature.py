@@ -77,7 +77,7 @@ def position_stats(
     scaling: float,
     allowed: torch.Tensor | None = None,
     *,
-    q_chunk: int = 512,
+    q_chunk: int = 128,
 ) -> PositionStats:
     """Exact per-position maxima for one sequence.
 
@@ -107,32 +107,40 @@ def position_stats(
     n_queries = torch.zeros(hkv, tk, dtype=torch.int64)
 
     for start in range(0, tq, q_chunk):
+        mask_rows = allowed[start:start + q_chunk]                           # (c, Tk)
+        any_col = mask_rows.any(dim=0).nonzero()
+        if any_col.numel() == 0:
+            continue
+        # only the key range some query of this chunk attends to (causal: roughly half the work)
+        k0, k1 = int(any_col[0]), int(any_col[-1]) + 1
+        mask = mask_rows[:, k0:k1]
+        kk, vv, vsq = k[:, k0:k1], v[:, k0:k1], v_sq[:, k0:k1]
         qc = q[:, :, start:start + q_chunk]                                  # (Hkv, G, c, d)
-        mask = allowed[start:start + q_chunk]                                # (c, Tk)
         qn_sq = qn_sq_all[:, :, start:start + q_chunk]                       # (Hkv, G, c)
-        s = torch.einsum("hgid,htd->hgit", qc, k).mul_(tau)
+        s = torch.einsum("hgid,htd->hgit", qc, kk).mul_(tau)
         s.masked_fill_(~mask, float("-inf"))
         alpha = torch.softmax(s, dim=-1)                                     # masked entries exactly 0
         del s
-        o = torch.einsum("hgit,htd->hgid", alpha, v)                         # (Hkv, G, c, d)
+        o = torch.einsum("hgit,htd->hgid", alpha, vv)                        # (Hkv, G, c, d)
         o_sq = (o * o).sum(-1)                                               # (Hkv, G, c)
         o_norm_max = torch.maximum(o_norm_max, o_sq.sqrt().amax(dim=(1, 2)))
-        vo = torch.einsum("hgid,htd->hgit", o, v).mul_(-2.0)
-        vo.add_(v_sq[:, None, None, :]).add_(o_sq[..., None]).clamp_min_(0.0).sqrt_()
+        vo = torch.einsum("hgid,htd->hgit", o, vv).mul_(-2.0)
+        vo.add_(vsq[:, None, None, :]).add_(o_sq[..., None]).clamp_min_(0.0).sqrt_()
         vo.masked_fill_(~mask, 0.0)
-        c_alpha = torch.maximum(c_alpha, alpha.amax(dim=(1, 2)))
-        c_vo = torch.maximum(c_vo, vo.amax(dim=(1, 2)))
-        alpha_sum += alpha.sum(dim=(1, 2))
+        sl = slice(k0, k1)
+        c_alpha[:, sl] = torch.maximum(c_alpha[:, sl], alpha.amax(dim=(1, 2)))
+        c_vo[:, sl] = torch.maximum(c_vo[:, sl], vo.amax(dim=(1, 2)))
+        alpha_sum[:, sl] += alpha.sum(dim=(1, 2))
         avo = vo.mul_(alpha)                                                 # alpha ||V_t - o||
-        c_avo = torch.maximum(c_avo, avo.amax(dim=(1, 2)))
-        c_grad = torch.maximum(c_grad, (avo * (tau * qn_sq.sqrt())[..., None]).amax(dim=(1, 2)))
+        c_avo[:, sl] = torch.maximum(c_avo[:, sl], avo.amax(dim=(1, 2)))
+        c_grad[:, sl] = torch.maximum(c_grad[:, sl], (avo * (tau * qn_sq.sqrt())[..., None]).amax(dim=(1, 2)))
         kap = alpha.mul_(-2.0).add_(1.0).abs_().mul_(avo).mul_((0.5 * tau * tau) * qn_sq[..., None])
-        c_kappa = torch.maximum(c_kappa, kap.amax(dim=(1, 2)))
+        c_kappa[:, sl] = torch.maximum(c_kappa[:, sl], kap.amax(dim=(1, 2)))
         del alpha, vo, avo, kap
         qmax_c = qn_sq.amax(dim=1)                                           # (Hkv, c) over the group
         q2 = torch.where(mask[None], qmax_c[..., None], torch.zeros((), dtype=torch.float64)).amax(dim=1)
-        q2_max = torch.maximum(q2_max, q2)
-        n_queries += (mask.sum(0) * g).to(torch.int64)[None, :]
+        q2_max[:, sl] = torch.maximum(q2_max[:, sl], q2)
+        n_queries[:, sl] += (mask.sum(0) * g).to(torch.int64)[None, :]
 
     up, dn = 1.0 + DELTA, 1.0 - DELTA
     eps = math.sqrt(GAMMA) * (v_sq.sqrt() + o_norm_max[:, None])             # error of ||V_t - o||

@@ -2,7 +2,7 @@
 
 For block f and calibration hidden states x (1, T, D), the spectral norm of the Jacobian J_f(x)
 (perturbations of the whole sequence, Frobenius norm) is estimated by power iteration on J^T J:
-``J v`` by forward-mode AD (``torch.func.jvp``), ``J^T u`` by reverse mode (``torch.func.vjp``).
+``J^T u`` by reverse mode and ``J v`` by the double-vjp trick (see :func:`jacobian_norm`).
 The estimate ||J v_k|| is a lower bound of ||J_f(x)||_2 at that point and of the block's Lipschitz
 constant; its relative change over the last iteration is reported so users can judge convergence.
 """
@@ -27,24 +27,33 @@ def _block_output(out):
 
 
 def jacobian_norm(fn, x, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
-    """Power iteration for ||J_fn(x)||_2. fn: tensor -> tensor; x: any shape (float32)."""
+    """Power iteration for ||J_fn(x)||_2. fn: tensor -> tensor; x: any shape (float32).
+
+    One forward pass builds the graph; ``J^T u`` is a reverse-mode product, and ``J v`` is the
+    reverse-mode derivative of the linear map ``u -> J^T u`` in the direction v (the "double-vjp"
+    trick), which reuses the same graph and needs no forward-mode support from the kernels.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
     v = v / v.norm()
-    _, vjp_fn = torch.func.vjp(fn, x)
-    sigma_prev, sigma, rel = 0.0, 0.0, float("inf")
-    for k in range(iters):
-        _, jv = torch.func.jvp(fn, (x,), (v,))
-        sigma = float(jv.detach().norm())
-        (jtjv,) = vjp_fn(jv)
-        n = float(jtjv.detach().norm())
-        if n == 0.0 or sigma == 0.0:
-            return LipschitzEstimate(0.0, k + 1, 0.0)
-        v = jtjv.detach() / n
-        rel = abs(sigma - sigma_prev) / sigma
-        sigma_prev = sigma
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        y = fn(xg)
+        u0 = torch.zeros_like(y, requires_grad=True)
+        (jtu,) = torch.autograd.grad(y, xg, u0, create_graph=True)       # J^T u0, linear in u0
+        sigma_prev, sigma, rel = 0.0, 0.0, float("inf")
+        for k in range(iters):
+            (jv,) = torch.autograd.grad(jtu, u0, v, retain_graph=True)     # J v
+            sigma = float(jv.detach().norm())
+            (jtjv,) = torch.autograd.grad(y, xg, jv.detach(), retain_graph=True)
+            n = float(jtjv.detach().norm())
+            if n == 0.0 or sigma == 0.0:
+                return LipschitzEstimate(0.0, k + 1, 0.0)
+            v = jtjv.detach() / n
+            rel = abs(sigma - sigma_prev) / sigma
+            sigma_prev = sigma
     return LipschitzEstimate(sigma, iters, rel)
 
 

@@ -1,0 +1,105 @@
+"""Analyzer wall time / plain forward wall time over the same calibration tokens (SmolLM2, CPU).
+
+Default: 2 windows x 512 tokens of the prose calibration split, torch threads fixed, runs
+interleaved and repeated, medians reported. Also reports peak RSS of a separate 2048-token
+analysis (4 x 512) in a fresh process.
+
+    .venv/bin/python benchmarks/analyzer_overhead.py [--repeats 3] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MEM_SNIPPET = r"""
+import resource, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from hnfverify.models import load_model
+from hnfverify.texts import token_windows
+from hnfverify.analyzer import analyze, AnalysisOptions
+lm = load_model("smollm2", verbose=False)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+w = token_windows(lm.tokenizer, "prose", max_tokens=2048, window=512)
+analyze(lm, w, AnalysisOptions())
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from hnfverify.analyzer import AnalysisOptions, analyze
+    from hnfverify.models import load_model
+    from hnfverify.texts import token_windows
+
+    lm = load_model("smollm2", verbose=False)
+    wins = token_windows(lm.tokenizer, "prose", max_tokens=args.tokens, window=args.window)
+
+    def plain():
+        with torch.no_grad():
+            for w in wins.windows:
+                lm.model(input_ids=torch.tensor([w]), use_cache=False)
+
+    runs = {"plain": [], "analyze_no_lipschitz": [], "analyze_default": []}
+    plain()  # warm-up
+    for _ in range(args.repeats):
+        t = time.perf_counter(); plain(); runs["plain"].append(time.perf_counter() - t)
+        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(lipschitz_iters=0))
+        runs["analyze_no_lipschitz"].append(time.perf_counter() - t)
+        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions())
+        runs["analyze_default"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    result = {
+        "model": "smollm2", "tokens": wins.n_tokens, "windows": len(wins.windows), "threads": args.threads,
+        "repeats": args.repeats, "median_s": {k: round(v, 3) for k, v in med.items()},
+        "ratio_analyze_no_lipschitz_over_plain": round(med["analyze_no_lipschitz"] / med["plain"], 2),
+        "ratio_analyze_default_over_plain": round(med["analyze_default"] / med["plain"], 2),
+        "lipschitz_default": {"tokens": AnalysisOptions().lipschitz_tokens, "iters": AnalysisOptions().lipschitz_iters},
+    }
+    if not args.no_memory:
+        env = dict(os.environ)
+        r = subprocess.run([sys.executable, "-c", MEM_SNIPPET, str(args.threads)], capture_output=True, text=True,
+                           env=env)
+        if r.returncode == 0:
+            base, peak = (int(x) for x in r.stdout.split()[-2:])
+            result["memory_2048_tokens"] = {"peak_rss_mib": round(peak / 1024, 1),
+                                            "rss_after_model_load_mib": round(base / 1024, 1)}
+        else:
+            result["memory_2048_tokens"] = {"error": r.stderr.strip().splitlines()[-1:]}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"analyzer overhead on SmolLM2, {result['windows']} x {args.window} prose calibration tokens, "
+              f"{args.threads} threads, median of {args.repeats}")
+        for k, v in result["median_s"].items():
+            print(f"  {k:24} {v:8.3f} s")
+        print(f"  ratio analyze (no Lipschitz) / plain forward : {result['ratio_analyze_no_lipschitz_over_plain']}")
+        print(f"  ratio analyze (default, Lipschitz on {result['lipschitz_default']['tokens']} tokens x "
+              f"{result['lipschitz_default']['iters']} iters) / plain : {result['ratio_analyze_default_over_plain']}")
+        if "memory_2048_tokens" in result:
+            print(f"  2048-token analysis: {result['memory_2048_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
