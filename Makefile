@@ -23,8 +23,14 @@ venv: $(BIN)/.installed
 model: venv
 	$(BIN)/hnfverify fetch-model smollm2
 
+OUT ?= out
+
+# The whole pipeline on real text. Later stages (plan, check, eval) are appended as they land.
 demo: venv
-	bash benchmarks/demo.sh
+	$(BIN)/hnfverify fetch-model smollm2
+	$(BIN)/hnfverify splits
+	$(BIN)/hnfverify analyze --model smollm2 --calib prose --max-tokens 1024 --window 512 --quiet --out $(OUT)/report.json
+	$(BIN)/hnfverify inspect $(OUT)/report.json --layer 29 --at-max
 
 proofs: venv
 	@for p in proofs/*.py; do echo "== $$p"; $(BIN)/python $$p || exit 1; done

@@ -178,10 +178,12 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
 
         bar = tqdm(total=len(windows.windows), desc="calibration windows", unit="win", leave=False)
     t0 = time.perf_counter()
+    # the decoder stack alone: the analysis needs no logits, and the LM head is a large share of a forward
+    body = getattr(model, "base_model", None) or model
     with torch.no_grad(), instrument(model, acc.add):
         for w in windows.windows:
             ids = torch.tensor([w], dtype=torch.long)
-            model(input_ids=ids, use_cache=False)
+            body(input_ids=ids, use_cache=False)
             if bar:
                 bar.update(1)
     if bar:
@@ -219,7 +221,7 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         n_tok = min(options.lipschitz_tokens, t)
         ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
         with torch.no_grad(), capture_block_inputs(model, blocks) as cap:
-            model(input_ids=ids, use_cache=False)
+            body(input_ids=ids, use_cache=False)
         it = sorted(blocks)
         if progress:
             from tqdm.auto import tqdm

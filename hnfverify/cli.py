@@ -126,7 +126,13 @@ def cmd_inspect(args, out: TextIO, err: TextIO) -> int:
     if args.layer is None:
         print_analysis(summary, out)
         return EXIT_OK
-    row = lookup(summary, arrays, args.layer, args.head, args.position)
+    head, position = args.head, args.position
+    if args.at_max:
+        if not 0 <= args.layer < summary["shape"]["layers"]:
+            raise InvalidArgument(f"--layer must be in [0, {summary['shape']['layers'] - 1}], got {args.layer}")
+        where = summary["layers"][args.layer]["kappa_argmax"]
+        head, position = where["kv_head"], where["position"]
+    row = lookup(summary, arrays, args.layer, head, position)
     if args.json:
         out.write(json.dumps(row, indent=1, sort_keys=True) + "\n")
     else:
@@ -191,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--layer", type=_positive_int("--layer"))
     i.add_argument("--head", type=_positive_int("--head"), default=0)
     i.add_argument("--position", type=_positive_int("--position"), default=0)
+    i.add_argument("--at-max", action="store_true", help="the head and position of the layer's largest kappa")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

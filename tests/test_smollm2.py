@@ -48,3 +48,24 @@ def test_kappa_matches_independent_computation_at_picked_positions(smollm2):
         ref = naive_kappa(q, k, v, tau, t)[h]
         assert a["kappa_lo"][layer, h, t] <= ref * (1 + 1e-5) + 1e-9, (layer, h, t)
         assert ref <= a["kappa_hi"][layer, h, t] * (1 + 1e-5) + 1e-9, (layer, h, t)
+
+
+def test_2048_calibration_tokens_fit_in_4_gib(tmp_path):
+    """A fresh process analyzing 4 x 512 tokens peaks below 4 GiB resident (model load included)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys\n"
+            "from hnfverify.cli import run\n"
+            f"rc = run(['analyze', '--max-tokens', '2048', '--window', '512', '--quiet', '--threads', '2', "
+            f"'--out', {str(tmp_path / 'r.json')!r}])\n"
+            "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rc, peak_kib = (int(x) for x in r.stdout.split()[-2:])
+    assert rc == 0
+    assert peak_kib < 4 * 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    import json
+
+    s = json.loads((tmp_path / "r.json").read_text())
+    assert s["calibration"]["n_tokens"] == 2048 and s["calibration"]["n_windows"] == 4
