@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .curvature import MAX_FIELDS, causal_allowed, position_stats, seed_curvature
+from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stats, seed_curvature
 from .errors import InvalidArgument, ModelError
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
 from .texts import TokenWindows
@@ -88,6 +88,17 @@ class _Accumulator:
             self.ranges[f"{kv}_ch_max"] = torch.full((n_layers, hkv, n_groups, d), -inf, dtype=torch.float32)
             self.ranges[f"{kv}_d_token"] = z()
             self.ranges[f"{kv}_d_channel"] = z()
+        n_s, n_r = len(SINKS), len(WINDOWS)
+        self.split = {
+            "kappa_far_lo": torch.zeros(n_layers, n_r, hkv, t, dtype=torch.float64),
+            "kappa_far_hi": torch.zeros(n_layers, n_r, hkv, t, dtype=torch.float64),
+            "kappa_near_lo": torch.zeros(n_layers, n_r, hkv, t, dtype=torch.float64),
+            "kappa_near_hi": torch.zeros(n_layers, n_r, hkv, t, dtype=torch.float64),
+            "mass_alpha_lo": torch.zeros(n_layers, n_s, n_r, 3, hkv, dtype=torch.float64),
+            "mass_alpha_hi": torch.zeros(n_layers, n_s, n_r, 3, hkv, dtype=torch.float64),
+            "mass_avo_lo": torch.zeros(n_layers, n_s, n_r, 3, hkv, dtype=torch.float64),
+            "mass_avo_hi": torch.zeros(n_layers, n_s, n_r, 3, hkv, dtype=torch.float64),
+        }
         self.scaling = [None] * n_layers
         self.seen = [0] * n_layers
         self.g, self.t, self.d = g, t, d
@@ -113,6 +124,8 @@ class _Accumulator:
                 torch.maximum(self.lo[f][layer], st.lo[f], out=self.lo[f][layer])
             self.alpha_sum[layer] += st.alpha_sum
             self.n_queries[layer] += st.n_queries
+            for name, arr in self.split.items():
+                torch.maximum(arr[layer], getattr(st, name), out=arr[layer])
             for name, x in (("k", k[b]), ("v", v[b])):
                 self._ranges(layer, name, x.detach().to(torch.float32))
         self.seen[layer] += b_n
@@ -251,6 +264,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     arrays["n_queries"] = acc.n_queries.numpy()
     for k_, v_ in acc.ranges.items():
         arrays[k_] = v_.numpy()
+    for k_, v_ in acc.split.items():
+        arrays[k_] = v_.numpy()
     arrays["o_proj_norm_qhead"] = o_q
     arrays["o_proj_norm_kvhead"] = o_kv
     arrays["lipschitz"] = lips
@@ -260,6 +275,7 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     meta = {
         "shape": {"layers": n_layers, "kv_heads": hkv, "query_heads": hq, "head_dim": d, "positions": t,
                   "channel_groups": int(math.ceil(t / options.channel_group))},
+        "rule_grid": {"sinks": list(SINKS), "windows": list(WINDOWS), "segments": ["sink", "recent", "rest"]},
         "options": {"curvature": options.curvature, "channel_group": options.channel_group,
                     "lipschitz_tokens": min(options.lipschitz_tokens, t), "lipschitz_iters": options.lipschitz_iters,
                     "seed": options.seed},

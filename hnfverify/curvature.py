@@ -46,18 +46,40 @@ GAMMA = 2.0 ** -40
 MAX_FIELDS = ("alpha_max", "qnorm_max", "vo_max", "alpha_vo_max", "kappa", "grad_k", "htrace")
 
 
+#: default grids of rule parameters the analysis prepares for: sink prefix lengths S and recent
+#: window lengths R (a rule plan stores positions t < S as sinks, positions with i - t < R for the
+#: current query i in the recent window, and the rest in the "rest" format)
+SINKS = (0, 1, 4, 16, 64)
+WINDOWS = (0, 16, 32, 64, 128)
+SEGMENTS = ("sink", "recent", "rest")
+
+
 @dataclass
 class PositionStats:
-    """Per (kv head, key position) statistics of one sequence. Every tensor has shape (Hkv, Tk).
+    """Per (kv head, key position) statistics of one sequence.
 
-    ``<f>_lo`` / ``<f>_hi`` enclose the exact max over attending queries for f in MAX_FIELDS;
+    ``lo[f]`` / ``hi[f]`` (Hkv, Tk) enclose the exact max over attending queries for f in MAX_FIELDS;
     ``alpha_sum`` and ``n_queries`` give the mean attention.
+    Distance splits, for each recent-window length R in ``windows``:
+    ``kappa_far_lo/hi`` (nR, Hkv, Tk): max kappa over queries with i - t >= R;
+    ``kappa_near_lo/hi`` (nR, Hkv, Tk): max over queries with i - t < R (0 if none).
+    Segment masses, for each (S, R) in sinks x windows and segment in SEGMENTS:
+    ``mass_alpha_lo/hi`` (nS, nR, 3, Hkv): max over queries of sum_{t in segment} alpha_t;
+    ``mass_avo_lo/hi``   (nS, nR, 3, Hkv): max over queries of sum_{t in segment} alpha_t ||V_t - o||.
     """
 
     lo: dict
     hi: dict
     alpha_sum: torch.Tensor
     n_queries: torch.Tensor
+    kappa_far_lo: torch.Tensor | None = None
+    kappa_far_hi: torch.Tensor | None = None
+    kappa_near_lo: torch.Tensor | None = None
+    kappa_near_hi: torch.Tensor | None = None
+    mass_alpha_lo: torch.Tensor | None = None
+    mass_alpha_hi: torch.Tensor | None = None
+    mass_avo_lo: torch.Tensor | None = None
+    mass_avo_hi: torch.Tensor | None = None
 
 
 def causal_allowed(tq: int, tk: int, sliding_window: int | None = None, device=None) -> torch.Tensor:
@@ -78,6 +100,8 @@ def position_stats(
     allowed: torch.Tensor | None = None,
     *,
     q_chunk: int = 128,
+    sinks: tuple = SINKS,
+    windows: tuple = WINDOWS,
 ) -> PositionStats:
     """Exact per-position maxima for one sequence.
 
@@ -105,6 +129,12 @@ def position_stats(
     o_norm_max = torch.zeros(hkv, dtype=torch.float64)
     alpha_sum = z()
     n_queries = torch.zeros(hkv, tk, dtype=torch.int64)
+    n_r, n_s = len(windows), len(sinks)
+    c_kfar = torch.zeros(n_r, hkv, tk, dtype=torch.float64)
+    c_knear = torch.zeros(n_r, hkv, tk, dtype=torch.float64)
+    c_mass = torch.zeros(n_s, n_r, 3, hkv, dtype=torch.float64)
+    c_mavo = torch.zeros(n_s, n_r, 3, hkv, dtype=torch.float64)
+    tot_avo_max = torch.zeros(hkv, dtype=torch.float64)
 
     for start in range(0, tq, q_chunk):
         mask_rows = allowed[start:start + q_chunk]                           # (c, Tk)
@@ -134,9 +164,51 @@ def position_stats(
         avo = vo.mul_(alpha)                                                 # alpha ||V_t - o||
         c_avo[:, sl] = torch.maximum(c_avo[:, sl], avo.amax(dim=(1, 2)))
         c_grad[:, sl] = torch.maximum(c_grad[:, sl], (avo * (tau * qn_sq.sqrt())[..., None]).amax(dim=(1, 2)))
+        # attention mass (and alpha ||V_t - o|| mass) of every sink / recent / rest segment, per query.
+        # With P(i, x) = sum_{t < x} w_t(i): sink = P(min(S, i+1)), recent = total - P(x_r),
+        # rest = P(x_r) - sink, where x_r = min(max(S, i - R + 1), i + 1) (x_r = i + 1 when R = 0).
+        i_abs = torch.arange(tk - tq + start, tk - tq + start + mask.shape[0])            # (c,)
+        sv = torch.tensor(sinks, dtype=torch.int64)[:, None]                              # (nS, 1)
+        rv = torch.tensor(windows, dtype=torch.int64)[None, :, None]                      # (1, nR, 1)
+        x_s = torch.minimum(sv, i_abs[None] + 1)                                          # (nS, c)
+        x_r = torch.minimum(torch.maximum(sv[:, :, None], i_abs - rv + 1), i_abs + 1)      # (nS, nR, c)
+        x_r = torch.where(rv == 0, i_abs + 1, x_r)
+        xs = torch.cat([x_s, x_r.reshape(-1, x_r.shape[-1])], 0)                          # (nX, c)
+        for cum_src, c_out, is_v in ((alpha, c_mass, False), (avo, c_mavo, True)):
+            cum = cum_src.cumsum(-1)
+            tot = cum[..., -1]                                                           # (Hkv, G, c)
+            if is_v:
+                tot_avo_max = torch.maximum(tot_avo_max, tot.amax(dim=(1, 2)))
+            n = cum.shape[-1]
+            local = (xs - k0).clamp(0, n)                                                # keys below x
+            idx = (local - 1).clamp_min(0).T                                             # (c, nX)
+            pv = torch.gather(cum, -1, idx.expand(*cum.shape[:2], *idx.shape))
+            pv = torch.where((local > 0).T, pv, torch.zeros((), dtype=pv.dtype))         # (Hkv, G, c, nX)
+            sink = pv[..., :n_s]                                                         # (Hkv, G, c, nS)
+            pr = pv[..., n_s:].reshape(*pv.shape[:3], n_s, n_r)                          # (Hkv, G, c, nS, nR)
+            seg = torch.stack([sink[..., None].expand_as(pr), tot[..., None, None] - pr, pr - sink[..., None]], -1)
+            m = seg.amax(dim=(1, 2)).permute(1, 2, 3, 0)                                 # (nS, nR, 3, Hkv)
+            torch.maximum(c_out, m, out=c_out)
+            del cum, pv, seg
         kap = alpha.mul_(-2.0).add_(1.0).abs_().mul_(avo).mul_((0.5 * tau * tau) * qn_sq[..., None])
         c_kappa[:, sl] = torch.maximum(c_kappa[:, sl], kap.amax(dim=(1, 2)))
-        del alpha, vo, avo, kap
+        # kappa split by query distance i - t: far (>= R) and near (< R) queries, via running maxima
+        # over query rows: SM[r, t] = max_{r' >= r} kg[r', t] and PM[r, t] = max_{r' <= r} kg[r', t]
+        kg = kap.amax(dim=1)                                                 # (Hkv, c, Tkc) over the group
+        n_rows = kg.shape[1]
+        sm = kg.flip(1).cummax(dim=1).values.flip(1)
+        pm = kg.cummax(dim=1).values
+        tt = torch.arange(k0, k1)[None, :]                                   # (1, Tkc)
+        rr = torch.tensor(windows, dtype=torch.int64)[:, None]               # (nR, 1)
+        r0 = tt + rr - i_abs[0]                                              # first far row
+        far_v = torch.gather(sm, 1, r0.clamp(0, n_rows - 1).expand(hkv, *r0.shape))
+        far_v = torch.where((r0 < n_rows)[None], far_v, torch.zeros((), dtype=far_v.dtype))
+        r1 = tt + rr - 1 - i_abs[0]                                          # last near row
+        near_v = torch.gather(pm, 1, r1.clamp(0, n_rows - 1).expand(hkv, *r1.shape))
+        near_v = torch.where((r1 >= 0)[None], near_v, torch.zeros((), dtype=near_v.dtype))
+        c_kfar[:, :, sl] = torch.maximum(c_kfar[:, :, sl], far_v.permute(1, 0, 2))
+        c_knear[:, :, sl] = torch.maximum(c_knear[:, :, sl], near_v.permute(1, 0, 2))
+        del alpha, vo, avo, kap, kg, sm, pm
         qmax_c = qn_sq.amax(dim=1)                                           # (Hkv, c) over the group
         q2 = torch.where(mask[None], qmax_c[..., None], torch.zeros((), dtype=torch.float64)).amax(dim=1)
         q2_max[:, sl] = torch.maximum(q2_max[:, sl], q2)
@@ -167,7 +239,17 @@ def position_stats(
         "grad_k": (c_grad - g_err).clamp_min(0.0) * dn ** 3,
     }
     hi["htrace"], lo["htrace"] = 2.0 * hi["kappa"], 2.0 * lo["kappa"]
-    return PositionStats(lo=lo, hi=hi, alpha_sum=alpha_sum, n_queries=n_queries)
+    kfar_hi, kfar_lo = (c_kfar + k_err) * up ** 3, (c_kfar - k_err).clamp_min(0.0) * dn ** 3
+    knear_hi, knear_lo = (c_knear + k_err) * up ** 3, (c_knear - k_err).clamp_min(0.0) * dn ** 3
+    # sums over a segment: relative DELTA, plus DELTA absolute for cancellation in rest = total - sink - recent;
+    # alpha ||V_t - o|| sums also carry the ||V_t - o|| error, at most max_t EPS_t since sum alpha <= 1
+    eps_max = eps.amax(dim=1)                                                # (Hkv,)
+    m_hi, m_lo = c_mass * up + DELTA, (c_mass * dn - DELTA).clamp_min(0.0)
+    mv_err = eps_max + DELTA * tot_avo_max
+    mv_hi, mv_lo = (c_mavo + mv_err) * up, (c_mavo - mv_err).clamp_min(0.0) * dn
+    return PositionStats(lo=lo, hi=hi, alpha_sum=alpha_sum, n_queries=n_queries,
+                         kappa_far_lo=kfar_lo, kappa_far_hi=kfar_hi, kappa_near_lo=knear_lo, kappa_near_hi=knear_hi,
+                         mass_alpha_lo=m_lo, mass_alpha_hi=m_hi, mass_avo_lo=mv_lo, mass_avo_hi=mv_hi)
 
 
 def kappa_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau: float, t: int) -> float:

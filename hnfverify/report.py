@@ -49,6 +49,17 @@ ARRAY_FIELDS = {
     "lipschitz": "(layers,) MEASURED local Lipschitz estimate of each decoder block (power iteration, jvp/vjp)",
     "lipschitz_rel_change": "(layers,) relative change of the estimate in the last power iteration",
     "scaling": "(layers,) attention score scale tau",
+    "kappa_far_lo": "(layers, windows, kv_heads, positions) max kappa over queries at distance i - t >= R, "
+                    "for R in rule_grid.windows; lower end",
+    "kappa_far_hi": "upper end",
+    "kappa_near_lo": "(layers, windows, kv_heads, positions) max kappa over queries at distance i - t < R; lower end",
+    "kappa_near_hi": "upper end",
+    "mass_alpha_lo": "(layers, sinks, windows, 3, kv_heads) max over queries of the attention mass on the sink / "
+                     "recent / rest segment of the rule (S, R) in rule_grid; lower end",
+    "mass_alpha_hi": "upper end",
+    "mass_avo_lo": "(layers, sinks, windows, 3, kv_heads) max over queries of sum over the segment of "
+                   "alpha_t ||V_t - o||; lower end",
+    "mass_avo_hi": "upper end",
 }
 
 __doc__ += "\n" + "\n".join(f"* ``{k}`` — {v}" for k, v in ARRAY_FIELDS.items())
@@ -117,6 +128,7 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
                          "hidden states; a lower bound of the block's local Lipschitz constant",
         },
         "shape": analysis.meta["shape"],
+        "rule_grid": analysis.meta["rule_grid"],
         "layers": layer_summary(analysis.arrays),
         "arrays": {"file": arrays_name, "sha256": arrays_sha, "fields": ARRAY_FIELDS},
         "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
@@ -185,7 +197,11 @@ def lookup(summary: dict, arrays: dict, layer: int, head: int, position: int) ->
     g = summary["analysis"]["channel_group"]
     out = {"layer": layer, "kv_head": head, "position": position}
     for name, a in sorted(arrays.items()):
-        if a.ndim == 3:
+        if name.startswith(("kappa_far", "kappa_near")):
+            out[name] = [float(x) for x in a[layer, :, head, position]]
+        elif name.startswith("mass_"):
+            continue
+        elif a.ndim == 3:
             out[name] = a[layer, head, position].item()
         elif a.ndim == 4:
             out[name] = [float(x) for x in a[layer, head, position // g]]

@@ -156,3 +156,72 @@ def test_sliding_window_mask_restricts_queries():
     st_ = position_stats(q, k, v, 0.5, allowed)
     assert st_.n_queries[0].tolist() == [2 * int(allowed[:, t].sum()) for t in range(12)]
     _check_enclosure(q, k, v, 0.5, allowed, [0, 5, 11])
+
+
+def _naive_splits(q, k, v, tau, allowed, sinks, windows):
+    """Brute force: kappa split by query distance, and per-segment masses, in float64 loops."""
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    g = hq // hkv
+    kfar = torch.zeros(len(windows), hkv, tk, dtype=torch.float64)
+    knear = torch.zeros_like(kfar)
+    mass = torch.zeros(len(sinks), len(windows), 3, hkv, dtype=torch.float64)
+    mavo = torch.zeros_like(mass)
+    for h in range(hkv):
+        kk, vv = k[h].double(), v[h].double()
+        for gi in range(g):
+            for i in range(tq):
+                qq = q[h * g + gi, i].double()
+                ok = allowed[i]
+                s = (tau * (kk @ qq)).masked_fill(~ok, float("-inf"))
+                a = torch.softmax(s, 0)
+                o = a @ vv
+                vo = (vv - o).norm(dim=1)
+                kap = 0.5 * tau ** 2 * float(qq @ qq) * a * (1 - 2 * a).abs() * vo
+                for t in range(tk):
+                    if not ok[t]:
+                        continue
+                    for ri, r in enumerate(windows):
+                        if i - t >= r:
+                            kfar[ri, h, t] = max(kfar[ri, h, t], kap[t])
+                        else:
+                            knear[ri, h, t] = max(knear[ri, h, t], kap[t])
+                for si, s_len in enumerate(sinks):
+                    for ri, r in enumerate(windows):
+                        seg = [0.0, 0.0, 0.0]
+                        segv = [0.0, 0.0, 0.0]
+                        for t in range(tk):
+                            if not ok[t]:
+                                continue
+                            j = 0 if t < s_len else (1 if i - t < r else 2)
+                            seg[j] += float(a[t])
+                            segv[j] += float(a[t] * vo[t])
+                        for j in range(3):
+                            mass[si, ri, j, h] = max(mass[si, ri, j, h], seg[j])
+                            mavo[si, ri, j, h] = max(mavo[si, ri, j, h], segv[j])
+    return kfar, knear, mass, mavo
+
+
+@given(layout=head_layouts, t_len=st.integers(1, 14), seed=st.integers(0, 2**16),
+       window=st.sampled_from([None, 4]), chunk=st.sampled_from([3, 128]))
+def test_distance_splits_and_segment_masses_match_brute_force(layout, t_len, seed, window, chunk):
+    hq, hkv = layout
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(hq, t_len, 4, generator=gen) * 2
+    k = torch.randn(hkv, t_len, 4, generator=gen) * 2
+    v = torch.randn(hkv, t_len, 4, generator=gen)
+    allowed = causal_allowed(t_len, t_len, sliding_window=window)
+    sinks, windows = (0, 1, 3), (0, 2, 5)
+    st_ = position_stats(q, k, v, 0.5, allowed, q_chunk=chunk, sinks=sinks, windows=windows)
+    kfar, knear, mass, mavo = _naive_splits(q, k, v, 0.5, allowed, sinks, windows)
+
+    def inside(lo, hi, ref):
+        tol = 1e-9 * ref.abs().max().item() + 1e-12
+        assert torch.all(lo <= ref + tol) and torch.all(ref <= hi + tol)
+
+    inside(st_.kappa_far_lo, st_.kappa_far_hi, kfar)
+    inside(st_.kappa_near_lo, st_.kappa_near_hi, knear)
+    inside(st_.mass_alpha_lo, st_.mass_alpha_hi, mass)
+    inside(st_.mass_avo_lo, st_.mass_avo_hi, mavo)
+    # far with R = 0 is the unrestricted max
+    assert torch.equal(st_.kappa_far_hi[0], st_.hi["kappa"])
