@@ -84,6 +84,8 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
     options = AnalysisOptions(curvature=args.curvature, channel_group=args.channel_group,
                               lipschitz_tokens=args.lipschitz_tokens, lipschitz_iters=args.lipschitz_iters)
     options.validate()
+    if args.plan:
+        _plan_request(args).validate()
     # cheap checks first: the calibration source must exist before the model is loaded
     if args.calib not in ("prose", "code") and not os.path.isfile(args.calib):
         from .errors import InputError
@@ -110,11 +112,139 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
     t_load = time.perf_counter() - t0
     result = analyze(lm, windows, options, progress=not args.quiet and err.isatty())
     result.timings["load_s"] = t_load
+    if args.plan:
+        from .planner import plan_from_report
+        from .report import load
+
+        req = _plan_request(args)
+        stem = args.out[:-5] if args.out.endswith(".json") else args.out
+        report_path = stem + ".report.json"
+        save(result, lm.identity(), windows.identity(), report_path)
+        summary, arrays = load(report_path)
+        if not args.json:
+            print_analysis(summary, out, (report_path, str(arrays_path_for(report_path))))
+        plan = plan_from_report(summary, arrays, req, os.path.basename(report_path))
+        _write_plan(plan, args.out, out, args.json)
+        return EXIT_OK
     summary = save(result, lm.identity(), windows.identity(), args.out)
     if args.json:
         out.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     else:
         print_analysis(summary, out, (args.out, str(arrays_path_for(args.out))))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- plan, show
+def _fraction_arg(name: str, value: str | None):
+    if value is None:
+        return None
+    from .numbers import parse_number
+
+    try:
+        return parse_number(value.strip(), name)
+    except HnfError:
+        raise InvalidArgument(f"{name} must be a finite number such as 0.5, 1e3 or 1/30, got {value!r}") from None
+
+
+def _plan_request(args):
+    from fractions import Fraction
+
+    from .planner import PlanRequest
+
+    return PlanRequest(
+        eps=_fraction_arg("--eps", args.eps), eps_target=_fraction_arg("--eps-target", args.eps_target),
+        avg_bits=_fraction_arg("--avg-bits", args.avg_bits), uniform=args.uniform,
+        c=_fraction_arg("--c", args.c) if args.c is not None else Fraction(4),
+        sink=args.sink, recent=args.recent,
+        lipschitz_margin=_fraction_arg("--lipschitz-margin", args.lipschitz_margin),
+        curvature=args.plan_curvature, max_seq_len=args.max_seq_len)
+
+
+def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool) -> None:
+    from .plan import save_plan
+
+    sha = save_plan(plan, out_path)
+    if as_json:
+        out.write(json.dumps({"plan": out_path, "sha256": sha, "claims": plan["claims"]}, indent=1, sort_keys=True)
+                  + "\n")
+    else:
+        print_plan(plan, out, sha)
+        print(f"wrote        {out_path}", file=out)
+
+
+def cmd_plan(args, out: TextIO, err: TextIO) -> int:
+    from .planner import plan_from_report
+    from .report import load
+
+    req = _plan_request(args)
+    req.validate()
+    if os.path.isdir(args.out):
+        raise InvalidArgument(f"--out {args.out!r} is a directory; give a file name such as plan.json")
+    summary, arrays = load(args.report)
+    plan = plan_from_report(summary, arrays, req, os.path.basename(args.report))
+    _write_plan(plan, args.out, out, args.json)
+    return EXIT_OK
+
+
+def print_plan(plan: dict, out: TextIO, sha: str) -> None:
+    from collections import Counter
+    from fractions import Fraction
+
+    from .numbers import parse_number
+
+    c = plan["claims"]
+    mode = plan["mode"]
+    print(f"plan         {plan['model']['name']}: {plan['shape']['layers']} layers x {plan['shape']['kv_heads']} KV heads, "
+          f"head_dim {plan['shape']['head_dim']}, max_seq_len {plan['max_seq_len']}; sha256 {sha}", file=out)
+    tgt = plan["eps_target"] if plan["eps_target"] is not None else "none"
+    print(f"request      mode {mode['kind']} {mode['value']}; eps {plan['eps']} ({plan['eps_source']}), "
+          f"eps_target {tgt}, c {plan['c']}; sink {plan['rule']['sink']}, recent window {plan['rule']['recent']}; "
+          f"curvature {plan['analysis']['curvature']}", file=out)
+    segs = ("sink", "recent", "rest")
+    print(f"{'layer':>5}  {'K formats (sink / recent / rest), per KV head':<58} {'V formats':<44} "
+          f"{'bits':>6} {'E_attn':>9}", file=out)
+    d = plan["shape"]["head_dim"]
+    t = plan["max_seq_len"]
+    fbits = {n: parse_number(f["bits_per_element"]) for n, f in plan["formats"].items()}
+
+    def short(n):
+        return n.replace("fp8_", "").replace("_t" + str(d), "t").replace("_c", "c")
+
+    for li, layer in enumerate(plan["layers"]):
+        kcol, vcol, bits, n = [], [], Fraction(0), 0
+        for h in layer["heads"]:
+            for kv, col in (("K", kcol), ("V", vcol)):
+                r = h[kv]
+                col.append("/".join(short(r[s]["format"]) for s in segs))
+                lens = {"sink": r["sink"]["length"], "recent": r["recent"]["length"]}
+                lens["rest"] = max(0, t - lens["sink"] - lens["recent"])
+                for s in segs:
+                    bits += fbits[r[s]["format"]] * lens[s]
+                    n += lens[s]
+        print(f"{li:>5}  {' '.join(kcol):<58} {' '.join(vcol):<44} {float(bits / n):>6.2f} "
+              f"{float(parse_number(c['attention_error_max'][li])):>9.3g}", file=out)
+    use = Counter(h[kv][s]["format"] for layer in plan["layers"] for h in layer["heads"] for kv in "KV" for s in segs)
+    print("formats used " + ", ".join(f"{k} x{v}" for k, v in sorted(use.items())), file=out)
+    amp = Fraction(1)
+    for layer in plan["layers"][1:]:
+        amp *= parse_number(layer["lipschitz"]["value"])
+    print(f"avg bits     {float(parse_number(c['avg_bits'])):.4f} per element (scales and zero-points included); "
+          f"compression vs FP16 {float(parse_number(c['compression_vs_fp16'])):.3f}x; cache at max_seq_len "
+          f"{float(parse_number(c['cache_bits_at_max_seq_len'])) / 8 / 1024:.1f} KiB", file=out)
+    print(f"bounds       max attention-output error {max(float(parse_number(x)) for x in c['attention_error_max']):.4g}"
+          f"; end-to-end {float(parse_number(c['end_to_end_bound'])):.4g} (block Lipschitz product over layers "
+          f"1..{len(plan['layers']) - 1}: {float(amp):.3g}); Theorem 5.7 violations: {c['theorem_5_7_violations']}",
+          file=out)
+
+
+def cmd_show(args, out: TextIO, err: TextIO) -> int:
+    from .plan import load_plan, plan_sha256
+
+    plan = load_plan(args.plan)
+    if args.json:
+        out.write(json.dumps({"sha256": plan_sha256(plan), "claims": plan["claims"]}, indent=1, sort_keys=True) + "\n")
+    else:
+        print_plan(plan, out, plan_sha256(plan))
     return EXIT_OK
 
 
@@ -165,6 +295,21 @@ def cmd_splits(args, out: TextIO, err: TextIO) -> int:
 
 
 # --------------------------------------------------------------------------- parser, main
+def _plan_options(p) -> None:
+    g = p.add_argument_group("planning")
+    g.add_argument("--eps", help="attention-output error tolerance: Theorem 5.7 and the per-head budget")
+    g.add_argument("--eps-target", help="end-to-end hidden-state error budget (composition law)")
+    g.add_argument("--avg-bits", help="memory budget: average bits per element, overhead included")
+    g.add_argument("--uniform", help="one format everywhere (baselines), e.g. int4_t64")
+    g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
+    g.add_argument("--sink", type=_positive_int("--sink"), default=4, help="attention-sink prefix length")
+    g.add_argument("--recent", type=_positive_int("--recent"), default=64, help="recent window length")
+    g.add_argument("--lipschitz-margin", default="1.1", help="factor applied to the measured block Lipschitz estimates")
+    g.add_argument("--plan-curvature", choices=("exact", "seed"), default=None,
+                   help="override the report's curvature for planning (ablation)")
+    g.add_argument("--max-seq-len", type=_positive_int("--max-seq-len"), default=None)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as :class:`InvalidArgument` (so ``run`` prints them to its
     own error stream with exit code 2) instead of writing to sys.stderr and exiting."""
@@ -190,7 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lipschitz-iters", type=_positive_int("--lipschitz-iters"), default=6)
     a.add_argument("--threads", type=_positive_int("--threads"), default=None)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--plan", action="store_true", help="also plan: --out is then the plan; the report goes "
+                   "to <stem>.report.json")
+    _plan_options(a)
     a.set_defaults(func=cmd_analyze)
+
+    pl = sub.add_parser("plan", help="a mixed-precision plan from an analysis report")
+    pl.add_argument("report")
+    pl.add_argument("--out", default="plan.json")
+    pl.add_argument("--json", action="store_true", help="print the plan's sha256 and claims as JSON")
+    _plan_options(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    sh = sub.add_parser("show", help="per-layer table of a plan: formats, bits, compression, bounds, sha256")
+    sh.add_argument("plan")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_show)
 
     i = sub.add_parser("inspect", help="print a report, or every field at one (layer, head, position)")
     i.add_argument("report")

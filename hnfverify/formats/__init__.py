@@ -1,0 +1,47 @@
+"""Storage formats for cached keys and values, as one table.
+
+``format_table(head_dim, channel_group)`` returns every format the planner may use for a model
+with that head dimension: FP32, FP16, BF16, FP8-E4M3/E5M2 (per-token FP16 scale), INT8/INT4/INT2
+per token (group = head_dim) and per channel (group = ``channel_group`` tokens). ``by_name``
+rebuilds a format from its name (e.g. ``int4_c32``), which is what plan.json stores.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import InputError
+from .base import GRANULARITIES, Format, SegmentStats
+from .floating import BF16, FP16, FP32, FloatFormat
+from .fp8 import Fp8Format, e4m3, e5m2
+from .integer import IntFormat, int_format
+
+__all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "format_table", "by_name",
+           "GRANULARITIES", "FP32", "FP16", "BF16"]
+
+_NAME = re.compile(r"^(fp32|fp16|bf16|fp8_e4m3_t(\d+)|fp8_e5m2_t(\d+)|int(8|4|2)_(t|c)(\d+))$")
+
+
+def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
+    fmts: list[Format] = [FP32, FP16, BF16, e4m3(head_dim), e5m2(head_dim)]
+    for b in (8, 4, 2):
+        fmts.append(int_format(b, "token", head_dim))
+        fmts.append(int_format(b, "channel", channel_group))
+    return {f.name: f for f in fmts}
+
+
+def by_name(name: str) -> Format:
+    m = _NAME.match(name) if isinstance(name, str) else None
+    if not m:
+        raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, fp8_e4m3_tG, fp8_e5m2_tG, "
+                         "int8_tG, int4_tG, int2_tG, int8_cG, int4_cG or int2_cG")
+    if name in ("fp32", "fp16", "bf16"):
+        return {"fp32": FP32, "fp16": FP16, "bf16": BF16}[name]
+    if m.group(2):
+        return e4m3(int(m.group(2)))
+    if m.group(3):
+        return e5m2(int(m.group(3)))
+    group = int(m.group(6))
+    if not 1 <= group <= 4096:
+        raise InputError(f"format {name!r}: group size must be in [1, 4096]")
+    return int_format(int(m.group(4)), "token" if m.group(5) == "t" else "channel", group)

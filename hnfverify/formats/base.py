@@ -1,0 +1,87 @@
+"""The storage-format interface: one small frozen value per format.
+
+A format knows its bits per element *including* scale/zero-point overhead, its nominal unit
+roundoff ``u`` (DESIGN 2.2, exact rational), its granularity, and its error model: an upper bound
+of ||x - dequant(quant(x))||_2 for one cached d-vector, given magnitude and range bounds of the
+segment of the cache it stores (:class:`SegmentStats`). Everything is exact (Fraction); no torch.
+
+Subclasses fill in :meth:`l2_error` and :meth:`theorem_diameter`. The same table drives the
+planner's accounting and the runtime cache's packing, so bits here are bytes there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from ..numbers import fmt_number, sqrt_up
+
+GRANULARITIES = ("none", "token", "channel")
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    """Upper bounds over the cached vectors of one (layer, KV head, K|V, segment).
+
+    d: head_dim; d_token: max l2 diameter of a vector's per-token box sqrt(d) (max - min);
+    d_channel: max l2 diameter of its per-channel-group box; amax: max |x| of any element.
+    """
+
+    d: int
+    d_token: Fraction
+    d_channel: Fraction
+    amax: Fraction
+
+    @property
+    def norm(self) -> Fraction:
+        """An upper bound of ||x||_2: sqrt(d) * amax."""
+        return sqrt_up(Fraction(self.d)) * self.amax
+
+
+@dataclass(frozen=True)
+class Format:
+    """Base class. ``name`` is unique and is what plan.json refers to."""
+
+    name: str
+    family: str                 # "float" | "fp8" | "int"
+    granularity: str            # "none" | "token" | "channel"
+    group: int                  # elements (token) or tokens (channel) sharing a scale; 0 for none
+    value_bits: int             # bits of one stored element
+    overhead_bits: int          # bits of scale + zero-point per group
+
+    @property
+    def bits_per_element(self) -> Fraction:
+        if self.overhead_bits == 0:
+            return Fraction(self.value_bits)
+        return Fraction(self.value_bits) + Fraction(self.overhead_bits, self.group)
+
+    @property
+    def u(self) -> Fraction:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def theorem_diameter(self, s: SegmentStats) -> Fraction:
+        """D of Theorem 5.7: the l2 diameter of the box a vector is quantized over."""
+        return s.d_channel if self.granularity == "channel" else s.d_token
+
+    def l2_error(self, s: SegmentStats) -> Fraction:  # pragma: no cover - abstract
+        """Upper bound of ||x - dequant(quant(x))||_2 for any vector of the segment."""
+        raise NotImplementedError
+
+    def representable(self, s: SegmentStats) -> bool:
+        """False if values of this size overflow the format (e.g. FP16 beyond 65504)."""
+        return True
+
+    def error_model(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        return {
+            "family": self.family,
+            "granularity": self.granularity,
+            "group": self.group,
+            "value_bits": self.value_bits,
+            "overhead_bits": self.overhead_bits,
+            "bits_per_element": fmt_number(self.bits_per_element),
+            "u": fmt_number(self.u),
+            "error_model": self.error_model(),
+        }

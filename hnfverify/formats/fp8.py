@@ -1,0 +1,50 @@
+"""FP8 (E4M3, E5M2) with one FP16 scale per token group of ``group`` elements.
+
+Quantize: s = fp16_round_up(amax_group / MAX) (at least 2^-14), q = fp8(x / s) round-to-nearest,
+dequantize q * s. Since s >= amax / MAX nothing saturates; |x - q s| <= u |x| + SUB s with
+SUB half the FP8 subnormal spacing, and s <= max(amax (1 + 2^-10) / MAX, 2^-14). So
+||dx||_2 <= u ||x||_2 + sqrt(d) SUB max(amax (1 + 2^-10) / MAX, 2^-14).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from ..numbers import fmt_number, sqrt_up
+from .base import Format, SegmentStats
+
+SCALE_BITS = 16
+
+
+@dataclass(frozen=True)
+class Fp8Format(Format):
+    mantissa_bits: int = 0
+    min_exp: int = 0
+    max_finite: Fraction = Fraction(0)
+
+    @property
+    def u(self) -> Fraction:
+        return Fraction(1, 2 ** (self.mantissa_bits + 1))
+
+    @property
+    def sub_error(self) -> Fraction:
+        return Fraction(2) ** (self.min_exp - self.mantissa_bits - 1)
+
+    def l2_error(self, s: SegmentStats) -> Fraction:
+        scale = max(s.amax * (1 + Fraction(1, 2 ** 10)) / self.max_finite, Fraction(1, 2 ** 14))
+        return self.u * s.norm + sqrt_up(Fraction(s.d)) * self.sub_error * scale
+
+    def error_model(self) -> str:
+        return (f"per-token FP16 scale s >= amax/{fmt_number(self.max_finite)} (no saturation); "
+                f"|dx| <= u|x| + {fmt_number(self.sub_error)} s")
+
+
+def e4m3(group: int) -> Fp8Format:
+    return Fp8Format(f"fp8_e4m3_t{group}", "fp8", "token", group, 8, SCALE_BITS,
+                     mantissa_bits=3, min_exp=-6, max_finite=Fraction(448))
+
+
+def e5m2(group: int) -> Fp8Format:
+    return Fp8Format(f"fp8_e5m2_t{group}", "fp8", "token", group, 8, SCALE_BITS,
+                     mantissa_bits=2, min_exp=-14, max_finite=Fraction(57344))

@@ -1,0 +1,147 @@
+"""Exact numbers for plans and bounds: parsing, canonical printing, outward rounding, sqrt and exp
+upper bounds — all with ``fractions.Fraction``, no floats in any decision.
+
+Number strings in plan files are decimals (``"0.001"``, ``"1.2345678E-5"``) or rationals
+(``"1/30"``). NaN, Infinity and anything else are rejected.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal
+from fractions import Fraction
+
+from .errors import InputError
+
+_DEC = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
+_RAT = re.compile(r"^-?(0|[1-9][0-9]*)/[1-9][0-9]*$")
+NUMBER_PATTERN = r"^-?(0|[1-9][0-9]*)((\.[0-9]+)?([eE][-+]?[0-9]+)?|/[1-9][0-9]*)$"
+MAX_EXPONENT = 400          # |exponent| beyond this is refused (keeps exact arithmetic bounded)
+
+
+def parse_number(s, where: str = "value") -> Fraction:
+    """A decimal or rational string -> Fraction. Raises InputError naming ``where``."""
+    if isinstance(s, bool) or not isinstance(s, str):
+        raise InputError(f"{where}: expected a number written as a string (decimal or p/q), got {s!r}")
+    if len(s) > 200:
+        raise InputError(f"{where}: number string of {len(s)} characters is too long")
+    if _DEC.match(s):
+        m = re.search(r"[eE]([-+]?[0-9]+)$", s)
+        if m and abs(int(m.group(1))) > MAX_EXPONENT:
+            raise InputError(f"{where}: exponent {m.group(1)} is out of range (|e| <= {MAX_EXPONENT})")
+        return Fraction(s)
+    if _RAT.match(s):
+        return Fraction(s)
+    raise InputError(f"{where}: {s!r} is not a finite decimal or rational number")
+
+
+def fmt_number(x: Fraction | int) -> str:
+    """Canonical string: integers plainly, finite decimals as Decimal strings, else p/q."""
+    x = Fraction(x)
+    if x.denominator == 1:
+        return str(x.numerator)
+    d = x.denominator
+    twos = (d & -d).bit_length() - 1
+    rest = d >> twos
+    fives = 0
+    while rest % 5 == 0:
+        rest //= 5
+        fives += 1
+    if rest == 1:
+        k = max(twos, fives)
+        num = x.numerator * (10 ** k) // d
+        return str(Decimal(num).scaleb(-k).normalize())
+    return f"{x.numerator}/{x.denominator}"
+
+
+def dec_up(x: float, sig: int = 9) -> str:
+    """The smallest decimal with ``sig`` significant digits that is >= x (x finite)."""
+    return _dec_round(x, sig, up=True)
+
+
+def dec_down(x: float, sig: int = 9) -> str:
+    """The largest decimal with ``sig`` significant digits that is <= x."""
+    return _dec_round(x, sig, up=False)
+
+
+def _dec_round(x: float, sig: int, up: bool) -> str:
+    if not math.isfinite(x):
+        raise ValueError(f"cannot write non-finite {x!r} as an exact number")
+    f = Fraction(x)
+    if f == 0:
+        return "0"
+    neg = f < 0
+    a = -f if neg else f
+    e = math.floor(math.log10(float(a))) if float(a) > 0 else -400
+    # adjust e so that 10^e <= a < 10^(e+1) exactly
+    while Fraction(10) ** e > a:
+        e -= 1
+    while Fraction(10) ** (e + 1) <= a:
+        e += 1
+    scale = Fraction(10) ** (sig - 1 - e)
+    m = a * scale
+    toward_inf = up != neg          # rounding magnitude up?
+    mi = math.ceil(m) if toward_inf else math.floor(m)
+    val = Fraction(mi) / scale
+    return fmt_number(-val if neg else val)
+
+
+def round_up(x: Fraction, bits: int = 64) -> Fraction:
+    """A dyadic rational >= x with at most ``bits`` significant bits (x >= 0)."""
+    if x <= 0:
+        return Fraction(math.floor(x * 2 ** bits), 2 ** bits) if x < 0 else Fraction(0)
+    e = x.numerator.bit_length() - x.denominator.bit_length()
+    shift = bits - e
+    if shift >= 0:
+        n = -((-x.numerator << shift) // x.denominator)
+        return Fraction(n, 1 << shift)
+    n = -((-x.numerator) // (x.denominator << -shift))
+    return Fraction(n << -shift)
+
+
+def sqrt_up(x: Fraction, bits: int = 64) -> Fraction:
+    """A rational >= sqrt(x), within 2^-bits relative (x >= 0)."""
+    if x < 0:
+        raise ValueError("sqrt of a negative number")
+    if x == 0:
+        return Fraction(0)
+    scale = 2 * bits + max(0, x.denominator.bit_length() - x.numerator.bit_length())
+    n = x.numerator << (2 * scale)
+    r = math.isqrt(n // x.denominator)
+    cand = Fraction(r + 1, 1 << scale)
+    return cand if cand * cand >= x else Fraction(r + 2, 1 << scale)
+
+
+def exp_up(x: Fraction, bits: int = 64) -> Fraction:
+    """A rational >= exp(x), for x >= 0, by a Taylor sum with a remainder bound and squaring.
+
+    For 0 <= y <= 1/2: exp(y) <= sum_{k<=N} y^k/k! + 2 y^(N+1)/(N+1)!  (the tail is a geometric
+    series with ratio <= 1/2). exp(x) = exp(x / 2^s)^(2^s); every intermediate is rounded up.
+    """
+    if x < 0:
+        raise ValueError("exp_up is defined here for x >= 0")
+    s = 0
+    y = x
+    while y > Fraction(1, 2):
+        y /= 2
+        s += 1
+    if s > 60:
+        raise InputError(f"exponent argument {float(x):.3g} is too large for an exact bound")
+    total, term, k = Fraction(1), Fraction(1), 0
+    n_terms = 24
+    for k in range(1, n_terms + 1):
+        term = term * y / k
+        total += term
+    tail = 2 * term * y / (n_terms + 1)
+    r = round_up(total + tail, bits)
+    for _ in range(s):
+        r = round_up(r * r, bits)
+    return r
+
+
+def to_fraction_up(x: float) -> Fraction:
+    """The exact value of a finite float (floats are dyadic rationals)."""
+    if not math.isfinite(x):
+        raise ValueError(f"non-finite {x!r}")
+    return Fraction(x)

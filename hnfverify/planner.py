@@ -1,0 +1,558 @@
+"""The planner: an analysis report -> a rule plan (one format per layer x KV head x K|V x segment).
+
+Segments (DESIGN 2.5): positions t < S are attention sinks; for the current query i, positions
+t >= S with i - t < R are the recent window; the rest are "rest". A position that leaves the
+window is re-quantized to the rest format. S and R must be on the analysis' rule grid.
+
+Per unit (layer, head, K|V, segment) the usable formats form a *chain*: representable formats
+sorted by bits, keeping a format only if it has strictly smaller error (its l2 error model) and,
+for keys, no larger Theorem 5.7 term u D^2 than every cheaper kept format. Moving up a chain never
+increases any bound.
+
+* Theorem 5.7 (exact rationals): a key format is admissible where eps >= c kappa_hi D_hi^2 u;
+  values have kappa = 0, so every value format is. ``thm_min`` is the first admissible chain index.
+* The end-to-end bound (``hnfverify.bound``) is lowered by one deterministic greedy sequence:
+  from a start state, repeatedly take the move (a unit to any higher chain entry) with the
+  largest bound reduction per added cache bit. The sequence does not depend on the budget.
+* ``--eps``: eps is both Theorem 5.7's tolerance and the budget of every (layer, KV head)'s
+  first-order attention-output error E_h (``hnfverify.bound``) — which is what limits values,
+  whose curvature is 0. Per head, the shortest prefix of that head's own greedy sequence with
+  E_h <= eps. ``--eps-target`` adds the end-to-end budget: the shortest prefix of the global
+  sequence (from the chain bottoms) with bound <= eps_target. Every unit takes the highest of
+  the three formats, so tightening eps can only raise formats.
+* ``--avg-bits B``: the longest prefix of the sequence from ``thm_min`` (or the chain bottoms if
+  no eps) whose average bits (overhead included) are <= B. Raising B only extends the prefix,
+  so the bound never rises.
+* ``--uniform F``: every unit in format F (the baselines), through the same code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from .bound import (SEGMENTS, FloatHead, HeadInputs, exact_end_to_end, exact_head_error, exact_layer_bound,
+                    float_head_error)
+from .errors import HnfError, InvalidArgument
+from .formats import Format, SegmentStats, by_name, format_table
+from .numbers import dec_down, dec_up, fmt_number, parse_number, round_up, sqrt_up
+
+BUDGET_SPLIT = ("greedy: largest reduction of the end-to-end bound per added cache bit, over all "
+                "(layer, KV head, K|V, segment) units")
+
+
+class PlanInfeasible(HnfError):
+    """No plan satisfies the request (exit code 2): the message says what the best achievable is."""
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    eps: Fraction | None = None
+    eps_target: Fraction | None = None
+    avg_bits: Fraction | None = None
+    uniform: str | None = None
+    c: Fraction = Fraction(4)
+    sink: int = 4
+    recent: int = 64
+    lipschitz_margin: Fraction = Fraction(11, 10)
+    curvature: str | None = None          # None: the report's choice
+    max_seq_len: int | None = None
+
+    def validate(self) -> None:
+        modes = [x is not None for x in (self.eps, self.avg_bits, self.uniform)]
+        if not any(modes):
+            raise InvalidArgument("give --eps, --avg-bits or --uniform")
+        if self.uniform is not None and (self.avg_bits is not None or self.eps_target is not None):
+            raise InvalidArgument("--uniform cannot be combined with --avg-bits or --eps-target")
+        if self.eps is not None and self.eps <= 0:
+            raise InvalidArgument(f"--eps must be > 0, got {fmt_number(self.eps)}")
+        if self.eps_target is not None and self.eps_target <= 0:
+            raise InvalidArgument(f"--eps-target must be > 0, got {fmt_number(self.eps_target)}")
+        if self.avg_bits is not None and self.avg_bits <= 0:
+            raise InvalidArgument(f"--avg-bits must be > 0, got {fmt_number(self.avg_bits)}")
+        if self.c <= 0:
+            raise InvalidArgument(f"--c must be > 0, got {fmt_number(self.c)}")
+        if self.lipschitz_margin < 1:
+            raise InvalidArgument(f"--lipschitz-margin must be >= 1, got {fmt_number(self.lipschitz_margin)}")
+        if self.curvature not in (None, "exact", "seed"):
+            raise InvalidArgument(f"--curvature must be exact or seed, got {self.curvature!r}")
+
+
+@dataclass
+class Unit:
+    layer: int
+    head: int
+    kv: str                      # "K" | "V"
+    seg: str
+    length: int
+    stats: SegmentStats
+    kappa: tuple                 # (lo, hi) Fractions; (0, 0) for values
+    inputs: dict                 # JSON-ready intervals
+    chain: list = field(default_factory=list)        # list[Format]
+    errors: list = field(default_factory=list)       # exact l2 error per chain entry
+    thm_min: int | None = 0
+    idx: int = 0
+
+
+def _iv(lo: float, hi: float) -> list:
+    return [dec_down(max(lo, 0.0)), dec_up(max(hi, 0.0))]
+
+
+def _lengths(s: int, r: int, t: int) -> dict:
+    sink = min(s, t)
+    recent = min(r, max(0, t - s))
+    rest = max(0, t - s - r)
+    return {"sink": sink, "recent": recent, "rest": rest}
+
+
+def theorem_term(fmt: Format, unit: Unit, c: Fraction) -> Fraction:
+    """c kappa_hi D^2 u: Theorem 5.7 holds for this unit and format iff eps >= this."""
+    d = fmt.theorem_diameter(unit.stats)
+    return c * unit.kappa[1] * d * d * fmt.u
+
+
+def _build_chain(unit: Unit, table: dict, c: Fraction) -> None:
+    cands = [f for f in table.values() if f.representable(unit.stats)]
+    errs = {f.name: f.l2_error(unit.stats) for f in cands}
+    cands.sort(key=lambda f: (f.bits_per_element, errs[f.name], f.name))
+    chain, best_err, best_thm = [], None, None
+    for f in cands:
+        e = errs[f.name]
+        th = theorem_term(f, unit, c) if unit.kv == "K" else Fraction(0)
+        if best_err is None or (e < best_err and th <= best_thm):
+            chain.append(f)
+            best_err, best_thm = e, th
+    unit.chain = chain
+    unit.errors = [errs[f.name] for f in chain]
+
+
+def _units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict) -> tuple[list, dict]:
+    import numpy as np
+
+    shape = summary["shape"]
+    n_l, n_h, w, d = shape["layers"], shape["kv_heads"], shape["positions"], shape["head_dim"]
+    grid = summary["rule_grid"]
+    if req.sink not in grid["sinks"]:
+        raise InvalidArgument(f"--sink must be one of the analyzed sink lengths {grid['sinks']}, got {req.sink}")
+    if req.recent not in grid["windows"]:
+        raise InvalidArgument(f"--recent must be one of the analyzed window lengths {grid['windows']}, "
+                              f"got {req.recent}")
+    t = req.max_seq_len or w
+    if not 1 <= t <= w:
+        raise InvalidArgument(f"--max-seq-len must be in [1, {w}] (the analyzed window), got {t}")
+    si, ri = grid["sinks"].index(req.sink), grid["windows"].index(req.recent)
+    lengths = _lengths(req.sink, req.recent, t)
+    curvature = req.curvature or summary["analysis"]["curvature"]
+    s = min(req.sink, t)
+    pos = {"sink": slice(0, s), "recent": slice(s, t), "rest": slice(s, t)}
+    seg_idx = {"sink": 0, "recent": 1, "rest": 2}
+    units = []
+    for li in range(n_l):
+        for h in range(n_h):
+            for kv in ("K", "V"):
+                p = kv.lower()
+                amax_arr = np.maximum(np.abs(arrays[f"{p}_tok_min"][li, h]), np.abs(arrays[f"{p}_tok_max"][li, h]))
+                for seg in SEGMENTS:
+                    if lengths[seg] == 0:
+                        continue
+                    sl = pos[seg]
+
+                    def mx(a):
+                        return float(np.max(a[sl])) if a[sl].size else 0.0
+
+                    if kv == "V":
+                        k_lo = k_hi = 0.0
+                    elif curvature == "seed":
+                        k_lo = k_hi = mx(arrays["kappa_seed"][li, h])
+                    elif seg == "sink":
+                        k_lo, k_hi = mx(arrays["kappa_exact_lo"][li, h]), mx(arrays["kappa_exact_hi"][li, h])
+                    else:
+                        which = "near" if seg == "recent" else "far"
+                        k_lo = mx(arrays[f"kappa_{which}_lo"][li, ri, h])
+                        k_hi = mx(arrays[f"kappa_{which}_hi"][li, ri, h])
+                    d_tok, d_ch, amax = mx(arrays[f"{p}_d_token"][li, h]), mx(arrays[f"{p}_d_channel"][li, h]), \
+                        float(np.max(amax_arr[sl]))
+                    ma = arrays["mass_alpha_hi"][li, si, ri, seg_idx[seg], h]
+                    ma_lo = arrays["mass_alpha_lo"][li, si, ri, seg_idx[seg], h]
+                    mv = arrays["mass_avo_hi"][li, si, ri, seg_idx[seg], h]
+                    mv_lo = arrays["mass_avo_lo"][li, si, ri, seg_idx[seg], h]
+                    inputs = {
+                        "kappa": _iv(k_lo, k_hi),
+                        "d_token": _iv(d_tok, d_tok), "d_channel": _iv(d_ch, d_ch), "amax": _iv(amax, amax),
+                        "alpha": _iv(mx(arrays["alpha_max_lo"][li, h]), mx(arrays["alpha_max_hi"][li, h])),
+                        "qnorm": _iv(mx(arrays["qnorm_max_lo"][li, h]), mx(arrays["qnorm_max_hi"][li, h])),
+                        "vo": _iv(mx(arrays["vo_max_lo"][li, h]), mx(arrays["vo_max_hi"][li, h])),
+                        "mass_alpha": _iv(float(ma_lo), float(ma)), "mass_avo": _iv(float(mv_lo), float(mv)),
+                    }
+                    stats = SegmentStats(d, parse_number(inputs["d_token"][1]), parse_number(inputs["d_channel"][1]),
+                                         parse_number(inputs["amax"][1]))
+                    kap = (parse_number(inputs["kappa"][0]), parse_number(inputs["kappa"][1]))
+                    units.append(Unit(li, h, kv, seg, lengths[seg], stats, kap, inputs))
+    meta = {"max_seq_len": t, "lengths": lengths, "curvature": curvature, "head_dim": d}
+    return units, meta
+
+
+def head_inputs(units_lh: list, tau: Fraction, q_max: Fraction) -> HeadInputs:
+    k = {u.seg: u.stats for u in units_lh if u.kv == "K"}
+    v = {u.seg: u.stats for u in units_lh if u.kv == "V"}
+    ma = {u.seg: parse_number(u.inputs["mass_alpha"][1]) for u in units_lh if u.kv == "K"}
+    mv = {u.seg: parse_number(u.inputs["mass_avo"][1]) for u in units_lh if u.kv == "K"}
+    return HeadInputs(tau, q_max, k, v, ma, mv)
+
+
+class _Search:
+    """Float twin of the exact bound for the greedy sequence."""
+
+    def __init__(self, units, heads, weights, amp, lengths):
+        self.units = units
+        self.by_lh: dict = {}
+        for i, u in enumerate(units):
+            self.by_lh.setdefault((u.layer, u.head), []).append(i)
+        self.heads = heads                  # (l, h) -> FloatHead
+        self.w = weights                    # (l, h) -> o_norm sqrt(G) (float)
+        self.amp = amp                      # layer -> P_l (float)
+        self.errf = [[float(e) for e in u.errors] for u in units]
+        self.bits = [[float(f.bits_per_element) for f in u.chain] for u in units]
+        self.length = [u.length for u in units]
+
+    def head_error(self, lh, state) -> float:
+        fh = self.heads[lh]
+        idx = self.by_lh[lh]
+        dk = {self.units[i].seg: self.errf[i][state[i]] for i in idx if self.units[i].kv == "K"}
+        dv = {self.units[i].seg: self.errf[i][state[i]] for i in idx if self.units[i].kv == "V"}
+        return float_head_error(fh, tuple(dk[s] for s in fh.segs), tuple(dv[s] for s in fh.segs))
+
+    def best_move(self, lh, state, cur_err):
+        best = None
+        scale = self.amp[lh[0]] * self.w[lh]
+        for i in self.by_lh[lh]:
+            for j in range(state[i] + 1, len(self.units[i].chain)):
+                old = state[i]
+                state[i] = j
+                e = self.head_error(lh, state)
+                state[i] = old
+                gain = scale * (cur_err - e)
+                cost = (self.bits[i][j] - self.bits[i][old]) * self.length[i]
+                if gain <= 0 or cost <= 0:
+                    continue
+                score = gain / cost
+                if best is None or score > best[0]:
+                    best = (score, i, j, e)
+        return best
+
+    def head_sequence(self, lh, start):
+        """Greedy moves within one (layer, head) from ``start`` until none lowers its error."""
+        state = list(start)
+        err = self.head_error(lh, state)
+        moves = []
+        while True:
+            c = self.best_move(lh, state, err)
+            if c is None:
+                return moves
+            _, i, j, err = c
+            state[i] = j
+            moves.append((i, j))
+
+    def sequence(self, start):
+        """Greedy moves from ``start`` until no move lowers the bound: [(unit, new index)]."""
+        state = list(start)
+        errs = {lh: self.head_error(lh, state) for lh in self.by_lh}
+        cand = {lh: self.best_move(lh, state, errs[lh]) for lh in self.by_lh}
+        moves = []
+        while True:
+            live = [(c[0], lh) for lh, c in cand.items() if c is not None]
+            if not live:
+                break
+            _, lh = max(live, key=lambda x: (x[0], -x[1][0], -x[1][1]))
+            _, i, j, e = cand[lh]
+            state[i] = j
+            errs[lh] = e
+            moves.append((i, j))
+            cand[lh] = self.best_move(lh, state, errs[lh])
+        return moves
+
+
+def _avg_bits(units, state) -> Fraction:
+    tot = sum(u.length for u in units)
+    return sum((u.chain[s].bits_per_element * u.length for u, s in zip(units, state)), Fraction(0)) / tot
+
+
+def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
+    """Build the plan (a JSON-ready dict in canonical form). Raises PlanInfeasible / InvalidArgument."""
+    req.validate()
+    shape = summary["shape"]
+    d = shape["head_dim"]
+    g_q = shape["query_heads"] // shape["kv_heads"]
+    table = format_table(d, summary["analysis"]["channel_group"])
+    if req.uniform is not None:
+        uf = by_name(req.uniform)
+        if uf.name not in table:
+            raise InvalidArgument(f"--uniform {req.uniform!r} is not in this model's format table: {sorted(table)}")
+    units, meta = _units_from_report(summary, arrays, req, table)
+    for i, u in enumerate(units):
+        u.idx = i
+    n_l, n_h = shape["layers"], shape["kv_heads"]
+    import numpy as np
+
+    tau = [parse_number(dec_up(float(x))) for x in arrays["scaling"]]
+    lips_meas = arrays["lipschitz"]
+    if not np.all(np.isfinite(lips_meas)):
+        raise InvalidArgument("the report has no Lipschitz estimates (analyzed with --lipschitz-iters 0); "
+                              "re-run analyze with the estimate on")
+    lips = [round_up(parse_number(dec_up(float(x))) * req.lipschitz_margin) for x in lips_meas]
+    onorm = [[parse_number(dec_up(float(arrays["o_proj_norm_kvhead"][li, h]))) for h in range(n_h)]
+             for li in range(n_l)]
+    qmax = [[parse_number(dec_up(float(arrays["qnorm_max_hi"][li, h].max()))) for h in range(n_h)]
+            for li in range(n_l)]
+
+    # chains, Theorem 5.7 minima
+    infeasible = []
+    for u in units:
+        if req.uniform is not None:
+            if not uf.representable(u.stats):
+                raise PlanInfeasible(f"--uniform {uf.name}: layer {u.layer} head {u.head} {u.kv} holds values up to "
+                                     f"{float(u.stats.amax):.4g}, beyond the format's range")
+            u.chain, u.errors = [uf], [uf.l2_error(u.stats)]
+            u.thm_min = 0 if (req.eps is None or u.kv == "V" or req.eps >= theorem_term(uf, u, req.c)) else None
+            continue
+        _build_chain(u, table, req.c)
+        if not u.chain:
+            raise PlanInfeasible(f"layer {u.layer} head {u.head} {u.kv} {u.seg}: no format can represent values "
+                                 f"up to {float(u.stats.amax):.4g}")
+        if req.eps is None or u.kv == "V":
+            u.thm_min = 0
+        else:
+            u.thm_min = next((i for i, f in enumerate(u.chain) if req.eps >= theorem_term(f, u, req.c)), None)
+            if u.thm_min is None:
+                infeasible.append(u)
+    if infeasible:
+        worst = max(infeasible, key=lambda u: theorem_term(u.chain[-1], u, req.c))
+        need = theorem_term(worst.chain[-1], worst, req.c)
+        raise PlanInfeasible(
+            f"Theorem 5.7 cannot hold at --eps {fmt_number(req.eps)}: at {len(infeasible)} of "
+            f"{sum(u.kv == 'K' for u in units)} key segments even {worst.chain[-1].name} is too coarse "
+            f"(worst: layer {worst.layer} head {worst.head} K {worst.seg}, needs eps >= {dec_up(float(need), 4)})")
+
+    lh_units: dict = {}
+    for i, u in enumerate(units):
+        lh_units.setdefault((u.layer, u.head), []).append(u)
+    exact_heads = {lh: head_inputs(us, tau[lh[0]], qmax[lh[0]][lh[1]]) for lh, us in lh_units.items()}
+    sg = math.sqrt(g_q)
+    weights = {lh: float(onorm[lh[0]][lh[1]]) * sg for lh in lh_units}
+    amp_f = []
+    acc = 1.0
+    for li in range(n_l - 1, -1, -1):
+        amp_f.append(acc)
+        acc *= float(lips[li])
+    amp_f = amp_f[::-1]
+    float_heads = {}
+    for lh, us in lh_units.items():
+        segs = tuple(s for s in SEGMENTS if any(u.seg == s and u.kv == "K" for u in us))
+        hi = exact_heads[lh]
+        float_heads[lh] = FloatHead(float(hi.tau), float(hi.q_max), segs,
+                                    tuple(float(hi.mass_alpha[s]) for s in segs),
+                                    tuple(float(hi.mass_avo[s]) for s in segs))
+    search = _Search(units, float_heads, weights, amp_f, meta["lengths"])
+    sqrt_t = math.sqrt(meta["max_seq_len"])
+
+    def exact_bound(state):
+        layer_b = []
+        for li in range(n_l):
+            errs = []
+            for h in range(n_h):
+                us = lh_units[(li, h)]
+                idx = [u.idx for u in us]
+                fk = {u.seg: u.chain[state[i]] for u, i in zip(us, idx) if u.kv == "K"}
+                fv = {u.seg: u.chain[state[i]] for u, i in zip(us, idx) if u.kv == "V"}
+                errs.append(exact_head_error(exact_heads[(li, h)], fk, fv))
+            layer_b.append(exact_layer_bound(errs, onorm[li], g_q))
+        return layer_b, exact_end_to_end(layer_b, lips, meta["max_seq_len"])
+
+    def float_bound(state):
+        return sqrt_t * sum(amp_f[lh[0]] * weights[lh] * search.head_error(lh, state) for lh in lh_units)
+
+    bottom = [0] * len(units)
+    thm = [u.thm_min for u in units]
+    if req.uniform is not None:
+        state = bottom
+        mode = {"kind": "uniform", "value": req.uniform}
+    elif req.avg_bits is not None:
+        start = thm
+        if _avg_bits(units, start) > req.avg_bits:
+            raise PlanInfeasible(f"--avg-bits {fmt_number(req.avg_bits)} is below the cheapest plan allowed "
+                                 f"({'by Theorem 5.7 at --eps ' + fmt_number(req.eps) if req.eps else 'by the formats'}): "
+                                 f"{float(_avg_bits(units, start)):.4f} bits per element")
+        state = list(start)
+        for i, j in search.sequence(start):
+            old = state[i]
+            state[i] = j
+            if _avg_bits(units, state) > req.avg_bits:
+                state[i] = old
+                break
+        mode = {"kind": "avg_bits", "value": fmt_number(req.avg_bits)}
+    else:
+        # the first-order attention-output error of every (layer, head) must also be <= eps: this is
+        # what limits values (kappa = 0); per head, the shortest prefix of its own greedy sequence
+        head_budget = list(bottom)
+        for lh, us in lh_units.items():
+            moves = search.head_sequence(lh, bottom)
+            st = list(bottom)
+            k = 0
+            while True:
+                fk = {u.seg: u.chain[st[u.idx]] for u in us if u.kv == "K"}
+                fv = {u.seg: u.chain[st[u.idx]] for u in us if u.kv == "V"}
+                if search.head_error(lh, st) <= float(req.eps) * (1 - 1e-9) or k >= len(moves):
+                    e_exact = exact_head_error(exact_heads[lh], fk, fv)
+                    if e_exact <= req.eps:
+                        break
+                    if k >= len(moves):
+                        raise PlanInfeasible(
+                            f"--eps {fmt_number(req.eps)}: the attention-output error bound of layer {lh[0]} "
+                            f"KV head {lh[1]} is at least {dec_up(float(e_exact), 4)} with the finest formats")
+                i, j = moves[k]
+                st[i] = j
+                k += 1
+            for u in us:
+                head_budget[u.idx] = st[u.idx]
+        thm = [max(a, b) for a, b in zip(thm, head_budget)]
+        state = list(thm)
+        if req.eps_target is not None:
+            budget = list(bottom)
+            moves = search.sequence(bottom)
+            k = 0
+            while True:
+                final = [max(a, b) for a, b in zip(thm, budget)]
+                if float_bound(budget) <= float(req.eps_target) * (1 - 1e-9) or k >= len(moves):
+                    if exact_bound(final)[1] <= req.eps_target:
+                        break
+                    if k >= len(moves):
+                        raise PlanInfeasible(
+                            f"--eps-target {fmt_number(req.eps_target)} is below the smallest end-to-end bound "
+                            f"these formats reach: {dec_up(float(exact_bound(final)[1]), 4)}")
+                i, j = moves[k]
+                budget[i] = j
+                k += 1
+            state = final
+        mode = {"kind": "eps", "value": fmt_number(req.eps)}
+
+    layer_b, e_l = exact_bound(state)
+    head_err = [[exact_head_error(exact_heads[(li, h)],
+                                  {u.seg: u.chain[state[u.idx]] for u in lh_units[(li, h)] if u.kv == "K"},
+                                  {u.seg: u.chain[state[u.idx]] for u in lh_units[(li, h)] if u.kv == "V"})
+                 for h in range(n_h)] for li in range(n_l)]
+    if req.avg_bits is not None and req.eps_target is not None and e_l > req.eps_target:
+        raise PlanInfeasible(f"at --avg-bits {fmt_number(req.avg_bits)} the end-to-end bound is "
+                             f"{dec_up(float(e_l), 4)} > --eps-target {fmt_number(req.eps_target)}")
+    plan = _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, onorm, qmax, layer_b, e_l,
+                     mode, report_name)
+    plan["claims"]["attention_error_max"] = [dec_up(float(max(row)), 6) for row in head_err]
+    return plan
+
+
+def implied_eps(units, state, c) -> Fraction:
+    """The smallest eps for which Theorem 5.7 holds for every key segment of the plan."""
+    return max((theorem_term(u.chain[s], u, c) for u, s in zip(units, state) if u.kv == "K"), default=Fraction(0))
+
+
+def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, onorm, qmax, layer_b, e_l, mode,
+              report_name) -> dict:
+    from . import __version__
+
+    shape = summary["shape"]
+    n_l, n_h = shape["layers"], shape["kv_heads"]
+    used = sorted({u.chain[s].name for u, s in zip(units, state)})
+    if req.eps is not None:
+        eps, eps_source = req.eps, "user"
+    else:
+        eps, eps_source = parse_number(dec_up(float(implied_eps(units, state, req.c)) * (1 + 1e-12) + 1e-300, 6)), \
+            "implied"
+        while eps < implied_eps(units, state, req.c):
+            eps *= 2
+    layers = []
+    by_lh: dict = {}
+    for u, s in zip(units, state):
+        by_lh.setdefault((u.layer, u.head), {}).setdefault(u.kv, {})[u.seg] = (u, s)
+    for li in range(n_l):
+        heads = []
+        for h in range(n_h):
+            entry = {"kv_head": h, "o_proj_norm": fmt_number(onorm[li][h]), "q_max": fmt_number(qmax[li][h])}
+            for kv in ("K", "V"):
+                segs = by_lh[(li, h)][kv]
+                rule = {"blocks": []}
+                for seg in SEGMENTS:
+                    if seg in segs:
+                        u, si = segs[seg]
+                        item = {"format": u.chain[si].name, "inputs": u.inputs}
+                    else:
+                        rest_u, rest_s = segs.get("rest") or next(iter(segs.values()))
+                        item = {"format": rest_u.chain[rest_s].name, "inputs": None}
+                    if seg != "rest":
+                        item["length"] = meta["lengths"][seg]
+                    rule[seg] = item
+                entry[kv] = rule
+            heads.append(entry)
+        layers.append({
+            "layer": li, "tau": fmt_number(tau[li]),
+            "lipschitz": {"measured": dec_up(float(lips_meas[li])), "margin": fmt_number(req.lipschitz_margin),
+                          "value": fmt_number(lips[li])},
+            "heads": heads,
+        })
+    calib = summary["calibration"]
+    avg = _avg_bits(units, state)
+    total_bits = sum((u.chain[s].bits_per_element * u.length * meta["head_dim"] for u, s in zip(units, state)),
+                     Fraction(0))
+    assumptions = [
+        {"name": "curvature", "statement": "for every deployment query, kappa_t <= the plan's kappa upper end "
+         "(the sup over calibration queries, split by query distance for recent/rest)",
+         "value": max((u.inputs["kappa"][1] for u in units), key=parse_number), "margin": "1",
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"],
+                        "tokens": calib["n_tokens"], "curvature": meta["curvature"]}},
+        {"name": "ranges", "statement": "every cached key/value lies within the plan's amax, d_token and d_channel "
+         "upper ends", "margin": "1", "value": max((u.inputs["amax"][1] for u in units), key=parse_number),
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"]}},
+        {"name": "attention mass", "statement": "every deployment query puts at most mass_alpha (and mass_avo) on "
+         "each segment, and ||q|| <= q_max", "margin": "1",
+         "value": max((u.inputs["mass_alpha"][1] for u in units), key=parse_number),
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"]}},
+        {"name": "lipschitz", "statement": "each decoder block is L-Lipschitz on deployment hidden states with L = "
+         "measured x margin (the measurement is a power-iteration lower bound of the local Jacobian norm)",
+         "margin": fmt_number(req.lipschitz_margin), "value": max((x["lipschitz"]["value"] for x in layers),
+                                                                   key=parse_number),
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"],
+                        "tokens": summary["analysis"]["lipschitz_tokens"],
+                        "iterations": summary["analysis"]["lipschitz_iters"]}},
+        {"name": "sequence length", "statement": f"sequences are at most max_seq_len = {meta['max_seq_len']} "
+         "tokens (the analyzed window)", "margin": "1", "value": str(meta["max_seq_len"]),
+         "provenance": {"window": summary["shape"]["positions"]}},
+    ]
+    plan = {
+        "schema_version": 1,
+        "kind": "hnfverify-plan",
+        "tool": {"name": "hnfverify", "version": __version__},
+        "model": {k: str(v) for k, v in summary["model"].items()},
+        "calibration": {k: str(v) for k, v in calib.items()},
+        "analysis": {"report": report_name, "arrays_sha256": summary["arrays"]["sha256"],
+                     "curvature": meta["curvature"], "channel_group": summary["analysis"]["channel_group"]},
+        "shape": {k: shape[k] for k in ("layers", "kv_heads", "query_heads", "head_dim")},
+        "max_seq_len": meta["max_seq_len"],
+        "eps": fmt_number(eps), "eps_source": eps_source,
+        "eps_target": fmt_number(req.eps_target) if req.eps_target is not None else None,
+        "c": fmt_number(req.c),
+        "mode": {**mode, "budget_split": BUDGET_SPLIT},
+        "rule": {"sink": meta["lengths"]["sink"], "recent": meta["lengths"]["recent"]},
+        "formats": {n: table[n].to_json() for n in used},
+        "layers": layers,
+        "assumptions": assumptions,
+        "claims": {
+            "avg_bits": fmt_number(avg),
+            "compression_vs_fp16": dec_down(float(Fraction(16) / avg), 6),
+            "cache_bits_at_max_seq_len": fmt_number(total_bits),
+            "layer_bounds": [dec_up(float(b), 6) for b in layer_b],
+            "end_to_end_bound": dec_up(float(e_l), 6),
+            "theorem_5_7_violations": sum(1 for u, s in zip(units, state)
+                                          if u.kv == "K" and parse_number(fmt_number(eps)) < theorem_term(
+                                              u.chain[s], u, req.c)),
+        },
+    }
+    return plan
