@@ -44,10 +44,21 @@ class HeadInputs:
     mass_avo: dict
 
 
+def segment_errors(stats: dict, fmts: dict) -> dict:
+    """Per-segment l2 error bounds. A rest position was first stored in the recent window and
+    re-quantized when it left (DESIGN 2.5): its error is at most the recent error plus the rest
+    format's error on values already moved by that much."""
+    err = {s: fmts[s].l2_error(stats[s]) for s in stats if s != "rest"}
+    if "rest" in stats:
+        prior = err.get("recent", Fraction(0))
+        err["rest"] = round_up(fmts["rest"].l2_error(stats["rest"].widened(prior)) + prior)
+    return err
+
+
 def exact_head_error(inp: HeadInputs, fk: dict, fv: dict) -> Fraction:
     segs = list(inp.k)
-    dk = {s: fk[s].l2_error(inp.k[s]) for s in segs}
-    dv = {s: fv[s].l2_error(inp.v[s]) for s in segs}
+    dk = segment_errors(inp.k, fk)
+    dv = segment_errors(inp.v, fv)
     m = {s: round_up(inp.tau * inp.q_max * dk[s]) for s in segs}
     big_m = max(m.values()) if m else Fraction(0)
     total = Fraction(0)

@@ -205,7 +205,9 @@ def print_plan(plan: dict, out: TextIO, sha: str) -> None:
           f"{'bits':>6} {'E_attn':>9}", file=out)
     d = plan["shape"]["head_dim"]
     t = plan["max_seq_len"]
-    fbits = {n: parse_number(f["bits_per_element"]) for n, f in plan["formats"].items()}
+    from .formats import by_name
+
+    fmts = {n: by_name(n) for n in plan["formats"]}
 
     def short(n):
         return n.replace("fp8_", "").replace("_t" + str(d), "t").replace("_c", "c")
@@ -219,7 +221,7 @@ def print_plan(plan: dict, out: TextIO, sha: str) -> None:
                 lens = {"sink": r["sink"]["length"], "recent": r["recent"]["length"]}
                 lens["rest"] = max(0, t - lens["sink"] - lens["recent"])
                 for s in segs:
-                    bits += fbits[r[s]["format"]] * lens[s]
+                    bits += fmts[r[s]["format"]].segment_bits(lens[s], 1)
                     n += lens[s]
         print(f"{li:>5}  {' '.join(kcol):<58} {' '.join(vcol):<44} {float(bits / n):>6.2f} "
               f"{float(parse_number(c['attention_error_max'][li])):>9.3g}", file=out)

@@ -90,7 +90,8 @@ class Unit:
     kappa: tuple                 # (lo, hi) Fractions; (0, 0) for values
     inputs: dict                 # JSON-ready intervals
     chain: list = field(default_factory=list)        # list[Format]
-    errors: list = field(default_factory=list)       # exact l2 error per chain entry
+    errors: list = field(default_factory=list)       # exact l2 error per chain entry (values not re-quantized)
+    slopes: list = field(default_factory=list)       # d error / d prior error (rest only; float)
     thm_min: int | None = 0
     idx: int = 0
 
@@ -113,9 +114,13 @@ def theorem_term(fmt: Format, unit: Unit, c: Fraction) -> Fraction:
 
 
 def _build_chain(unit: Unit, table: dict, c: Fraction) -> None:
-    cands = [f for f in table.values() if f.representable(unit.stats)]
+    # channel-grouped formats only for the rest segment: the sink is a handful of tokens and the
+    # recent window slides one token at a time, so neither holds complete channel groups
+    cands = [f for f in table.values() if f.representable(unit.stats)
+             and (f.granularity != "channel" or unit.seg == "rest")]
     errs = {f.name: f.l2_error(unit.stats) for f in cands}
-    cands.sort(key=lambda f: (f.bits_per_element, errs[f.name], f.name))
+    # cost = the bits the segment really occupies (a short segment cannot fill channel groups)
+    cands.sort(key=lambda f: (f.segment_bits(unit.length, 1), errs[f.name], f.name))
     chain, best_err, best_thm = [], None, None
     for f in cands:
         e = errs[f.name]
@@ -124,7 +129,15 @@ def _build_chain(unit: Unit, table: dict, c: Fraction) -> None:
             chain.append(f)
             best_err, best_thm = e, th
     unit.chain = chain
-    unit.errors = [errs[f.name] for f in chain]
+    _set_errors(unit)
+
+
+def _set_errors(unit: Unit) -> None:
+    unit.errors = [f.l2_error(unit.stats) for f in unit.chain]
+    # the error is affine in the prior (recent) error for every format but FP8's scale floor: a secant
+    # slope over [0, 1] is enough for the search; decisions are checked with the exact bound
+    unit.slopes = [float(f.l2_error(unit.stats.widened(Fraction(1))) - e) + 1.0 if unit.seg == "rest" else 0.0
+                   for f, e in zip(unit.chain, unit.errors)]
 
 
 def _units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict) -> tuple[list, dict]:
@@ -213,15 +226,26 @@ class _Search:
         self.w = weights                    # (l, h) -> o_norm sqrt(G) (float)
         self.amp = amp                      # layer -> P_l (float)
         self.errf = [[float(e) for e in u.errors] for u in units]
-        self.bits = [[float(f.bits_per_element) for f in u.chain] for u in units]
-        self.length = [u.length for u in units]
+        self.slope = [u.slopes for u in units]
+        self.bits = [[float(f.segment_bits(u.length, 1)) for f in u.chain] for u in units]
+        self.length = [1 for u in units]          # bits above are already per segment
 
     def head_error(self, lh, state) -> float:
         fh = self.heads[lh]
         idx = self.by_lh[lh]
-        dk = {self.units[i].seg: self.errf[i][state[i]] for i in idx if self.units[i].kv == "K"}
-        dv = {self.units[i].seg: self.errf[i][state[i]] for i in idx if self.units[i].kv == "V"}
-        return float_head_error(fh, tuple(dk[s] for s in fh.segs), tuple(dv[s] for s in fh.segs))
+        out = []
+        for kv in ("K", "V"):
+            e = {}
+            for i in idx:
+                u = self.units[i]
+                if u.kv == kv:
+                    e[u.seg] = (self.errf[i][state[i]], self.slope[i][state[i]])
+            err = {sg: v[0] for sg, v in e.items() if sg != "rest"}
+            if "rest" in e:
+                prior = err.get("recent", 0.0)
+                err["rest"] = e["rest"][0] + e["rest"][1] * prior
+            out.append(tuple(err[sg] for sg in fh.segs))
+        return float_head_error(fh, out[0], out[1])
 
     def best_move(self, lh, state, cur_err):
         best = None
@@ -275,7 +299,7 @@ class _Search:
 
 def _avg_bits(units, state) -> Fraction:
     tot = sum(u.length for u in units)
-    return sum((u.chain[s].bits_per_element * u.length for u, s in zip(units, state)), Fraction(0)) / tot
+    return sum((u.chain[s].segment_bits(u.length, 1) for u, s in zip(units, state)), Fraction(0)) / tot
 
 
 def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
@@ -313,7 +337,8 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
             if not uf.representable(u.stats):
                 raise PlanInfeasible(f"--uniform {uf.name}: layer {u.layer} head {u.head} {u.kv} holds values up to "
                                      f"{float(u.stats.amax):.4g}, beyond the format's range")
-            u.chain, u.errors = [uf], [uf.l2_error(u.stats)]
+            u.chain = [uf]
+            _set_errors(u)
             u.thm_min = 0 if (req.eps is None or u.kv == "V" or req.eps >= theorem_term(uf, u, req.c)) else None
             continue
         _build_chain(u, table, req.c)
@@ -363,7 +388,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
             for h in range(n_h):
                 us = lh_units[(li, h)]
                 idx = [u.idx for u in us]
-                fk = {u.seg: u.chain[state[i]] for u, i in zip(us, idx) if u.kv == "K"}
+                fk = {u.seg: u.chain[state[i]] for u, i in zip(us, idx) if u.kv == "K"}  # noqa: F841
                 fv = {u.seg: u.chain[state[i]] for u, i in zip(us, idx) if u.kv == "V"}
                 errs.append(exact_head_error(exact_heads[(li, h)], fk, fv))
             layer_b.append(exact_layer_bound(errs, onorm[li], g_q))
@@ -500,7 +525,7 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, ono
         })
     calib = summary["calibration"]
     avg = _avg_bits(units, state)
-    total_bits = sum((u.chain[s].bits_per_element * u.length * meta["head_dim"] for u, s in zip(units, state)),
+    total_bits = sum((u.chain[s].segment_bits(u.length, meta["head_dim"]) for u, s in zip(units, state)),
                      Fraction(0))
     assumptions = [
         {"name": "curvature", "statement": "for every deployment query, kappa_t <= the plan's kappa upper end "

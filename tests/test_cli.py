@@ -118,3 +118,52 @@ def test_module_entry_point_runs_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hnfverify", "analyze", "--model", "nope", "--out",
                         str(tmp_path / "r.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_and_show_from_tiny_report(tmp_path, textfile):
+    rep = tmp_path / "rep.json"
+    code, _, err = _run(["analyze", "--model", "tiny-llama", "--calib", str(textfile), "--max-tokens", "96",
+                         "--window", "48", "--out", str(rep), "--quiet", "--lipschitz-iters", "2"])
+    assert code == 0, err
+    plan = tmp_path / "plan.json"
+    code, out, err = _run(["plan", str(rep), "--eps", "1e3", "--sink", "4", "--recent", "16", "--out", str(plan)])
+    assert code == 0, err
+    assert "compression vs FP16" in out and plan.exists()
+    code, out2, _ = _run(["show", str(plan)])
+    assert code == 0 and "sha256" in out2
+    code, out3, _ = _run(["plan", str(rep), "--avg-bits", "12", "--sink", "4", "--recent", "16", "--out",
+                          str(tmp_path / "p2.json"), "--json"])
+    assert code == 0 and json.loads(out3)["claims"]["avg_bits"]
+    code, _, err = _run(["plan", str(rep), "--uniform", "int4_t16", "--sink", "4", "--recent", "16",
+                         "--out", str(tmp_path / "p3.json")])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "give --eps"),
+    (["--eps", "abc"], "--eps must be a finite number"),
+    (["--eps", "nan"], "--eps must be a finite number"),
+    (["--eps", "-1"], "--eps must be > 0"),
+    (["--eps", "1", "--recent", "7"], "--recent must be one of"),
+    (["--uniform", "int5_t16"], "unknown format"),
+    (["--eps", "1e-12"], "Theorem 5.7 cannot hold"),
+])
+def test_plan_bad_requests(tmp_path, textfile, argv, needle):
+    rep = tmp_path / "rep.json"
+    code, _, err = _run(["analyze", "--model", "tiny-llama", "--calib", str(textfile), "--max-tokens", "48",
+                         "--out", str(rep), "--quiet", "--lipschitz-iters", "1"])
+    assert code == 0, err
+    out = tmp_path / "plan.json"
+    code, _, err = _run(["plan", str(rep), "--out", str(out)] + argv)
+    assert code == 2 and needle in err, err
+    _no_traceback(err)
+    assert not out.exists()
+
+
+def test_analyze_with_plan_writes_both(tmp_path, textfile):
+    out = tmp_path / "plan.json"
+    code, stdout, err = _run(["analyze", "--model", "tiny-qwen2", "--calib", str(textfile), "--max-tokens", "64",
+                              "--quiet", "--plan", "--eps", "1e4", "--recent", "16", "--out", str(out)])
+    assert code == 0, err
+    assert out.exists() and (tmp_path / "plan.report.json").exists() and (tmp_path / "plan.report.safetensors").exists()
+    assert "max kappa" in stdout and "compression vs FP16" in stdout

@@ -37,6 +37,14 @@ class SegmentStats:
         """An upper bound of ||x||_2: sqrt(d) * amax."""
         return sqrt_up(Fraction(self.d)) * self.amax
 
+    def widened(self, delta: Fraction) -> "SegmentStats":
+        """Bounds for vectors moved by at most ``delta`` in l2 (so by <= delta per element): what a
+        segment holds when its values were already quantized once (re-quantization, DESIGN 2.5)."""
+        if delta == 0:
+            return self
+        grow = 2 * sqrt_up(Fraction(self.d)) * delta
+        return SegmentStats(self.d, self.d_token + grow, self.d_channel + grow, self.amax + delta)
+
 
 @dataclass(frozen=True)
 class Format:
@@ -66,6 +74,15 @@ class Format:
     def l2_error(self, s: SegmentStats) -> Fraction:  # pragma: no cover - abstract
         """Upper bound of ||x - dequant(quant(x))||_2 for any vector of the segment."""
         raise NotImplementedError
+
+    def segment_bits(self, n_tokens: int, d: int) -> Fraction:
+        """Bits that ``n_tokens`` cached vectors of ``d`` elements really occupy. Channel-grouped
+        formats quantize complete groups of ``group`` positions; the incomplete last group is held
+        in FP32 (lossless) until it completes, as KIVI keeps its residual."""
+        if self.granularity == "channel":
+            full = n_tokens - n_tokens % self.group
+            return (self.bits_per_element * full + 32 * (n_tokens - full)) * d
+        return self.bits_per_element * n_tokens * d
 
     def representable(self, s: SegmentStats) -> bool:
         """False if values of this size overflow the format (e.g. FP16 beyond 65504)."""
