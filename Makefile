@@ -31,6 +31,9 @@ demo: venv
 	$(BIN)/hnfverify splits
 	$(BIN)/hnfverify analyze --model smollm2 --calib prose --max-tokens 1024 --window 512 --quiet --out $(OUT)/report.json
 	$(BIN)/hnfverify inspect $(OUT)/report.json --layer 29 --at-max
+	$(BIN)/hnfverify plan $(OUT)/report.json --eps 500 --sink 4 --recent 64 --out $(OUT)/plan.json
+	$(BIN)/hnfverify plan $(OUT)/report.json --avg-bits 4.5 --sink 4 --recent 64 --brief --out $(OUT)/plan-4.5bits.json
+	$(BIN)/hnfverify plan $(OUT)/report.json --uniform int4_t64 --sink 4 --recent 64 --brief --out $(OUT)/plan-int4.json
 
 proofs: venv
 	@for p in proofs/*.py; do echo "== $$p"; $(BIN)/python $$p || exit 1; done

@@ -160,7 +160,7 @@ def _plan_request(args):
         curvature=args.plan_curvature, max_seq_len=args.max_seq_len)
 
 
-def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool) -> None:
+def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bool = False) -> None:
     from .plan import save_plan
 
     sha = save_plan(plan, out_path)
@@ -168,7 +168,7 @@ def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool) -> None:
         out.write(json.dumps({"plan": out_path, "sha256": sha, "claims": plan["claims"]}, indent=1, sort_keys=True)
                   + "\n")
     else:
-        print_plan(plan, out, sha)
+        print_plan(plan, out, sha, brief)
         print(f"wrote        {out_path}", file=out)
 
 
@@ -182,17 +182,11 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument(f"--out {args.out!r} is a directory; give a file name such as plan.json")
     summary, arrays = load(args.report)
     plan = plan_from_report(summary, arrays, req, os.path.basename(args.report))
-    _write_plan(plan, args.out, out, args.json)
+    _write_plan(plan, args.out, out, args.json, args.brief)
     return EXIT_OK
 
 
-def print_plan(plan: dict, out: TextIO, sha: str) -> None:
-    from collections import Counter
-    from fractions import Fraction
-
-    from .numbers import parse_number
-
-    c = plan["claims"]
+def print_plan(plan: dict, out: TextIO, sha: str, brief: bool = False) -> None:
     mode = plan["mode"]
     print(f"plan         {plan['model']['name']}: {plan['shape']['layers']} layers x {plan['shape']['kv_heads']} KV heads, "
           f"head_dim {plan['shape']['head_dim']}, max_seq_len {plan['max_seq_len']}; sha256 {sha}", file=out)
@@ -201,12 +195,23 @@ def print_plan(plan: dict, out: TextIO, sha: str) -> None:
           f"eps_target {tgt}, c {plan['c']}; sink {plan['rule']['sink']}, recent window {plan['rule']['recent']}; "
           f"curvature {plan['analysis']['curvature']}", file=out)
     segs = ("sink", "recent", "rest")
+    if not brief:
+        _plan_table(plan, out, segs)
+    _plan_footer(plan, out, segs)
+
+
+def _plan_table(plan: dict, out: TextIO, segs) -> None:
+    from fractions import Fraction
+
+    from .numbers import parse_number
+
+    from .formats import by_name
+
+    c = plan["claims"]
     print(f"{'layer':>5}  {'K formats (sink / recent / rest), per KV head':<58} {'V formats':<44} "
           f"{'bits':>6} {'E_attn':>9}", file=out)
     d = plan["shape"]["head_dim"]
     t = plan["max_seq_len"]
-    from .formats import by_name
-
     fmts = {n: by_name(n) for n in plan["formats"]}
 
     def short(n):
@@ -225,9 +230,17 @@ def print_plan(plan: dict, out: TextIO, sha: str) -> None:
                     n += lens[s]
         print(f"{li:>5}  {' '.join(kcol):<58} {' '.join(vcol):<44} {float(bits / n):>6.2f} "
               f"{float(parse_number(c['attention_error_max'][li])):>9.3g}", file=out)
+
+
+def _plan_footer(plan: dict, out: TextIO, segs) -> None:
+    from collections import Counter
+
+    from .numbers import parse_number
+
+    c = plan["claims"]
     use = Counter(h[kv][s]["format"] for layer in plan["layers"] for h in layer["heads"] for kv in "KV" for s in segs)
     print("formats used " + ", ".join(f"{k} x{v}" for k, v in sorted(use.items())), file=out)
-    amp = Fraction(1)
+    amp = parse_number("1")
     for layer in plan["layers"][1:]:
         amp *= parse_number(layer["lipschitz"]["value"])
     print(f"avg bits     {float(parse_number(c['avg_bits'])):.4f} per element (scales and zero-points included); "
@@ -246,7 +259,7 @@ def cmd_show(args, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(json.dumps({"sha256": plan_sha256(plan), "claims": plan["claims"]}, indent=1, sort_keys=True) + "\n")
     else:
-        print_plan(plan, out, plan_sha256(plan))
+        print_plan(plan, out, plan_sha256(plan), args.brief)
     return EXIT_OK
 
 
@@ -346,12 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("report")
     pl.add_argument("--out", default="plan.json")
     pl.add_argument("--json", action="store_true", help="print the plan's sha256 and claims as JSON")
+    pl.add_argument("--brief", action="store_true", help="no per-layer table")
     _plan_options(pl)
     pl.set_defaults(func=cmd_plan)
 
     sh = sub.add_parser("show", help="per-layer table of a plan: formats, bits, compression, bounds, sha256")
     sh.add_argument("plan")
     sh.add_argument("--json", action="store_true")
+    sh.add_argument("--brief", action="store_true", help="no per-layer table")
     sh.set_defaults(func=cmd_show)
 
     i = sub.add_parser("inspect", help="print a report, or every field at one (layer, head, position)")
