@@ -263,6 +263,103 @@ def cmd_show(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- check, recheck, replay
+def cmd_check(args, out: TextIO, err: TextIO) -> int:
+    from . import __version__
+    from .errors import EXIT_UNDECIDED, EXIT_VIOLATED
+    from .io import write_bytes_atomic
+    from .plan import load_plan, plan_sha256
+    from .verify import PROVED, REFUTED
+    from .verify import certificate, outputs
+    from .verify.obligations import CheckOptions, check_plan
+
+    if args.timeout_ms <= 0 or args.wall_timeout <= 0:
+        raise InvalidArgument("--timeout-ms and --wall-timeout must be positive")
+    plan = load_plan(args.plan)
+    sha = plan_sha256(plan)
+    opts = CheckOptions(solver=args.solver, timeout_ms=args.timeout_ms, wall_timeout_s=args.wall_timeout,
+                        smt_per_position=args.smt_per_position)
+    if args.smt_per_position:
+        n = sum(1 for _ in _positions(plan))
+        if n > 20000:
+            raise InvalidArgument(f"--smt-per-position is for small plans (<= 20000 key positions); this plan has {n}")
+    result = check_plan(plan, opts)
+    verdict = result.verdict()
+    cert_path = None
+    if verdict == PROVED:
+        cert = certificate.build(plan, sha, args.plan, result, opts)
+        cert_path = certificate.write(cert, args.cert_dir)
+    render = {
+        "text": lambda: outputs.text(result, args.plan, sha, cert_path),
+        "json": lambda: outputs.as_json(result, args.plan, sha, cert_path),
+        "sarif": lambda: outputs.sarif(result, args.plan, sha, __version__),
+        "junit": lambda: outputs.junit(result, args.plan),
+    }[args.format]()
+    if args.output:
+        write_bytes_atomic(args.output, render.encode())
+        out.write(outputs.text(result, args.plan, sha, cert_path).splitlines()[-1 if cert_path is None else -2] + "\n")
+    else:
+        out.write(render)
+    if verdict == PROVED:
+        return EXIT_OK
+    return EXIT_VIOLATED if verdict == REFUTED else EXIT_UNDECIDED
+
+
+def _positions(plan):
+    for layer in plan["layers"]:
+        for head in layer["heads"]:
+            yield from range(plan["max_seq_len"])
+
+
+def cmd_recheck(args, out: TextIO, err: TextIO) -> int:
+    from . import recheck
+
+    argv = [args.certificate] + (["--plan", args.plan] if args.plan else [])
+    import contextlib
+
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        return recheck.main(argv)
+
+
+def cmd_replay(args, out: TextIO, err: TextIO) -> int:
+    from pathlib import Path
+
+    from .errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
+    from .verify.smt import run_queries
+
+    src = Path(args.certs)
+    files = sorted(src.glob("*.cert.json")) if src.is_dir() else [src]
+    if not files or not all(f.is_file() for f in files):
+        raise InputError(f"no certificates found at {args.certs!r}")
+    total = {"unsat": 0, "sat": 0, "unknown": 0}
+    for f in files:
+        try:
+            cert = json.loads(f.read_text(encoding="utf-8"))
+            queries = [(o["id"], o["smt2"]) for o in cert["obligations"] if "smt2" in o]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise InputError(f"{f}: not a readable certificate") from None
+        if args.dump:
+            d = Path(args.dump)
+            d.mkdir(parents=True, exist_ok=True)
+            for i, (oid, q) in enumerate(queries):
+                (d / f"{f.name[:16]}-{i:05d}.smt2").write_text(q)
+        answers = run_queries([q for _, q in queries], args.solver, args.timeout_ms, args.wall_timeout)
+        counts = {"unsat": 0, "sat": 0, "unknown": 0}
+        for (oid, _), a in zip(queries, answers):
+            counts[a["result"]] += 1
+            if a["result"] != "unsat":
+                print(f"  {oid}: {a['result']} {a.get('reason', '')}", file=out)
+        for k in total:
+            total[k] += counts[k]
+        print(f"{f.name}: {len(queries)} queries with {args.solver}: {counts['unsat']} unsat, {counts['sat']} sat, "
+              f"{counts['unknown']} unknown", file=out)
+    if total["sat"]:
+        return EXIT_VIOLATED
+    if total["unknown"]:
+        return EXIT_UNDECIDED
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- inspect
 def cmd_inspect(args, out: TextIO, err: TextIO) -> int:
     from .report import load, lookup
@@ -377,6 +474,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--at-max", action="store_true", help="the head and position of the layer's largest kappa")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("check", help="verify a plan: exit 0 holds, 1 violated, 2 bad input, 3 undecided, 4 internal")
+    c.add_argument("plan")
+    c.add_argument("--cert-dir", default="certs", help="where certificates of PROVED plans are written")
+    c.add_argument("--format", choices=("text", "json", "sarif", "junit"), default="text")
+    c.add_argument("--output", help="write the report here (atomically) instead of stdout")
+    c.add_argument("--solver", choices=("z3", "cvc5"), default="z3")
+    c.add_argument("--timeout-ms", type=_positive_int("--timeout-ms"), default=10000, help="per solver query")
+    c.add_argument("--wall-timeout", type=float, default=300.0, help="hard limit (s) for all solver queries")
+    c.add_argument("--smt-per-position", action="store_true", help="also one SMT query per key position (audits)")
+    c.set_defaults(func=cmd_check)
+
+    rc = sub.add_parser("recheck", help="re-decide a certificate independently (stdlib only)")
+    rc.add_argument("certificate")
+    rc.add_argument("--plan", help="the plan (default: the file the certificate names, next to it)")
+    rc.set_defaults(func=cmd_recheck)
+
+    rp = sub.add_parser("replay", help="replay the SMT-LIB2 queries of certificates with z3 or cvc5")
+    rp.add_argument("certs", help="a certificate or a directory of *.cert.json")
+    rp.add_argument("--solver", choices=("z3", "cvc5"), default="z3")
+    rp.add_argument("--timeout-ms", type=_positive_int("--timeout-ms"), default=10000)
+    rp.add_argument("--wall-timeout", type=float, default=300.0)
+    rp.add_argument("--dump", help="also write every query as a .smt2 file into this directory")
+    rp.set_defaults(func=cmd_replay)
 
     f = sub.add_parser("fetch-model", help="download and convert a named model into the cache")
     f.add_argument("model", nargs="?", default="smollm2")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal
 from fractions import Fraction
 
 from .errors import InputError
@@ -50,8 +49,16 @@ def fmt_number(x: Fraction | int) -> str:
         fives += 1
     if rest == 1:
         k = max(twos, fives)
-        num = x.numerator * (10 ** k) // d
-        return str(Decimal(num).scaleb(-k).normalize())
+        num = x.numerator * (10 ** k) // d          # exact: d divides 10^k
+        sign = "-" if num < 0 else ""
+        digits = str(abs(num)).rjust(k + 1, "0")
+        whole, frac = digits[:-k], digits[-k:].rstrip("0")
+        if whole == "0" and len(frac) - len(frac.lstrip("0")) >= 6:   # tiny: scientific notation, still exact
+            lead = len(frac) - len(frac.lstrip("0"))
+            sig = frac.lstrip("0")
+            mant = sig[0] + ("." + sig[1:] if len(sig) > 1 else "")
+            return f"{sign}{mant}E-{lead + 1}"
+        return f"{sign}{whole}.{frac}" if frac else f"{sign}{whole}"
     return f"{x.numerator}/{x.denominator}"
 
 
