@@ -34,6 +34,10 @@ demo: venv
 	$(BIN)/hnfverify plan $(OUT)/report.json --eps 500 --sink 4 --recent 64 --out $(OUT)/plan.json
 	$(BIN)/hnfverify plan $(OUT)/report.json --avg-bits 4.5 --sink 4 --recent 64 --brief --out $(OUT)/plan-4.5bits.json
 	$(BIN)/hnfverify plan $(OUT)/report.json --uniform int4_t64 --sink 4 --recent 64 --brief --out $(OUT)/plan-int4.json
+	$(BIN)/hnfverify check $(OUT)/plan.json --cert-dir $(OUT)/certs
+	$(BIN)/hnfverify recheck $(OUT)/certs/$$($(BIN)/hnfverify show $(OUT)/plan.json --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["sha256"][:16])').cert.json --plan $(OUT)/plan.json
+	$(BIN)/hnfverify replay $(OUT)/certs --solver z3
+	$(BIN)/hnfverify replay $(OUT)/certs --solver cvc5
 
 proofs: venv
 	@for p in proofs/*.py; do echo "== $$p"; $(BIN)/python $$p || exit 1; done
@@ -46,6 +50,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python benchmarks/analyzer_overhead.py
+	$(BIN)/python benchmarks/check_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

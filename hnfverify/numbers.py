@@ -23,7 +23,7 @@ def parse_number(s, where: str = "value") -> Fraction:
     """A decimal or rational string -> Fraction. Raises InputError naming ``where``."""
     if isinstance(s, bool) or not isinstance(s, str):
         raise InputError(f"{where}: expected a number written as a string (decimal or p/q), got {s!r}")
-    if len(s) > 200:
+    if len(s) > 2000:
         raise InputError(f"{where}: number string of {len(s)} characters is too long")
     if _DEC.match(s):
         m = re.search(r"[eE]([-+]?[0-9]+)$", s)
@@ -39,7 +39,14 @@ def fmt_number(x: Fraction | int) -> str:
     """Canonical string: integers plainly, finite decimals as Decimal strings, else p/q."""
     x = Fraction(x)
     if x.denominator == 1:
-        return str(x.numerator)
+        n = x.numerator
+        digits = str(abs(n))
+        zeros = len(digits) - len(digits.rstrip("0"))
+        if zeros >= 6:                              # large round integers: scientific, still exact
+            sig = digits.rstrip("0")
+            mant = sig[0] + ("." + sig[1:] if len(sig) > 1 else "")
+            return f"{'-' if n < 0 else ''}{mant}E+{len(digits) - 1}"
+        return str(n)
     d = x.denominator
     twos = (d & -d).bit_length() - 1
     rest = d >> twos
@@ -116,8 +123,10 @@ def sqrt_up(x: Fraction, bits: int = 64) -> Fraction:
     scale = 2 * bits + max(0, x.denominator.bit_length() - x.numerator.bit_length())
     n = x.numerator << (2 * scale)
     r = math.isqrt(n // x.denominator)
-    cand = Fraction(r + 1, 1 << scale)
-    return cand if cand * cand >= x else Fraction(r + 2, 1 << scale)
+    for cand in (Fraction(r, 1 << scale), Fraction(r + 1, 1 << scale)):   # exact for perfect squares
+        if cand * cand >= x:
+            return cand
+    return Fraction(r + 2, 1 << scale)
 
 
 def exp_up(x: Fraction, bits: int = 64) -> Fraction:

@@ -49,8 +49,10 @@ def sqrt_up(x, bits=64):
         return F(0)
     sc = 2 * bits + max(0, x.denominator.bit_length() - x.numerator.bit_length())
     r = math.isqrt((x.numerator << (2 * sc)) // x.denominator)
-    c = F(r + 1, 1 << sc)
-    return c if c * c >= x else F(r + 2, 1 << sc)
+    for c in (F(r, 1 << sc), F(r + 1, 1 << sc)):
+        if c * c >= x:
+            return c
+    return F(r + 2, 1 << sc)
 
 
 def exp_up(x, bits=64):
@@ -113,9 +115,10 @@ def l2_error(fi, st):
     if fi["kind"] == "float":
         return fi["u"] * norm + sd * fi["sub"]
     if fi["kind"] == "fp8":
-        scale = max(st["amax"] * (1 + F(1, 2 ** 10)) / fi["max"], F(1, 2 ** 14))
-        return fi["u"] * norm + sd * fi["sub"] * scale
-    return fi["u"] * (1 + F(1, 2 ** 10)) * diam(fi, st) + F(1, 2 ** 20) * norm + sd * F(1, 2 ** 24)
+        scale = max(st["amax"] * (1 + F(1, 2 ** 9)) / fi["max"], F(1, 2 ** 14))
+        return (fi["u"] + F(1, 2 ** 21)) * norm + sd * fi["sub"] * (1 + F(1, 2 ** 21)) * scale
+    sl = F(1, 2 ** 9)
+    return fi["u"] * (1 + sl) * diam(fi, st) + (fi["u"] * sl + F(1, 2 ** 20)) * norm + sd * F(1, 2 ** 23)
 
 
 # ---------------------------------------------------------------- SMT-LIB2 text (must match byte for byte)

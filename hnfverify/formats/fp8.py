@@ -1,9 +1,11 @@
 """FP8 (E4M3, E5M2) with one FP16 scale per token group of ``group`` elements.
 
-Quantize: s = fp16_round_up(amax_group / MAX) (at least 2^-14), q = fp8(x / s) round-to-nearest,
-dequantize q * s. Since s >= amax / MAX nothing saturates; |x - q s| <= u |x| + SUB s with
-SUB half the FP8 subnormal spacing, and s <= max(amax (1 + 2^-10) / MAX, 2^-14). So
-||dx||_2 <= u ||x||_2 + sqrt(d) SUB max(amax (1 + 2^-10) / MAX, 2^-14).
+Reference semantics: s = max(fp16_round_up(amax_group / MAX), 2^-14) (the division in float64),
+y = clamp(x / s, -MAX, MAX) in float32, q = fp8(y) round-to-nearest-even, dequantized q s in
+float32. Lemma (``proofs/format_error_models.py``, z3: the cast for every float32 input, then the
+pipeline with every float32 rounding modelled): |x - q s| <= (u + 2^-21) |x| + (1 + 2^-21) SUB s, with SUB
+half the FP8 subnormal spacing and s <= max(amax (1 + 2^-10) / MAX, 2^-14) (+ a float64 ulp). So
+||dx||_2 <= (u + 2^-21) ||x||_2 + sqrt(d) (1 + 2^-21) SUB max(amax (1 + 2^-9) / MAX, 2^-14).
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ class Fp8Format(Format):
         return Fraction(2) ** (self.min_exp - self.mantissa_bits - 1)
 
     def l2_error(self, s: SegmentStats) -> Fraction:
-        scale = max(s.amax * (1 + Fraction(1, 2 ** 10)) / self.max_finite, Fraction(1, 2 ** 14))
-        return self.u * s.norm + sqrt_up(Fraction(s.d)) * self.sub_error * scale
+        scale = max(s.amax * (1 + Fraction(1, 2 ** 9)) / self.max_finite, Fraction(1, 2 ** 14))
+        return (self.u + Fraction(1, 2 ** 21)) * s.norm + \
+            sqrt_up(Fraction(s.d)) * self.sub_error * (1 + Fraction(1, 2 ** 21)) * scale
 
     def error_model(self) -> str:
-        return (f"per-token FP16 scale s >= amax/{fmt_number(self.max_finite)} (no saturation); "
-                f"|dx| <= u|x| + {fmt_number(self.sub_error)} s")
+        return (f"per-token FP16 scale s >= amax/{fmt_number(self.max_finite)}, clamp, round-to-nearest-even; "
+                f"|dx| <= (u + 2^-21)|x| + (1 + 2^-21) {fmt_number(self.sub_error)} s")
 
 
 def e4m3(group: int) -> Fp8Format:

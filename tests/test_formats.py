@@ -1,0 +1,63 @@
+from fractions import Fraction as F
+
+import pytest
+from hypothesis import given, strategies as st
+
+from hnfverify.errors import InputError
+from hnfverify.formats import SegmentStats, by_name, format_table
+from hnfverify.numbers import dec_down, dec_up, exp_up, fmt_number, parse_number, sqrt_up
+
+
+def test_table_bits_and_unit_roundoffs():
+    t = format_table(64, 32)
+    expect = {"fp32": (32, F(1, 2**24)), "fp16": (16, F(1, 2**11)), "bf16": (16, F(1, 2**8)),
+              "fp8_e4m3_t64": (F(33, 4), F(1, 16)), "fp8_e5m2_t64": (F(33, 4), F(1, 8)),
+              "int8_t64": (F(17, 2), F(1, 510)), "int4_t64": (F(9, 2), F(1, 30)), "int2_t64": (F(5, 2), F(1, 6)),
+              "int8_c32": (9, F(1, 510)), "int4_c32": (5, F(1, 30)), "int2_c32": (3, F(1, 6))}
+    assert set(t) == set(expect)
+    for name, (bits, u) in expect.items():
+        assert t[name].bits_per_element == bits and t[name].u == u
+        assert by_name(name) == t[name]
+    with pytest.raises(InputError, match="unknown format"):
+        by_name("int5_t64")
+
+
+def test_segment_bits_count_the_fp32_residual_of_channel_groups():
+    f = by_name("int4_c32")
+    assert f.segment_bits(64, 1) == 64 * 5
+    assert f.segment_bits(70, 1) == 64 * 5 + 6 * 32
+    assert by_name("int4_t64").segment_bits(70, 64) == F(9, 2) * 70 * 64
+
+
+def test_error_models_are_the_proved_lemmas_per_element():
+    """d = 1: the l2 bound must be exactly the per-element lemma of proofs/format_error_models.py."""
+    s = SegmentStats(1, F(3), F(3), F(5))
+    for b in (2, 4, 8):
+        u = F(1, 2 * (2**b - 1))
+        lemma = u * (1 + F(1, 2**9)) * 3 + (u * F(1, 2**9) + F(1, 2**20)) * 5 + F(1, 2**23)
+        assert by_name(f"int{b}_t1").l2_error(s) == lemma
+    for name, u, sub, mx in (("fp8_e4m3_t1", F(1, 16), F(2) ** -10, 448), ("fp8_e5m2_t1", F(1, 8), F(2) ** -17, 57344)):
+        scale = max(F(5) * (1 + F(1, 2**9)) / mx, F(1, 2**14))
+        assert by_name(name).l2_error(s) == (u + F(1, 2**21)) * 5 + sub * (1 + F(1, 2**21)) * scale
+
+
+@given(st.fractions(min_value=0, max_value=10**6, max_denominator=10**9))
+def test_sqrt_and_exp_upper_bounds_are_tight(x):
+    import mpmath
+
+    mpmath.mp.dps = 60
+    r = sqrt_up(x)
+    rm = mpmath.mpf(r.numerator) / r.denominator
+    assert r * r >= x and rm - mpmath.sqrt(mpmath.mpf(x.numerator) / x.denominator) < mpmath.mpf(2) ** -50 * (1 + rm)
+    if x <= 60:
+        e = exp_up(x)
+        true = mpmath.exp(mpmath.mpf(x.numerator) / x.denominator)
+        assert mpmath.mpf(e.numerator) / e.denominator >= true
+        assert mpmath.mpf(e.numerator) / e.denominator <= true * (1 + mpmath.mpf(2) ** -50)
+
+
+@given(st.floats(min_value=-1e300, max_value=1e300, allow_nan=False))
+def test_outward_decimal_rounding_and_canonical_numbers(x):
+    assert parse_number(dec_down(x)) <= F(x) <= parse_number(dec_up(x))
+    for s in (dec_up(x), dec_down(x)):
+        assert parse_number(fmt_number(parse_number(s))) == parse_number(s)
