@@ -184,3 +184,17 @@ def test_smt_per_position_audit(tmp_path, plan_pair):
     assert code == 0, out
     cert = json.loads(next((tmp_path / "c").glob("*.cert.json")).read_text())
     assert any(o["family"] == "precision-lower-bound-position" for o in cert["obligations"])
+
+
+def test_certificate_matches_its_schema(tmp_path, plan_pair):
+    import pathlib
+
+    import jsonschema
+
+    schema = json.loads((pathlib.Path(__file__).resolve().parent.parent / "specs" / "certificate.schema.json").read_text())
+    p = _write(tmp_path, plan_pair[1])
+    assert _run(["check", str(p), "--cert-dir", str(tmp_path / "c")])[0] == 0
+    cert = json.loads(next((tmp_path / "c").glob("*.cert.json")).read_text())
+    jsonschema.Draft202012Validator(schema).validate(cert)
+    fams = {o["family"] for o in cert["obligations"]}
+    assert {"lemma", "precision-lower-bound", "attention-error-budget", "composition-law"} <= fams

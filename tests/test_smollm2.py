@@ -69,3 +69,66 @@ def test_2048_calibration_tokens_fit_in_4_gib(tmp_path):
 
     s = json.loads((tmp_path / "r.json").read_text())
     assert s["calibration"]["n_tokens"] == 2048 and s["calibration"]["n_windows"] == 4
+
+
+def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smollm2, tmp_path):
+    """SmolLM2 end to end on the trusted side: analyze -> plan -> check PROVED -> recheck -> replay;
+    then one key segment one format step cheaper than Theorem 5.7 allows -> REFUTED, positions named."""
+    import copy
+    import io
+    import json
+    from fractions import Fraction
+
+    from hnfverify.cli import run
+    from hnfverify.formats import by_name, format_table
+    from hnfverify.plan import dumps
+    from hnfverify.planner import PlanRequest, plan_from_report
+    from hnfverify.report import load, save
+
+    win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=16))
+    save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
+    summary, arrays = load(tmp_path / "r.json")
+    plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(500), sink=4, recent=64), "r.json")
+    p = tmp_path / "plan.json"
+    p.write_bytes(dumps(plan))
+
+    def cli(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        return run(list(argv), out, err), out.getvalue() + err.getvalue()
+
+    code, out = cli("check", str(p), "--cert-dir", str(tmp_path / "certs"))
+    assert code == 0, out
+    cert = next((tmp_path / "certs").glob("*.cert.json"))
+    assert cli("recheck", str(cert), "--plan", str(p))[0] == 0
+    for solver in ("z3", "cvc5"):
+        code, out = cli("replay", str(tmp_path / "certs"), "--solver", solver)
+        assert code == 0 and "0 sat, 0 unknown" in out, out
+
+    # find a key segment whose next cheaper format (same granularity) violates Theorem 5.7
+    table = format_table(64, 32)
+    eps, c = Fraction(plan["eps"]), Fraction(plan["c"])
+    for layer in plan["layers"]:
+        for head in layer["heads"]:
+            for seg in ("recent", "rest"):
+                item = head["K"][seg]
+                f = by_name(item["format"])
+                cheaper = sorted((g for g in table.values() if g.granularity == f.granularity and
+                                  g.bits_per_element < f.bits_per_element), key=lambda g: -g.bits_per_element)
+                if not cheaper:
+                    continue
+                g = cheaper[0]
+                inp = item["inputs"]
+                dd = Fraction(inp["d_channel" if g.granularity == "channel" else "d_token"][1])
+                if eps < c * Fraction(inp["kappa"][1]) * dd * dd * g.u:
+                    bad = copy.deepcopy(plan)
+                    bad["layers"][layer["layer"]]["heads"][head["kv_head"]]["K"][seg]["format"] = g.name
+                    bad["formats"][g.name] = g.to_json()
+                    q = tmp_path / "bad.json"
+                    q.write_bytes(dumps(bad))
+                    code, out = cli("check", str(q), "--cert-dir", str(tmp_path / "c2"))
+                    assert code == 1, out
+                    assert f"layer {layer['layer']} head {head['kv_head']} K {seg} positions 4-255" in out, out
+                    assert "first violation at position 4" in out
+                    return
+    raise AssertionError("no key segment sits one format step above the theorem's limit")
