@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="plan.json")
     pl.add_argument("--json", action="store_true", help="print the plan's sha256 and claims as JSON")
     pl.add_argument("--brief", action="store_true", help="no per-layer table")
+    pl.add_argument("--curvature", dest="plan_curvature", choices=("exact", "seed"),
+                    help="same as --plan-curvature: which curvature the planner uses (ablation)")
     _plan_options(pl)
     pl.set_defaults(func=cmd_plan)
 

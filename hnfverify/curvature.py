@@ -194,18 +194,19 @@ def position_stats(
         c_kappa[:, sl] = torch.maximum(c_kappa[:, sl], kap.amax(dim=(1, 2)))
         # kappa split by query distance i - t: far (>= R) and near (< R) queries, via running maxima
         # over query rows: SM[r, t] = max_{r' >= r} kg[r', t] and PM[r, t] = max_{r' <= r} kg[r', t]
-        kg = kap.amax(dim=1)                                                 # (Hkv, c, Tkc) over the group
-        n_rows = kg.shape[1]
-        sm = kg.flip(1).cummax(dim=1).values.flip(1)
-        pm = kg.cummax(dim=1).values
-        tt = torch.arange(k0, k1)[None, :]                                   # (1, Tkc)
-        rr = torch.tensor(windows, dtype=torch.int64)[:, None]               # (nR, 1)
-        r0 = tt + rr - i_abs[0]                                              # first far row
-        far_v = torch.gather(sm, 1, r0.clamp(0, n_rows - 1).expand(hkv, *r0.shape))
+        kg = kap.amax(dim=1).transpose(1, 2).contiguous()                    # (Hkv, Tkc, c): rows last
+        n_rows = kg.shape[2]
+        sm = kg.flip(2).cummax(dim=2).values.flip(2)
+        pm = kg.cummax(dim=2).values
+        tt = torch.arange(k0, k1)[:, None]                                   # (Tkc, 1)
+        rr = torch.tensor(windows, dtype=torch.int64)[None, :]               # (1, nR)
+        r0 = tt + rr - i_abs[0]                                              # first far row, (Tkc, nR)
+        far_v = torch.gather(sm, 2, r0.clamp(0, n_rows - 1).expand(hkv, *r0.shape))
         far_v = torch.where((r0 < n_rows)[None], far_v, torch.zeros((), dtype=far_v.dtype))
         r1 = tt + rr - 1 - i_abs[0]                                          # last near row
-        near_v = torch.gather(pm, 1, r1.clamp(0, n_rows - 1).expand(hkv, *r1.shape))
+        near_v = torch.gather(pm, 2, r1.clamp(0, n_rows - 1).expand(hkv, *r1.shape))
         near_v = torch.where((r1 >= 0)[None], near_v, torch.zeros((), dtype=near_v.dtype))
+        far_v, near_v = far_v.transpose(1, 2), near_v.transpose(1, 2)       # (Hkv, nR, Tkc)
         c_kfar[:, :, sl] = torch.maximum(c_kfar[:, :, sl], far_v.permute(1, 0, 2))
         c_knear[:, :, sl] = torch.maximum(c_knear[:, :, sl], near_v.permute(1, 0, 2))
         del alpha, vo, avo, kap, kg, sm, pm

@@ -532,7 +532,8 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, ono
          "(the sup over calibration queries, split by query distance for recent/rest)",
          "value": max((u.inputs["kappa"][1] for u in units), key=parse_number), "margin": "1",
          "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"],
-                        "tokens": calib["n_tokens"], "curvature": meta["curvature"]}},
+                        "tokens": calib["n_tokens"], "curvature": meta["curvature"],
+                        "queries": int(calib["n_tokens"]) * int(summary["shape"]["query_heads"])}},
         {"name": "ranges", "statement": "every cached key/value lies within the plan's amax, d_token and d_channel "
          "upper ends", "margin": "1", "value": max((u.inputs["amax"][1] for u in units), key=parse_number),
          "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"]}},

@@ -14,24 +14,18 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from ..numbers import fmt_number, sqrt_up
-from .base import Format, SegmentStats
+from .base import SegmentStats
+from .floating import FloatFormat
 
 SCALE_BITS = 16
 
 
 @dataclass(frozen=True)
-class Fp8Format(Format):
-    mantissa_bits: int = 0
-    min_exp: int = 0
-    max_finite: Fraction = Fraction(0)
+class Fp8Format(FloatFormat):
+    """The FP8 grid (``mantissa_bits``, ``min_exp``, ``max_finite`` as for FloatFormat) behind a scale."""
 
-    @property
-    def u(self) -> Fraction:
-        return Fraction(1, 2 ** (self.mantissa_bits + 1))
-
-    @property
-    def sub_error(self) -> Fraction:
-        return Fraction(2) ** (self.min_exp - self.mantissa_bits - 1)
+    def representable(self, s: SegmentStats) -> bool:
+        return True                 # the per-token scale maps every group into range
 
     def l2_error(self, s: SegmentStats) -> Fraction:
         scale = max(s.amax * (1 + Fraction(1, 2 ** 9)) / self.max_finite, Fraction(1, 2 ** 14))
