@@ -72,7 +72,8 @@ def int_pipeline(b):
     base = (hi - z) / n
     sv.add(s >= base * R(1 - F(1, 2 ** 52)), s >= R(F(1, 2 ** 24)))                       # s = RU_fp16(...)
     sv.add(s <= base * R(1 + F(1, 2 ** 52)) * R(1 + F(1, 2 ** 10)) + R(F(1, 2 ** 24)))
-    sv.add(d1 <= e32, -d1 <= e32, d2 <= e32, -d2 <= e32)
+    two = R(F(1, 2 ** 23) + F(1, 2 ** 48))                  # (1 + 2^-24)^2 - 1: a subtraction, then a division
+    sv.add(d1 <= two, -d1 <= two, d2 <= e32, -d2 <= e32)
     sv.add(tt * s == (x - z) * (1 + d1))                                                  # (x - z) / s in float32
     sv.add(q >= 0, q <= n, z3.Or(z3.And(q - tt <= R(F(1, 2)), tt - q <= R(F(1, 2))),   # round, clamp
                                  z3.And(q == n, tt > n)))
