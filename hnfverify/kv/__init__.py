@@ -1,0 +1,1 @@
+"""The runtime side (torch): quantizers that store exactly what a plan says, in packed bytes."""

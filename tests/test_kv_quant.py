@@ -1,0 +1,80 @@
+"""The runtime quantizers against the proved error models, and their real bytes against the plan's accounting."""
+
+from fractions import Fraction as F
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from hnfverify.formats import SegmentStats, by_name
+from hnfverify.kv.quant import dequantize, quantize
+
+NAMES_T = ["fp32", "fp16", "bf16", "fp8_e4m3_t{d}", "fp8_e5m2_t{d}", "int8_t{d}", "int4_t{d}", "int2_t{d}"]
+NAMES_C = ["int8_c{g}", "int4_c{g}", "int2_c{g}"]
+
+
+def _per_element_bound(fmt, x_group_lo, x_group_hi, amax_group, absx):
+    """The lemma of proofs/format_error_models.py for each element (float64 tensors)."""
+    name = fmt.name
+    if name in ("fp32", "fp16", "bf16"):
+        return float(fmt.u) * absx + float(fmt.sub_error)
+    if name.startswith("fp8"):
+        scale = torch.clamp(amax_group * (1 + 2.0 ** -9) / float(fmt.max_finite), min=2.0 ** -14)
+        return (float(fmt.u) + 2.0 ** -21) * absx + float(fmt.sub_error) * (1 + 2.0 ** -21) * scale
+    u = float(fmt.u)
+    return u * (1 + 2.0 ** -9) * (x_group_hi - x_group_lo) + (u * 2.0 ** -9 + 2.0 ** -20) * amax_group + 2.0 ** -23
+
+
+tensors = st.tuples(st.integers(1, 2), st.sampled_from([1, 2]), st.sampled_from([32, 64]), st.sampled_from([8, 16, 64]),
+                    st.sampled_from([1e-6, 1e-3, 1.0, 30.0, 3000.0]), st.floats(-5, 5), st.integers(0, 2**31 - 1))
+
+
+@given(spec=tensors, name=st.sampled_from(NAMES_T + NAMES_C), group=st.sampled_from([8, 16, 32]))
+def test_roundtrip_error_within_the_proved_model(spec, name, group):
+    b, h, n, d, scale, shift, seed = spec
+    fmt = by_name(name.format(d=d, g=group))
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, h, n, d, generator=gen) * scale + shift * scale).to(torch.float32)
+    if fmt.name == "fp16" and x.abs().max() > 65504 or n % max(group, 1) and fmt.granularity == "channel":
+        return
+    p = quantize(x, fmt)
+    y = dequantize(p)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    err = (y.double() - x.double()).abs()
+    xd = x.double()
+    if fmt.granularity == "channel":
+        g = xd.reshape(b, h, n // group, group, d)
+        lo, hi = g.amin(3, keepdim=True).expand_as(g).reshape_as(xd), g.amax(3, keepdim=True).expand_as(g).reshape_as(xd)
+        am = g.abs().amax(3, keepdim=True).expand_as(g).reshape_as(xd)
+    else:
+        lo, hi = xd.amin(-1, keepdim=True).expand_as(xd), xd.amax(-1, keepdim=True).expand_as(xd)
+        am = xd.abs().amax(-1, keepdim=True).expand_as(xd)
+    bound = _per_element_bound(fmt, lo, hi, am, xd.abs())
+    assert torch.all(err <= bound), float((err - bound).max())
+    # the vector bound the verifier uses, from the tensor's own ranges
+    d_tok = float(((xd.amax(-1) - xd.amin(-1)) * d ** 0.5).max()) * (1 + 1e-12)
+    if fmt.granularity == "channel":
+        gg = xd.reshape(b, h, n // group, group, d)
+        d_ch = float((gg.amax(3) - gg.amin(3)).norm(dim=-1).max()) * (1 + 1e-12)
+    else:
+        d_ch = d_tok
+    st_ = SegmentStats(d, F(d_tok), F(d_ch), F(float(xd.abs().max())))
+    assert float(err.norm(dim=-1).max()) <= float(fmt.l2_error(st_))
+
+
+@pytest.mark.parametrize("name, n", [("int4_t64", 96), ("int2_t64", 96), ("int8_t64", 96), ("fp8_e4m3_t64", 96),
+                                     ("fp16", 96), ("bf16", 96), ("fp32", 96), ("int4_c32", 96), ("int2_c32", 64)])
+def test_real_bytes_equal_the_plan_accounting(name, n):
+    fmt = by_name(name)
+    x = torch.randn(1, 3, n, 64)
+    p = quantize(x, fmt)
+    accounted = float(fmt.segment_bits(n, 64)) / 8 * 3
+    assert abs(p.nbytes - accounted) <= 0.01 * accounted, (p.nbytes, accounted)
+
+
+def test_packing_is_lossless_for_codes():
+    from hnfverify.kv.quant import _pack, _unpack
+
+    for bits in (2, 4, 8):
+        q = torch.randint(0, 2**bits, (3, 64), dtype=torch.uint8)
+        assert torch.equal(_unpack(_pack(q, bits), bits, 64), q)
