@@ -311,6 +311,9 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
     table = format_table(d, summary["analysis"]["channel_group"])
     if req.uniform is not None:
         uf = by_name(req.uniform)
+        if uf.granularity == "channel":
+            raise InvalidArgument(f"--uniform {uf.name}: channel-grouped formats cannot hold the sink or the recent "
+                                  "window (tokens arrive one at a time); use a per-token or float format")
         if uf.name not in table:
             raise InvalidArgument(f"--uniform {req.uniform!r} is not in this model's format table: {sorted(table)}")
     units, meta = _units_from_report(summary, arrays, req, table)

@@ -1,0 +1,102 @@
+"""MixedPrecisionCache with model.generate, and the evaluation's teacher-forced pass against real decoding."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from hnfverify.analyzer import AnalysisOptions, analyze
+from hnfverify.evaluate import WindowStats, head_bounds, plan_attention
+from hnfverify.kv.cache import MixedPrecisionCache
+from hnfverify.models import tiny_model
+from hnfverify.planner import PlanRequest, plan_from_report
+from hnfverify.texts import TokenWindows
+
+T = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    lm = tiny_model("tiny-llama")
+    g = torch.Generator().manual_seed(5)
+    wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    from hnfverify.report import ARRAY_FIELDS  # noqa: F401  (report layout)
+
+    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"],
+               "analysis": {**res.meta["options"]}, "calibration": wins.identity(), "model": lm.identity(),
+               "arrays": {"sha256": "0" * 64}}
+    summary["model"] = {k: str(v) for k, v in summary["model"].items()}
+    return lm, summary, res.arrays
+
+
+def _plan(tiny, **kw):
+    lm, summary, arrays = tiny
+    kw.setdefault("sink", 4)
+    kw.setdefault("recent", 16)
+    return plan_from_report(summary, arrays, PlanRequest(**kw))
+
+
+def test_all_fp32_plan_reproduces_dynamic_cache_exactly(tiny):
+    lm = tiny[0]
+    plan = _plan(tiny, uniform="fp32")
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=0)
+    ref = lm.model.generate(ids, **kw)
+    got = lm.model.generate(ids, cache=MixedPrecisionCache.from_plan(plan, lm.model.config), **kw)
+    assert torch.equal(ref.sequences, got.sequences)
+    for a, b in zip(ref.logits, got.logits):
+        assert torch.equal(a, b)
+
+
+def test_teacher_forced_evaluation_equals_token_by_token_decoding(tiny):
+    lm = tiny[0]
+    plan = _plan(tiny, avg_bits=Fraction(6))
+    fmts = {plan["layers"][0]["heads"][0][kv][s]["format"] for kv in "KV" for s in ("sink", "recent", "rest")}
+    assert len(fmts) > 1 or "fp32" not in fmts
+    prefix = 24
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(2))
+    bounds, _, _ = head_bounds(plan)
+    with torch.no_grad():
+        st = WindowStats()
+        with plan_attention(lm.model, plan, prefix, bounds, st):
+            tf = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
+        cache = MixedPrecisionCache.from_plan(plan, lm.model.config)
+        out = lm.model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
+        dec = [out.logits[0, -1]]
+        for i in range(prefix, T - 1):
+            out = lm.model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+            dec.append(out.logits[0, -1])
+        lm.model(input_ids=ids[:, T - 1:T], cache=cache, use_cache=True)       # the cache now holds T positions
+    dec = torch.stack(dec)
+    assert torch.allclose(tf, dec, atol=2e-5, rtol=1e-4), float((tf - dec).abs().max())
+    assert st.violations == 0 and st.checked > 0
+    # the cache holds exactly the bytes the plan accounts for at max_seq_len (T)
+    accounted = int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])) / 8
+    assert abs(cache.nbytes() - accounted) <= 0.01 * accounted, (cache.nbytes(), accounted)
+
+
+def test_generate_sampling_batch_and_beams(tiny):
+    lm = tiny[0]
+    plan = _plan(tiny, avg_bits=Fraction(6))
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                     # left padding in the second row
+    for kw in (dict(do_sample=True, top_k=20), dict(do_sample=False, num_beams=3), dict(do_sample=False)):
+        torch.manual_seed(0)
+        cache = MixedPrecisionCache.from_plan(plan, lm.model.config)
+        out = lm.model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=24, pad_token_id=0, **kw)
+        assert out.shape[0] == 2 and out.shape[1] == 12 + 24
+        assert cache.nbytes() > 0
+
+
+def test_plan_and_model_shapes_must_match(tiny):
+    from transformers import LlamaConfig
+
+    from hnfverify.errors import InvalidArgument
+
+    plan = _plan(tiny, uniform="fp16")
+    with pytest.raises(InvalidArgument, match="KV heads"):
+        MixedPrecisionCache.from_plan(plan, LlamaConfig(num_hidden_layers=4, num_attention_heads=4,
+                                                        num_key_value_heads=4))
