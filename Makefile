@@ -29,7 +29,7 @@ OUT ?= out
 demo: venv
 	$(BIN)/hnfverify fetch-model smollm2
 	$(BIN)/hnfverify splits
-	$(BIN)/hnfverify analyze --model smollm2 --calib prose --max-tokens 1024 --window 512 --quiet --out $(OUT)/report.json
+	$(BIN)/hnfverify analyze --model smollm2 --calib prose --max-tokens 2048 --window 1024 --quiet --out $(OUT)/report.json
 	$(BIN)/hnfverify inspect $(OUT)/report.json --layer 29 --at-max
 	$(BIN)/hnfverify plan $(OUT)/report.json --eps 500 --sink 4 --recent 64 --out $(OUT)/plan.json
 	$(BIN)/hnfverify plan $(OUT)/report.json --avg-bits 4.5 --sink 4 --recent 64 --brief --out $(OUT)/plan-4.5bits.json
@@ -39,6 +39,9 @@ demo: venv
 	$(BIN)/hnfverify recheck $(OUT)/certs/$$($(BIN)/hnfverify show $(OUT)/plan.json --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["sha256"][:16])').cert.json --plan $(OUT)/plan.json
 	$(BIN)/hnfverify replay $(OUT)/certs --solver z3
 	$(BIN)/hnfverify replay $(OUT)/certs --solver cvc5
+	$(BIN)/hnfverify generate $(OUT)/plan-4.5bits.json --prompt "Explain what a Python dictionary is, with a short example." --max-new-tokens 80
+	$(BIN)/hnfverify eval $(OUT)/plan-4.5bits.json --text prose --text code --windows 8 --prefix 512 --scored 512 --quiet
+	$(BIN)/hnfverify eval $(OUT)/plan.json --text prose --text code --windows 8 --prefix 512 --scored 512 --quiet
 
 proofs: venv
 	@for p in proofs/*.py; do echo "== $$p"; $(BIN)/python $$p || exit 1; done
@@ -52,6 +55,7 @@ test-fast: venv
 bench: venv
 	$(BIN)/python benchmarks/analyzer_overhead.py
 	$(BIN)/python benchmarks/check_scaling.py
+	$(BIN)/python benchmarks/cache_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from fractions import Fraction
 from typing import TextIO
 
 from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, HnfError, InvalidArgument
@@ -360,6 +361,101 @@ def cmd_replay(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- eval, generate
+def cmd_eval(args, out: TextIO, err: TextIO) -> int:
+    from .errors import EXIT_VIOLATED
+    from .plan import load_plan
+
+    if args.windows <= 0 or args.prefix <= 0 or args.scored <= 0:
+        raise InvalidArgument("--windows, --prefix and --scored must be positive")
+    texts = args.text or ["prose", "code"]
+    for t in texts:
+        if t not in ("prose", "code"):
+            raise InvalidArgument(f"--text must be prose or code (the evaluation splits), got {t!r}")
+    plan = load_plan(args.plan)
+    _set_threads(args.threads)
+    _quiet_transformers()
+    from .evaluate import evaluate
+    from .models import load_model
+
+    lm = load_model(args.model, verbose=not args.quiet)
+    rows = [evaluate(lm, plan, t, windows=args.windows, prefix=args.prefix, scored=args.scored,
+                     progress=not args.quiet and err.isatty()) for t in texts]
+    if args.format == "json":
+        for r in rows:
+            out.write(json.dumps(r, sort_keys=True) + "\n")
+    else:
+        print_eval(rows, plan, out)
+    bad = sum(r["bound_violations"] + r["end_to_end_violations"] for r in rows)
+    if bad:
+        print(f"hnfverify eval: {bad} CERTIFIED BOUND(S) EXCEEDED - the plan's claim does not stand", file=err)
+        return EXIT_VIOLATED
+    return EXIT_OK
+
+
+def print_eval(rows: list, plan: dict, out: TextIO) -> None:
+    print(f"evaluation of {plan['model']['name']} with plan mode {plan['mode']['kind']} {plan['mode']['value']} "
+          f"(eval split; reference = the same model's full-precision cache)", file=out)
+    print(f"{'text':6} {'windows':>7} {'scored':>6} {'PPL ref':>8} {'PPL plan':>8} {'dPPL %':>7} {'KLD':>8} "
+          f"{'top-1':>6} {'bits/el':>7} {'vs FP16':>7} {'cache KiB':>9} {'s/token':>7} {'viol.':>5} "
+          f"{'bound/actual med':>16} {'min':>7}", file=out)
+    for r in rows:
+        d = 100 * (r["ppl"] / r["ppl_ref"] - 1)
+        med = r["bound_over_actual_median"]
+        mn = r["bound_over_actual_min"]
+        print(f"{r['corpus']:6} {r['windows']:>7} {r['tokens_scored']:>6} {r['ppl_ref']:>8.3f} {r['ppl']:>8.3f} "
+              f"{d:>+7.2f} {r['kld']:>8.5f} {r['top1']:>6.3f} {r['bits_per_element']:>7.3f} {r['compression']:>6.2f}x "
+              f"{r['cache_bytes'] / 1024:>9.1f} {r['seconds_per_scored_token']:>7.4f} "
+              f"{r['bound_violations'] + r['end_to_end_violations']:>5} "
+              f"{(f'{med:.3g}' if med else '-'):>16} {(f'{mn:.3g}' if mn else '-'):>7}", file=out)
+    for r in rows:
+        print(f"soundness    {r['corpus']}: {r['attention_outputs_checked']} attention outputs checked against the "
+              f"certified per-head bound, {r['bound_violations']} exceeded it; log10(bound/actual) histogram "
+              f"{r['bound_over_actual_log10_histogram']}; end-to-end bound {r['end_to_end_bound']:.3g} vs actual: "
+              f"median ratio {r['end_to_end_bound_over_actual_median']:.3g}, {r['end_to_end_violations']} exceeded",
+              file=out)
+
+
+def cmd_generate(args, out: TextIO, err: TextIO) -> int:
+    from .plan import load_plan
+
+    plan = load_plan(args.plan)
+    if args.max_new_tokens <= 0:
+        raise InvalidArgument(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    _set_threads(args.threads)
+    _quiet_transformers()
+    import torch
+
+    from .kv.cache import MixedPrecisionCache
+    from .models import config_hash, load_model
+
+    lm = load_model(args.model, verbose=False)
+    if plan["model"].get("config_sha256") != config_hash(lm.model.config):
+        raise InvalidArgument("the plan was made for a different model configuration")
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None) and not args.raw:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = args.prompt
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    cache = MixedPrecisionCache.from_plan(plan, lm.model.config)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seq = lm.model.generate(**enc, cache=cache, max_new_tokens=args.max_new_tokens,
+                                do_sample=args.sample, pad_token_id=tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = seq[0, enc["input_ids"].shape[1]:]
+    out.write(tok.decode(new, skip_special_tokens=True).strip() + "\n")
+    n_pos = cache.get_seq_length()
+    print(f"[{len(new)} tokens in {dt:.1f} s; cache {cache.nbytes() / 1024:.1f} KiB for {n_pos} positions = "
+          f"{cache.nbytes() * 8 / max(1, 2 * plan['shape']['layers'] * plan['shape']['kv_heads'] * n_pos * plan['shape']['head_dim']):.2f} "
+          f"bits per element; plan avg {float(Fraction(plan['claims']['avg_bits'])):.2f} at {plan['max_seq_len']}]",
+          file=err)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- inspect
 def cmd_inspect(args, out: TextIO, err: TextIO) -> int:
     from .report import load, lookup
@@ -500,6 +596,29 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--wall-timeout", type=float, default=300.0)
     rp.add_argument("--dump", help="also write every query as a .smt2 file into this directory")
     rp.set_defaults(func=cmd_replay)
+
+    ev = sub.add_parser("eval", help="quality and soundness of a plan vs the full-precision cache on held-out text")
+    ev.add_argument("plan")
+    ev.add_argument("--model", default="smollm2")
+    ev.add_argument("--text", action="append", help="prose and/or code (repeatable; default both)")
+    ev.add_argument("--windows", type=_positive_int("--windows"), default=8)
+    ev.add_argument("--prefix", type=_positive_int("--prefix"), default=512)
+    ev.add_argument("--scored", type=_positive_int("--scored"), default=512)
+    ev.add_argument("--format", choices=("text", "json"), default="text")
+    ev.add_argument("--threads", type=_positive_int("--threads"), default=None)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text with the plan's mixed-precision cache")
+    gen.add_argument("plan")
+    gen.add_argument("--model", default="smollm2")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=120)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--seed", type=_positive_int("--seed"), default=0)
+    gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    gen.add_argument("--threads", type=_positive_int("--threads"), default=None)
+    gen.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("fetch-model", help="download and convert a named model into the cache")
     f.add_argument("model", nargs="?", default="smollm2")

@@ -30,7 +30,8 @@ def _cat_packed(parts: list) -> Packed | None:
     f = parts[0].fmt
     shape = list(parts[0].shape)
     shape[-2] = sum(p.shape[-2] for p in parts)
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=-2)  # noqa: E731
+    dim = -3 if f.granularity == "channel" else -2      # channel data: (..., groups, d, packed group)
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=dim)  # noqa: E731
     return Packed(f, tuple(shape), cat([p.data for p in parts]), cat([p.scale for p in parts]),
                   cat([p.zero for p in parts]))
 
@@ -92,14 +93,20 @@ class _Stream:
         self.recent_start += n_out
         f = self.fmts["rest"]
         if f.granularity != "channel":
-            self.rest.append(quantize(leaving, f))
+            self._add_rest(quantize(leaving, f))
             return
         self.pending = leaving if self.pending is None else torch.cat([self.pending, leaving], dim=-2)
         g = f.group
         full = self.pending.shape[-2] // g * g
         if full:
-            self.rest.append(quantize(self.pending[:, :full], f))
+            self._add_rest(quantize(self.pending[:, :full], f))
             self.pending = self.pending[:, full:]
+
+    def _add_rest(self, p: Packed) -> None:
+        """Append to rest, merging chunks so that dequantization stays a handful of tensor ops."""
+        self.rest.append(p)
+        if len(self.rest) >= 8:
+            self.rest = [_cat_packed(self.rest)]
 
     def materialize(self) -> torch.Tensor:
         """(B, length, d) float32 in position order: sink, rest, pending, recent."""
