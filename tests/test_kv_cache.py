@@ -100,3 +100,38 @@ def test_plan_and_model_shapes_must_match(tiny):
     with pytest.raises(InvalidArgument, match="KV heads"):
         MixedPrecisionCache.from_plan(plan, LlamaConfig(num_hidden_layers=4, num_attention_heads=4,
                                                         num_key_value_heads=4))
+
+
+def test_eval_and_generate_commands(tiny, tmp_path):
+    import io
+    import json
+
+    from hnfverify.cli import run
+    from hnfverify.plan import dumps
+
+    lm = tiny[0]
+    plan = _plan(tiny, avg_bits=Fraction(6))
+    p = tmp_path / "plan.json"
+    p.write_bytes(dumps(plan))
+
+    def cli(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        return run(list(argv), out, err), out.getvalue(), err.getvalue()
+
+    code, out, err = cli("generate", str(p), "--model", "tiny-llama", "--prompt", "hello", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert "bits per element" in err
+    # the tiny model's byte tokenizer: windows of prefix + scored = T positions, as the plan covers
+    code, out, err = cli("eval", str(p), "--model", "tiny-llama", "--text", "prose", "--windows", "2",
+                         "--prefix", "32", "--scored", "32", "--format", "json", "--quiet")
+    assert code == 0, err
+    row = json.loads(out.splitlines()[0])
+    for k in ("ppl_ref", "ppl", "kld", "top1", "bits_per_element", "compression", "cache_bytes", "bound_violations",
+              "bound_over_actual_median", "windows", "tokens_scored"):
+        assert k in row
+    assert row["windows"] == 2 and row["tokens_scored"] == 64 and row["bound_violations"] == 0
+    assert abs(row["bits_per_element"] - float(Fraction(plan["claims"]["avg_bits"]))) < 0.01 * row["bits_per_element"]
+    code, _, err = cli("eval", str(p), "--model", "tiny-llama", "--prefix", "64", "--scored", "64", "--quiet")
+    assert code == 2 and "covers 64 positions" in err
+    code, _, err = cli("eval", str(p), "--model", "tiny-qwen2", "--prefix", "32", "--scored", "32", "--quiet")
+    assert code == 2 and "model config" in err
