@@ -331,6 +331,7 @@ def evaluate(lm, plan: dict, corpus: str, windows: int = 8, prefix: int = 512, s
         "bound_violations": int(viol), "attention_outputs_checked": int(checked),
         "bound_over_actual_median": float(10 ** np.median(rat)) if rat.size else None,
         "bound_over_actual_min": float(10 ** rat.min()) if rat.size else None,
+        "bound_over_actual_max": float(10 ** min(rat.max(), 300.0)) if rat.size else None,
         "bound_over_actual_log10_histogram": hist,
         "end_to_end_violations": e2e_viol, "end_to_end_bound": e_l,
         "end_to_end_bound_over_actual_median": float(np.median(e2e_ratio)) if e2e_ratio else None,

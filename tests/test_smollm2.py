@@ -132,3 +132,24 @@ def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smoll
                     assert "first violation at position 4" in out
                     return
     raise AssertionError("no key segment sits one format step above the theorem's limit")
+
+
+def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
+    from fractions import Fraction  # noqa: F401
+
+    from hnfverify.kv.cache import MixedPrecisionCache
+    from hnfverify.planner import PlanRequest, plan_from_report
+    from hnfverify.report import load, save
+
+    win = token_windows(smollm2.tokenizer, "prose", max_tokens=128, window=128)
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8))
+    save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
+    summary, arrays = load(tmp_path / "r.json")
+    plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16))
+    enc = smollm2.tokenizer("The capital of France is", return_tensors="pt")
+    kw = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=smollm2.tokenizer.eos_token_id)
+    ref = smollm2.model.generate(**enc, **kw)
+    got = smollm2.model.generate(**enc, cache=MixedPrecisionCache.from_plan(plan, smollm2.model.config), **kw)
+    assert torch.equal(ref.sequences, got.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ref.logits, got.logits))
