@@ -235,7 +235,9 @@ def head_error(head, tau, d, t):
 
     def errs(kv):
         r = head[kv]
-        names = {s: [r[s]["format"]] + [b["format"] for b in r["blocks"]] for s in segs}
+        sl = r["sink"]["length"]
+        names = {s: [r[s]["format"]] + [b["format"] for b in r["blocks"] if (b["start"] < sl if s == "sink"
+                                                                            else b["end"] > sl)] for s in segs}
         st = {s: stats(r[s]["inputs"], d) for s in segs}
         out = {s: max(l2_error(fmt_info(n), st[s]) for n in names[s]) for s in segs if s != "rest"}
         if "rest" in segs:

@@ -292,13 +292,18 @@ class _WorstOf:
         return max(f.l2_error(s) for f in self.fmts)
 
 
-def _with_blocks(head, fk, fv, fmts, hi):
+def _with_blocks(head, fk, fv, fmts, hi, t: int = None):
     """Blocks override formats on some positions; for the first-order bound a segment's error is
-    the worst over its own format and every block format overlapping it (sound, conservative)."""
+    the worst over its own format and every block format overlapping its positions (the sink holds
+    [0, S), the recent window and the rest hold [S, T)) — sound and conservative."""
     for kv, fd in (("K", fk), ("V", fv)):
         blocks = head[kv]["blocks"]
         if not blocks:
             continue
+        s_len = head[kv]["sink"]["length"]
         for seg in list(fd):
-            fd[seg] = _WorstOf([fd[seg]] + [fmts[b["format"]] for b in blocks])
+            over = [fmts[b["format"]] for b in blocks
+                    if (b["start"] < s_len if seg == "sink" else b["end"] > s_len)]
+            if over:
+                fd[seg] = _WorstOf([fd[seg]] + over)
     return fk, fv
