@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench proofs clean model
+.PHONY: venv demo test test-fast bench proofs clean model fuzz fuzz-ci
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ test: venv proofs
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# 100k fuzz cases of check's loader and decisions and of recheck (about 20 minutes on 2 cores)
+fuzz: venv
+	$(BIN)/python tests/fuzz_gate.py --cases 100000
+
+# the slice CI runs: two minutes of the same fuzzer
+fuzz-ci: venv
+	$(BIN)/python tests/fuzz_gate.py --seconds 120 --cli-every 200
 
 bench: venv
 	$(BIN)/python benchmarks/analyzer_overhead.py

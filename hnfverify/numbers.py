@@ -17,6 +17,8 @@ _DEC = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 _RAT = re.compile(r"^-?(0|[1-9][0-9]*)/[1-9][0-9]*$")
 NUMBER_PATTERN = r"^-?(0|[1-9][0-9]*)((\.[0-9]+)?([eE][-+]?[0-9]+)?|/[1-9][0-9]*)$"
 MAX_EXPONENT = 400          # |exponent| beyond this is refused (keeps exact arithmetic bounded)
+_HUGE = Fraction(10) ** 300     # magnitudes a plan may hold: every value then has a finite float image
+_TINY = Fraction(1, 10 ** 300)
 
 
 def parse_number(s, where: str = "value") -> Fraction:
@@ -29,10 +31,14 @@ def parse_number(s, where: str = "value") -> Fraction:
         m = re.search(r"[eE]([-+]?[0-9]+)$", s)
         if m and abs(int(m.group(1))) > MAX_EXPONENT:
             raise InputError(f"{where}: exponent {m.group(1)} is out of range (|e| <= {MAX_EXPONENT})")
-        return Fraction(s)
-    if _RAT.match(s):
-        return Fraction(s)
-    raise InputError(f"{where}: {s!r} is not a finite decimal or rational number")
+        x = Fraction(s)
+    elif _RAT.match(s):
+        x = Fraction(s)
+    else:
+        raise InputError(f"{where}: {s!r} is not a finite decimal or rational number")
+    if x != 0 and not (_TINY <= abs(x) <= _HUGE):
+        raise InputError(f"{where}: {s[:40]!r} is out of range (|x| must lie in [1e-300, 1e300] or be 0)")
+    return x
 
 
 def fmt_number(x: Fraction | int) -> str:
@@ -70,12 +76,17 @@ def fmt_number(x: Fraction | int) -> str:
 
 
 def dec_up(x: float, sig: int = 9) -> str:
-    """The smallest decimal with ``sig`` significant digits that is >= x (x finite)."""
+    """A decimal >= x with ``sig`` significant digits (the smallest such, except that magnitudes
+    below 1e-290 round outward to 1E-290 or 0, so that every plan number stays in range)."""
+    if 0 < abs(x) < 1e-290:
+        return "1E-290" if x > 0 else "0"
     return _dec_round(x, sig, up=True)
 
 
 def dec_down(x: float, sig: int = 9) -> str:
-    """The largest decimal with ``sig`` significant digits that is <= x."""
+    """A decimal <= x with ``sig`` significant digits (tiny magnitudes: 0 or -1E-290)."""
+    if 0 < abs(x) < 1e-290:
+        return "0" if x > 0 else "-1E-290"
     return _dec_round(x, sig, up=False)
 
 

@@ -145,6 +145,11 @@ def _semantic_problems(plan: dict) -> list[tuple[str, str]]:
     from .numbers import parse_number
 
     probs = []
+    for path, value in _numeric_fields(plan):
+        try:
+            parse_number(value, path)
+        except InputError as e:
+            probs.append((path, str(e).split(": ", 1)[-1]))
     fmts = plan["formats"]
     for name, spec in fmts.items():
         try:
@@ -200,6 +205,28 @@ def _semantic_problems(plan: dict) -> list[tuple[str, str]]:
                         probs.append((f"{bp}.format", f"{blk['format']!r} is not in $.formats"))
                     probs += _interval_problems(blk["inputs"], f"{bp}.inputs", parse_number)
     return probs
+
+
+_NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
+                 "bits_per_element", "u", "avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len",
+                 "end_to_end_bound"}
+
+
+def _numeric_fields(obj, path="$"):
+    """(json path, string) of every number-valued string field of a plan."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            p = f"{path}.{k}"
+            if isinstance(v, str) and k in _NUMERIC_KEYS and path != "$.mode" and not path.startswith("$.assumptions"):
+                yield p, v
+            elif isinstance(v, list) and k in ("layer_bounds", "attention_error_max"):
+                for i, x in enumerate(v):
+                    yield f"{p}[{i}]", x
+            else:
+                yield from _numeric_fields(v, p)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numeric_fields(v, f"{path}[{i}]")
 
 
 def _interval_problems(inputs: dict, path: str, parse) -> list:

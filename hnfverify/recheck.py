@@ -315,6 +315,20 @@ def recheck(cert_bytes, plan_bytes):
     return [f"{len(exp)} obligations re-derived from the plan and confirmed", f"end-to-end bound {float(e_l):.6g}"]
 
 
+MAX_BYTES = 256 * 1024 * 1024
+
+
+def decide(cert_bytes, plan_bytes):
+    """(exit code, message) for a certificate and plan given as bytes; never raises."""
+    try:
+        return 0, "CONFIRMED: " + "; ".join(recheck(cert_bytes, plan_bytes))
+    except Reject as e:
+        return 1, f"REJECTED: {e}"
+    except (RecursionError, MemoryError, KeyError, TypeError, AttributeError, ValueError, IndexError,
+            ZeroDivisionError, OverflowError) as e:
+        return 1, f"REJECTED: malformed certificate or plan ({type(e).__name__})"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -329,6 +343,9 @@ def main(argv=None):
             return 2
         plan_path = Path(argv[i + 1])
     try:
+        if cert_path.stat().st_size > MAX_BYTES:
+            print(f"recheck: REJECTED {cert_path}: larger than {MAX_BYTES >> 20} MiB")
+            return 1
         cert_bytes = cert_path.read_bytes()
     except OSError as e:
         print(f"recheck: error: cannot read certificate {str(cert_path)!r}: {e.strerror}", file=sys.stderr)
@@ -345,20 +362,17 @@ def main(argv=None):
             print(f"recheck: error: plan {name!r} not found next to the certificate; pass --plan", file=sys.stderr)
             return 2
     try:
+        if plan_path.stat().st_size > MAX_BYTES:
+            print(f"recheck: REJECTED: plan {plan_path} is larger than {MAX_BYTES >> 20} MiB")
+            return 1
         plan_bytes = plan_path.read_bytes()
     except OSError as e:
         print(f"recheck: error: cannot read plan {str(plan_path)!r}: {e.strerror}", file=sys.stderr)
         return 2
-    try:
-        lines = recheck(cert_bytes, plan_bytes)
-    except Reject as e:
-        print(f"recheck: REJECTED {cert_path}: {e}")
-        return 1
-    except (RecursionError, MemoryError, KeyError, TypeError, AttributeError, ValueError) as e:
-        print(f"recheck: REJECTED {cert_path}: malformed certificate ({type(e).__name__})")
-        return 1
-    print(f"recheck: CONFIRMED {cert_path} against {plan_path}: " + "; ".join(lines))
-    return 0
+    code, msg = decide(cert_bytes, plan_bytes)
+    verdict, _, detail = msg.partition(": ")
+    print(f"recheck: {verdict} {cert_path}" + (f" against {plan_path}" if code == 0 else "") + f": {detail}")
+    return code
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def text(result, plan_path: str, sha: str, cert_path) -> str:
     n_unk = sum(o.verdict == UNKNOWN for o in result.obligations)
     lines.append(f"hnfverify check: {v} {plan_path} (sha256 {sha[:16]}): {len(result.obligations)} obligations, "
                  f"{n_ref} violated, {n_unk} undecided; {result.entries} cached positions checked "
-                 f"({result.entries_exact} by exact fallback); end-to-end bound {float(result.end_to_end_bound):.4g}")
+                 f"({result.entries_exact} by exact fallback); end-to-end bound {_f(str(result.end_to_end_bound))}")
     if cert_path:
         lines.append(f"certificate {cert_path}")
     return "\n".join(lines) + "\n"
