@@ -69,3 +69,31 @@ def reports(draw, max_layers=3, max_heads=2):
         "arrays": {"sha256": "2" * 64},
     }
     return summary, arrays
+
+
+# --------------------------------------------------------------------------- numbers, formats, plans
+def intervals(max_value=10**6):
+    """[lo, hi] as Fractions with 0 <= lo <= hi."""
+    frac = st.fractions(min_value=0, max_value=max_value, max_denominator=10**12)
+    return st.tuples(frac, frac).map(lambda t: (min(t), max(t)))
+
+
+def formats(head_dim=16, channel_group=8):
+    from hnfverify.formats import format_table
+
+    return st.sampled_from(sorted(format_table(head_dim, channel_group).values(), key=lambda f: f.name))
+
+
+@st.composite
+def plans(draw, **kw):
+    """Plans made by the planner from synthetic reports (eps mode), or None where infeasible."""
+    from fractions import Fraction
+
+    from hnfverify.planner import PlanInfeasible, PlanRequest, plan_from_report
+
+    summary, arrays = draw(reports())
+    eps = draw(st.sampled_from([Fraction(5), Fraction(50), Fraction(1000), Fraction(10**6)]))
+    try:
+        return plan_from_report(summary, arrays, PlanRequest(eps=eps, sink=1, recent=4))
+    except PlanInfeasible:
+        return None
