@@ -119,9 +119,27 @@ def load_plan(path) -> dict:
     return loads(data, str(p))
 
 
+def _float_literals(obj, path="$"):
+    if isinstance(obj, (float, Decimal)):
+        yield path
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _float_literals(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _float_literals(v, f"{path}[{i}]")
+
+
 def validate_plan(obj, source: str = "<plan>") -> None:
     import jsonschema
 
+    try:
+        floats = list(_float_literals(obj))
+    except RecursionError:
+        raise InputError(f"plan {source!r} is nested too deeply") from None
+    if floats:
+        raise PlanError(source, [(p, "a JSON float literal; plans write every real number as a decimal or p/q "
+                                     "string") for p in floats])
     validator = jsonschema.Draft202012Validator(_schema())
     problems = []
     try:

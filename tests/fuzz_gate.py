@@ -203,7 +203,12 @@ def main() -> int:
                 continue
             if r.verdict() == PROVED:
                 counts["proved_mutants"] += 1
-                c = certificate.serialize(certificate.build(p, plan_sha256(p), "plan.json", r, opts))
+                try:
+                    c = certificate.serialize(certificate.build(p, plan_sha256(p), "plan.json", r, opts))
+                except Exception as e:                       # noqa: BLE001
+                    counts["tracebacks"] += 1
+                    failures.append(("certificate", data, repr(e)))
+                    continue
                 code, msg = recheck.decide(c, dumps(p))
                 if code != 0:
                     counts["false_proved"] += 1

@@ -103,3 +103,12 @@ def test_huge_junk_and_missing_file(tmp_path):
     bin_.write_bytes(b"\xff\xfe\x00")
     code, _, err = _show(bin_)
     assert code == 2 and "UTF-8" in err
+
+
+def test_float_literals_anywhere_are_rejected_with_their_path(tmp_path, good_plan):
+    bad = copy.deepcopy(good_plan)
+    bad["assumptions"][0]["provenance"]["windows"] = 1.5          # a free-form field the schema allows
+    p = tmp_path / "f.json"
+    p.write_text(json.dumps(bad))
+    code, _, err = _show(p)
+    assert code == 2 and "$.assumptions[0].provenance.windows" in err and "float literal" in err
