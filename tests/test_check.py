@@ -198,3 +198,13 @@ def test_certificate_matches_its_schema(tmp_path, plan_pair):
     jsonschema.Draft202012Validator(schema).validate(cert)
     fams = {o["family"] for o in cert["obligations"]}
     assert {"lemma", "precision-lower-bound", "attention-error-budget", "composition-law"} <= fams
+
+
+def test_recheck_refuses_a_one_gigabyte_certificate_without_reading_it(tmp_path, plan_pair):
+    big = tmp_path / "big.cert.json"
+    with open(big, "wb") as fh:
+        fh.seek(1024 ** 3 - 1)
+        fh.write(b"}")
+    p = _write(tmp_path, plan_pair[0])
+    code, out, _ = _run(["recheck", str(big), "--plan", str(p)])
+    assert code == 1 and "larger than" in out
