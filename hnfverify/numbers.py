@@ -140,6 +140,9 @@ def sqrt_up(x: Fraction, bits: int = 64) -> Fraction:
     return Fraction(r + 2, 1 << scale)
 
 
+EXP_MAX_ARG = 65536        # exp(65536) ~ 2^94548: still a few KB as an exact integer
+
+
 def exp_up(x: Fraction, bits: int = 64) -> Fraction:
     """A rational >= exp(x), for x >= 0, by a Taylor sum with a remainder bound and squaring.
 
@@ -148,13 +151,14 @@ def exp_up(x: Fraction, bits: int = 64) -> Fraction:
     """
     if x < 0:
         raise ValueError("exp_up is defined here for x >= 0")
+    if x > EXP_MAX_ARG:
+        raise InputError(f"a bound needs exp({float(x):.3g}); arguments above {EXP_MAX_ARG} are refused (the "
+                         "bound would be astronomically large and its exact value would not fit in memory)")
     s = 0
     y = x
     while y > Fraction(1, 2):
         y /= 2
         s += 1
-    if s > 60:
-        raise InputError(f"exponent argument {float(x):.3g} is too large for an exact bound")
     total, term, k = Fraction(1), Fraction(1), 0
     n_terms = 24
     for k in range(1, n_terms + 1):

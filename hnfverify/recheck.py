@@ -56,11 +56,11 @@ def sqrt_up(x, bits=64):
 
 
 def exp_up(x, bits=64):
+    if x > 65536:
+        raise Reject("a bound needs exp of more than 65536")
     s, y = 0, x
     while y > F(1, 2):
         y, s = y / 2, s + 1
-    if s > 60:
-        raise Reject("exponent argument too large")
     total, term = F(1), F(1)
     for k in range(1, 25):
         term = term * y / k

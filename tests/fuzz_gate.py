@@ -144,7 +144,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cli-every", type=int, default=500, help="also run the CLI (with z3) every N cases")
     ap.add_argument("--save", default="fuzz-failures")
+    ap.add_argument("--memory-mib", type=int, default=2048, help="address-space limit: memory stays bounded")
+    ap.add_argument("--progress", type=int, default=0, help="print a line every N cases")
     args = ap.parse_args()
+    lim = args.memory_mib * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
 
     from hnfverify import recheck
     from hnfverify.cli import run
@@ -170,6 +174,15 @@ def main() -> int:
     for n in range(args.cases):
         if args.seconds is not None and time.time() - t0 > args.seconds:
             break
+        if args.progress and n % args.progress == 0:
+            print(f"  ... {n} cases, {len(failures)} failures", flush=True)
+        if failures and len(failures) != counts.get("_saved", 0):
+            d = Path(args.save)
+            d.mkdir(exist_ok=True)
+            kind, data, why = failures[-1]
+            (d / f"{len(failures) - 1:03d}-{kind}.bin").write_bytes(data)
+            (d / f"{len(failures) - 1:03d}-{kind}.txt").write_text(f"case {n - 1}: {why}")
+            counts["_saved"] = len(failures)
         counts["cases"] += 1
         if n % 2 == 0:                                       # a mutated plan through the verifier
             counts["plan_cases"] += 1
@@ -223,6 +236,7 @@ def main() -> int:
                 counts["mutated_certificates_accepted"] += 1
                 failures.append(("cert-accepted", data, msg))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    counts.pop("_saved", None)
     counts["seconds"] = round(time.time() - t0, 1)
     counts["peak_rss_mib"] = round(peak, 1)
     print("fuzz: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
