@@ -329,6 +329,18 @@ def decide(cert_bytes, plan_bytes):
         return 1, f"REJECTED: malformed certificate or plan ({type(e).__name__})"
 
 
+def _read(path, what):
+    """(bytes, 0), or (None, exit code) after saying why: too large (1) or unreadable (2)."""
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            print(f"recheck: REJECTED {what} {path}: larger than {MAX_BYTES >> 20} MiB")
+            return None, 1
+        return path.read_bytes(), 0
+    except OSError as e:
+        print(f"recheck: error: cannot read {what} {str(path)!r}: {e.strerror}", file=sys.stderr)
+        return None, 2
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -342,14 +354,9 @@ def main(argv=None):
             print("recheck: error: --plan needs a path", file=sys.stderr)
             return 2
         plan_path = Path(argv[i + 1])
-    try:
-        if cert_path.stat().st_size > MAX_BYTES:
-            print(f"recheck: REJECTED {cert_path}: larger than {MAX_BYTES >> 20} MiB")
-            return 1
-        cert_bytes = cert_path.read_bytes()
-    except OSError as e:
-        print(f"recheck: error: cannot read certificate {str(cert_path)!r}: {e.strerror}", file=sys.stderr)
-        return 2
+    cert_bytes, code = _read(cert_path, "certificate")
+    if cert_bytes is None:
+        return code
     if plan_path is None:
         try:
             name = json.loads(cert_bytes)["plan"]["file"]
@@ -361,14 +368,9 @@ def main(argv=None):
         if plan_path is None:
             print(f"recheck: error: plan {name!r} not found next to the certificate; pass --plan", file=sys.stderr)
             return 2
-    try:
-        if plan_path.stat().st_size > MAX_BYTES:
-            print(f"recheck: REJECTED: plan {plan_path} is larger than {MAX_BYTES >> 20} MiB")
-            return 1
-        plan_bytes = plan_path.read_bytes()
-    except OSError as e:
-        print(f"recheck: error: cannot read plan {str(plan_path)!r}: {e.strerror}", file=sys.stderr)
-        return 2
+    plan_bytes, code = _read(plan_path, "plan")
+    if plan_bytes is None:
+        return code
     code, msg = decide(cert_bytes, plan_bytes)
     verdict, _, detail = msg.partition(": ")
     print(f"recheck: {verdict} {cert_path}" + (f" against {plan_path}" if code == 0 else "") + f": {detail}")
