@@ -21,8 +21,6 @@ def tiny():
     g = torch.Generator().manual_seed(5)
     wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
     res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
-    from hnfverify.report import ARRAY_FIELDS  # noqa: F401  (report layout)
-
     summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"],
                "analysis": {**res.meta["options"]}, "calibration": wins.identity(), "model": lm.identity(),
                "arrays": {"sha256": "0" * 64}}
