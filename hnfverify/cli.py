@@ -158,7 +158,7 @@ def _plan_request(args):
         c=_fraction_arg("--c", args.c) if args.c is not None else Fraction(4),
         sink=args.sink, recent=args.recent,
         lipschitz_margin=_fraction_arg("--lipschitz-margin", args.lipschitz_margin),
-        curvature=args.plan_curvature, max_seq_len=args.max_seq_len)
+        curvature=args.plan_curvature, max_seq_len=args.max_seq_len, objective=args.objective)
 
 
 def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bool = False) -> None:
@@ -508,7 +508,11 @@ def _plan_options(p) -> None:
     g.add_argument("--eps", help="attention-output error tolerance: Theorem 5.7 and the per-head budget")
     g.add_argument("--eps-target", help="end-to-end hidden-state error budget (composition law)")
     g.add_argument("--avg-bits", help="memory budget: average bits per element, overhead included")
-    g.add_argument("--uniform", help="one format everywhere (baselines), e.g. int4_t64")
+    g.add_argument("--uniform", help="fixed formats (baselines): one format, e.g. int4_t64, or per K/V/segment "
+                   "overrides, e.g. fp16,K.rest=int4_c32,V.rest=int4_t64 (KIVI-style with --sink 0 --recent 128)")
+    g.add_argument("--objective", choices=("layers", "end_to_end"), default="layers",
+                   help="what --avg-bits' greedy lowers: the sum of per-layer attention bounds (default) or the "
+                        "end-to-end composition bound")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=_positive_int("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=_positive_int("--recent"), default=64, help="recent window length")

@@ -254,13 +254,130 @@ def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
     return total
 
 
-def evaluate(lm, plan: dict, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
-             progress: bool = False) -> dict:
+@dataclass
+class Method:
+    """One way of holding the past K/V in a teacher-forced pass. ``context(model, prefix, stats)``
+    routes attention; ``nbytes(stats, t_len)`` counts the real bytes of the packed cache at t_len;
+    ``bounds`` (per (layer, head)) and ``e_l`` are the certified bounds, or None for peers."""
+    name: str
+    context: object
+    nbytes: object
+    bounds: dict | None = None
+    e_l: float | None = None
+    protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluate)"
+
+
+def plan_method(name: str, plan: dict) -> Method:
+    bounds, e_l, _ = head_bounds(plan)
+    return Method(name, lambda model, prefix, st: plan_attention(model, plan, prefix, bounds, st),
+                  lambda st, t_len: real_cache_bytes(plan, st.kv, t_len), bounds, e_l)
+
+
+class _Acc:
+    def __init__(self):
+        self.nll_q, self.klds, self.top1, self.ratios = [], [], [], []
+        self.viol = self.checked = self.e2e_viol = 0
+        self.worst_rel = 0.0
+        self.e2e_ratio: list = []
+        self.cache_bytes = None
+        self.seconds = 0.0
+
+
+def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
+                     progress: bool = False) -> dict:
+    """Evaluate several methods on the same windows with one reference pass per window:
+    {method name: result dict} (see :func:`evaluate` for the fields)."""
     import numpy as np
     import torch
 
-    from .models import config_hash
     from .texts import token_windows
+
+    t_len = prefix + scored
+    wins = token_windows(lm.tokenizer, corpus, split="eval", max_tokens=windows * t_len, window=t_len)
+    if len(wins.windows) < windows or wins.window != t_len:
+        raise InvalidArgument(f"the {corpus!r} evaluation split has only {wins.n_tokens} tokens "
+                              f"({len(wins.windows)} windows of {t_len})")
+    acc = {m.name: _Acc() for m in methods}
+    nll_ref = []
+    it = wins.windows
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"eval {corpus}", unit="win", leave=False)
+    for w in it:
+        ids = torch.tensor([w])
+        tgt = ids[0, prefix:t_len]
+        with torch.no_grad():
+            ref = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        lr = torch.log_softmax(ref.logits[0, prefix - 1:t_len - 1].double(), -1)
+        h_ref = ref.hidden_states[-1][0].double()
+        del ref
+        nll_ref.append(-lr.gather(1, tgt[:, None])[:, 0])
+        for m in methods:
+            a = acc[m.name]
+            st = WindowStats()
+            t0 = time.perf_counter()
+            with torch.no_grad(), m.context(lm.model, prefix, st):
+                q = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            a.seconds += time.perf_counter() - t0
+            lq = torch.log_softmax(q.logits[0, prefix - 1:t_len - 1].double(), -1)
+            a.nll_q.append(-lq.gather(1, tgt[:, None])[:, 0])
+            a.klds.append((lr.exp() * (lr - lq)).sum(-1))
+            a.top1.append((lr.argmax(-1) == lq.argmax(-1)).double())
+            a.viol += st.violations
+            a.checked += st.checked
+            a.worst_rel = max(a.worst_rel, st.max_err_over_bound)
+            a.ratios += st.ratios
+            if m.e_l is not None:
+                h_err = float((q.hidden_states[-1][0].double() - h_ref).norm())
+                if h_err > m.e_l:
+                    a.e2e_viol += 1
+                if h_err > 0:
+                    a.e2e_ratio.append(m.e_l / h_err)
+            if a.cache_bytes is None:
+                a.cache_bytes = m.nbytes(st, t_len)
+            del q
+    nr = torch.cat(nll_ref)
+    cfg = lm.model.config
+    n_l = cfg.num_hidden_layers
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elements = 2 * n_l * n_kv * t_len * hd
+    out = {}
+    for m in methods:
+        a = acc[m.name]
+        nq = torch.cat(a.nll_q)
+        rat = torch.cat(a.ratios).numpy() if a.ratios else np.array([])
+        bpe = a.cache_bytes * 8 / elements
+        hist = {}
+        if rat.size:
+            edges = [0, 1, 2, 3, 4, 6, 10, 1e9]
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                hist[f"1e{lo}-1e{hi if hi < 1e9 else 'inf'}"] = int(((rat >= lo) & (rat < hi)).sum())
+            hist["<1 (violations)"] = int((rat < 0).sum())
+        out[m.name] = {
+            "method": m.name, "corpus": corpus, "split": "eval", "token_ids_sha256": wins.sha256(),
+            "windows": len(wins.windows), "prefix": prefix, "tokens_scored": int(nq.numel()),
+            "ppl_ref": math.exp(float(nr.mean())), "ppl": math.exp(float(nq.mean())),
+            "kld": float(torch.cat(a.klds).mean()), "top1": float(torch.cat(a.top1).mean()),
+            "cache_bytes": int(a.cache_bytes), "fp16_bytes": elements * 2, "bits_per_element": bpe,
+            "compression": 16 / bpe,
+            "bound_violations": int(a.viol), "attention_outputs_checked": int(a.checked),
+            "bound_over_actual_median": float(10 ** np.median(rat)) if rat.size else None,
+            "bound_over_actual_min": float(10 ** rat.min()) if rat.size else None,
+            "bound_over_actual_max": float(10 ** min(rat.max(), 300.0)) if rat.size else None,
+            "bound_over_actual_log10_histogram": hist,
+            "end_to_end_violations": a.e2e_viol, "end_to_end_bound": m.e_l,
+            "end_to_end_bound_over_actual_median": float(np.median(a.e2e_ratio)) if a.e2e_ratio else None,
+            "seconds_per_scored_token": a.seconds / max(1, int(nq.numel())),
+            "protocol": m.protocol,
+        }
+    return out
+
+
+def evaluate(lm, plan: dict, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
+             progress: bool = False) -> dict:
+    from .models import config_hash
 
     if plan["model"].get("config_sha256") != config_hash(lm.model.config):
         raise InvalidArgument(f"the plan was made for model config {plan['model'].get('config_sha256', '?')[:16]}, "
@@ -269,72 +386,6 @@ def evaluate(lm, plan: dict, corpus: str, windows: int = 8, prefix: int = 512, s
     if plan["max_seq_len"] < t_len:
         raise InvalidArgument(f"the plan covers {plan['max_seq_len']} positions but the evaluation needs "
                               f"prefix + scored = {t_len}; analyze with --window >= {t_len}")
-    wins = token_windows(lm.tokenizer, corpus, split="eval", max_tokens=windows * t_len, window=t_len)
-    if len(wins.windows) < windows or wins.window != t_len:
-        raise InvalidArgument(f"the {corpus!r} evaluation split has only {wins.n_tokens} tokens "
-                              f"({len(wins.windows)} windows of {t_len})")
-    bounds, e_l, _ = head_bounds(plan)
-    nll_ref, nll_q, klds, top1 = [], [], [], []
-    ratios, viol, checked, worst_rel = [], 0, 0, 0.0
-    e2e_viol, e2e_ratio = 0, []
-    cache_bytes = None
-    t0 = time.perf_counter()
-    it = wins.windows
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"eval {corpus}", unit="win", leave=False)
-    for w in it:
-        ids = torch.tensor([w])
-        with torch.no_grad():
-            ref = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
-            st = WindowStats()
-            with plan_attention(lm.model, plan, prefix, bounds, st):
-                q = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
-        lr = torch.log_softmax(ref.logits[0, prefix - 1:t_len - 1].double(), -1)
-        lq = torch.log_softmax(q.logits[0, prefix - 1:t_len - 1].double(), -1)
-        tgt = ids[0, prefix:t_len]
-        nll_ref.append(-lr.gather(1, tgt[:, None])[:, 0])
-        nll_q.append(-lq.gather(1, tgt[:, None])[:, 0])
-        klds.append((lr.exp() * (lr - lq)).sum(-1))
-        top1.append((lr.argmax(-1) == lq.argmax(-1)).double())
-        viol += st.violations
-        checked += st.checked
-        worst_rel = max(worst_rel, st.max_err_over_bound)
-        ratios += st.ratios
-        h_err = float((q.hidden_states[-1][0].double() - ref.hidden_states[-1][0].double()).norm())
-        if h_err > e_l:
-            e2e_viol += 1
-        if h_err > 0:
-            e2e_ratio.append(e_l / h_err)
-        if cache_bytes is None:
-            cache_bytes = real_cache_bytes(plan, st.kv, t_len)
-    elapsed = time.perf_counter() - t0
-    nr, nq = torch.cat(nll_ref), torch.cat(nll_q)
-    rat = torch.cat(ratios).numpy() if ratios else np.array([])
-    cfg = plan["shape"]
-    elements = 2 * cfg["layers"] * cfg["kv_heads"] * t_len * cfg["head_dim"]
-    bpe = cache_bytes * 8 / elements
-    hist = {}
-    if rat.size:
-        edges = [0, 1, 2, 3, 4, 6, 10, 1e9]
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            hist[f"1e{lo}-1e{hi if hi < 1e9 else 'inf'}"] = int(((rat >= lo) & (rat < hi)).sum())
-        hist["<1 (violations)"] = int((rat < 0).sum())
-    return {
-        "corpus": corpus, "split": "eval", "token_ids_sha256": wins.sha256(), "windows": len(wins.windows),
-        "prefix": prefix, "tokens_scored": int(nq.numel()),
-        "ppl_ref": math.exp(float(nr.mean())), "ppl": math.exp(float(nq.mean())),
-        "kld": float(torch.cat(klds).mean()), "top1": float(torch.cat(top1).mean()),
-        "cache_bytes": int(cache_bytes), "fp16_bytes": elements * 2, "bits_per_element": bpe,
-        "compression": 16 / bpe,
-        "bound_violations": int(viol), "attention_outputs_checked": int(checked),
-        "bound_over_actual_median": float(10 ** np.median(rat)) if rat.size else None,
-        "bound_over_actual_min": float(10 ** rat.min()) if rat.size else None,
-        "bound_over_actual_max": float(10 ** min(rat.max(), 300.0)) if rat.size else None,
-        "bound_over_actual_log10_histogram": hist,
-        "end_to_end_violations": e2e_viol, "end_to_end_bound": e_l,
-        "end_to_end_bound_over_actual_median": float(np.median(e2e_ratio)) if e2e_ratio else None,
-        "seconds_per_scored_token": elapsed / max(1, int(nq.numel())),
-        "protocol": "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluate)",
-    }
+    r = evaluate_methods(lm, [plan_method("plan", plan)], corpus, windows, prefix, scored, progress)["plan"]
+    del r["method"]
+    return r

@@ -1,0 +1,130 @@
+"""Peers for the benchmarks: transformers' own ``QuantizedCache`` (optimum-quanto backend) in the same
+teacher-forced protocol as hnfverify's plans.
+
+transformers 5.24's ``QuantizedLayer.update`` (cache_utils.py) holds a quantized part and a residual in
+the model's dtype: the prefill quantizes every prefix token at once; each decoded token joins the
+residual, and when the residual would reach ``residual_length`` the whole cache (the dequantized
+quantized part, the residual and the current token) is quantized again. The current query always
+sees the states *before* that flush. So with prefill length P and residual R, the scored queries fall
+into epochs [P + kR, P + (k+1)R): inside epoch k every query sees dequant(Q_k) for positions < P + kR
+and exact states after, where Q_0 = quantize(K[:P]) and Q_{k+1} = quantize(cat(dequant(Q_k),
+K[P + kR : P + (k+1)R])). :func:`quanto_method` reproduces exactly that, calling the layer's own
+``_quantize``/``_dequantize`` on the same tensors; ``tests/test_peers.py`` compares it with
+token-by-token decoding through a real ``QuantizedCache``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+from .evaluate import Method, WindowStats
+
+_counter = itertools.count()
+
+
+def _packed_nbytes(t) -> int:
+    """Real bytes of a (possibly nested quanto) tensor subclass: the sum over its inner plain tensors."""
+    flat = getattr(t, "__tensor_flatten__", None)
+    if flat is None:
+        return t.numel() * t.element_size()
+    return sum(_packed_nbytes(getattr(t, n)) for n in flat()[0])
+
+
+@contextlib.contextmanager
+def _route_attention(model, attn):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = f"hnfverify_peer_{next(_counter)}"
+    orig = model.config._attn_implementation or "eager"
+    AttentionInterface.register(name, attn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = orig
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling):
+    """Causal attention where queries in [starts[k], starts[k+1]) see keys_of(k) / values_of(k)
+    (each (B, Hkv, T, D)). Returns (B, T, Hq, D)."""
+    import torch
+
+    b, hq, _, d = query.shape
+    out = torch.empty(b, t_len, hq, d, dtype=query.dtype)
+    bounds = list(starts) + [t_len]
+    for k in range(len(starts)):
+        i0, i1 = bounds[k], bounds[k + 1]
+        if i1 <= i0:
+            continue
+        kk, vv = keys_of(k)[:, :, :i1], values_of(k)[:, :, :i1]
+        g = hq // kk.shape[1]
+        kk, vv = kk.repeat_interleave(g, dim=1), vv.repeat_interleave(g, dim=1)
+        mask = torch.ones(i1 - i0, i1, dtype=torch.bool).tril(diagonal=i0)
+        o = torch.nn.functional.scaled_dot_product_attention(query[:, :, i0:i1], kk, vv, attn_mask=mask,
+                                                             scale=scaling)
+        out[:, i0:i1] = o.transpose(1, 2)
+    return out
+
+
+def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: int = 0, axis_value: int = 0,
+                  name: str | None = None) -> Method:
+    """transformers' QuantizedCache(backend="quanto") as a teacher-forced method (see the module doc)."""
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    def context(model, prefix, st: WindowStats):
+        layer = QuantoQuantizedLayer(nbits=nbits, axis_key=axis_key, axis_value=axis_value, q_group_size=group,
+                                     residual_length=residual)
+
+        def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            import torch
+
+            t_len = key.shape[2]
+            tau = float(scaling if scaling is not None else module.scaling)
+            starts = [0]
+            versions = [(key, value)]                       # prefill queries: exact
+            nb = None
+            if t_len > prefix:
+                qk = layer._quantize(key[:, :, :prefix].contiguous(), axis=axis_key)
+                qv = layer._quantize(value[:, :, :prefix].contiguous(), axis=axis_value)
+                b = prefix
+                while b < t_len:
+                    dk, dv = layer._dequantize(qk), layer._dequantize(qv)
+                    starts.append(b)
+                    versions.append((torch.cat([dk, key[:, :, b:]], dim=2), torch.cat([dv, value[:, :, b:]], dim=2)))
+                    e = min(b + residual, t_len)
+                    if e - b == residual:                   # the flush after the epoch's last query
+                        qk = layer._quantize(torch.cat([dk, key[:, :, b:e]], dim=2).contiguous(), axis=axis_key)
+                        qv = layer._quantize(torch.cat([dv, value[:, :, b:e]], dim=2).contiguous(),
+                                             axis=axis_value)
+                        nb = (_packed_nbytes(qk) + _packed_nbytes(qv), 0)
+                    else:
+                        nb = (_packed_nbytes(qk) + _packed_nbytes(qv),
+                              2 * (t_len - b) * key.shape[0] * key.shape[1] * key.shape[3] * key.element_size())
+                    b = e
+            if nb is None:                                  # no scored query: the prefill quantized all
+                nb = (_packed_nbytes(layer._quantize(key.contiguous(), axis=axis_key))
+                      + _packed_nbytes(layer._quantize(value.contiguous(), axis=axis_value)), 0)
+            st.kv[int(module.layer_idx)] = nb
+            out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau)
+            return out, None
+
+        return _route_attention(model, attn)
+
+    def nbytes(st: WindowStats, t_len: int) -> int:
+        return sum(q + r for q, r in st.kv.values())
+
+    return Method(name or f"quanto-int{nbits}", context, nbytes,
+                  protocol=f"teacher-forced emulation of transformers QuantizedCache(backend='quanto', nbits={nbits}, "
+                           f"residual_length={residual}, q_group_size={group}) (hnfverify.peers)")
+
+
+def quanto_cache(config, nbits: int, residual: int = 128, group: int = 64):
+    """The real transformers cache the emulation follows (for decoding and timing)."""
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend="quanto", config=config, nbits=nbits, residual_length=residual, q_group_size=group)
