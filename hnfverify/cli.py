@@ -207,6 +207,7 @@ def _plan_table(plan: dict, out: TextIO, segs) -> None:
     from .numbers import parse_number
 
     from .formats import by_name
+    from .plan import claim_float
 
     c = plan["claims"]
     print(f"{'layer':>5}  {'K formats (sink / recent / rest), per KV head':<58} {'V formats':<44} "
@@ -230,13 +231,15 @@ def _plan_table(plan: dict, out: TextIO, segs) -> None:
                     bits += fmts[r[s]["format"]].segment_bits(lens[s], 1)
                     n += lens[s]
         print(f"{li:>5}  {' '.join(kcol):<58} {' '.join(vcol):<44} {float(bits / n):>6.2f} "
-              f"{float(parse_number(c['attention_error_max'][li])):>9.3g}", file=out)
+              f"{claim_float(c['attention_error_max'][li]):>9.3g}", file=out)
 
 
 def _plan_footer(plan: dict, out: TextIO, segs) -> None:
     from collections import Counter
 
     from .numbers import parse_number
+
+    from .plan import claim_float
 
     c = plan["claims"]
     use = Counter(h[kv][s]["format"] for layer in plan["layers"] for h in layer["heads"] for kv in "KV" for s in segs)
@@ -247,8 +250,8 @@ def _plan_footer(plan: dict, out: TextIO, segs) -> None:
     print(f"avg bits     {float(parse_number(c['avg_bits'])):.4f} per element (scales and zero-points included); "
           f"compression vs FP16 {float(parse_number(c['compression_vs_fp16'])):.3f}x; cache at max_seq_len "
           f"{float(parse_number(c['cache_bits_at_max_seq_len'])) / 8 / 1024:.1f} KiB", file=out)
-    print(f"bounds       max attention-output error {max(float(parse_number(x)) for x in c['attention_error_max']):.4g}"
-          f"; end-to-end {float(parse_number(c['end_to_end_bound'])):.4g} (block Lipschitz product over layers "
+    print(f"bounds       max attention-output error {max(claim_float(x) for x in c['attention_error_max']):.4g}"
+          f"; end-to-end {claim_float(c['end_to_end_bound']):.4g} (block Lipschitz product over layers "
           f"1..{len(plan['layers']) - 1}: {float(amp):.3g}); Theorem 5.7 violations: {c['theorem_5_7_violations']}",
           file=out)
 

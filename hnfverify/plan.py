@@ -239,7 +239,8 @@ def _numeric_fields(obj, path="$"):
                 yield p, v
             elif isinstance(v, list) and k in ("layer_bounds", "attention_error_max"):
                 for i, x in enumerate(v):
-                    yield f"{p}[{i}]", x
+                    if x is not None:           # null: a bound above the plan number range (1e300)
+                        yield f"{p}[{i}]", x
             else:
                 yield from _numeric_fields(v, p)
     elif isinstance(obj, list):
@@ -256,3 +257,10 @@ def _interval_problems(inputs: dict, path: str, parse) -> list:
         except InputError as e:
             out.append((f"{path}.{k}", str(e)))
     return out
+
+
+def claim_float(x) -> float:
+    """A claims bound as a float; null (a bound above 1e300, the plan number range) is +inf."""
+    from .numbers import parse_number
+
+    return float("inf") if x is None else float(parse_number(x))

@@ -552,8 +552,14 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
                              f"{dec_up(float(e_l), 4)} > --eps-target {fmt_number(req.eps_target)}")
     plan = _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, onorm, qmax, layer_b, e_l,
                      mode, report_name)
-    plan["claims"]["attention_error_max"] = [dec_up(float(max(row)), 6) for row in head_err]
+    plan["claims"]["attention_error_max"] = [claim_up(max(row)) for row in head_err]
     return plan
+
+
+def claim_up(x: Fraction) -> str | None:
+    """A bound for the plan's claims, rounded up to 6 digits; None (JSON null) above 1e300, beyond the
+    range of plan numbers — such a bound is vacuous anyway (INT2 keys make exp(tau q dK) huge)."""
+    return None if x > 10 ** 300 else dec_up(float(x), 6)
 
 
 def implied_eps(units, state, c) -> Fraction:
@@ -656,8 +662,8 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, ono
             "avg_bits": fmt_number(avg),
             "compression_vs_fp16": dec_down(float(Fraction(16) / avg), 6),
             "cache_bits_at_max_seq_len": fmt_number(total_bits),
-            "layer_bounds": [dec_up(float(b), 6) for b in layer_b],
-            "end_to_end_bound": dec_up(float(e_l), 6),
+            "layer_bounds": [claim_up(b) for b in layer_b],
+            "end_to_end_bound": claim_up(e_l),
             "theorem_5_7_violations": sum(1 for u, s in zip(units, state)
                                           if u.kv == "K" and parse_number(fmt_number(eps)) < theorem_term(
                                               u.chain[s], u, req.c)),
