@@ -267,6 +267,49 @@ def cmd_show(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_report(args, out: TextIO, err: TextIO) -> int:
+    from pathlib import Path
+
+    from . import plots
+    from .plan import load_plan
+
+    plan = load_plan(args.plan)
+    if args.eval_windows < 0:
+        raise InvalidArgument(f"--eval-windows must be >= 0, got {args.eval_windows}")
+    rows = None
+    if args.bench:
+        try:
+            with open(args.bench, encoding="utf-8") as fh:
+                rows = json.load(fh)["rows"]
+            for r in rows:
+                for e in r["eval"].values():
+                    float(e["bits_per_element"]), float(e["kld"])
+        except OSError as e:
+            raise InvalidArgument(f"--bench {args.bench}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidArgument(f"--bench {args.bench}: not a benchmarks/quality.py result ({e!r})") from None
+    outdir = Path(args.out)
+    written = [plots.heatmap(plan, outdir / "heatmap.png")]
+    if args.eval_windows:
+        _set_threads(args.threads)
+        _quiet_transformers()
+        from .evaluate import evaluate
+        from .models import load_model
+
+        lm = load_model(args.model, verbose=False)
+        r = evaluate(lm, plan, args.text, windows=args.eval_windows)
+        pts = [(f"{args.text}, {args.eval_windows} window(s)", b, a) for _, _, b, a in r["per_head"]]
+        written.append(plots.bound_scatter(pts, outdir / "bound_vs_actual.png",
+                                           f"plan {plan['mode']['kind']} {plan['mode']['value']}: certified E_h vs "
+                                           f"actual, per (layer, KV head); {r['bound_violations']} violations"))
+    if rows:
+        for corpus in rows[0]["eval"]:
+            written.append(plots.pareto(rows, outdir / f"pareto-{corpus}.png", corpus))
+    for w in written:
+        print(f"wrote {w}", file=out)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- check, recheck, replay
 def cmd_check(args, out: TextIO, err: TextIO) -> int:
     from . import __version__
@@ -615,6 +658,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=_positive_int("--threads"), default=None)
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    rpt = sub.add_parser("report", help="figures of a plan: format heatmap (layers x positions, K and V), "
+                         "bound-vs-actual scatter, Pareto plot from a benchmark result")
+    rpt.add_argument("plan")
+    rpt.add_argument("--out", required=True, help="directory for the PNG files")
+    rpt.add_argument("--bench", help="benchmarks/quality.py's quality.json: adds the Pareto plots")
+    rpt.add_argument("--eval-windows", type=int, default=1,
+                     help="evaluation windows for the bound-vs-actual scatter (0: skip; needs the model)")
+    rpt.add_argument("--text", choices=("prose", "code"), default="prose")
+    rpt.add_argument("--model", default="smollm2")
+    rpt.add_argument("--threads", type=_positive_int("--threads"), default=None)
+    rpt.set_defaults(func=cmd_report)
 
     gen = sub.add_parser("generate", help="generate text with the plan's mixed-precision cache")
     gen.add_argument("plan")

@@ -149,6 +149,7 @@ class WindowStats:
     checked: int = 0
     max_err_over_bound: float = 0.0
     kv: dict = field(default_factory=dict)             # layer -> (k, v) exact of this pass, for real bytes
+    head_max: dict = field(default_factory=dict)       # (layer, head) -> largest ||o~ - o|| over scored queries
 
 
 @contextlib.contextmanager
@@ -205,6 +206,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         err = (o[prefix:].double() - oe).norm(dim=-1)
                         worst = torch.maximum(worst, err)
                 if t_len > prefix:
+                    stats.head_max[(li, h)] = max(stats.head_max.get((li, h), 0.0), float(worst.max()))
                     stats.checked += worst.numel()
                     stats.violations += int((worst > bound).sum())
                     stats.max_err_over_bound = max(stats.max_err_over_bound, float((worst / bound).max()))
@@ -281,6 +283,7 @@ class _Acc:
         self.e2e_ratio: list = []
         self.cache_bytes = None
         self.seconds = 0.0
+        self.head_max: dict = {}
 
 
 def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
@@ -328,6 +331,8 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             a.checked += st.checked
             a.worst_rel = max(a.worst_rel, st.max_err_over_bound)
             a.ratios += st.ratios
+            for k, v in st.head_max.items():
+                a.head_max[k] = max(a.head_max.get(k, 0.0), v)
             if m.e_l is not None:
                 h_err = float((q.hidden_states[-1][0].double() - h_ref).norm())
                 if h_err > m.e_l:
@@ -371,6 +376,7 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             "end_to_end_bound_over_actual_median": float(np.median(a.e2e_ratio)) if a.e2e_ratio else None,
             "seconds_per_scored_token": a.seconds / max(1, int(nq.numel())),
             "protocol": m.protocol,
+            "per_head": [[k[0], k[1], m.bounds[k], v] for k, v in sorted(a.head_max.items())] if m.bounds else [],
         }
     return out
 
