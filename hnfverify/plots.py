@@ -40,6 +40,7 @@ def plan_bits_grid(plan: dict, buckets: int = 32):
 
     t = plan["max_seq_len"]
     n_l = len(plan["layers"])
+    buckets = max(1, min(buckets, t))
     edges = np.linspace(0, t, buckets + 1).astype(int)
     out = {}
     for kv in ("K", "V"):
