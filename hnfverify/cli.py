@@ -707,7 +707,9 @@ def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | 
         parser.print_help(err)
         return EXIT_USAGE
     try:
-        return int(args.func(args, out, err))
+        code = int(args.func(args, out, err))
+        out.flush()
+        return code
     except HnfError as e:
         print(f"hnfverify: error: {e}", file=err)
         return e.exit_code
@@ -717,6 +719,13 @@ def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | 
     except MemoryError:
         print("hnfverify: error: out of memory", file=err)
         return EXIT_INTERNAL
+    except BrokenPipeError:
+        # the reader went away (`hnfverify plan ... | head`): stop quietly, like other Unix tools
+        try:
+            sys.stdout = open(os.devnull, "w")          # noqa: SIM115 - avoid a second error at exit
+        except OSError:
+            pass
+        return 141
     except Exception as e:  # internal error: one line unless HNFVERIFY_DEBUG is set
         if os.environ.get("HNFVERIFY_DEBUG"):
             raise

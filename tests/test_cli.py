@@ -167,3 +167,15 @@ def test_analyze_with_plan_writes_both(tmp_path, textfile):
     assert code == 0, err
     assert out.exists() and (tmp_path / "plan.report.json").exists() and (tmp_path / "plan.report.safetensors").exists()
     assert "max kappa" in stdout and "compression vs FP16" in stdout
+
+
+def test_closed_stdout_is_a_quiet_exit_not_an_internal_error(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "hnfverify", "splits"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()                                   # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait() == 141, err
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
