@@ -5,7 +5,7 @@
 1. Analysis (calibration split, prose, 2 x 1024 tokens) -> out/bench/report.json (reused if present).
 2. Plans: uniform FP8-E4M3 / INT8 / INT4 (per token, group 64); KIVI-style 4 and 2 bit (keys per channel
    in groups of 32 tokens, values per token, FP16 residual window of 128, no sink) through hnfverify's
-   own cache; hnfverify --avg-bits 3/4/4.5/6 and --eps 500/4000; ablation plans.
+   own cache; hnfverify --avg-bits 3/4/4.5/5/6/7 and --eps 500/4000; ablation plans.
 3. transformers' QuantizedCache (optimum-quanto backend, 4 and 2 bit, residual 128), emulated exactly
    (hnfverify.peers, tested against real decoding).
 4. Every method on the same evaluation windows (prose and code, eval split, 512 prefix + 512 scored;
@@ -111,13 +111,15 @@ def build_plans(rep: Path, out: Path) -> list:
         ("kivi-2bit", "peer", PlanRequest(uniform=KIVI["kivi-2bit"], sink=0, recent=128),
          "K int2 per channel (32-token groups), V int2 per token, FP16 residual 128"),
     ]
-    for b in ("3", "4", "4.5", "6"):
+    for b in ("3", "4", "4.5", "5", "6", "7"):
         specs.append((f"hnf-avg{b}", "hnfverify", PlanRequest(avg_bits=Fraction(b)), f"--avg-bits {b}"))
     for e in ("500", "4000"):
         specs.append((f"hnf-eps{e}", "hnfverify", PlanRequest(eps=Fraction(e)), f"--eps {e}"))
     specs += [
+        ("abl-avg4.5-objective-layers", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="layers"),
+         "--avg-bits 4.5 --objective layers (vs hnf-avg4.5: objective linear)"),
         ("abl-avg4.5-objective-e2e", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="end_to_end"),
-         "--avg-bits 4.5 --objective end_to_end (vs hnf-avg4.5: objective layers)"),
+         "--avg-bits 4.5 --objective end_to_end (vs hnf-avg4.5: objective linear)"),
         ("abl-avg4-no-sink-recent", "ablation", PlanRequest(avg_bits=Fraction(4), sink=0, recent=0),
          "--avg-bits 4 --sink 0 --recent 0 (vs hnf-avg4: sink 4, recent 64)"),
         ("abl-K-int4", "ablation", PlanRequest(uniform="fp16,K=int4_t64"), "keys INT4 g64, values FP16"),
@@ -225,7 +227,7 @@ def main() -> int:
         evals[corpus] = evaluate_methods(lm, methods, corpus, windows=args.windows)
         log(f"eval {corpus}: {len(methods)} methods x {args.windows} windows in {time.perf_counter() - t:.0f} s")
     timed = ["uniform-fp8_e4m3", "uniform-int8", "uniform-int4", "kivi-4bit", "kivi-2bit", "hnf-avg3", "hnf-avg4",
-             "hnf-avg4.5", "hnf-avg6", "hnf-eps500"]
+             "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500"]
     by_name = {name: plan for name, _, _, plan, _ in plans}
     cfg = lm.model.config
     makers = {"full": lambda: DynamicCache(config=cfg)}

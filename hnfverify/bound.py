@@ -109,3 +109,11 @@ def float_head_error(fh: FloatHead, dk: tuple, dv: tuple) -> float:
         e = math.exp(min(m[i] + big, 700.0))
         total += e * dv[i] * fh.mass_alpha[i] + (e - 1.0) * fh.mass_avo[i]
     return total
+
+
+def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
+    """The bound's first-order Taylor term in the errors (exp(x) -> 1 + x, dV * dK dropped):
+    sum dV A + (m + M) B. Not a bound; the planner's ``--objective linear`` ranks moves by it."""
+    m = [fh.tau * fh.q_max * x for x in dk]
+    big = max(m) if m else 0.0
+    return sum(dv[i] * fh.mass_alpha[i] + (m[i] + big) * fh.mass_avo[i] for i in range(len(fh.segs)))

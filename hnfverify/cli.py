@@ -556,9 +556,9 @@ def _plan_options(p) -> None:
     g.add_argument("--avg-bits", help="memory budget: average bits per element, overhead included")
     g.add_argument("--uniform", help="fixed formats (baselines): one format, e.g. int4_t64, or per K/V/segment "
                    "overrides, e.g. fp16,K.rest=int4_c32,V.rest=int4_t64 (KIVI-style with --sink 0 --recent 128)")
-    g.add_argument("--objective", choices=("layers", "end_to_end"), default="layers",
-                   help="what --avg-bits' greedy lowers: the sum of per-layer attention bounds (default) or the "
-                        "end-to-end composition bound")
+    g.add_argument("--objective", choices=("linear", "layers", "end_to_end"), default="linear",
+                   help="what --avg-bits' greedy lowers: the first-order terms of the per-layer attention bounds "
+                        "(default), the per-layer bounds themselves, or the end-to-end composition bound")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=_positive_int("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=_positive_int("--recent"), default=64, help="recent window length")

@@ -267,12 +267,36 @@ class Method:
     bounds: dict | None = None
     e_l: float | None = None
     protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluate)"
+    accounted: object = None      # (stats, n) -> bytes by the formats' accounting (cheap; at every length)
 
 
 def plan_method(name: str, plan: dict) -> Method:
     bounds, e_l, _ = head_bounds(plan)
-    return Method(name, lambda model, prefix, st: plan_attention(model, plan, prefix, bounds, st),
-                  lambda st, t_len: real_cache_bytes(plan, st.kv, t_len), bounds, e_l)
+    def nbytes(st, t_len):
+        return real_cache_bytes(plan, {li: (k[:, :, :t_len], v[:, :, :t_len]) for li, (k, v) in st.kv.items()}, t_len)
+
+    return Method(name, lambda model, prefix, st: plan_attention(model, plan, prefix, bounds, st), nbytes,
+                  bounds, e_l, accounted=lambda st, n: accounted_bytes(plan, n))
+
+
+def accounted_bytes(plan: dict, n: int) -> int:
+    """Bytes of a plan cache holding n positions by the formats' accounting (the planner's; the cache's
+    real packed bytes agree, tests/test_kv_cache.py): per (layer, head, K|V) the sink, recent and rest
+    lengths at n, each at its format's segment bits (an incomplete channel group as FP32)."""
+    from .formats import by_name
+
+    d = plan["shape"]["head_dim"]
+    bits = 0
+    for layer in plan["layers"]:
+        for head in layer["heads"]:
+            for kv in ("K", "V"):
+                r = head[kv]
+                s = min(r["sink"]["length"], n)
+                rec = min(r["recent"]["length"], max(0, n - s))
+                for seg, length in (("sink", s), ("recent", rec), ("rest", n - s - rec)):
+                    if length:
+                        bits += by_name(r[seg]["format"]).segment_bits(length, d)
+    return int(bits) // 8
 
 
 class _Acc:
@@ -282,6 +306,8 @@ class _Acc:
         self.worst_rel = 0.0
         self.e2e_ratio: list = []
         self.cache_bytes = None
+        self.bytes_curve: list = []
+        self.accounting_dev = None
         self.seconds = 0.0
         self.head_max: dict = {}
 
@@ -301,6 +327,8 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
         raise InvalidArgument(f"the {corpus!r} evaluation split has only {wins.n_tokens} tokens "
                               f"({len(wins.windows)} windows of {t_len})")
     acc = {m.name: _Acc() for m in methods}
+    # the cache's real bytes at 8 lengths through the scored part: memory while decoding, not only at the end
+    curve_lengths = sorted({prefix + (scored * k) // 8 for k in range(1, 9)})
     nll_ref = []
     it = wins.windows
     if progress:
@@ -341,6 +369,11 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
                     a.e2e_ratio.append(m.e_l / h_err)
             if a.cache_bytes is None:
                 a.cache_bytes = m.nbytes(st, t_len)
+                acc_fn = m.accounted or m.nbytes
+                a.bytes_curve = [(n, acc_fn(st, n)) for n in range(prefix + 1, t_len + 1)]
+                if m.accounted is not None:          # the accounting against real packed bytes at 8 lengths
+                    curve = dict(a.bytes_curve)
+                    a.accounting_dev = max(abs(curve[n] / m.nbytes(st, n) - 1) for n in curve_lengths)
             del q
     nr = torch.cat(nll_ref)
     cfg = lm.model.config
@@ -354,6 +387,7 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
         nq = torch.cat(a.nll_q)
         rat = torch.cat(a.ratios).numpy() if a.ratios else np.array([])
         bpe = a.cache_bytes * 8 / elements
+        per_len = [b * 8 / (2 * n_l * n_kv * n * hd) for n, b in a.bytes_curve]
         hist = {}
         if rat.size:
             edges = [0, 1, 2, 3, 4, 6, 10, 1e9]
@@ -367,6 +401,10 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             "kld": float(torch.cat(a.klds).mean()), "top1": float(torch.cat(a.top1).mean()),
             "cache_bytes": int(a.cache_bytes), "fp16_bytes": elements * 2, "bits_per_element": bpe,
             "compression": 16 / bpe,
+            "bits_per_element_by_length": [[n, x] for (n, _), x in zip(a.bytes_curve, per_len)][::32],
+            "accounting_vs_real_bytes_max_rel": a.accounting_dev,
+            "bits_per_element_decode_mean": sum(per_len) / len(per_len),
+            "bits_per_element_decode_max": max(per_len),
             "bound_violations": int(a.viol), "attention_outputs_checked": int(a.checked),
             "bound_over_actual_median": float(10 ** np.median(rat)) if rat.size else None,
             "bound_over_actual_min": float(10 ** rat.min()) if rat.size else None,

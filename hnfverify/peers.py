@@ -87,7 +87,6 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
             tau = float(scaling if scaling is not None else module.scaling)
             starts = [0]
             versions = [(key, value)]                       # prefill queries: exact
-            nb = None
             if t_len > prefix:
                 qk = layer._quantize(key[:, :, :prefix].contiguous(), axis=axis_key)
                 qv = layer._quantize(value[:, :, :prefix].contiguous(), axis=axis_value)
@@ -101,22 +100,30 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
                         qk = layer._quantize(torch.cat([dk, key[:, :, b:e]], dim=2).contiguous(), axis=axis_key)
                         qv = layer._quantize(torch.cat([dv, value[:, :, b:e]], dim=2).contiguous(),
                                              axis=axis_value)
-                        nb = (_packed_nbytes(qk) + _packed_nbytes(qv), 0)
-                    else:
-                        nb = (_packed_nbytes(qk) + _packed_nbytes(qv),
-                              2 * (t_len - b) * key.shape[0] * key.shape[1] * key.shape[3] * key.element_size())
                     b = e
-            if nb is None:                                  # no scored query: the prefill quantized all
-                nb = (_packed_nbytes(layer._quantize(key.contiguous(), axis=axis_key))
-                      + _packed_nbytes(layer._quantize(value.contiguous(), axis=axis_value)), 0)
-            st.kv[int(module.layer_idx)] = nb
+            # bytes at any length n: quantized tokens (per-token groups: bytes proportional to tokens; the
+            # prefill quantizes min(n, prefix), then every flush adds `residual` tokens) + the residual
+            st.kv[int(module.layer_idx)] = (layer, tuple(key.shape[:2]) + (key.shape[3],), key.dtype, prefix)
             out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau)
             return out, None
 
         return _route_attention(model, attn)
 
-    def nbytes(st: WindowStats, t_len: int) -> int:
-        return sum(q + r for q, r in st.kv.values())
+    def nbytes(st: WindowStats, n: int) -> int:
+        import torch
+
+        total = 0
+        for layer, (b, h, d), dtype, prefix in st.kv.values():
+            n_q = n if n <= prefix else prefix + (n - prefix) // residual * residual
+            key = (b, h, d, dtype, n_q)
+            if key not in qbytes:                           # the byte count does not depend on the values
+                z = torch.ones(b, h, n_q, d, dtype=dtype)
+                qbytes[key] = _packed_nbytes(layer._quantize(z, axis=axis_key)) + \
+                    _packed_nbytes(layer._quantize(z, axis=axis_value))
+            total += qbytes[key] + 2 * b * h * d * (n - n_q) * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    qbytes: dict = {}
 
     return Method(name or f"quanto-int{nbits}", context, nbytes,
                   protocol=f"teacher-forced emulation of transformers QuantizedCache(backend='quanto', nbits={nbits}, "

@@ -23,10 +23,14 @@ increases any bound.
 * ``--avg-bits B``: the longest prefix of the sequence from ``thm_min`` (or the chain bottoms if
   no eps) whose average bits (overhead included) are <= B. Raising B only extends the prefix,
   so the bound never rises.
-* ``--avg-bits`` orders its moves by ``--objective``: ``layers`` (default) lowers the sum of the layers'
-  first-order attention-output bounds b_l; ``end_to_end`` lowers e_L, whose weights (products of
-  downstream Lipschitz estimates, ~1e29 for the first layers of SmolLM2) pour the bits into early
-  layers — measured worse on real text (BENCHMARKS.md). ``--eps-target`` always uses e_L.
+* ``--avg-bits`` orders its moves by ``--objective``: ``linear`` (default) lowers the sum over layers
+  of the bounds' first-order Taylor terms (sum dV A + (m + M) B weighted by ||W_o|| sqrt(G)) — not a
+  bound, a ranking; ``layers`` lowers the sum of the layers' first-order bounds b_l themselves, whose
+  exponential key terms are astronomically large at 2-4 bits and starve the values; ``end_to_end``
+  lowers e_L, whose weights (products of downstream Lipschitz estimates, ~1e29 for the first layers of
+  SmolLM2) pour the bits into early layers. Measured on real text in that order (BENCHMARKS.md,
+  ablation). ``--eps-target`` always uses e_L. Whatever the ranking, the plan's bounds are computed
+  exactly and certified by ``hnfverify check``.
 * ``--uniform SPEC``: fixed formats (the baselines), through the same code path; SPEC is one
   format or per K/V/segment overrides (``parse_uniform``). ``assign``: explicit per-unit formats.
 """
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from .bound import (SEGMENTS, FloatHead, HeadInputs, exact_end_to_end, exact_head_error, exact_layer_bound,
-                    float_head_error)
+                    float_head_error, float_head_linear)
 from .errors import HnfError, InvalidArgument
 from .formats import Format, SegmentStats, by_name, format_table
 from .numbers import dec_down, dec_up, fmt_number, parse_number, round_up, sqrt_up
@@ -48,6 +52,9 @@ BUDGET_SPLIT = {
                   "(layer, KV head, K|V, segment) units",
     "layers": "greedy: largest reduction of the sum of the per-layer first-order attention-output bounds "
               "(no downstream amplification) per added cache bit, over all (layer, KV head, K|V, segment) units",
+    "linear": "greedy: largest reduction of the sum over layers of the bounds' first-order Taylor terms "
+              "(sum dV A + (m + M) B, no exponential) per added cache bit, over all (layer, KV head, K|V, segment) "
+              "units",
 }
 OBJECTIVES = tuple(BUDGET_SPLIT)
 ASSIGNED = "explicit per-unit formats given by the caller"
@@ -98,7 +105,7 @@ class PlanRequest:
     lipschitz_margin: Fraction = Fraction(11, 10)
     curvature: str | None = None          # None: the report's choice
     max_seq_len: int | None = None
-    objective: str = "layers"             # what --avg-bits / --eps-target's greedy sequence lowers
+    objective: str = "linear"             # what --avg-bits' greedy sequence lowers
     assign: tuple | None = None           # ((layer, head, "K"|"V", segment, format), ...): explicit plans
 
     def validate(self) -> None:
@@ -264,8 +271,9 @@ def head_inputs(units_lh: list, tau: Fraction, q_max: Fraction) -> HeadInputs:
 class _Search:
     """Float twin of the exact bound for the greedy sequence."""
 
-    def __init__(self, units, heads, weights, amp, lengths):
+    def __init__(self, units, heads, weights, amp, lengths, linear=False):
         self.units = units
+        self.err_fn = float_head_linear if linear else float_head_error
         self.by_lh: dict = {}
         for i, u in enumerate(units):
             self.by_lh.setdefault((u.layer, u.head), []).append(i)
@@ -292,7 +300,7 @@ class _Search:
                 prior = err.get("recent", 0.0)
                 err["rest"] = e["rest"][0] + e["rest"][1] * prior
             out.append(tuple(err[sg] for sg in fh.segs))
-        return float_head_error(fh, out[0], out[1])
+        return self.err_fn(fh, out[0], out[1])
 
     def best_move(self, lh, state, cur_err):
         best = None
@@ -446,7 +454,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         acc *= float(lips[li])
     amp_f = amp_f[::-1]
     amp_e2e = amp_f
-    if req.objective == "layers":
+    if req.objective in ("layers", "linear"):
         amp_f = [1.0] * n_l
     float_heads = {}
     for lh, us in lh_units.items():
@@ -455,8 +463,9 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         float_heads[lh] = FloatHead(float(hi.tau), float(hi.q_max), segs,
                                     tuple(float(hi.mass_alpha[s]) for s in segs),
                                     tuple(float(hi.mass_avo[s]) for s in segs))
-    search = _Search(units, float_heads, weights, amp_f, meta["lengths"])
-    search_e2e = search if amp_f is amp_e2e else _Search(units, float_heads, weights, amp_e2e, meta["lengths"])
+    search = _Search(units, float_heads, weights, amp_f, meta["lengths"], linear=req.objective == "linear")
+    search_e2e = search if req.objective == "end_to_end" else _Search(units, float_heads, weights, amp_e2e,
+                                                                      meta["lengths"])
     sqrt_t = math.sqrt(meta["max_seq_len"])
 
     def exact_bound(state):
@@ -473,7 +482,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         return layer_b, exact_end_to_end(layer_b, lips, meta["max_seq_len"])
 
     def float_bound(state):
-        return sqrt_t * sum(amp_e2e[lh[0]] * weights[lh] * search.head_error(lh, state) for lh in lh_units)
+        return sqrt_t * sum(amp_e2e[lh[0]] * weights[lh] * search_e2e.head_error(lh, state) for lh in lh_units)
 
     bottom = [0] * len(units)
     thm = [u.thm_min for u in units]
@@ -502,13 +511,13 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         # what limits values (kappa = 0); per head, the shortest prefix of its own greedy sequence
         head_budget = list(bottom)
         for lh, us in lh_units.items():
-            moves = search.head_sequence(lh, bottom)
+            moves = search_e2e.head_sequence(lh, bottom)
             st = list(bottom)
             k = 0
             while True:
                 fk = {u.seg: u.chain[st[u.idx]] for u in us if u.kv == "K"}
                 fv = {u.seg: u.chain[st[u.idx]] for u in us if u.kv == "V"}
-                if search.head_error(lh, st) <= float(req.eps) * (1 - 1e-9) or k >= len(moves):
+                if search_e2e.head_error(lh, st) <= float(req.eps) * (1 - 1e-9) or k >= len(moves):
                     e_exact = exact_head_error(exact_heads[lh], fk, fv)
                     if e_exact <= req.eps:
                         break

@@ -91,7 +91,7 @@ def test_layers_objective_monotone_in_bits(rep, lo, step):
     sums = []
     for b in (lo, lo + step):
         try:
-            p = plan_from_report(summary, arrays, PlanRequest(avg_bits=b, sink=1, recent=4))
+            p = plan_from_report(summary, arrays, PlanRequest(avg_bits=b, sink=1, recent=4, objective="layers"))
         except Exception as e:          # noqa: BLE001 - a budget below the cheapest plan is fine
             assert "avg-bits" in str(e)
             return
@@ -110,3 +110,17 @@ def test_claims_above_the_number_range_are_null():
     plan["claims"]["end_to_end_bound"] = None
     plan["claims"]["layer_bounds"][0] = None
     assert loads(dumps(plan)) == plan
+
+
+@settings(max_examples=15)
+@given(rep=reports(), objective=st.sampled_from(["linear", "layers", "end_to_end"]))
+def test_every_objective_meets_the_budget_and_checks(rep, objective):
+    summary, arrays = rep
+    try:
+        p = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(12), sink=1, recent=4,
+                                                          objective=objective))
+    except Exception as e:              # noqa: BLE001 - a budget below the cheapest plan is fine
+        assert "avg-bits" in str(e)
+        return
+    assert Fraction(p["claims"]["avg_bits"]) <= 12
+    assert check_plan(p).verdict() == "PROVED"
