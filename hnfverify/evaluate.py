@@ -156,11 +156,8 @@ class WindowStats:
 def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowStats):
     """Route the model's attention through the plan's teacher-forced attention inside the block."""
     import torch
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     rules = plan_rules(plan)
-    name = f"hnfverify_plan_{next(_counter)}"
     sel_cache: dict = {}
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -215,6 +212,17 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         stats.ratios.append((bound / nz).log10())
         return out, None
 
+    with route_attention(model, attn, "hnfverify_plan"):
+        yield
+
+
+@contextlib.contextmanager
+def route_attention(model, attn, prefix: str):
+    """Register ``attn`` under a unique name (with the eager mask) and route ``model`` through it."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = f"{prefix}_{next(_counter)}"
     orig = model.config._attn_implementation or "eager"
     AttentionInterface.register(name, attn)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])

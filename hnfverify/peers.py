@@ -15,12 +15,7 @@ token-by-token decoding through a real ``QuantizedCache``.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-
-from .evaluate import Method, WindowStats
-
-_counter = itertools.count()
+from .evaluate import Method, WindowStats, route_attention
 
 
 def _packed_nbytes(t) -> int:
@@ -29,24 +24,6 @@ def _packed_nbytes(t) -> int:
     if flat is None:
         return t.numel() * t.element_size()
     return sum(_packed_nbytes(getattr(t, n)) for n in flat()[0])
-
-
-@contextlib.contextmanager
-def _route_attention(model, attn):
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    name = f"hnfverify_peer_{next(_counter)}"
-    orig = model.config._attn_implementation or "eager"
-    AttentionInterface.register(name, attn)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = orig
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling):
@@ -107,7 +84,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
             out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau)
             return out, None
 
-        return _route_attention(model, attn)
+        return route_attention(model, attn, "hnfverify_peer")
 
     def nbytes(st: WindowStats, n: int) -> int:
         import torch
