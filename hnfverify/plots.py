@@ -70,7 +70,7 @@ def heatmap(plan: dict, path, title: str = "") -> str:
     for ax, g, name in ((axes[0], k, "keys"), (axes[1], v, "values")):
         im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
                        extent=(0, plan["max_seq_len"], -0.5, g.shape[0] - 0.5))
-        ax.set_xlabel("cached position (at max_seq_len; recent window at the right end)")
+        ax.set_xlabel("cached position at max_seq_len (recent window: right end)")
         ax.set_title(f"{name}: bits/element (mean over KV heads)")
     axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes, shrink=0.85, label="bits per element, overhead included")
@@ -91,10 +91,11 @@ def bound_scatter(points: list, path, title: str = "") -> str:
         xs = [p[2] for p in points if p[0] == lab and p[2] > 0 and math.isfinite(p[1])]
         ys = [p[1] for p in points if p[0] == lab and p[2] > 0 and math.isfinite(p[1])]
         ax.scatter(xs, ys, s=14, alpha=0.75, label=lab)
-    allv = [x for p in points for x in (p[1], p[2]) if x > 0 and math.isfinite(x)]
-    if allv:
-        lo, hi = min(allv), max(allv)
+    xs_all = [p[2] for p in points if p[2] > 0 and math.isfinite(p[1])]
+    if xs_all:
+        lo, hi = min(xs_all) / 2, max(xs_all) * 2
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="bound = actual")
+        ax.set_xlim(lo, hi)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("largest observed attention-output error ||o~ - o|| (eval text)")
