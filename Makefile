@@ -61,7 +61,7 @@ fuzz: venv
 fuzz-ci: venv
 	$(BIN)/python tests/fuzz_gate.py --seconds 120 --cli-every 200
 
-# Everything issue 6 asks for, one model, one run (~45 minutes on 2 cores): peers and hnfverify plans on
+# Everything issue 6 asks for, one model, one run (about 30 minutes on 2 cores): peers and hnfverify plans on
 # the same evaluation windows, the ablation, decode timing, analyzer overhead, check scaling; then
 # BENCHMARKS.md and benchmarks/figures/*.png are generated from the JSON results (never hand-edited).
 BENCH ?= $(OUT)/bench

@@ -144,6 +144,21 @@ def ablation(rows) -> list:
     return out + [""] + pred
 
 
+def makefile_recipe(target: str) -> list:
+    """The recipe lines of a Makefile target, variables expanded as `make` would for the defaults."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    try:
+        i = next(k for k, ln in enumerate(lines) if ln.startswith(target + ":"))
+    except StopIteration:
+        return []
+    out = []
+    for ln in lines[i + 1:]:
+        if not ln.startswith("\t"):
+            break
+        out.append(ln[1:].replace("$(BIN)", ".venv/bin").replace("$(BENCH)", "out/bench"))
+    return out
+
+
 def main() -> int:
     d = Path(sys.argv[1] if len(sys.argv) > 1 else "out/bench")
     q = _load(d / "quality.json")
@@ -179,6 +194,12 @@ def main() -> int:
         f"`benchmarks/check_scaling.py`, then `benchmarks/write_report.py`) on {time.strftime('%Y-%m-%d', time.gmtime(os.path.getmtime(d / 'quality.json')))}. "
         "Do not edit: every number below is read from the JSON results of that run, copied to "
         "`benchmarks/results/` (the plans are in `out/bench/plans/`).",
+        "",
+        "## Commands (from the Makefile)",
+        "",
+        "```",
+    ] + makefile_recipe("bench-data") + makefile_recipe("bench-report") + [
+        "```",
         "",
         "## Set-up",
         f"- Machine: {q['machine']['platform']}, {q['machine']['cpus']} CPUs ({q['machine']['processor']}), "
