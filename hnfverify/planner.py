@@ -57,6 +57,8 @@ BUDGET_SPLIT = {
               "units",
 }
 OBJECTIVES = tuple(BUDGET_SPLIT)
+EPS_SPLIT = ("Theorem 5.7 per key segment; per (layer, KV head) the shortest prefix of its greedy sequence "
+             "(largest reduction of its bound E_h per added bit) with E_h <= eps; each unit takes the highest.")
 ASSIGNED = "explicit per-unit formats given by the caller"
 _UNIFORM_KEYS = {"K", "V", "sink", "recent", "rest"} | {f"{kv}.{s}" for kv in "KV" for s in SEGMENTS}
 
@@ -662,7 +664,8 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, ono
         "eps_target": fmt_number(req.eps_target) if req.eps_target is not None else None,
         "c": fmt_number(req.c),
         "mode": {**mode, "budget_split": ASSIGNED if mode["kind"] in ("uniform", "assigned")
-                 else BUDGET_SPLIT[req.objective]},
+                 else BUDGET_SPLIT[req.objective] if mode["kind"] == "avg_bits" else EPS_SPLIT
+                 + (" " + BUDGET_SPLIT["end_to_end"] if req.eps_target is not None else "")},
         "rule": {"sink": meta["lengths"]["sink"], "recent": meta["lengths"]["recent"]},
         "formats": {n: table[n].to_json() for n in used},
         "layers": layers,
