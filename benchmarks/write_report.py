@@ -236,7 +236,9 @@ def main() -> int:
         "keys per channel in groups of 32 tokens, values per token, FP16 residual window of 128, no sink "
         "(`--uniform fp16,K.rest=int4_c32,V.rest=int4_t64 --sink 0 --recent 128`); `quanto-*` = transformers' own "
         "`QuantizedCache(backend=\"quanto\", nbits, residual_length=128, q_group_size=64)`. hnfverify: "
-        "`hnfverify plan --avg-bits B` (objective `linear`, sink 4, recent 64) and `--eps E`.",
+        "`hnfverify plan --avg-bits B` (objective `linear`, sink 4, recent 64) and `--eps E`. "
+        "The uniform and KIVI-style peers run through hnfverify's own cache, so their decode times measure "
+        "that implementation (pure PyTorch, dequantizing per KV head and segment every step), not KIVI's kernels.",
         "",
         "## Results",
         "",
