@@ -227,7 +227,7 @@ def main() -> int:
         evals[corpus] = evaluate_methods(lm, methods, corpus, windows=args.windows)
         log(f"eval {corpus}: {len(methods)} methods x {args.windows} windows in {time.perf_counter() - t:.0f} s")
     timed = ["uniform-fp8_e4m3", "uniform-int8", "uniform-int4", "kivi-4bit", "kivi-2bit", "hnf-avg3", "hnf-avg4",
-             "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500"]
+             "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500", "hnf-eps4000"]
     by_name = {name: plan for name, _, _, plan, _ in plans}
     cfg = lm.model.config
     makers = {"full": lambda: DynamicCache(config=cfg)}

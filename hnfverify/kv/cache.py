@@ -103,10 +103,9 @@ class _Stream:
             self.pending = self.pending[:, full:]
 
     def _add_rest(self, p: Packed) -> None:
-        """Append to rest, merging chunks so that dequantization stays a handful of tensor ops."""
-        self.rest.append(p)
-        if len(self.rest) >= 8:
-            self.rest = [_cat_packed(self.rest)]
+        """Append to rest as one packed tensor (a copy of packed bytes per eviction; one dequantization
+        per step instead of one per chunk)."""
+        self.rest = [_cat_packed(self.rest + [p])]
 
     def materialize(self) -> torch.Tensor:
         """(B, length, d) float32 in position order: sink, rest, pending, recent."""
