@@ -27,6 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_overhead import decode_ms  # noqa: E402  (one decode timer for both benchmarks)
 CALIB = dict(corpus="prose", max_tokens=2048, window=1024)
 KIVI = {"kivi-4bit": "fp16,K.rest=int4_c32,V.rest=int4_t64", "kivi-2bit": "fp16,K.rest=int2_c32,V.rest=int2_t64"}
 
@@ -158,21 +160,6 @@ def check_plans(plans) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- timing
-def decode_ms(lm, ids, cache, steps: int) -> float:
-    import torch
-
-    with torch.no_grad():
-        out = lm.model(input_ids=ids, cache=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            out = lm.model(input_ids=nxt, cache=cache, use_cache=True)
-            times.append(time.perf_counter() - t)
-            nxt = out.logits[:, -1:].argmax(-1)
-    return 1000 * statistics.median(times)
-
-
 def timing(lm, makers: dict, repeats: int, steps: int) -> dict:
     import torch
 

@@ -280,30 +280,35 @@ class Method:
 
 def plan_method(name: str, plan: dict) -> Method:
     bounds, e_l, _ = head_bounds(plan)
+    units = _accounting_units(plan)
+
     def nbytes(st, t_len):
         return real_cache_bytes(plan, {li: (k[:, :, :t_len], v[:, :, :t_len]) for li, (k, v) in st.kv.items()}, t_len)
 
     return Method(name, lambda model, prefix, st: plan_attention(model, plan, prefix, bounds, st), nbytes,
-                  bounds, e_l, accounted=lambda st, n: accounted_bytes(plan, n))
+                  bounds, e_l, accounted=lambda st, n: accounted_bytes(units, plan["shape"]["head_dim"], n))
 
 
-def accounted_bytes(plan: dict, n: int) -> int:
-    """Bytes of a plan cache holding n positions by the formats' accounting (the planner's; the cache's
-    real packed bytes agree, tests/test_kv_cache.py): per (layer, head, K|V) the sink, recent and rest
-    lengths at n, each at its format's segment bits (an incomplete channel group as FP32)."""
+def _accounting_units(plan: dict) -> list:
+    """[(sink length, recent length, {segment: Format})] per (layer, KV head, K|V) of a rule plan."""
     from .formats import by_name
 
-    d = plan["shape"]["head_dim"]
+    return [(h[kv]["sink"]["length"], h[kv]["recent"]["length"],
+             {seg: by_name(h[kv][seg]["format"]) for seg in ("sink", "recent", "rest")})
+            for layer in plan["layers"] for h in layer["heads"] for kv in ("K", "V")]
+
+
+def accounted_bytes(units: list, d: int, n: int) -> int:
+    """Bytes of a plan cache holding n positions by the formats' accounting (the planner's; the cache's
+    real packed bytes agree, tests/test_kv_cache.py): per unit the sink, recent and rest lengths at n
+    (the planner's own split), each at its format's segment bits (an incomplete channel group as FP32)."""
+    from .planner import _lengths
+
     bits = 0
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            for kv in ("K", "V"):
-                r = head[kv]
-                s = min(r["sink"]["length"], n)
-                rec = min(r["recent"]["length"], max(0, n - s))
-                for seg, length in (("sink", s), ("recent", rec), ("rest", n - s - rec)):
-                    if length:
-                        bits += by_name(r[seg]["format"]).segment_bits(length, d)
+    for s, r, fmts in units:
+        for seg, length in _lengths(s, r, n).items():
+            if length:
+                bits += fmts[seg].segment_bits(length, d)
     return int(bits) // 8
 
 

@@ -78,8 +78,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
                         qv = layer._quantize(torch.cat([dv, value[:, :, b:e]], dim=2).contiguous(),
                                              axis=axis_value)
                     b = e
-            # bytes at any length n: quantized tokens (per-token groups: bytes proportional to tokens; the
-            # prefill quantizes min(n, prefix), then every flush adds `residual` tokens) + the residual
+            # for nbytes at any length n: the layer (its quantizer), the shape and the prefill length
             st.kv[int(module.layer_idx)] = (layer, tuple(key.shape[:2]) + (key.shape[3],), key.dtype, prefix)
             out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau)
             return out, None
