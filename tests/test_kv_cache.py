@@ -133,3 +133,15 @@ def test_eval_and_generate_commands(tiny, tmp_path):
     assert code == 2 and "covers 64 positions" in err
     code, _, err = cli("eval", str(p), "--model", "tiny-qwen2", "--prefix", "32", "--scored", "32", "--quiet")
     assert code == 2 and "model config" in err
+
+
+def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):
+    from hnfverify.evaluate import _accounting_units, accounted_bytes
+
+    plan = _plan(tiny, avg_bits=Fraction(6))
+    units = _accounting_units(plan)
+    t = plan["max_seq_len"]
+    assert accounted_bytes(units, plan["shape"]["head_dim"], t) == \
+        int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])) // 8
+    # shorter caches hold fewer bytes
+    assert accounted_bytes(units, plan["shape"]["head_dim"], t // 2) < accounted_bytes(units, plan["shape"]["head_dim"], t)
