@@ -1,0 +1,125 @@
+"""The rest of block l after its attention: h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)), h_mid the
+hidden state after the attention residual add. Its measured local Lipschitz estimate L'_l (power iteration at
+the calibration points) is stored in the report as ``mlp_lipschitz`` and written into each plan layer like the
+block estimate ``lipschitz``; layers without that structure are refused.
+
+failed before the fix: the analysis had no ``mlp_lipschitz`` (KeyError), ``hnfverify.lipschitz`` had no
+rest-of-block estimate, plans had no per-layer ``mlp_lipschitz`` entry, decoder layers of other shapes
+(Gemma3's sandwich norms, Cohere's parallel block, OLMo2's post-norms) were not refused, and
+``synthetic_report`` had no such array.
+"""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from hnfverify.analyzer import AnalysisOptions, analyze
+from hnfverify.errors import UnsupportedModel
+from hnfverify.models import ByteTokenizer, LoadedModel, tiny_model
+from hnfverify.numbers import dec_up, fmt_number, parse_number, round_up
+from hnfverify.planner import PlanRequest, plan_from_report
+from hnfverify.report import load, save
+from hnfverify.texts import TokenWindows
+
+N_TOK = 6
+
+
+def _windows(t, n=1, seed=1):
+    ids = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed)).tolist()
+    return TokenWindows("random", "file", ids, 1)
+
+
+def _independent_mid(model, ids, layer):
+    """h_mid of ``layer`` recomputed from the block's input and its own attention (not via the analyzer's hooks)."""
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        x = hs[layer]
+        blk = model.model.layers[layer]
+        pos = torch.arange(ids.shape[1])[None]
+        a, _ = blk.self_attn(blk.input_layernorm(x), position_embeddings=model.model.rotary_emb(x, pos),
+                             attention_mask=None)
+        return x + a, hs[layer + 1]
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_estimate_is_within_a_few_percent_of_the_exact_jacobian_norm(layer):
+    lm = tiny_model("tiny-llama")
+    model = lm.model
+    wins = _windows(N_TOK)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=60, lipschitz_tokens=N_TOK))
+    est = float(res.arrays["mlp_lipschitz"][layer])
+    h_mid, y = _independent_mid(model, torch.tensor(wins.windows), layer)
+    blk = model.model.layers[layer]
+
+    def rest(h):
+        return h + blk.mlp(blk.post_attention_layernorm(h))
+
+    with torch.no_grad():
+        assert torch.allclose(rest(h_mid), y, atol=1e-5)              # the map really is the rest of the block
+    jac = torch.autograd.functional.jacobian(rest, h_mid)
+    n = h_mid.numel()
+    true = float(torch.linalg.matrix_norm(jac.reshape(n, n).double(), ord=2))
+    assert est <= true * (1 + 1e-4), (est, true)
+    assert est >= 0.97 * true, (est, true)
+    # it is not the whole block's estimate
+    assert abs(est - float(res.arrays["lipschitz"][layer])) > 1e-3 * est
+
+
+def test_report_stores_and_hashes_it_and_the_plan_carries_it_like_the_block_estimate(tmp_path):
+    lm = tiny_model("tiny-qwen2")
+    wins = _windows(64, n=2)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=3, lipschitz_tokens=8))
+    m = res.arrays["mlp_lipschitz"]
+    assert m.shape == (4,) and m.dtype == np.float64 and np.all(np.isfinite(m)) and np.all(m > 0)
+    summary = save(res, lm.identity(), wins.identity(), tmp_path / "r.json")
+    assert "mlp_lipschitz" in summary["arrays"]["fields"]
+    assert [row["mlp_lipschitz_measured"] for row in summary["layers"]] == [float(x) for x in m]
+    summary, arrays = load(tmp_path / "r.json")                     # the arrays file's sha256 covers it
+    assert np.array_equal(arrays["mlp_lipschitz"], m)
+    for margin in (Fraction(11, 10), Fraction(3, 2)):
+        plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp16", sink=4, recent=16,
+                                                             lipschitz_margin=margin))
+        for li, layer in enumerate(plan["layers"]):
+            e = layer["mlp_lipschitz"]
+            assert set(e) == {"measured", "margin", "value"} == set(layer["lipschitz"])
+            assert e["measured"] == dec_up(float(m[li])) and e["margin"] == layer["lipschitz"]["margin"]
+            assert e["value"] == fmt_number(round_up(parse_number(dec_up(float(m[li]))) * margin))
+            assert parse_number(e["value"]) >= parse_number(e["measured"]) * margin
+
+
+def test_no_estimate_when_the_lipschitz_iterations_are_off():
+    res = analyze(tiny_model("tiny-llama"), _windows(16), AnalysisOptions(lipschitz_iters=0))
+    assert res.arrays["mlp_lipschitz"].shape == (4,) and np.all(np.isnan(res.arrays["mlp_lipschitz"]))
+
+
+@pytest.mark.parametrize("kind, cls", [("gemma3", "Gemma3DecoderLayer"), ("cohere", "CohereDecoderLayer"),
+                                       ("olmo2", "Olmo2DecoderLayer")])
+def test_decoder_layers_of_another_structure_are_refused(kind, cls):
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    cfg = {"gemma3": lambda: tf.Gemma3TextConfig(head_dim=16, sliding_window=8, **common),
+           "cohere": lambda: tf.CohereConfig(**common),
+           "olmo2": lambda: tf.Olmo2Config(**common)}[kind]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    lm = LoadedModel(model, ByteTokenizer(), kind, "random", {})
+    with pytest.raises(UnsupportedModel, match=cls):
+        analyze(lm, _windows(16), AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+
+
+def test_synthetic_report_provides_the_array():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "data" / "make_planted.py"
+    spec = importlib.util.spec_from_file_location("make_planted", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    summary, arrays = mod.synthetic_report()
+    m = arrays["mlp_lipschitz"]
+    assert m.shape == (summary["shape"]["layers"],) and np.all(m >= 1) and np.all(np.isfinite(m))
