@@ -1,4 +1,4 @@
-"""The first-order error bound of one layer (DESIGN 2.4) and its composition (DESIGN 2.3).
+"""The error bound of one layer (docs/design.md §2.4) and its composition (§2.5).
 
 For one KV head h of layer l, a rule plan splits the cache into segments sigma (sink, recent,
 rest), each stored in its own format for K and for V. With, per segment,
@@ -13,7 +13,7 @@ every query's attention output moves by at most
 b_l = sum_h ||W_o[:, group h]|| sqrt(G) E_h into every token's hidden state, and through blocks with
 Lipschitz constants L_j the final hidden states (all T tokens, Frobenius norm) move by at most
 
-  e_L = sqrt(T) sum_l (prod_{j > l} L_j) b_l.
+  e_L = sqrt(T) sum_l (prod_{j > l} L_j) L'_l b_l   (L'_l: the rest of block l, its MLP).
 
 ``exact_*`` functions compute upper bounds in rationals (exp and sqrt rounded up); ``float_*``
 twins are for the planner's search only and decide nothing.
@@ -44,28 +44,50 @@ class HeadInputs:
     mass_avo: dict
 
 
+def chain_stages(chain: tuple, stats: SegmentStats) -> list:
+    """[(format, the stats it quantizes over, the error after it)] for a value stored through ``chain``
+    (docs/design.md §2.3): stage k sees the ranges widened by the error e_(k-1) of the stages before it;
+    e_1 = err(f_1), e_k = round_up(e_(k-1) + err(f_k, widened))."""
+    out, err = [], Fraction(0)
+    for k, f in enumerate(chain):
+        st = stats.widened(err)
+        e = f.l2_error(st)
+        err = e if k == 0 else round_up(err + e)
+        out.append((f, st, err))
+    return out
+
+
+def chain_error(chain: tuple, stats: SegmentStats) -> Fraction:
+    stages = chain_stages(chain, stats)
+    return stages[-1][2] if stages else Fraction(0)
+
+
 def segment_errors(stats: dict, fmts: dict) -> dict:
-    """Per-segment l2 error bounds. A rest position was first stored in the recent window and
-    re-quantized when it left (DESIGN 2.5): its error is at most the recent error plus the rest
-    format's error on values already moved by that much."""
-    err = {s: fmts[s].l2_error(stats[s]) for s in stats if s != "rest"}
+    """Per-segment l2 error bounds of a stream with a non-empty recent window iff "recent" is in
+    ``stats``: the sink and recent chains, and for rest the larger of RECENT_FAR (recent format) and
+    REST (recent then rest format; rest format alone when there is no recent window) — docs/design.md §4."""
+    err = {s: chain_error((fmts[s],), stats[s]) for s in stats if s != "rest"}
     if "rest" in stats:
-        prior = err.get("recent", Fraction(0))
-        err["rest"] = round_up(fmts["rest"].l2_error(stats["rest"].widened(prior)) + prior)
+        chain = ((fmts["recent"],) if "recent" in stats else ()) + (fmts["rest"],)
+        err["rest"] = chain_error(chain, stats["rest"])
     return err
 
 
-def exact_head_error(inp: HeadInputs, fk: dict, fv: dict) -> Fraction:
-    segs = list(inp.k)
-    dk = segment_errors(inp.k, fk)
-    dv = segment_errors(inp.v, fv)
-    m = {s: round_up(inp.tau * inp.q_max * dk[s]) for s in segs}
+def head_error(tau: Fraction, q_max: Fraction, dk: dict, dv: dict, mass_alpha: dict, mass_avo: dict) -> Fraction:
+    """E_h of docs/design.md §2.4 from per-segment error bounds and attention masses."""
+    segs = list(dk)
+    m = {s: round_up(tau * q_max * dk[s]) for s in segs}
     big_m = max(m.values()) if m else Fraction(0)
     total = Fraction(0)
     for s in segs:
         e = exp_up(m[s] + big_m)
-        total += round_up(e * dv[s] * inp.mass_alpha[s]) + round_up((e - 1) * inp.mass_avo[s])
+        total += round_up(e * dv[s] * mass_alpha[s]) + round_up((e - 1) * mass_avo[s])
     return round_up(total)
+
+
+def exact_head_error(inp: HeadInputs, fk: dict, fv: dict) -> Fraction:
+    return head_error(inp.tau, inp.q_max, segment_errors(inp.k, fk), segment_errors(inp.v, fv), inp.mass_alpha,
+                      inp.mass_avo)
 
 
 def exact_layer_bound(head_errors: list, o_norms: list, group: int) -> Fraction:
@@ -74,7 +96,7 @@ def exact_layer_bound(head_errors: list, o_norms: list, group: int) -> Fraction:
 
 
 def amplification(lipschitz: list) -> list:
-    """P_l = prod_{j > l} L_j for every layer (rationals, rounded up)."""
+    """A_l = prod_{j > l} L_j for every layer (rationals, rounded up)."""
     n = len(lipschitz)
     out = [Fraction(1)] * n
     acc = Fraction(1)
@@ -84,9 +106,17 @@ def amplification(lipschitz: list) -> list:
     return out
 
 
-def exact_end_to_end(layer_bounds: list, lipschitz: list, seq_len: int) -> Fraction:
+def injected(layer_bounds: list, mlp_gains: list | None) -> list:
+    """b'_l = round_up(L'_l b_l): the layer's injected error after the rest of its own block."""
+    if mlp_gains is None:
+        return list(layer_bounds)
+    return [round_up(g * b) for g, b in zip(mlp_gains, layer_bounds)]
+
+
+def exact_end_to_end(layer_bounds: list, lipschitz: list, seq_len: int, mlp_gains: list | None = None) -> Fraction:
+    """e_L of docs/design.md §2.5: round_up(sqrt(T) sum_l round_up(A_l b'_l))."""
     amp = amplification(lipschitz)
-    s = sum((round_up(a * b) for a, b in zip(amp, layer_bounds)), Fraction(0))
+    s = sum((round_up(a * b) for a, b in zip(amp, injected(layer_bounds, mlp_gains))), Fraction(0))
     return round_up(sqrt_up(Fraction(seq_len)) * s)
 
 
@@ -117,3 +147,50 @@ def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
     m = [fh.tau * fh.q_max * x for x in dk]
     big = max(m) if m else 0.0
     return sum(dv[i] * fh.mass_alpha[i] + (m[i] + big) * fh.mass_avo[i] for i in range(len(fh.segs)))
+
+
+# ---------------------------------------------------------------------------- a whole plan
+@dataclass(frozen=True)
+class PlanBounds:
+    """Every bound of a plan (docs/design.md §2.4, §2.5), exact: per (layer, head) E_h with its
+    per-segment dK / dV, per layer b_l, and e_L."""
+
+    head_errors: dict
+    dk: dict
+    dv: dict
+    layer_bounds: list
+    end_to_end: Fraction
+
+
+def stream_errors(stream) -> dict:
+    """Per segment the largest error of any stored form read as that segment (docs/design.md §2.4, §4):
+    the chains of the states whose reader it is, and every block overlapping it (its own inputs)."""
+    from .semantics import READER, STATES
+
+    rule = stream.rule
+    out = {}
+    for seg in stream.stats:
+        errs = [chain_error(rule.chain(st), stream.stats[seg]) for st in STATES if READER[st] == seg]
+        s_len = rule.sink
+        errs += [b.fmt.l2_error(b.stats) for b in stream.blocks
+                 if (b.start < s_len if seg == "sink" else b.end > s_len)]
+        out[seg] = max(errs)
+    return out
+
+
+def plan_bounds(pv) -> PlanBounds:
+    """The bounds of a :class:`hnfverify.planview.PlanView`, used by check, the planner's claims and eval."""
+    head_e, dks, dvs, layer_b, lips, mlps = {}, {}, {}, [], [], []
+    for layer in pv.layers:
+        errs, norms = [], []
+        for h in layer.heads:
+            dk, dv = stream_errors(h.k), stream_errors(h.v)
+            e = head_error(layer.tau, h.q_max, dk, {s: dv.get(s, Fraction(0)) for s in dk}, h.mass_alpha, h.mass_avo)
+            head_e[(layer.index, h.head)] = e
+            dks[(layer.index, h.head)], dvs[(layer.index, h.head)] = dk, dv
+            errs.append(e)
+            norms.append(h.o_proj_norm)
+        layer_b.append(exact_layer_bound(errs, norms, pv.query_group))
+        lips.append(layer.lipschitz)
+        mlps.append(layer.mlp_lipschitz)
+    return PlanBounds(head_e, dks, dvs, layer_b, exact_end_to_end(layer_b, lips, pv.max_seq_len, mlps))

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import InputError
-from .io import canonical_json, write_bytes_atomic
+from .io import canonical_json, lone_surrogate_path, parse_json_int, write_bytes_atomic
 
 MAX_BYTES = 64 * 1024 * 1024
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "plan.schema.json"
@@ -63,6 +64,26 @@ def _schema() -> dict:
     raise InputError(f"JSON Schema not found at {SCHEMA_PATH}")
 
 
+def _strict_pattern(validator, pattern, instance, schema):
+    """JSON Schema ``pattern`` with ECMA-262's ``$`` (the end of the string): Python's ``$`` also
+    matches before a final newline, so the schema alone would let "1\n" or "fp16\n" through."""
+    import jsonschema
+
+    if not validator.is_type(instance, "string"):
+        return
+    strict = pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
+    if not re.search(strict, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@lru_cache(maxsize=1)
+def _validator_class():
+    import jsonschema
+    from jsonschema import validators
+
+    return validators.extend(jsonschema.Draft202012Validator, {"pattern": _strict_pattern})
+
+
 def _path(parts) -> str:
     out = "$"
     for p in parts:
@@ -94,28 +115,43 @@ def loads(data: bytes, source: str = "<plan>") -> dict:
         raise InputError(f"plan {source!r} is not UTF-8 (byte {e.start})") from None
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                         parse_float=Decimal)
+                         parse_float=Decimal, parse_int=parse_json_int)
     except InputError as e:
         raise InputError(f"plan {source!r}: {e}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"plan {source!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise InputError(f"plan {source!r} is nested too deeply") from None
+    except ValueError as e:                     # defensive: any other literal json/int/Decimal refuses
+        raise InputError(f"plan {source!r} is not valid JSON: {str(e)[:200]}") from None
+    bad = lone_surrogate_path(obj)
+    if bad:
+        raise InputError(f"plan {source!r}: {bad}: contains a lone surrogate (a \\uD800-\\uDFFF escape without "
+                         "its pair), which is not a character; plan strings must be valid Unicode")
     validate_plan(obj, source)
     return obj
 
 
+def _shown(path: str) -> str:
+    """A path for a message: repr (escapes control characters and surrogates), long ones shortened."""
+    return repr(path) if len(path) <= 200 else repr(path[:120] + "..." + path[-40:]) + f" ({len(path)} characters)"
+
+
 def load_plan(path) -> dict:
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"plan {str(p)!r}: no such file")
-    if not p.is_file():
-        raise InputError(f"plan {str(p)!r} is not a regular file")
-    size = os.path.getsize(p)
-    if size > MAX_BYTES:
-        raise InputError(f"plan {str(p)!r} is {size / 2**20:.0f} MiB; plans over {MAX_BYTES // 2**20} MiB are refused")
-    with open(p, "rb") as fh:
-        data = fh.read(MAX_BYTES + 1)
+    try:
+        if not p.exists():
+            raise InputError(f"plan {_shown(str(p))}: no such file")
+        if not p.is_file():
+            raise InputError(f"plan {_shown(str(p))} is not a regular file")
+        size = os.path.getsize(p)
+        if size > MAX_BYTES:
+            raise InputError(f"plan {_shown(str(p))} is {size / 2**20:.0f} MiB; plans over {MAX_BYTES // 2**20} MiB "
+                             "are refused")
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_BYTES + 1)
+    except (OSError, ValueError) as e:          # name too long, permission denied, embedded NUL, I/O error
+        raise InputError(f"plan {_shown(str(p))}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
     return loads(data, str(p))
 
 
@@ -140,7 +176,7 @@ def validate_plan(obj, source: str = "<plan>") -> None:
     if floats:
         raise PlanError(source, [(p, "a JSON float literal; plans write every real number as a decimal or p/q "
                                      "string") for p in floats])
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = _validator_class()(_schema())
     problems = []
     try:
         errs = sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.message))
@@ -222,6 +258,10 @@ def _semantic_problems(plan: dict) -> list[tuple[str, str]]:
                     if blk["format"] not in fmts:
                         probs.append((f"{bp}.format", f"{blk['format']!r} is not in $.formats"))
                     probs += _interval_problems(blk["inputs"], f"{bp}.inputs", parse_number)
+    if not probs:
+        from .validity import consistency_problems
+
+        probs = consistency_problems(plan)
     return probs
 
 

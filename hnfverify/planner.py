@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from fractions import Fraction
 
 from .bound import (SEGMENTS, FloatHead, HeadInputs, exact_end_to_end, exact_head_error, exact_layer_bound,
@@ -150,6 +151,22 @@ class Unit:
     slopes: list = field(default_factory=list)       # d error / d prior error (rest only; float)
     thm_min: int | None = 0
     idx: int = 0
+    sink: int = 0                # the stream's rule and max_seq_len, for its exact byte accounting
+    recent: int = 0
+    t: int = 0
+
+
+def unit_bits(u: Unit, f: Format, d: int = 1) -> Fraction:
+    """Bits the unit's segment occupies at max_seq_len in format f (docs/design.md §4, accounting)."""
+    return _segment_bits(f, u.seg, u.sink, u.recent, u.t, d)
+
+
+@lru_cache(maxsize=None)
+def _segment_bits(f: Format, seg: str, sink: int, recent: int, t: int, d: int) -> Fraction:
+    from .semantics import StreamRule, segment_bits, stored_counts
+
+    rule = StreamRule(sink, recent, {"sink": f, "recent": f, "rest": f})
+    return segment_bits(f, seg, stored_counts(rule, t), d)
 
 
 def _iv(lo: float, hi: float) -> list:
@@ -176,7 +193,7 @@ def _build_chain(unit: Unit, table: dict, c: Fraction) -> None:
              and (f.granularity != "channel" or unit.seg == "rest")]
     errs = {f.name: f.l2_error(unit.stats) for f in cands}
     # cost = the bits the segment really occupies (a short segment cannot fill channel groups)
-    cands.sort(key=lambda f: (f.segment_bits(unit.length, 1), errs[f.name], f.name))
+    cands.sort(key=lambda f: (unit_bits(unit, f), errs[f.name], f.name))
     chain, best_err, best_thm = [], None, None
     for f in cands:
         e = errs[f.name]
@@ -257,7 +274,8 @@ def _units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dic
                     stats = SegmentStats(d, parse_number(inputs["d_token"][1]), parse_number(inputs["d_channel"][1]),
                                          parse_number(inputs["amax"][1]))
                     kap = (parse_number(inputs["kappa"][0]), parse_number(inputs["kappa"][1]))
-                    units.append(Unit(li, h, kv, seg, lengths[seg], stats, kap, inputs))
+                    units.append(Unit(li, h, kv, seg, lengths[seg], stats, kap, inputs, sink=req.sink,
+                                      recent=req.recent, t=t))
     meta = {"max_seq_len": t, "lengths": lengths, "curvature": curvature, "head_dim": d}
     return units, meta
 
@@ -284,7 +302,7 @@ class _Search:
         self.amp = amp                      # layer -> P_l (float)
         self.errf = [[float(e) for e in u.errors] for u in units]
         self.slope = [u.slopes for u in units]
-        self.bits = [[float(f.segment_bits(u.length, 1)) for f in u.chain] for u in units]
+        self.bits = [[float(unit_bits(u, f)) for f in u.chain] for u in units]
         self.length = [1 for u in units]          # bits above are already per segment
 
     def head_error(self, lh, state) -> float:
@@ -356,7 +374,7 @@ class _Search:
 
 def _avg_bits(units, state) -> Fraction:
     tot = sum(u.length for u in units)
-    return sum((u.chain[s].segment_bits(u.length, 1) for u, s in zip(units, state)), Fraction(0)) / tot
+    return sum((unit_bits(u, u.chain[s]) for u, s in zip(units, state)), Fraction(0)) / tot
 
 
 def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
@@ -408,6 +426,10 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         raise InvalidArgument("the report has no Lipschitz estimates (analyzed with --lipschitz-iters 0); "
                               "re-run analyze with the estimate on")
     lips = [round_up(parse_number(dec_up(float(x))) * req.lipschitz_margin) for x in lips_meas]
+    if "mlp_lipschitz" not in arrays or not np.all(np.isfinite(arrays["mlp_lipschitz"])):
+        raise InvalidArgument("the report has no estimates of the rest-of-block (MLP) gains; re-run analyze")
+    mlp_meas = arrays["mlp_lipschitz"]
+    mlps = [round_up(parse_number(dec_up(float(x))) * req.lipschitz_margin) for x in mlp_meas]
     onorm = [[parse_number(dec_up(float(arrays["o_proj_norm_kvhead"][li, h]))) for h in range(n_h)]
              for li in range(n_l)]
     qmax = [[parse_number(dec_up(float(arrays["qnorm_max_hi"][li, h].max()))) for h in range(n_h)]
@@ -454,7 +476,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
     for li in range(n_l - 1, -1, -1):
         amp_f.append(acc)
         acc *= float(lips[li])
-    amp_f = amp_f[::-1]
+    amp_f = [a * float(m) for a, m in zip(amp_f[::-1], mlps)]      # A_l L'_l (docs/design.md §2.5)
     amp_e2e = amp_f
     if req.objective in ("layers", "linear"):
         amp_f = [1.0] * n_l
@@ -481,7 +503,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
                 fv = {u.seg: u.chain[state[i]] for u, i in zip(us, idx) if u.kv == "V"}
                 errs.append(exact_head_error(exact_heads[(li, h)], fk, fv))
             layer_b.append(exact_layer_bound(errs, onorm[li], g_q))
-        return layer_b, exact_end_to_end(layer_b, lips, meta["max_seq_len"])
+        return layer_b, exact_end_to_end(layer_b, lips, meta["max_seq_len"], mlps)
 
     def float_bound(state):
         return sqrt_t * sum(amp_e2e[lh[0]] * weights[lh] * search_e2e.head_error(lh, state) for lh in lh_units)
@@ -553,6 +575,11 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
             state = final
         mode = {"kind": "eps", "value": fmt_number(req.eps)}
 
+    if fixed is None:
+        state = _theorem_fixup(units, state, req)
+        if req.avg_bits is not None and _avg_bits(units, state) > req.avg_bits:
+            raise PlanInfeasible(f"--avg-bits {fmt_number(req.avg_bits)}: Theorem 5.7 at --eps {fmt_number(req.eps)} "
+                                 f"for the re-quantized forms needs {float(_avg_bits(units, state)):.4f} bits")
     layer_b, e_l = exact_bound(state)
     head_err = [[exact_head_error(exact_heads[(li, h)],
                                   {u.seg: u.chain[state[u.idx]] for u in lh_units[(li, h)] if u.kv == "K"},
@@ -561,8 +588,8 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
     if req.avg_bits is not None and req.eps_target is not None and e_l > req.eps_target:
         raise PlanInfeasible(f"at --avg-bits {fmt_number(req.avg_bits)} the end-to-end bound is "
                              f"{dec_up(float(e_l), 4)} > --eps-target {fmt_number(req.eps_target)}")
-    plan = _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, onorm, qmax, layer_b, e_l,
-                     mode, report_name)
+    plan = _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps, mlp_meas, onorm, qmax,
+                     layer_b, e_l, mode, report_name)
     plan["claims"]["attention_error_max"] = [claim_up(max(row)) for row in head_err]
     return plan
 
@@ -573,13 +600,62 @@ def claim_up(x: Fraction) -> str | None:
     return None if x > 10 ** 300 else dec_up(float(x), 6)
 
 
+def stored_form_terms(units, state, c) -> list:
+    """[(units whose formats the form passed through, rhs c kappa sum u D^2, domain problems)] for every
+    stored form a query can read (docs/design.md §4), by the checker's own definition
+    (``semantics.reachable``, ``verify.obligations.precision_terms``): what the plan must satisfy."""
+    from .semantics import READER, State, StreamRule, reachable
+    from .verify.obligations import precision_terms
+
+    streams: dict = {}
+    for u in units:
+        streams.setdefault((u.layer, u.head, u.kv), {})[u.seg] = u
+    out = []
+    for segs in streams.values():
+        one = next(iter(segs.values()))
+        fmts = {seg: u.chain[state[u.idx]] for seg, u in segs.items()}
+        fill = fmts.get("rest") or next(iter(fmts.values()))
+        rule = StreamRule(one.sink, one.recent, {seg: fmts.get(seg, fill) for seg in SEGMENTS})
+        for st, _, _ in reachable(rule, one.t):
+            chain = rule.chain(st)
+            if not chain:
+                continue
+            reader = segs[READER[st]]
+            through = [segs[s] for s in ((["recent"] if one.recent > 0 else []) + ["rest"] if st is State.REST
+                                         else ["recent"] if st is State.RECENT_FAR else [READER[st]])]
+            _, rhs, domain = precision_terms(Fraction(0), c, chain, reader.stats, reader.kappa[1])
+            out.append((through, rhs, domain))
+    return out
+
+
 def implied_eps(units, state, c) -> Fraction:
-    """The smallest eps for which Theorem 5.7 holds for every key segment of the plan."""
-    return max((theorem_term(u.chain[s], u, c) for u, s in zip(units, state) if u.kv == "K"), default=Fraction(0))
+    """The smallest eps for which Theorem 5.7 holds for every stored key form of the plan."""
+    return max((rhs for us, rhs, _ in stored_form_terms(units, state, c) if us[0].kv == "K"), default=Fraction(0))
 
 
-def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, onorm, qmax, layer_b, e_l, mode,
-              report_name) -> dict:
+def _theorem_fixup(units, state, req) -> list:
+    """Raise formats along their chains until every stored form is in its formats' domains and, with a
+    user eps, satisfies Theorem 5.7 in its chain form. Moving up a chain never raises any bound."""
+    state = list(state)
+    while True:
+        bad = [(us, rhs, dom) for us, rhs, dom in stored_form_terms(units, state, req.c)
+               if dom or (req.eps is not None and us[0].kv == "K" and rhs > req.eps)]
+        if not bad:
+            return state
+        for us, rhs, dom in bad:
+            up = [u for u in us if state[u.idx] + 1 < len(u.chain)]
+            if not up:
+                u = us[-1]
+                raise PlanInfeasible(f"layer {u.layer} head {u.head} {u.kv} {u.seg}: "
+                                     + (f"values outside every format's domain ({dom[0]})" if dom else
+                                        f"Theorem 5.7 needs eps >= {dec_up(float(rhs), 4)} even with the finest "
+                                        "formats of the chain"))
+            u = up[-1] if dom else max(up, key=lambda u: theorem_term(u.chain[state[u.idx]], u, req.c))
+            state[u.idx] += 1
+
+
+def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps, mlp_meas, onorm, qmax, layer_b,
+              e_l, mode, report_name) -> dict:
     from . import __version__
 
     shape = summary["shape"]
@@ -619,11 +695,13 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, ono
             "layer": li, "tau": fmt_number(tau[li]),
             "lipschitz": {"measured": dec_up(float(lips_meas[li])), "margin": fmt_number(req.lipschitz_margin),
                           "value": fmt_number(lips[li])},
+            "mlp_lipschitz": {"measured": dec_up(float(mlp_meas[li])), "margin": fmt_number(req.lipschitz_margin),
+                              "value": fmt_number(mlps[li])},
             "heads": heads,
         })
     calib = summary["calibration"]
     avg = _avg_bits(units, state)
-    total_bits = sum((u.chain[s].segment_bits(u.length, meta["head_dim"]) for u, s in zip(units, state)),
+    total_bits = sum((unit_bits(u, u.chain[s], meta["head_dim"]) for u, s in zip(units, state)),
                      Fraction(0))
     assumptions = [
         {"name": "curvature", "statement": "for every deployment query, kappa_t <= the plan's kappa upper end "
@@ -676,9 +754,8 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, ono
             "cache_bits_at_max_seq_len": fmt_number(total_bits),
             "layer_bounds": [claim_up(b) for b in layer_b],
             "end_to_end_bound": claim_up(e_l),
-            "theorem_5_7_violations": sum(1 for u, s in zip(units, state)
-                                          if u.kv == "K" and parse_number(fmt_number(eps)) < theorem_term(
-                                              u.chain[s], u, req.c)),
+            "theorem_5_7_violations": sum(1 for us, rhs, dom in stored_form_terms(units, state, req.c)
+                                          if dom or (us[0].kv == "K" and eps < rhs)),
         },
     }
     return plan

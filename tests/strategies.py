@@ -52,6 +52,7 @@ def reports(draw, max_layers=3, max_heads=2):
         "lipschitz": pos(n_l, lo=1, hi=3),
         "scaling": np.full(n_l, d ** -0.5),
     }
+    arrays["mlp_lipschitz"] = np.linspace(1.0, 1.5, n_l)     # not drawn: the other arrays are unchanged
     for f in ("alpha_max", "qnorm_max", "vo_max", "mass_alpha", "mass_avo"):
         arrays[f"{f}_lo"] = arrays[f"{f}_hi"] * 0.9
     for kv in ("k", "v"):

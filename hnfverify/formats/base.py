@@ -84,9 +84,15 @@ class Format:
             return (self.bits_per_element * full + 32 * (n_tokens - full)) * d
         return self.bits_per_element * n_tokens * d
 
+    @property
+    def domain_max(self) -> Fraction:
+        """The largest |x| for which the error model's lemma holds (docs/design.md §2.3): 65504 for
+        FP16 and for the FP16 scale / zero-point of scaled formats."""
+        return Fraction(65504)
+
     def representable(self, s: SegmentStats) -> bool:
-        """False if values of this size overflow the format (e.g. FP16 beyond 65504)."""
-        return True
+        """True iff every value of the segment lies in the format's domain (``amax <= domain_max``)."""
+        return s.amax <= self.domain_max
 
     def error_model(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError

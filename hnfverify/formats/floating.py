@@ -29,8 +29,9 @@ class FloatFormat(Format):
         """Half the spacing of subnormals: 2^(min_exp - mantissa_bits - 1)."""
         return Fraction(2) ** (self.min_exp - self.mantissa_bits - 1)
 
-    def representable(self, s: SegmentStats) -> bool:
-        return s.amax <= self.max_finite
+    @property
+    def domain_max(self) -> Fraction:
+        return self.max_finite
 
     def l2_error(self, s: SegmentStats) -> Fraction:
         return self.u * s.norm + sqrt_up(Fraction(s.d)) * self.sub_error

@@ -24,8 +24,9 @@ SCALE_BITS = 16
 class Fp8Format(FloatFormat):
     """The FP8 grid (``mantissa_bits``, ``min_exp``, ``max_finite`` as for FloatFormat) behind a scale."""
 
-    def representable(self, s: SegmentStats) -> bool:
-        return True                 # the per-token scale maps every group into range
+    @property
+    def domain_max(self) -> Fraction:
+        return Fraction(65504)      # the lemma's |x| <= 65504 (the FP16 scale stays finite)
 
     def l2_error(self, s: SegmentStats) -> Fraction:
         scale = max(s.amax * (1 + Fraction(1, 2 ** 9)) / self.max_finite, Fraction(1, 2 ** 14))

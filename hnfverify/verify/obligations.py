@@ -1,5 +1,6 @@
-"""Enumerate and decide every obligation of a plan. Nothing the plan *claims* is trusted: all
-numbers are recomputed from the plan's inputs and the formats' definitions.
+"""Enumerate and decide every obligation of a plan (docs/design.md §5). Nothing the plan *claims*
+is trusted: all numbers are recomputed from the plan's inputs and the formats' definitions, through
+the one run-time meaning of a rule plan (``hnfverify.semantics``).
 """
 
 from __future__ import annotations
@@ -8,19 +9,19 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from ..bound import (SEGMENTS, HeadInputs, amplification, exact_end_to_end, exact_head_error, exact_layer_bound,
-                     segment_errors)
-from ..formats import SegmentStats, by_name, format_table
-from ..numbers import fmt_number, parse_number, sqrt_up
+from ..bound import amplification, chain_stages, injected, plan_bounds
+from ..formats import format_table
+from ..numbers import fmt_number, parse_number, round_up, sqrt_up
+from ..planview import view
+from ..semantics import READER, reachable
 from . import PROVED, REFUTED, UNKNOWN
-from .precision import decide, up
-from .smt import composition_query, monotonicity_lemma, precision_query, run_queries
+from .smt import composition_query, monotonicity_lemma, precision_chain_query, run_queries
 
 
 @dataclass
 class Obligation:
     id: str
-    family: str                 # precision-lower-bound | attention-error-budget | composition-law | lemma
+    family: str                 # precision-lower-bound | attention-error-budget | composition-law | claims | lemma
     location: dict
     verdict: str = UNKNOWN
     witness: dict = field(default_factory=dict)
@@ -64,149 +65,109 @@ class CheckResult:
         return PROVED
 
 
-def _seg_stats(inputs: dict, d: int) -> SegmentStats:
-    return SegmentStats(d, parse_number(inputs["d_token"][1]), parse_number(inputs["d_channel"][1]),
-                        parse_number(inputs["amax"][1]))
+def _positions_minus_blocks(lo: int, hi: int, blocks) -> list:
+    """[lo, hi) without the blocks' positions, as a list of [start, end) ranges."""
+    out, cur = [], lo
+    for b in sorted(blocks, key=lambda b: b.start):
+        if b.end <= cur or b.start >= hi:
+            continue
+        if b.start > cur:
+            out.append((cur, b.start))
+        cur = max(cur, b.end)
+    if cur < hi:
+        out.append((cur, hi))
+    return out
 
 
-def _groups(plan: dict):
-    """Yield (layer, head, kv, segment-or-block id, positions [start, end) list, format, inputs)."""
-    t = plan["max_seq_len"]
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            for kv in ("K", "V"):
-                rule = head[kv]
-                s_len, r_len = rule["sink"]["length"], rule["recent"]["length"]
-                rest_len = max(0, t - s_len - r_len)
-                blocks = rule["blocks"]
-                covered = [(b["start"], b["end"]) for b in blocks]
+def _precision_items(pv):
+    """(stream, id suffix, reader segment, chain, stats, kappa, position ranges) for every stored form
+    a query can read (docs/design.md §4, §5): reachable states with a non-empty chain, and blocks."""
+    for st in pv.streams():
+        for state, lo, hi in reachable(st.rule, pv.max_seq_len):
+            chain = st.rule.chain(state)
+            seg = READER[state]
+            rng = _positions_minus_blocks(lo, hi, st.blocks)
+            if chain and rng:
+                yield st, state.value, seg, chain, st.stats[seg], st.kappa[seg], rng
+        for bi, b in enumerate(st.blocks):
+            yield st, f"block{bi}", f"block{bi}", (b.fmt,), b.stats, b.kappa, [(b.start, b.end)]
 
-                def minus(a, b):
-                    """[a, b) without the blocks, as a list of ranges."""
-                    out, cur = [], a
-                    for s, e in covered:
-                        if e <= cur or s >= b:
-                            continue
-                        if s > cur:
-                            out.append((cur, s))
-                        cur = max(cur, e)
-                    if cur < b:
-                        out.append((cur, b))
-                    return out
 
-                lens = {"sink": s_len, "recent": r_len, "rest": rest_len}
-                spans = {"sink": (0, min(s_len, t)), "recent": (min(s_len, t), t), "rest": (min(s_len, t), t)}
-                for seg in SEGMENTS:
-                    if lens[seg] == 0:
-                        continue
-                    rng = minus(*spans[seg])
-                    if rng:
-                        yield layer["layer"], head["kv_head"], kv, seg, rng, rule[seg]["format"], rule[seg]["inputs"]
-                for bi, b in enumerate(blocks):
-                    yield layer["layer"], head["kv_head"], kv, f"block{bi}", [(b["start"], b["end"])], b["format"], \
-                        b["inputs"]
+def precision_terms(eps, c, chain, stats, kappa):
+    """(stages [(format, stats, error)], rhs, domain problems) of one stored form (docs/design.md §2.2-2.3)."""
+    stages = chain_stages(chain, stats)
+    rhs = c * kappa * sum((f.u * f.theorem_diameter(s) ** 2 for f, s, _ in stages), Fraction(0))
+    domain = [f"{f.name}: amax {fmt_number(s.amax)} > {fmt_number(f.domain_max)}"
+              for f, s, _ in stages if not f.representable(s)]
+    return stages, rhs, domain
 
 
 def check_plan(plan: dict, options: CheckOptions = CheckOptions()) -> CheckResult:
-    import numpy as np
-
     t0 = time.perf_counter()
-    eps, c = parse_number(plan["eps"]), parse_number(plan["c"])
-    d = plan["shape"]["head_dim"]
-    fmts = {n: by_name(n) for n in plan["formats"]}
+    pv = view(plan)
+    eps, c = pv.eps, pv.c
     obligations: list[Obligation] = []
-
-    # ---- (a) Theorem 5.7 at every position: expand groups to per-position arrays, filter, fall back
-    groups = list(_groups(plan))
-    g_exact, g_counts = [], []
-    for (_, _, kv, seg, rng, fname, inputs) in groups:
-        f = fmts[fname]
-        st = _seg_stats(inputs, d)
-        kap = parse_number(inputs["kappa"][1]) if kv == "K" else Fraction(0)
-        g_exact.append((kap, f.theorem_diameter(st), f.u))
-        g_counts.append(sum(e - s for s, e in rng))
-    counts = np.array(g_counts, dtype=np.int64)
-    k_arr = np.repeat(np.array([up(x[0]) for x in g_exact]), counts)
-    d_arr = np.repeat(np.array([up(x[1]) for x in g_exact]), counts)
-    u_arr = np.repeat(np.array([up(x[2]) for x in g_exact]), counts)
-    owner = np.repeat(np.arange(len(groups)), counts)
-    memo: dict = {}
-
-    def exact_at(i):
-        g = int(owner[i])
-        if g not in memo:
-            memo[g] = g_exact[g]
-        return memo[g]
-
-    t1 = time.perf_counter()
-    res = decide(eps, c, k_arr, d_arr, u_arr, exact=exact_at)
-    t2 = time.perf_counter()
-    starts = np.concatenate([[0], np.cumsum(counts)])
     smt_jobs = []
-    for gi, (layer, head, kv, seg, rng, fname, inputs) in enumerate(groups):
-        a, b = starts[gi], starts[gi + 1]
-        kap, diam, u = g_exact[gi]
-        rhs = c * kap * diam * diam * u
-        loc = {"layer": layer, "kv_head": head, "kv": kv, "segment": seg,
+    entries = 0
+
+    # ---- (a) Theorem 5.7 and the format domains, once per stored form (all its positions share inputs)
+    for st, suffix, seg, chain, stats, kappa, rng in _precision_items(pv):
+        stages, rhs, domain = precision_terms(eps, c, chain, stats, kappa)
+        last_f, last_s, _ = stages[-1]
+        n_pos = sum(e - s for s, e in rng)
+        entries += n_pos
+        loc = {"layer": st.layer, "kv_head": st.head, "kv": st.kv, "segment": suffix,
                "positions": [[s, e] for s, e in rng]}
-        ob = Obligation(f"precision/L{layer}/H{head}/{kv}/{seg}", "precision-lower-bound", loc)
-        ob.witness = {"eps": fmt_number(eps), "c": fmt_number(c), "kappa_hi": fmt_number(kap),
-                      "D_hi": fmt_number(diam), "u": fmt_number(u), "format": fname,
-                      "rhs": fmt_number(rhs), "granularity": fmts[fname].granularity}
-        if res.refuted[a:b].any():
-            first = int(np.flatnonzero(res.refuted[a:b])[0])
-            pos = _nth_position(rng, first)
+        ob = Obligation(f"precision/L{st.layer}/H{st.head}/{st.kv}/{suffix}", "precision-lower-bound", loc)
+        ob.witness = {"eps": fmt_number(eps), "c": fmt_number(c), "kappa_hi": fmt_number(kappa), "reader": seg,
+                      "stages": [{"format": f.name, "u": fmt_number(f.u), "D_hi": fmt_number(f.theorem_diameter(s)),
+                                  "amax_hi": fmt_number(s.amax), "error": fmt_number(e)} for f, s, e in stages],
+                      "rhs": fmt_number(rhs), "format": last_f.name, "u": fmt_number(last_f.u),
+                      "D_hi": fmt_number(last_f.theorem_diameter(last_s)),
+                      "domain": "; ".join(domain) if domain else "ok"}
+        if domain or eps < rhs:
             ob.verdict = REFUTED
-            ob.witness["first_violation_position"] = pos
-            ob.witness["violations"] = int(res.refuted[a:b].sum())
-            ob.witness["cheapest_admissible"] = _cheapest_admissible(eps, c, kap, inputs, d, kv, plan)
-        elif res.proved[a:b].all():
+            ob.witness["first_violation_position"] = rng[0][0]
+            ob.witness["violations"] = n_pos
+            ob.witness["cheapest_admissible"] = _cheapest_admissible(eps, c, stages, kappa, seg, plan)
+        else:
             ob.verdict = PROVED
-            if kv == "K" and options.smt:
-                ob.smt = precision_query(eps, c, kap, diam, u, ob.id, options.timeout_ms)
+            if st.kv == "K" and options.smt:
+                ob.smt = precision_chain_query(eps, c, kappa, [(f.u, f.theorem_diameter(s)) for f, s, _ in stages],
+                                               ob.id, options.timeout_ms)
                 smt_jobs.append(ob)
         obligations.append(ob)
+    t1 = time.perf_counter()
 
-    # ---- (b) first-order attention-output error per (layer, head) and (c) the composition law
-    n_l = plan["shape"]["layers"]
-    g_q = plan["shape"]["query_heads"] // plan["shape"]["kv_heads"]
-    layer_bounds, lips = [], []
-    for layer in plan["layers"]:
-        tau = parse_number(layer["tau"])
-        errs, norms = [], []
-        for head in layer["heads"]:
-            hi = _head_inputs(head, tau, d, plan["max_seq_len"])
-            fk = {s: fmts[head["K"][s]["format"]] for s in hi.k}
-            fv = {s: fmts[head["V"][s]["format"]] for s in hi.v}
-            fk, fv = _with_blocks(head, fk, fv, fmts, hi)
-            e_h = exact_head_error(hi, fk, fv)
-            errs.append(e_h)
-            norms.append(parse_number(head["o_proj_norm"]))
-            if plan["mode"]["kind"] == "eps":
-                ob = Obligation(f"attention/L{layer['layer']}/H{head['kv_head']}", "attention-error-budget",
-                                {"layer": layer["layer"], "kv_head": head["kv_head"]})
-                dk, dv = segment_errors(hi.k, fk), segment_errors(hi.v, fv)
-                ob.witness = {"eps": fmt_number(eps), "error_bound": fmt_number(e_h),
-                              "dK": {s: fmt_number(x) for s, x in dk.items()},
-                              "dV": {s: fmt_number(x) for s, x in dv.items()}}
-                ob.verdict = PROVED if e_h <= eps else REFUTED
-                obligations.append(ob)
-        layer_bounds.append(exact_layer_bound(errs, norms, g_q))
-        lips.append(parse_number(layer["lipschitz"]["value"]))
-    e_l = exact_end_to_end(layer_bounds, lips, plan["max_seq_len"])
-    if plan["eps_target"] is not None:
-        target = parse_number(plan["eps_target"])
-        sqrt_t = sqrt_up(Fraction(plan["max_seq_len"]))
-        ob = Obligation("composition", "composition-law", {"layers": n_l})
-        ob.witness = {"eps_target": fmt_number(target), "end_to_end_bound": fmt_number(e_l),
-                      "sqrt_T": fmt_number(sqrt_t), "layer_bounds": [fmt_number(b) for b in layer_bounds],
-                      "lipschitz": [fmt_number(x) for x in lips],
+    # ---- (b) the attention-output bound per (layer, head), (c) the composition law, (d) the claims
+    pb = plan_bounds(pv)
+    if pv.eps_source == "user":           # a user's eps is the attention budget, whatever the mode label
+        for h in pv.heads():
+            key = (h.layer, h.head)
+            ob = Obligation(f"attention/L{h.layer}/H{h.head}", "attention-error-budget",
+                            {"layer": h.layer, "kv_head": h.head})
+            ob.witness = {"eps": fmt_number(eps), "error_bound": fmt_number(pb.head_errors[key]),
+                          "dK": {s: fmt_number(x) for s, x in pb.dk[key].items()},
+                          "dV": {s: fmt_number(x) for s, x in pb.dv[key].items()}}
+            ob.verdict = PROVED if pb.head_errors[key] <= eps else REFUTED
+            obligations.append(ob)
+    lips = [la.lipschitz for la in pv.layers]
+    mlps = [la.mlp_lipschitz for la in pv.layers]
+    inj = injected(pb.layer_bounds, mlps)
+    if pv.eps_target is not None:
+        sqrt_t = sqrt_up(Fraction(pv.max_seq_len))
+        ob = Obligation("composition", "composition-law", {"layers": len(pv.layers)})
+        ob.witness = {"eps_target": fmt_number(pv.eps_target), "end_to_end_bound": fmt_number(pb.end_to_end),
+                      "sqrt_T": fmt_number(sqrt_t), "layer_bounds": [fmt_number(b) for b in pb.layer_bounds],
+                      "lipschitz": [fmt_number(x) for x in lips], "mlp_lipschitz": [fmt_number(x) for x in mlps],
+                      "injected": [fmt_number(x) for x in inj],
                       "amplification": [fmt_number(x) for x in amplification(lips)]}
-        ob.verdict = PROVED if e_l <= target else REFUTED
+        ob.verdict = PROVED if pb.end_to_end <= pv.eps_target else REFUTED
         if ob.verdict == PROVED and options.smt:
-            ob.smt = composition_query(layer_bounds, lips, sqrt_t, target, options.timeout_ms)
+            ob.smt = composition_query(inj, lips, sqrt_t, pv.eps_target, options.timeout_ms)
             smt_jobs.append(ob)
         obligations.append(ob)
+    obligations.append(_claims(plan, pv, pb))
     if options.smt:
         lemma = Obligation("lemma/monotonicity", "lemma", {})
         lemma.smt = monotonicity_lemma(options.timeout_ms)
@@ -217,20 +178,43 @@ def check_plan(plan: dict, options: CheckOptions = CheckOptions()) -> CheckResul
             smt_jobs += _per_position_jobs(obligations, options)
 
     # ---- the solver must agree with every exact PROVED decision; anything else fails closed
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     answers = run_queries([o.smt for o in smt_jobs], options.solver, options.timeout_ms, options.wall_timeout_s)
     for ob, ans in zip(smt_jobs, answers):
         if ans["result"] == "unsat":
             continue
+        ob.verdict = UNKNOWN
         if ans["result"] == "sat":
-            ob.verdict = UNKNOWN
             ob.reason = f"{options.solver} found the negation satisfiable, disagreeing with the exact decision"
         else:
-            ob.verdict = UNKNOWN
             ob.reason = f"{options.solver}: {ans.get('reason') or 'unknown'}"
-    t4 = time.perf_counter()
-    timings = {"expand_s": t1 - t0, "filter_s": t2 - t1, "bounds_s": t3 - t2, "smt_s": t4 - t3}
-    return CheckResult(obligations, int(counts.sum()), res.exact_calls, timings, e_l, layer_bounds)
+    t3 = time.perf_counter()
+    n_exact = sum(o.family == "precision-lower-bound" for o in obligations)
+    timings = {"expand_s": 0.0, "filter_s": t1 - t0, "bounds_s": t2 - t1, "smt_s": t3 - t2}
+    return CheckResult(obligations, entries, n_exact, timings, pb.end_to_end, pb.layer_bounds)
+
+
+def _claims(plan: dict, pv, pb) -> Obligation:
+    """The plan's claimed bounds must be upper bounds of the recomputed ones (null: above 1e300)."""
+    claims = plan["claims"]
+    att = [max(pb.head_errors[(la.index, h.head)] for h in la.heads) for la in pv.layers]
+    bad = []
+
+    def cmp(path, claimed, exact):
+        if claimed is not None and parse_number(claimed) < exact:
+            bad.append(f"{path} = {claimed} < {fmt_number(round_up(exact, 20))}")
+
+    for i, b in enumerate(pb.layer_bounds):
+        cmp(f"$.claims.layer_bounds[{i}]", claims["layer_bounds"][i], b)
+    for i, a in enumerate(att):
+        cmp(f"$.claims.attention_error_max[{i}]", claims["attention_error_max"][i], a)
+    cmp("$.claims.end_to_end_bound", claims["end_to_end_bound"], pb.end_to_end)
+    ob = Obligation("claims", "claims", {})
+    ob.witness = {"layer_bounds": [fmt_number(b) for b in pb.layer_bounds],
+                  "attention_error_max": [fmt_number(a) for a in att],
+                  "end_to_end_bound": fmt_number(pb.end_to_end), "understated": bad}
+    ob.verdict = REFUTED if bad else PROVED
+    return ob
 
 
 def _per_position_jobs(obligations, options) -> list:
@@ -239,71 +223,29 @@ def _per_position_jobs(obligations, options) -> list:
         if ob.family != "precision-lower-bound" or ob.verdict != PROVED or ob.location["kv"] != "K":
             continue
         w = ob.witness
+        stages = [(parse_number(x["u"]), parse_number(x["D_hi"])) for x in w["stages"]]
         for s, e in ob.location["positions"]:
             for pos in range(s, e):
-                o = Obligation(f"{ob.id}/t{pos}", "precision-lower-bound-position", dict(ob.location, positions=[[pos, pos + 1]]))
+                o = Obligation(f"{ob.id}/t{pos}", "precision-lower-bound-position",
+                               dict(ob.location, positions=[[pos, pos + 1]]))
                 o.verdict = PROVED
-                o.smt = precision_query(parse_number(w["eps"]), parse_number(w["c"]), parse_number(w["kappa_hi"]),
-                                        parse_number(w["D_hi"]), parse_number(w["u"]), o.id, options.timeout_ms)
+                o.smt = precision_chain_query(parse_number(w["eps"]), parse_number(w["c"]),
+                                              parse_number(w["kappa_hi"]), stages, o.id, options.timeout_ms)
                 jobs.append(o)
                 obligations.append(o)
     return jobs
 
 
-def _nth_position(rng, n):
-    for s, e in rng:
-        if n < e - s:
-            return s + n
-        n -= e - s
-    return None
-
-
-def _cheapest_admissible(eps, c, kap, inputs, d, kv, plan):
-    st = _seg_stats(inputs, d)
+def _cheapest_admissible(eps, c, stages, kappa, seg, plan):
+    """The cheapest format that could replace the last stage of a refuted stored form."""
+    prior = stages[:-1]
+    last_stats = stages[-1][1]
+    d = plan["shape"]["head_dim"]
+    before = sum((f.u * f.theorem_diameter(s) ** 2 for f, s, _ in prior), Fraction(0))
     table = format_table(d, plan["analysis"]["channel_group"])
-    ok = [f for f in table.values() if f.representable(st) and eps >= c * kap * f.theorem_diameter(st) ** 2 * f.u]
+    ok = [f for f in table.values()
+          if f.representable(last_stats) and (f.granularity != "channel" or seg == "rest")
+          and eps >= c * kappa * (before + f.u * f.theorem_diameter(last_stats) ** 2)]
     if not ok:
         return None
     return min(ok, key=lambda f: (f.bits_per_element, f.name)).name
-
-
-def _head_inputs(head, tau, d, t) -> HeadInputs:
-    k, v, ma, mv = {}, {}, {}, {}
-    s_len, r_len = head["K"]["sink"]["length"], head["K"]["recent"]["length"]
-    lens = {"sink": s_len, "recent": r_len, "rest": max(0, t - s_len - r_len)}
-    for seg in SEGMENTS:
-        if lens[seg] == 0:
-            continue
-        k[seg] = _seg_stats(head["K"][seg]["inputs"], d)
-        v[seg] = _seg_stats(head["V"][seg]["inputs"], d)
-        ma[seg] = parse_number(head["K"][seg]["inputs"]["mass_alpha"][1])
-        mv[seg] = parse_number(head["K"][seg]["inputs"]["mass_avo"][1])
-    return HeadInputs(parse_number(str(tau)) if not isinstance(tau, Fraction) else tau,
-                      parse_number(head["q_max"]), k, v, ma, mv)
-
-
-class _WorstOf:
-    """A format stand-in whose error is the largest of several formats' (for segments with blocks)."""
-
-    def __init__(self, fmts):
-        self.fmts = fmts
-
-    def l2_error(self, s):
-        return max(f.l2_error(s) for f in self.fmts)
-
-
-def _with_blocks(head, fk, fv, fmts, hi, t: int = None):
-    """Blocks override formats on some positions; for the first-order bound a segment's error is
-    the worst over its own format and every block format overlapping its positions (the sink holds
-    [0, S), the recent window and the rest hold [S, T)) — sound and conservative."""
-    for kv, fd in (("K", fk), ("V", fv)):
-        blocks = head[kv]["blocks"]
-        if not blocks:
-            continue
-        s_len = head[kv]["sink"]["length"]
-        for seg in list(fd):
-            over = [fmts[b["format"]] for b in blocks
-                    if (b["start"] < s_len if seg == "sink" else b["end"] > s_len)]
-            if over:
-                fd[seg] = _WorstOf([fd[seg]] + over)
-    return fk, fv

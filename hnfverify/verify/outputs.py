@@ -4,17 +4,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
 from . import PROVED, REFUTED, UNKNOWN
 
 RULES = {
-    "precision-lower-bound": "Theorem 5.7: eps >= c * kappa * D^2 * u at every cached position",
-    "attention-error-budget": "first-order attention-output error of a (layer, KV head) <= eps (DESIGN 2.4)",
-    "composition-law": "end-to-end error through all layers <= eps_target (DESIGN 2.3)",
+    "precision-lower-bound": "Theorem 5.7: eps >= c * kappa * sum u D^2 for every stored form, inside the formats' "
+                             "domains (docs/design.md 2.2-2.3)",
+    "attention-error-budget": "attention-output error bound of a (layer, KV head) <= eps (docs/design.md 2.4)",
+    "composition-law": "end-to-end error through all layers <= eps_target (docs/design.md 2.5)",
+    "claims": "the plan's claimed bounds are upper bounds of the recomputed ones (docs/design.md 5)",
     "lemma": "a lemma the per-group queries rely on",
     "undecided": "an obligation the solver could not decide (unknown, timeout): fails closed",
 }
+
+
+# control characters (C0, DEL, C1, line/paragraph separators) and lone surrogates: shown as \xNN / \uNNNN
+# in text, so a plan path cannot move the terminal's cursor or split a report line
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# what XML 1.0 forbids (every C0 control but tab, newline, CR; surrogates; U+FFFE/U+FFFF), plus DEL and C1
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def _escape_char(m) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(s) -> str:
+    """``s`` with control characters and lone surrogates written as visible escapes (one line)."""
+    return _UNPRINTABLE.sub(_escape_char, str(s))
+
+
+def _xml(s) -> str:
+    """Text that XML 1.0 can hold: forbidden characters written as visible escapes."""
+    return _NOT_XML.sub(_escape_char, str(s))
 
 
 def describe(o) -> str:
@@ -23,13 +49,18 @@ def describe(o) -> str:
         pos = ", ".join(f"{s}-{e - 1}" for s, e in loc["positions"])
         head = f"layer {loc['layer']} head {loc['kv_head']} {loc['kv']} {loc['segment']} positions {pos}"
         if o.verdict == REFUTED:
+            chain = " then ".join(st["format"] for st in w.get("stages", [])) or w["format"]
+            if w.get("domain", "ok") != "ok":
+                return f"{head}: values outside the format domain ({w['domain']}), stored as {chain}"
             return (f"{head}: first violation at position {w.get('first_violation_position')}; requires "
-                    f"eps >= {_f(w['rhs'])} (c kappa D^2 u with {w['format']}, u = {w['u']}), eps = {w['eps']}; "
-                    f"cheapest admissible format: {w.get('cheapest_admissible') or 'none'}")
+                    f"eps >= {_f(w['rhs'])} (c kappa sum u D^2 with {chain}), eps = {w['eps']}; "
+                    f"cheapest admissible last format: {w.get('cheapest_admissible') or 'none'}")
         return head
     if o.family == "attention-error-budget":
         return (f"layer {loc['layer']} head {loc['kv_head']}: attention-output error bound "
                 f"{_f(w['error_bound'])} vs eps {w['eps']}")
+    if o.family == "claims":
+        return "understated: " + "; ".join(w.get("understated", [])) if w.get("understated") else "claims hold"
     if o.family == "composition-law":
         return f"end-to-end bound {_f(w['end_to_end_bound'])} vs eps_target {w['eps_target']}"
     return o.id
@@ -59,7 +90,7 @@ def text(result, plan_path: str, sha: str, cert_path) -> str:
                  f"({result.entries_exact} by exact fallback); end-to-end bound {_f(str(result.end_to_end_bound))}")
     if cert_path:
         lines.append(f"certificate {cert_path}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def as_json(result, plan_path: str, sha: str, cert_path) -> str:
@@ -84,7 +115,7 @@ def sarif(result, plan_path: str, sha: str, version: str) -> str:
             "level": "error",
             "message": {"text": msg},
             "locations": [{
-                "physicalLocation": {"artifactLocation": {"uri": plan_path}, "region": {"startLine": 1}},
+                "physicalLocation": {"artifactLocation": {"uri": _uri(plan_path)}, "region": {"startLine": 1}},
                 "logicalLocations": [{"fullyQualifiedName": logical, "kind": "member"}],
             }],
             "partialFingerprints": {"hnfverifyObligation/v1": hashlib.sha256(f"{rule}:{o.id}".encode()).hexdigest()},
@@ -103,6 +134,12 @@ def sarif(result, plan_path: str, sha: str, version: str) -> str:
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
 
+def _uri(path: str) -> str:
+    """A SARIF artifactLocation.uri (a URI reference): spaces, %, control and non-ASCII characters
+    percent-encoded (UTF-8); ordinary relative or absolute paths stay as they are."""
+    return quote(path, safe="/:@!$&'()*+,;=~", errors="backslashreplace")
+
+
 def junit(result, plan_path: str) -> str:
     by_case: dict = {}
     for o in result.obligations:
@@ -119,12 +156,13 @@ def junit(result, plan_path: str) -> str:
         if bad:
             fails += 1
             body = f"<failure message={quoteattr(f'{len(bad)} obligation(s) violated')}>" + \
-                escape("\n".join(describe(o) for o in bad)) + "</failure>"
+                escape(_xml("\n".join(describe(o) for o in bad))) + "</failure>"
         elif unk:
             errs += 1
             body = f"<error message={quoteattr(f'{len(unk)} obligation(s) undecided')}>" + \
-                escape("\n".join(f"{o.id}: {o.reason}" for o in unk)) + "</error>"
-        cases.append(f'  <testcase classname={quoteattr("hnfverify." + plan_path)} name={quoteattr(name)} '
+                escape(_xml("\n".join(f"{o.id}: {o.reason}" for o in unk))) + "</error>"
+        cases.append(f'  <testcase classname={quoteattr(_xml("hnfverify." + plan_path))} '
+                     f'name={quoteattr(_xml(name))} '
                      f'assertions="{len(obs)}">{body}</testcase>')
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             f'<testsuites><testsuite name="hnfverify check" tests="{len(cases)}" failures="{fails}" errors="{errs}">\n'

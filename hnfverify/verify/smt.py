@@ -42,6 +42,20 @@ def precision_query(eps: Fraction, c: Fraction, kappa_hi: Fraction, d_hi: Fracti
             + f"(assert (> (* {lit(c)} kappa D D {lit(u)}) {lit(eps)}))\n(check-sat)\n")
 
 
+def precision_chain_query(eps: Fraction, c: Fraction, kappa_hi: Fraction, stages: list, comment: str,
+                          timeout_ms: int) -> str:
+    """One stage: :func:`precision_query`. Several (u_k, D_k_hi): UNSAT iff c kappa sum_k u_k D_k^2 <= eps
+    for every kappa in [0, kappa_hi] and D_k in [0, D_k_hi] (docs/design.md §2.2)."""
+    if len(stages) == 1:
+        return precision_query(eps, c, kappa_hi, stages[0][1], stages[0][0], comment, timeout_ms)
+    decl = "(declare-const kappa Real)\n" + "".join(f"(declare-const D{k} Real)\n" for k in range(len(stages)))
+    box = f"(assert (and (<= 0.0 kappa) (<= kappa {lit(kappa_hi)})))\n" + "".join(
+        f"(assert (and (<= 0.0 D{k}) (<= D{k} {lit(d)})))\n" for k, (_, d) in enumerate(stages))
+    terms = " ".join(f"(* {lit(u)} D{k} D{k})" for k, (u, _) in enumerate(stages))
+    return (header("QF_NRA", comment, timeout_ms) + decl + box
+            + f"(assert (> (* {lit(c)} kappa (+ {terms})) {lit(eps)}))\n(check-sat)\n")
+
+
 def monotonicity_lemma(timeout_ms: int) -> str:
     """For c, u > 0: 0 <= kappa <= kappa', 0 <= D <= D' imply c kappa D^2 u <= c kappa' D'^2 u."""
     return (header("NRA", "monotonicity of c kappa D^2 u in kappa and D", timeout_ms)
@@ -52,9 +66,10 @@ def monotonicity_lemma(timeout_ms: int) -> str:
 
 def composition_query(layer_bounds: list, lipschitz: list, sqrt_t: Fraction, eps_target: Fraction,
                       timeout_ms: int) -> str:
-    """e_0 = 0, e_l <= L_l e_{l-1} + sqrt(T) b_l for every layer, and e_L > eps_target: UNSAT."""
+    """e_0 = 0, e_l <= L_l e_{l-1} + sqrt(T) b'_l for every layer, and e_L > eps_target: UNSAT
+    (``layer_bounds`` are the injected b'_l = L'_l b_l of docs/design.md §2.5)."""
     n = len(layer_bounds)
-    lines = [header("QF_LRA", "composition law across layers (DESIGN 2.3)", timeout_ms)]
+    lines = [header("QF_LRA", "composition law across layers (docs/design.md 2.5)", timeout_ms)]
     lines += [f"(declare-const e{i} Real)\n" for i in range(n + 1)]
     lines.append("(assert (= e0 0.0))\n")
     for i in range(n):

@@ -49,6 +49,7 @@ def synthetic_report(seed: int = 0):
          "vo_max_hi": pos(n_l, n_h, w, hi=2), "mass_alpha_hi": pos(n_l, 3, 3, 3, n_h),
          "mass_avo_hi": pos(n_l, 3, 3, 3, n_h, hi=2), "o_proj_norm_kvhead": pos(n_l, n_h, lo=1, hi=2),
          "lipschitz": pos(n_l, lo=1, hi=1.5), "scaling": np.full(n_l, d ** -0.5)}
+    a["mlp_lipschitz"] = np.linspace(1.0, 1.2, n_l)          # drawn after the rest: the other arrays are unchanged
     for f in ("alpha_max", "qnorm_max", "vo_max", "mass_alpha", "mass_avo"):
         a[f + "_lo"] = a[f + "_hi"] * 0.9
     for kv in "kv":

@@ -1,0 +1,129 @@
+"""The plan parsed once into typed values (docs/design.md §3, §4): per layer, KV head and K|V the
+stream rule (lengths, formats), the segments' interval inputs as exact upper ends, and the blocks.
+The checker, the bounds, the planner's claims, the cache and the evaluation read a plan through this
+view; only ``hnfverify.recheck`` keeps its own reading. Assumes a plan that ``plan.validate_plan``
+accepted. No torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .formats import Format, SegmentStats, by_name
+from .numbers import parse_number
+from .semantics import SEGMENTS, StreamRule, segment_lengths
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int
+    end: int
+    fmt: Format
+    stats: SegmentStats
+    kappa: Fraction
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """One (layer, KV head, K|V). ``stats``/``kappa``/``inputs`` hold only the non-empty segments."""
+
+    layer: int
+    head: int
+    kv: str
+    rule: StreamRule
+    lengths: dict
+    stats: dict
+    kappa: dict
+    inputs: dict
+    blocks: tuple
+
+
+@dataclass(frozen=True)
+class HeadView:
+    layer: int
+    head: int
+    q_max: Fraction
+    o_proj_norm: Fraction
+    k: StreamView
+    v: StreamView
+    mass_alpha: dict          # segment -> upper end (the larger of the K and the V rule's)
+    mass_avo: dict
+
+
+@dataclass(frozen=True)
+class LayerView:
+    index: int
+    tau: Fraction
+    lipschitz: Fraction
+    mlp_lipschitz: Fraction
+    heads: tuple
+
+
+@dataclass(frozen=True)
+class PlanView:
+    max_seq_len: int
+    head_dim: int
+    query_group: int          # query heads per KV head
+    eps: Fraction
+    eps_target: Fraction | None
+    eps_source: str
+    c: Fraction
+    layers: tuple
+
+    def heads(self):
+        for layer in self.layers:
+            yield from layer.heads
+
+    def streams(self):
+        for h in self.heads():
+            yield h.k
+            yield h.v
+
+
+def _hi(interval) -> Fraction:
+    return parse_number(interval[1])
+
+
+def segment_stats(inputs: dict, d: int) -> SegmentStats:
+    return SegmentStats(d, _hi(inputs["d_token"]), _hi(inputs["d_channel"]), _hi(inputs["amax"]))
+
+
+def _stream(layer: int, head: int, kv: str, rule: dict, t: int, d: int) -> StreamView:
+    s_len, r_len = rule["sink"]["length"], rule["recent"]["length"]
+    lengths = segment_lengths(s_len, r_len, t)
+    fmts = {seg: by_name(rule[seg]["format"]) for seg in SEGMENTS}
+    stats, kappa, inputs = {}, {}, {}
+    for seg in SEGMENTS:
+        inp = rule[seg]["inputs"]
+        if lengths[seg] and inp is not None:
+            inputs[seg] = inp
+            stats[seg] = segment_stats(inp, d)
+            kappa[seg] = _hi(inp["kappa"]) if kv == "K" else Fraction(0)
+    blocks = tuple(Block(b["start"], b["end"], by_name(b["format"]), segment_stats(b["inputs"], d),
+                         _hi(b["inputs"]["kappa"]) if kv == "K" else Fraction(0)) for b in rule["blocks"])
+    return StreamView(layer, head, kv, StreamRule(s_len, r_len, fmts), lengths, stats, kappa, inputs, blocks)
+
+
+def view(plan: dict) -> PlanView:
+    t, d = plan["max_seq_len"], plan["shape"]["head_dim"]
+    layers = []
+    for layer in plan["layers"]:
+        li = layer["layer"]
+        heads = []
+        for head in layer["heads"]:
+            k = _stream(li, head["kv_head"], "K", head["K"], t, d)
+            v = _stream(li, head["kv_head"], "V", head["V"], t, d)
+            ma, mv = {}, {}
+            for seg in k.inputs:
+                both = [k.inputs[seg]] + ([v.inputs[seg]] if seg in v.inputs else [])
+                ma[seg] = max(_hi(x["mass_alpha"]) for x in both)
+                mv[seg] = max(_hi(x["mass_avo"]) for x in both)
+            heads.append(HeadView(li, head["kv_head"], parse_number(head["q_max"]), parse_number(head["o_proj_norm"]),
+                                  k, v, ma, mv))
+        layers.append(LayerView(li, parse_number(layer["tau"]), parse_number(layer["lipschitz"]["value"]),
+                                parse_number(layer["mlp_lipschitz"]["value"]), tuple(heads)))
+    eps_t = plan["eps_target"]
+    return PlanView(t, d, plan["shape"]["query_heads"] // plan["shape"]["kv_heads"], parse_number(plan["eps"]),
+                    parse_number(eps_t) if eps_t is not None else None, plan["eps_source"], parse_number(plan["c"]),
+                    tuple(layers))
