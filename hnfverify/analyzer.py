@@ -67,6 +67,61 @@ def _allowed_from_mask(call: AttentionCall, b: int, tq: int, tk: int):
     return m > torch.finfo(m.dtype).min / 2
 
 
+# attention arguments that do not change an attention call's result once its mask is given: the mask
+# already encodes causality, padding and any sliding window (transformers' eager mask, masking_utils)
+_MASKED_BY_THE_MASK = ("sliding_window", "is_causal")
+_NO_EFFECT = ("position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+              "output_router_logits", "num_items_in_batch", "position_embeddings")
+
+
+def refuse_unimplemented_attention(module, dropout, kwargs: dict, who: str) -> None:
+    """Raise UnsupportedModel if an attention call carries an argument that changes its result and that
+    ``who`` (a re-implementation of the model's attention from q, K, V, mask and scaling) does not
+    implement: dropout > 0, logit soft-capping, learned attention sinks (``s_aux``), or anything unknown."""
+    from .errors import UnsupportedModel
+
+    bad = []
+    if dropout is not None and float(dropout) > 0:
+        bad.append(f"attention dropout {float(dropout)} (the model is in training mode)")
+    if kwargs.get("softcap"):
+        bad.append(f"attention logit soft-capping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None:
+        bad.append("learned attention sinks (s_aux)")
+    for k, v in kwargs.items():
+        if k not in ("softcap", "s_aux") + _MASKED_BY_THE_MASK + _NO_EFFECT and v is not None:
+            bad.append(f"the attention argument {k}={type(v).__name__}")
+    if bad:
+        layer = getattr(module, "layer_idx", "?")
+        raise UnsupportedModel(f"layer {layer} ({type(module).__name__}): {who} does not implement "
+                               f"{'; '.join(bad)}, which change the model's attention")
+
+
+def attention_bias(attention_mask, query, key, module=None):
+    """The additive score bias of an attention call, exactly as transformers' eager attention applies it
+    (``scores + mask[:, :, :, :Tk]``): float32 (B or 1, Hq or 1, Tq, Tk). The mask transformers builds for the
+    eager mask interface is additive (0 / finfo.min); a boolean mask (True = attend) becomes 0 / -inf.
+    A call without a mask is refused: what the model would compute then depends on its implementation."""
+    import torch
+
+    from .errors import UnsupportedModel
+
+    layer = getattr(module, "layer_idx", "?")
+    if attention_mask is None:
+        raise UnsupportedModel(f"layer {layer}: the model passed no attention mask to its attention function")
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 4:
+        raise UnsupportedModel(f"layer {layer}: unsupported attention mask "
+                               f"{type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))}")
+    b, hq, tq, _ = query.shape
+    tk = key.shape[-2]
+    m = attention_mask[:, :, :, :tk]
+    if m.shape[0] not in (1, b) or m.shape[1] not in (1, hq) or m.shape[2] != tq or m.shape[3] != tk:
+        raise UnsupportedModel(f"layer {layer}: attention mask of shape {tuple(attention_mask.shape)} does not fit "
+                               f"queries {tuple(query.shape)} and keys {tuple(key.shape)}")
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=torch.float32).masked_fill(~m, float("-inf"))
+    return m.to(torch.float32)
+
+
 class _Accumulator:
     """Running per-layer maxima over windows. All tensors (L, Hkv, T) float64 unless noted."""
 

@@ -161,13 +161,17 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
     sel_cache: dict = {}
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from .analyzer import attention_bias, refuse_unimplemented_attention
+
+        # the model's own attention: its mask (causal, sliding window, padding) and scaling; anything else refused
+        refuse_unimplemented_attention(module, dropout, kwargs, "the plan's teacher-forced attention")
         b, hq, t_len, d = query.shape
         hkv = key.shape[1]
         g = hq // hkv
-        tau = float(scaling if scaling is not None else module.scaling)
+        tau = float(scaling if scaling is not None else getattr(module, "scaling", d ** -0.5))
         li = int(module.layer_idx)
         out = torch.empty(b, t_len, hq, d, dtype=query.dtype)
-        causal = torch.ones(t_len, t_len, dtype=torch.bool).tril()
+        bias = attention_bias(attention_mask, query, key, module)          # (B|1, Hq|1, T, T) float32
         stats.kv[li] = (key.detach(), value.detach())
         for bi in range(b):
             for h in range(hkv):
@@ -186,10 +190,11 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                 worst = torch.zeros(max(t_len - prefix, 0), dtype=torch.float64)
                 for gi in range(g):
                     qh = query[bi, h * g + gi].float()                      # (T, d)
+                    mb = bias[bi if bias.shape[0] > 1 else 0, h * g + gi if bias.shape[1] > 1 else 0]
                     sc = torch.zeros(t_len, t_len)
                     for vi, kv_ in enumerate(kvers):
                         sc = torch.where(selk == vi, tau * (qh @ kv_.T), sc)
-                    sc = sc.masked_fill(~causal, float("-inf"))
+                    sc = sc + mb
                     a = torch.softmax(sc, dim=-1)
                     o = torch.zeros(t_len, d)
                     for vi, vv in enumerate(vvers):
@@ -198,7 +203,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                     if t_len > prefix:
                         # soundness: the exact attention output on the same q, K, V
                         qs = qh[prefix:].double()
-                        se = (tau * (qs @ kx.double().T)).masked_fill(~causal[prefix:], float("-inf"))
+                        se = tau * (qs @ kx.double().T) + mb[prefix:].double()
                         oe = torch.softmax(se, dim=-1) @ vx.double()
                         err = (o[prefix:].double() - oe).norm(dim=-1)
                         worst = torch.maximum(worst, err)

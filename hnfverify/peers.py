@@ -26,9 +26,10 @@ def _packed_nbytes(t) -> int:
     return sum(_packed_nbytes(getattr(t, n)) for n in flat()[0])
 
 
-def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling):
-    """Causal attention where queries in [starts[k], starts[k+1]) see keys_of(k) / values_of(k)
-    (each (B, Hkv, T, D)). Returns (B, T, Hq, D)."""
+def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling, bias):
+    """The model's attention (additive mask ``bias`` (B|1, Hq|1, T, T), see
+    :func:`hnfverify.analyzer.attention_bias`) where queries in [starts[k], starts[k+1]) see keys_of(k) /
+    values_of(k) (each (B, Hkv, T, D)). Returns (B, T, Hq, D)."""
     import torch
 
     b, hq, _, d = query.shape
@@ -41,7 +42,7 @@ def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling):
         kk, vv = keys_of(k)[:, :, :i1], values_of(k)[:, :, :i1]
         g = hq // kk.shape[1]
         kk, vv = kk.repeat_interleave(g, dim=1), vv.repeat_interleave(g, dim=1)
-        mask = torch.ones(i1 - i0, i1, dtype=torch.bool).tril(diagonal=i0)
+        mask = bias[:, :, i0:i1, :i1].to(query.dtype)
         o = torch.nn.functional.scaled_dot_product_attention(query[:, :, i0:i1], kk, vv, attn_mask=mask,
                                                              scale=scaling)
         out[:, i0:i1] = o.transpose(1, 2)
@@ -54,14 +55,28 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
     from transformers.cache_utils import QuantoQuantizedLayer
 
     def context(model, prefix, st: WindowStats):
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        from .errors import UnsupportedModel
+
+        # transformers' QuantizedCache refuses models with other than full-attention layers: nothing to emulate
+        layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other:
+            raise UnsupportedModel(f"transformers' QuantizedCache supports only full-attention models; "
+                                   f"{type(model).__name__} has {', '.join(other)} layers (sliding windows)")
         layer = QuantoQuantizedLayer(nbits=nbits, axis_key=axis_key, axis_value=axis_value, q_group_size=group,
                                      residual_length=residual)
 
         def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             import torch
 
+            from .analyzer import attention_bias, refuse_unimplemented_attention
+
+            refuse_unimplemented_attention(module, dropout, kwargs, "the quanto peer's teacher-forced attention")
+            bias = attention_bias(attention_mask, query, key, module)     # the model's own mask
             t_len = key.shape[2]
-            tau = float(scaling if scaling is not None else module.scaling)
+            tau = float(scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5))
             starts = [0]
             versions = [(key, value)]                       # prefill queries: exact
             if t_len > prefix:
@@ -80,7 +95,8 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
                     b = e
             # for nbytes at any length n: the layer (its quantizer), the shape and the prefill length
             st.kv[int(module.layer_idx)] = (layer, tuple(key.shape[:2]) + (key.shape[3],), key.dtype, prefix)
-            out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau)
+            out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau,
+                                   bias)
             return out, None
 
         return route_attention(model, attn, "hnfverify_peer")
