@@ -488,3 +488,25 @@ def test_replay_of_malformed_certificates(tmp_path, cert, mutate):
 def test_every_usage_error_is_an_hnf_error():
     """Guard: the exceptions used above are the named ones of hnfverify.errors."""
     assert issubclass(InputError, HnfError) and InputError.exit_code == 2
+
+
+def test_cert_dir_whose_certificate_name_is_taken_by_a_directory(tmp_path, good_plan, monkeypatch):
+    """Failed before the fix: exit 4 (IsADirectoryError on the rename) after the verification."""
+    sha = P.plan_sha256(P.load_plan(good_plan))
+    d = tmp_path / "certs"
+    (d / f"{sha[:16]}.cert.json").mkdir(parents=True)
+    _no_verification(monkeypatch)
+    code, out, err = _run(["check", str(good_plan), "--cert-dir", str(d)])
+    _usage_error(code, err, "--cert-dir", f"{sha[:16]}.cert.json")
+
+
+def test_empty_paths_are_refused(tmp_path, good_plan, cert):
+    """Failed before the fix: --output '' and --dump '' were silently ignored (exit 0), and an empty
+    plan path was reported as "plan '.' is not a regular file"."""
+    code, out, err = _run(["check", str(good_plan), "--cert-dir", str(tmp_path / "c"), "--output", ""])
+    _usage_error(code, err, "--output", "empty")
+    code, out, err = _run(["replay", str(cert), "--dump", ""])
+    _usage_error(code, err, "--dump", "empty")
+    for cmd in ("check", "show"):
+        code, out, err = _run([cmd, ""])
+        _usage_error(code, err, "plan path is empty")
