@@ -231,12 +231,14 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     attn = attention_modules(model)
     if not attn:
         raise ModelError(f"model {lm.name!r} ({type(model).__name__}) has no attention layers hnfverify can analyze")
-    n_layers = max(int(m.layer_idx) for _, m in attn) + 1
-    first = attn[0][1]
-    cfg = getattr(first, "config", model.config)
-    hq = int(getattr(cfg, "num_attention_heads"))
-    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
-    d = int(getattr(first, "head_dim", None) or cfg.hidden_size // hq)
+    from .models import model_shape, weights_sha256
+
+    shape = model_shape(model)
+    n_layers, hkv, hq, d = shape["layers"], shape["kv_heads"], shape["query_heads"], shape["head_dim"]
+    # the plan is tied to these weights (models.check_plan_matches_model); computed once, before the run
+    weights = weights_sha256(model)
+    if isinstance(getattr(lm, "extra_identity", None), dict):
+        lm.extra_identity["weights_sha256"] = weights      # lm.identity() now names the analyzed weights
     t = windows.window
     acc = _Accumulator(n_layers, hkv, hq, t, d, options.channel_group)
 
@@ -335,5 +337,6 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
                     "lipschitz_tokens": min(options.lipschitz_tokens, t), "lipschitz_iters": options.lipschitz_iters,
                     "seed": options.seed},
         "attn_implementation": model.config._attn_implementation,
+        "weights_sha256": weights,
     }
     return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip})

@@ -422,9 +422,10 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
     _set_threads(args.threads)
     _quiet_transformers()
     from .evaluate import evaluate
-    from .models import load_model
+    from .models import check_plan_matches_model, load_model
 
     lm = load_model(args.model, verbose=not args.quiet)
+    check_plan_matches_model(plan, lm.model)            # before the evaluation's long passes
     rows = [evaluate(lm, plan, t, windows=args.windows, prefix=args.prefix, scored=args.scored,
                      progress=not args.quiet and err.isatty()) for t in texts]
     if args.format == "json":
@@ -470,14 +471,15 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     _set_threads(args.threads)
     _quiet_transformers()
+    import inspect
+
     import torch
 
     from .kv.cache import MixedPrecisionCache
-    from .models import config_hash, load_model
+    from .models import check_plan_matches_model, load_model
 
     lm = load_model(args.model, verbose=False)
-    if plan["model"].get("config_sha256") != config_hash(lm.model.config):
-        raise InvalidArgument("the plan was made for a different model configuration")
+    check_plan_matches_model(plan, lm.model)            # weights, config, shape and tau
     tok = lm.tokenizer
     if getattr(tok, "chat_template", None) and not args.raw:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
@@ -485,7 +487,9 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
     else:
         text = args.prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    cache = MixedPrecisionCache.from_plan(plan, lm.model.config)
+    # from_plan(plan, model) once the cache checks the plan against the model itself; (plan, config) until then
+    takes_model = "model" in inspect.signature(MixedPrecisionCache.from_plan).parameters
+    cache = MixedPrecisionCache.from_plan(plan, lm.model if takes_model else lm.model.config)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     with torch.no_grad():

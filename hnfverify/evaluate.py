@@ -439,11 +439,9 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
 
 def evaluate(lm, plan: dict, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
              progress: bool = False) -> dict:
-    from .models import config_hash
+    from .models import check_plan_matches_model
 
-    if plan["model"].get("config_sha256") != config_hash(lm.model.config):
-        raise InvalidArgument(f"the plan was made for model config {plan['model'].get('config_sha256', '?')[:16]}, "
-                              f"not for {lm.name!r} ({config_hash(lm.model.config)[:16]})")
+    check_plan_matches_model(plan, lm.model)            # weights, config, shape and tau: before any long work
     t_len = prefix + scored
     if plan["max_seq_len"] < t_len:
         raise InvalidArgument(f"the plan covers {plan['max_seq_len']} positions but the evaluation needs "

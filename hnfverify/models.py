@@ -63,6 +63,107 @@ class LoadedModel:
                 "architecture": type(self.model).__name__, **self.extra_identity}
 
 
+def weights_sha256(model) -> str:
+    """sha256 over everything in ``model`` that its outputs depend on besides the config: every parameter and
+    buffer (persistent or not), in sorted name order, each as its name, dtype, shape and raw bytes (a name
+    that shares another's tensor, e.g. tied embeddings, as an alias of that name), then the quantization
+    config if there is one. One changed bit of any weight changes it."""
+    import torch
+
+    from .errors import UnsupportedModel
+
+    h = hashlib.sha256(b"hnfverify weights v1\0")
+    tensors, names_of = {}, {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if t is not None and name not in tensors:
+            tensors[name] = t
+            names_of.setdefault(id(t), []).append(name)
+    for name in sorted(tensors):
+        t = tensors[name]
+        canonical = min(names_of[id(t)])
+        if canonical != name:
+            h.update(f"{name}\0alias\0{canonical}\0".encode())
+        else:
+            _hash_tensor(h, name, t.detach(), torch, UnsupportedModel)
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None:
+        qd = qc.to_dict() if hasattr(qc, "to_dict") else qc
+        h.update(b"quantization_config\0" + json.dumps(qd, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, t, torch, unsupported) -> None:
+    if getattr(t, "is_meta", False) or t.device.type == "meta":
+        raise unsupported(f"weights_sha256: {name} has no data (meta tensor); load the model's weights first")
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        inner, ctx = flatten()                      # a tensor subclass (quantized weights): its plain parts
+        h.update(f"{name}\0{type(t).__name__}\0{tuple(t.shape)}\0{ctx!r}\0".encode())
+        for part in inner:
+            _hash_tensor(h, f"{name}.{part}", getattr(t, part).detach(), torch, unsupported)
+        return
+    raw = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+    h.update(f"{name}\0{str(t.dtype)}\0{tuple(t.shape)}\0{raw.numel()}\0".encode())
+    h.update(raw.numpy().data)
+
+
+def model_shape(model) -> dict:
+    """What a plan's ``shape`` says about the model, read from its attention modules as the analyzer does:
+    {"layers", "kv_heads", "query_heads", "head_dim"} and ``scaling``, layer -> the module's own tau."""
+    from .instrument import attention_modules
+
+    attn = attention_modules(model)
+    if not attn:
+        raise ModelError(f"{type(model).__name__} has no attention layers hnfverify can analyze")
+    first = attn[0][1]
+    cfg = getattr(first, "config", None) or model.config
+    hq = int(getattr(cfg, "num_attention_heads"))
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    d = int(getattr(first, "head_dim", None) or cfg.hidden_size // hq)
+    scaling = {}
+    for _, m in attn:
+        tau = getattr(m, "scaling", None)
+        scaling[int(m.layer_idx)] = float(tau if tau is not None else d ** -0.5)
+    return {"layers": max(scaling) + 1, "kv_heads": hkv, "query_heads": hq, "head_dim": d, "scaling": scaling}
+
+
+def check_plan_matches_model(plan: dict, model) -> None:
+    """Refuse (InvalidArgument, exit 2) a plan that was not made for ``model``: its weights fingerprint
+    (``model.weights_sha256``, required), its config hash, its shape (layers, KV heads, query heads,
+    head_dim) and each layer's tau (the attention module's own ``scaling``, as the planner writes it).
+    Cheap checks first; the fingerprint reads every weight once."""
+    from .numbers import dec_up, parse_number
+
+    ident = plan.get("model") or {}
+    want_w = ident.get("weights_sha256")
+    if not want_w:
+        raise InvalidArgument("plan model.weights_sha256 is missing: the plan is not tied to the weights it was "
+                              "analyzed on; re-run analyze and plan with this version of hnfverify")
+    got_c = config_hash(model.config)
+    if ident.get("config_sha256") != got_c:
+        raise InvalidArgument(f"plan model.config_sha256: the plan expects {ident.get('config_sha256')!r}, "
+                              f"the model's config has {got_c!r}")
+    shape = model_shape(model)
+    for k in ("layers", "kv_heads", "query_heads", "head_dim"):
+        want = plan.get("shape", {}).get(k)
+        if want != shape[k]:
+            raise InvalidArgument(f"plan shape.{k}: the plan expects {want!r}, the model has {shape[k]}")
+    layers = plan.get("layers") or []
+    if len(layers) != shape["layers"]:
+        raise InvalidArgument(f"plan layers: the plan has {len(layers)} layers, the model {shape['layers']}")
+    for i, layer in enumerate(layers):
+        li = layer.get("layer")
+        got_tau = dec_up(shape["scaling"][li]) if li in shape["scaling"] else None
+        if got_tau is None or parse_number(layer.get("tau"), f"layers[{i}].tau") != parse_number(got_tau):
+            raise InvalidArgument(f"plan layers[{i}].tau: the plan expects {layer.get('tau')!r}, the model's "
+                                  f"attention scaling of layer {li} is {got_tau!r}")
+    got_w = weights_sha256(model)
+    if want_w != got_w:
+        raise InvalidArgument(f"plan model.weights_sha256: the plan was analyzed on weights {want_w}, the model's "
+                              f"weights are {got_w} (same config: a fine-tune or a different checkpoint?)")
+
+
 def config_hash(config) -> str:
     """sha256 of the model config's canonical JSON, without fields that do not change the model."""
     d = config.to_dict()

@@ -112,7 +112,9 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
-        "model": model_identity,
+        # the fingerprint of the weights the analysis ran on (hnfverify.models.weights_sha256), whatever the caller passed
+        "model": {**model_identity, **({"weights_sha256": analysis.meta["weights_sha256"]}
+                                       if analysis.meta.get("weights_sha256") else {})},
         "calibration": calib_identity,
         "analysis": {
             **analysis.meta["options"],
