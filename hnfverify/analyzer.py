@@ -281,16 +281,21 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     o_kv *= 1 + 2.0 ** -30
 
     # measured Lipschitz estimate of every decoder block on a calibration prefix
+    # and of the rest of each block after its attention (residual + MLP), at the same calibration points
     lips = np.full(n_layers, np.nan)
     lips_rel = np.full(n_layers, np.nan)
+    mlp_lips = np.full(n_layers, np.nan)
+    mlp_lips_rel = np.full(n_layers, np.nan)
     t1 = time.perf_counter()
     if options.lipschitz_iters > 0:
-        from .lipschitz import block_lipschitz, capture_block_inputs
+        from .lipschitz import block_lipschitz, capture_block_inputs, capture_mid_states, mlp_lipschitz, rest_of_block
 
         blocks = _layer_blocks(model)
+        for li in sorted(blocks):
+            rest_of_block(blocks[li])               # refuse other decoder-layer structures before any work
         n_tok = min(options.lipschitz_tokens, t)
         ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
-        with torch.no_grad(), capture_block_inputs(model, blocks) as cap:
+        with torch.no_grad(), capture_block_inputs(model, blocks) as cap, capture_mid_states(blocks) as mid:
             body(input_ids=ids, use_cache=False)
         it = sorted(blocks)
         if progress:
@@ -300,6 +305,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         for li in it:
             est = block_lipschitz(blocks[li], *cap[li], iters=options.lipschitz_iters, seed=options.seed)
             lips[li], lips_rel[li] = est.value, est.rel_change
+            est = mlp_lipschitz(blocks[li], mid.get(li), iters=options.lipschitz_iters, seed=options.seed)
+            mlp_lips[li], mlp_lips_rel[li] = est.value, est.rel_change
     t_lip = time.perf_counter() - t1
 
     n_q = acc.n_queries.clamp_min(1).double()
@@ -327,6 +334,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     arrays["o_proj_norm_kvhead"] = o_kv
     arrays["lipschitz"] = lips
     arrays["lipschitz_rel_change"] = lips_rel
+    arrays["mlp_lipschitz"] = mlp_lips
+    arrays["mlp_lipschitz_rel_change"] = mlp_lips_rel
     arrays["scaling"] = np.array([s if s is not None else np.nan for s in acc.scaling], dtype=np.float64)
     arrays = {k_: np.ascontiguousarray(v_) for k_, v_ in arrays.items()}
     meta = {

@@ -5,6 +5,12 @@ For block f and calibration hidden states x (1, T, D), the spectral norm of the 
 ``J^T u`` by reverse mode and ``J v`` by the double-vjp trick (see :func:`jacobian_norm`).
 The estimate ||J v_k|| is a lower bound of ||J_f(x)||_2 at that point and of the block's Lipschitz
 constant; its relative change over the last iteration is reported so users can judge convergence.
+
+The rest of block l after its attention (:func:`mlp_lipschitz`): an error injected at the attention output
+enters h_mid = x + attn(x) and passes through h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) before it
+reaches block l + 1. Its local estimate L'_l is measured the same way at the calibration h_mid, for
+Llama-family decoder layers only; a layer of another structure (sandwich norms, post-norms, parallel
+attention and MLP) is refused, and the structure is also checked on the captured tensors.
 """
 
 from __future__ import annotations
@@ -104,7 +110,8 @@ def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int 
     def fn(x):
         return _block_output(block(x, *rest, **kw))
 
-    config = getattr(block, "config", None) or getattr(getattr(block, "self_attn", None), "config", None)
+    config = getattr(block, "config", None) or next((m.config for m in block.modules()
+                                                     if getattr(m, "config", None) is not None), None)
     orig_impl = config._attn_implementation if config is not None else None
     try:
         if config is not None:
@@ -114,3 +121,104 @@ def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int 
     finally:
         if config is not None:
             config._attn_implementation = orig_impl
+
+
+# --------------------------------------------------------------------------- the rest of the block (its MLP)
+_NOT_LLAMA = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_norm", "post_mlp_norm")
+
+
+def rest_of_block(block):
+    """The map h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) of a Llama-family decoder layer.
+    Raises UnsupportedModel, naming the layer's class, where the layer does not have that structure."""
+    from .errors import UnsupportedModel
+
+    cls = type(block).__name__
+    ln, mlp = getattr(block, "post_attention_layernorm", None), getattr(block, "mlp", None)
+    extra = [n for n in _NOT_LLAMA if getattr(block, n, None) is not None]
+    if ln is None or mlp is None or extra or getattr(block, "use_parallel_residual", False):
+        have = ", ".join(n for n, _ in block.named_children())
+        raise UnsupportedModel(f"decoder layer {cls} is not a Llama-family layer h_mid -> h_mid + "
+                               f"mlp(post_attention_layernorm(h_mid)) (it has {have}); the measured Lipschitz "
+                               "estimate of the rest of the block (mlp_lipschitz) is defined only for that structure")
+
+    def fn(h):
+        return h + mlp(ln(h))
+
+    return fn
+
+
+@dataclass
+class MidPoint:
+    """One decoder layer's first call: its input x, its attention output a, the input h_mid of its
+    post-attention norm and its output y (each (1, T, D))."""
+    x: object = None
+    a: object = None
+    h: object = None
+    y: object = None
+
+
+@contextlib.contextmanager
+def capture_mid_states(blocks: dict):
+    """Record a :class:`MidPoint` for each block's first call (``blocks``: layer index -> decoder layer).
+    Yields a dict layer -> MidPoint; hooks are removed in ``finally``."""
+    from .instrument import attention_modules
+
+    points: dict = {}
+    handles = []
+
+    def first(idx, what):
+        def store(value):
+            p = points.setdefault(idx, MidPoint())
+            if getattr(p, what) is None and value is not None and hasattr(value, "detach"):
+                setattr(p, what, value.detach())
+        return store
+
+    try:
+        for idx, blk in blocks.items():
+            put_x, put_a, put_h, put_y = (first(idx, w) for w in ("x", "a", "h", "y"))
+            handles.append(blk.register_forward_pre_hook(
+                lambda m, args, kwargs, put=put_x: put(args[0] if args else kwargs.get("hidden_states")),
+                with_kwargs=True))
+            handles.append(blk.register_forward_hook(lambda m, args, out, put=put_y: put(_block_output(out))))
+            attn = attention_modules(blk)
+            if attn:
+                handles.append(attn[0][1].register_forward_hook(
+                    lambda m, args, out, put=put_a: put(_block_output(out))))
+            ln = getattr(blk, "post_attention_layernorm", None)
+            if ln is not None:
+                handles.append(ln.register_forward_pre_hook(lambda m, args, put=put_h: put(args[0] if args else None)))
+        yield points
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def mlp_lipschitz(block, point: MidPoint, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
+    """Power iteration for the rest of ``block`` after its attention at the captured h_mid (see the module doc).
+    Checks on the captured tensors that h_mid = x + attention output and that the block's output is
+    h_mid + mlp(post_attention_layernorm(h_mid)); raises UnsupportedModel otherwise."""
+    import torch
+
+    from .errors import UnsupportedModel
+
+    fn = rest_of_block(block)
+    cls = type(block).__name__
+    if point is None or any(v is None for v in (point.x, point.a, point.h, point.y)):
+        raise UnsupportedModel(f"decoder layer {cls}: its attention output and post-attention hidden state were "
+                               "not observed during the calibration pass")
+    x, a, h, y = (t.to(torch.float32) for t in (point.x, point.a, point.h, point.y))
+
+    def close(u, v):
+        return u.shape == v.shape and float((u - v).abs().max()) <= 1e-5 * (1.0 + float(v.abs().max()))
+
+    with torch.no_grad():
+        if not close(x + a, h):
+            raise UnsupportedModel(f"decoder layer {cls}: the input of post_attention_layernorm is not the block "
+                                   "input plus the attention output (h_mid = x + attn(x)); mlp_lipschitz is defined "
+                                   "only for Llama-family layers")
+        if not close(fn(h), y):
+            raise UnsupportedModel(f"decoder layer {cls}: its output is not h_mid + "
+                                   "mlp(post_attention_layernorm(h_mid)); mlp_lipschitz is defined only for "
+                                   "Llama-family layers")
+    with torch.enable_grad():
+        return jacobian_norm(fn, h, iters=iters, seed=seed)

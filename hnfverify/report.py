@@ -48,6 +48,9 @@ ARRAY_FIELDS = {
     "o_proj_norm_kvhead": "(layers, kv_heads) spectral norm of the output projection's slice for each KV group",
     "lipschitz": "(layers,) MEASURED local Lipschitz estimate of each decoder block (power iteration, jvp/vjp)",
     "lipschitz_rel_change": "(layers,) relative change of the estimate in the last power iteration",
+    "mlp_lipschitz": "(layers,) MEASURED local Lipschitz estimate of the rest of each block after its attention, "
+                     "h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) (power iteration at the same points)",
+    "mlp_lipschitz_rel_change": "(layers,) relative change of that estimate in the last power iteration",
     "scaling": "(layers,) attention score scale tau",
     "kappa_far_lo": "(layers, windows, kv_heads, positions) max kappa over queries at distance i - t >= R, "
                     "for R in rule_grid.windows; lower end",
@@ -100,6 +103,7 @@ def layer_summary(arrays: dict) -> list[dict]:
             "v_d_token": [_f(arrays["v_d_token"][li].min()), _f(arrays["v_d_token"][li].max())],
             "k_d_channel": [_f(arrays["k_d_channel"][li].min()), _f(arrays["k_d_channel"][li].max())],
             "lipschitz_measured": _f(arrays["lipschitz"][li]),
+            **({"mlp_lipschitz_measured": _f(arrays["mlp_lipschitz"][li])} if "mlp_lipschitz" in arrays else {}),
             "o_proj_norm_kvhead": [_f(x) for x in arrays["o_proj_norm_kvhead"][li]],
             "scaling": _f(arrays["scaling"][li]),
         })
@@ -128,6 +132,9 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
                                       "given the captured float32 q, K, V"},
             "lipschitz": "MEASURED (not proved): power iteration on J^T J of each decoder block at calibration "
                          "hidden states; a lower bound of the block's local Lipschitz constant",
+            "mlp_lipschitz": "MEASURED (not proved): the same power iteration for the rest of each block after "
+                             "its attention, h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)), at the "
+                             "calibration h_mid (Llama-family decoder layers only)",
         },
         "shape": analysis.meta["shape"],
         "rule_grid": analysis.meta["rule_grid"],
