@@ -34,23 +34,6 @@ def _one_ulp_up(model):
         w[1, 3] = torch.nextafter(w[1, 3], torch.tensor(float("inf")))
 
 
-def _loadable(plan: dict) -> dict:
-    """The plan as a file the CLI accepts. Until specs/plan.schema.json knows the planner's per-layer
-    ``mlp_lipschitz`` entry (another engineer's change), the validator rejects it; drop it then, so that these
-    tests exercise the identity check and nothing else."""
-    from hnfverify.errors import HnfError
-    from hnfverify.plan import validate_plan
-
-    try:
-        validate_plan(plan)
-    except HnfError:
-        plan = copy.deepcopy(plan)
-        for layer in plan["layers"]:
-            layer.pop("mlp_lipschitz", None)
-        validate_plan(plan)
-    return plan
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A tiny Llama saved as a model directory, its report and an all-FP32 plan covering T positions."""
@@ -64,7 +47,7 @@ def made(tmp_path_factory):
     plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16), "r.json")
     from hnfverify.plan import dumps
 
-    (tmp / "plan.json").write_bytes(dumps(_loadable(plan)))
+    (tmp / "plan.json").write_bytes(dumps(plan))
     lm.model.save_pretrained(tmp / "model")
     changed = tiny_model("tiny-llama")
     _one_ulp_up(changed.model)
