@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -231,7 +232,16 @@ def _plan_table(plan: dict, out: TextIO, segs) -> None:
                     bits += fmts[r[s]["format"]].segment_bits(lens[s], 1)
                     n += lens[s]
         print(f"{li:>5}  {' '.join(kcol):<58} {' '.join(vcol):<44} {float(bits / n):>6.2f} "
-              f"{claim_float(c['attention_error_max'][li]):>9.3g}", file=out)
+              f"{_claim_at(c['attention_error_max'], li):>9}", file=out)
+
+
+def _claim_at(values, i: int) -> str:
+    """One per-layer claim for the table; "n/a" where the plan's claims list has no entry."""
+    from .plan import claim_float
+
+    if not isinstance(values, list) or not 0 <= i < len(values):
+        return "n/a"
+    return f"{claim_float(values[i]):.3g}"
 
 
 def _plan_footer(plan: dict, out: TextIO, segs) -> None:
@@ -250,7 +260,8 @@ def _plan_footer(plan: dict, out: TextIO, segs) -> None:
     print(f"avg bits     {float(parse_number(c['avg_bits'])):.4f} per element (scales and zero-points included); "
           f"compression vs FP16 {float(parse_number(c['compression_vs_fp16'])):.3f}x; cache at max_seq_len "
           f"{float(parse_number(c['cache_bits_at_max_seq_len'])) / 8 / 1024:.1f} KiB", file=out)
-    print(f"bounds       max attention-output error {max(claim_float(x) for x in c['attention_error_max']):.4g}"
+    errs = [claim_float(x) for x in c["attention_error_max"]]
+    print(f"bounds       max attention-output error {f'{max(errs):.4g}' if errs else 'n/a'}"
           f"; end-to-end {claim_float(c['end_to_end_bound']):.4g} (block Lipschitz product over layers "
           f"1..{len(plan['layers']) - 1}: {float(amp):.3g}); Theorem 5.7 violations: {c['theorem_5_7_violations']}",
           file=out)
@@ -311,19 +322,132 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
 
 
 # --------------------------------------------------------------------------- check, recheck, replay
+MAX_WALL_TIMEOUT_S = 86400              # one day
+MAX_TIMEOUT_MS = 86_400_000             # one day, per solver query (z3 takes an unsigned 32-bit value)
+
+
+def _wall_timeout(name: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = float("nan")
+        if not (math.isfinite(v) and 0 < v <= MAX_WALL_TIMEOUT_S):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number of seconds > 0 and <= "
+                                             f"{MAX_WALL_TIMEOUT_S}, got {s!r}")
+        return v
+    return parse
+
+
+def _timeout_ms(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = 0
+        if not 1 <= v <= MAX_TIMEOUT_MS:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number of milliseconds in [1, {MAX_TIMEOUT_MS}] "
+                                             f"(at most {MAX_WALL_TIMEOUT_S} s), got {s!r}")
+        return v
+    return parse
+
+
+def _check_timeouts(args) -> None:
+    """The same ranges for callers that build ``args`` without the parser."""
+    w, t = args.wall_timeout, args.timeout_ms
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and 0 < w <= MAX_WALL_TIMEOUT_S):
+        raise InvalidArgument(f"--wall-timeout must be a finite number of seconds > 0 and <= {MAX_WALL_TIMEOUT_S}, "
+                              f"got {w!r}")
+    if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_TIMEOUT_MS:
+        raise InvalidArgument(f"--timeout-ms must be a whole number of milliseconds in [1, {MAX_TIMEOUT_MS}] "
+                              f"(at most {MAX_WALL_TIMEOUT_S} s), got {t!r}")
+
+
+def _shown(path) -> str:
+    """A path for a message: repr (control characters and surrogates escaped), long ones shortened."""
+    path = str(path)
+    return repr(path) if len(path) <= 200 else repr(path[:120] + "..." + path[-40:]) + f" ({len(path)} characters)"
+
+
+def _name_max(directory: str) -> tuple[int, int]:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX"), os.pathconf(directory, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255, 4096
+
+
+def _output_target(option: str, path: str, *, directory: bool, example: str) -> None:
+    """Refuse, before any (possibly long) work, an output path that cannot be written: a file where a
+    directory is needed or the reverse, a FIFO or device (atomic writes rename a file onto the path),
+    a parent that is a file or not writable, names longer than the file system takes."""
+    if not path:
+        raise InvalidArgument(f"{option} must not be empty; give {example}")
+    if "\0" in path:
+        raise InvalidArgument(f"{option} {_shown(path)}: a path cannot hold a NUL character")
+    p = os.path.abspath(path)
+    if directory:
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise InvalidArgument(f"{option} {_shown(path)} exists and is not a directory; give {example}")
+    else:
+        if os.path.isdir(p):
+            raise InvalidArgument(f"{option} {_shown(path)} is a directory; give {example}")
+        if os.path.lexists(p) and not os.path.isfile(p):
+            raise InvalidArgument(f"{option} {_shown(path)} is not a regular file (a FIFO, device or socket?); the "
+                                  f"report is written atomically by renaming a new file onto it, so give {example} "
+                                  "or leave out the option and redirect stdout")
+    created = []                            # the names that the write would create
+    anc = p if directory else os.path.dirname(p)
+    if not directory:
+        created.append(f".{os.path.basename(p)}.XXXXXXXX.tmp")      # the temporary file of the atomic write
+    while not os.path.lexists(anc):
+        created.append(os.path.basename(anc))
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise InvalidArgument(f"{option} {_shown(path)}: {_shown(anc)} is not a directory; give {example}")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"{option} {_shown(path)}: no permission to write in {_shown(anc)}")
+    name_max, path_max = _name_max(anc)
+    for name in created:
+        n, tmp = len(os.fsencode(name)), name.endswith(".XXXXXXXX.tmp")
+        if n > name_max:
+            n, limit = (n - 14, name_max - 14) if tmp else (n, name_max)
+            raise InvalidArgument(f"{option} {_shown(path)}: a {'file' if tmp else 'directory'} name of {n} bytes is "
+                                  f"too long (at most {limit} here)")
+    if len(os.fsencode(p)) + 40 > path_max:
+        raise InvalidArgument(f"{option} {_shown(path)}: the path is too long (at most about {path_max - 40} bytes)")
+
+
 def cmd_check(args, out: TextIO, err: TextIO) -> int:
     from . import __version__
-    from .errors import EXIT_UNDECIDED, EXIT_VIOLATED
+    from .errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
     from .io import write_bytes_atomic
     from .plan import load_plan, plan_sha256
     from .verify import PROVED, REFUTED
     from .verify import certificate, outputs
     from .verify.obligations import CheckOptions, check_plan
 
-    if args.timeout_ms <= 0 or args.wall_timeout <= 0:
-        raise InvalidArgument("--timeout-ms and --wall-timeout must be positive")
+    _check_timeouts(args)
+    try:
+        args.plan.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"plan {_shown(args.plan)}: the file name is not valid UTF-8; the reports and the "
+                         "certificate record it, so rename the file") from None
+    # every output path is checked before the verification, which can take minutes
+    _output_target("--cert-dir", args.cert_dir, directory=True, example="a directory for the certificates")
+    if args.output is not None:
+        _output_target("--output", args.output, directory=False, example="a file name such as report.sarif")
+        try:
+            same = os.path.exists(args.output) and os.path.samefile(args.output, args.plan)
+        except OSError:
+            same = False
+        if same:
+            raise InvalidArgument(f"--output {_shown(args.output)} is the plan itself; give another file name")
     plan = load_plan(args.plan)
     sha = plan_sha256(plan)
+    cert_file = os.path.join(args.cert_dir, f"{sha[:16]}.cert.json")
+    if os.path.lexists(cert_file) and not os.path.isfile(cert_file):
+        raise InvalidArgument(f"--cert-dir {_shown(args.cert_dir)}: {_shown(cert_file)}, where this plan's "
+                              "certificate goes, exists and is not a regular file")
     opts = CheckOptions(solver=args.solver, timeout_ms=args.timeout_ms, wall_timeout_s=args.wall_timeout,
                         smt_per_position=args.smt_per_position)
     if args.smt_per_position:
@@ -335,15 +459,22 @@ def cmd_check(args, out: TextIO, err: TextIO) -> int:
     cert_path = None
     if verdict == PROVED:
         cert = certificate.build(plan, sha, args.plan, result, opts)
-        cert_path = certificate.write(cert, args.cert_dir)
+        try:
+            cert_path = certificate.write(cert, args.cert_dir)
+        except OSError as e:
+            raise InputError(f"--cert-dir {_shown(args.cert_dir)}: cannot write the certificate: "
+                             f"{e.strerror or e}") from None
     render = {
         "text": lambda: outputs.text(result, args.plan, sha, cert_path),
         "json": lambda: outputs.as_json(result, args.plan, sha, cert_path),
         "sarif": lambda: outputs.sarif(result, args.plan, sha, __version__),
         "junit": lambda: outputs.junit(result, args.plan),
     }[args.format]()
-    if args.output:
-        write_bytes_atomic(args.output, render.encode())
+    if args.output is not None:
+        try:
+            write_bytes_atomic(args.output, render.encode())
+        except OSError as e:
+            raise InputError(f"--output {_shown(args.output)}: cannot write the report: {e.strerror or e}") from None
         out.write(outputs.text(result, args.plan, sha, cert_path).splitlines()[-1 if cert_path is None else -2] + "\n")
     else:
         out.write(render)
@@ -374,37 +505,85 @@ def cmd_replay(args, out: TextIO, err: TextIO) -> int:
     from .errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
     from .verify.smt import run_queries
 
+    from .verify.outputs import printable
+
+    _check_timeouts(args)
+    if args.dump is not None:
+        _output_target("--dump", args.dump, directory=True, example="a directory for the .smt2 files")
     src = Path(args.certs)
-    files = sorted(src.glob("*.cert.json")) if src.is_dir() else [src]
-    if not files or not all(f.is_file() for f in files):
-        raise InputError(f"no certificates found at {args.certs!r}")
+    try:
+        files = sorted(src.glob("*.cert.json")) if src.is_dir() else [src]
+        found = bool(files) and all(f.is_file() for f in files)
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise InputError(f"no certificates found at {_shown(args.certs)} (give a .cert.json file or a directory "
+                         "holding some)")
     total = {"unsat": 0, "sat": 0, "unknown": 0}
     for f in files:
-        try:
-            cert = json.loads(f.read_text(encoding="utf-8"))
-            queries = [(o["id"], o["smt2"]) for o in cert["obligations"] if "smt2" in o]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise InputError(f"{f}: not a readable certificate") from None
-        if args.dump:
-            d = Path(args.dump)
-            d.mkdir(parents=True, exist_ok=True)
-            for i, (oid, q) in enumerate(queries):
-                (d / f"{f.name[:16]}-{i:05d}.smt2").write_text(q)
+        queries = _certificate_queries(f)
+        if args.dump is not None:
+            try:
+                d = Path(args.dump)
+                d.mkdir(parents=True, exist_ok=True)
+                for i, (oid, q) in enumerate(queries):
+                    (d / f"{f.name[:16]}-{i:05d}.smt2").write_text(q, encoding="utf-8")
+            except OSError as e:
+                raise InputError(f"--dump {_shown(args.dump)}: cannot write the queries: {e.strerror or e}") from None
         answers = run_queries([q for _, q in queries], args.solver, args.timeout_ms, args.wall_timeout)
         counts = {"unsat": 0, "sat": 0, "unknown": 0}
         for (oid, _), a in zip(queries, answers):
             counts[a["result"]] += 1
             if a["result"] != "unsat":
-                print(f"  {oid}: {a['result']} {a.get('reason', '')}", file=out)
+                print(printable(f"  {oid}: {a['result']} {a.get('reason', '')}"), file=out)
         for k in total:
             total[k] += counts[k]
-        print(f"{f.name}: {len(queries)} queries with {args.solver}: {counts['unsat']} unsat, {counts['sat']} sat, "
-              f"{counts['unknown']} unknown", file=out)
+        print(printable(f"{f.name}: {len(queries)} queries with {args.solver}: {counts['unsat']} unsat, "
+                        f"{counts['sat']} sat, {counts['unknown']} unknown"), file=out)
     if total["sat"]:
         return EXIT_VIOLATED
     if total["unknown"]:
         return EXIT_UNDECIDED
     return EXIT_OK
+
+
+def _certificate_queries(f) -> list[tuple[str, str]]:
+    """The (obligation id, SMT-LIB2 text) pairs of a certificate file; InputError if it has none or
+    is not a certificate (bad UTF-8 or JSON, overlong integers, lone surrogates, wrong types)."""
+    from .errors import InputError
+    from .io import lone_surrogate_path, parse_json_int
+
+    def bad(why: str):
+        return InputError(f"{_shown(f)}: not a readable certificate ({why})")
+
+    try:
+        cert = json.loads(f.read_text(encoding="utf-8"), parse_int=parse_json_int)
+    except InputError as e:
+        raise bad(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise bad(f"not UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
+    except (OSError, ValueError) as e:
+        raise bad(str(getattr(e, "strerror", None) or e)[:200]) from None
+    if not isinstance(cert, dict) or not isinstance(cert.get("obligations"), list):
+        raise bad("expected an object with a list of obligations")
+    where = lone_surrogate_path(cert)
+    if where:
+        raise bad(f"{where} holds a lone surrogate, which is not a character")
+    queries = []
+    for i, o in enumerate(cert["obligations"]):
+        if not isinstance(o, dict):
+            raise bad(f"obligations[{i}] is not an object")
+        if "smt2" in o:
+            if not isinstance(o["smt2"], str) or not isinstance(o.get("id"), str):
+                raise bad(f"obligations[{i}]: its id and smt2 must be strings")
+            queries.append((o["id"], o["smt2"]))
+    if not queries:
+        raise bad("it holds no SMT-LIB2 queries")
+    return queries
 
 
 # --------------------------------------------------------------------------- eval, generate
@@ -471,15 +650,13 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     _set_threads(args.threads)
     _quiet_transformers()
-    import inspect
-
     import torch
 
     from .kv.cache import MixedPrecisionCache
-    from .models import check_plan_matches_model, load_model
+    from .models import load_model
 
     lm = load_model(args.model, verbose=False)
-    check_plan_matches_model(plan, lm.model)            # weights, config, shape and tau
+    cache = MixedPrecisionCache.from_plan(plan, lm.model, on_overflow=args.on_overflow)  # weights, config, shape, tau
     tok = lm.tokenizer
     if getattr(tok, "chat_template", None) and not args.raw:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
@@ -487,9 +664,6 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
     else:
         text = args.prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    # from_plan(plan, model) once the cache checks the plan against the model itself; (plan, config) until then
-    takes_model = "model" in inspect.signature(MixedPrecisionCache.from_plan).parameters
-    cache = MixedPrecisionCache.from_plan(plan, lm.model if takes_model else lm.model.config)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -503,6 +677,9 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
           f"{cache.nbytes() * 8 / max(1, 2 * plan['shape']['layers'] * plan['shape']['kv_heads'] * n_pos * plan['shape']['head_dim']):.2f} "
           f"bits per element; plan avg {float(Fraction(plan['claims']['avg_bits'])):.2f} at {plan['max_seq_len']}]",
           file=err)
+    if not cache.certified:
+        print(f"UNCERTIFIED: the sequence grew to {n_pos} positions, past the plan's max_seq_len "
+              f"{plan['max_seq_len']}; the plan's bounds do not cover this output", file=err)
     return EXIT_OK
 
 
@@ -633,8 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("text", "json", "sarif", "junit"), default="text")
     c.add_argument("--output", help="write the report here (atomically) instead of stdout")
     c.add_argument("--solver", choices=("z3", "cvc5"), default="z3")
-    c.add_argument("--timeout-ms", type=_positive_int("--timeout-ms"), default=10000, help="per solver query")
-    c.add_argument("--wall-timeout", type=float, default=300.0, help="hard limit (s) for all solver queries")
+    c.add_argument("--timeout-ms", type=_timeout_ms("--timeout-ms"), default=10000,
+                   help=f"per solver query, in [1, {MAX_TIMEOUT_MS}]")
+    c.add_argument("--wall-timeout", type=_wall_timeout("--wall-timeout"), default=300.0,
+                   help=f"hard limit (s) for all solver queries, in (0, {MAX_WALL_TIMEOUT_S}]")
     c.add_argument("--smt-per-position", action="store_true", help="also one SMT query per key position (audits)")
     c.set_defaults(func=cmd_check)
 
@@ -646,8 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="replay the SMT-LIB2 queries of certificates with z3 or cvc5")
     rp.add_argument("certs", help="a certificate or a directory of *.cert.json")
     rp.add_argument("--solver", choices=("z3", "cvc5"), default="z3")
-    rp.add_argument("--timeout-ms", type=_positive_int("--timeout-ms"), default=10000)
-    rp.add_argument("--wall-timeout", type=float, default=300.0)
+    rp.add_argument("--timeout-ms", type=_timeout_ms("--timeout-ms"), default=10000,
+                    help=f"per solver query, in [1, {MAX_TIMEOUT_MS}]")
+    rp.add_argument("--wall-timeout", type=_wall_timeout("--wall-timeout"), default=300.0,
+                    help=f"hard limit (s) for all solver queries of a certificate, in (0, {MAX_WALL_TIMEOUT_S}]")
     rp.add_argument("--dump", help="also write every query as a .smt2 file into this directory")
     rp.set_defaults(func=cmd_replay)
 
@@ -680,6 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=120)
+    gen.add_argument("--on-overflow", choices=("error", "warn"), default="error",
+                     help="past the plan's max_seq_len: stop with an error (default) or go on, marked UNCERTIFIED")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--seed", type=_positive_int("--seed"), default=0)
     gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
@@ -695,6 +878,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _encodable(msg: str, stream) -> str:
+    """``msg`` with what ``stream``'s encoding cannot write (lone surrogates from undecodable file names,
+    say) as backslash escapes, so that printing an error cannot itself fail."""
+    enc = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        return msg.encode(enc, "backslashreplace").decode(enc, "replace")
+    except LookupError:
+        return msg.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Parse ``argv`` and run one subcommand in-process. Returns the exit code."""
     out = out or sys.stdout
@@ -703,7 +896,7 @@ def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | 
     try:
         args = parser.parse_args(argv)
     except InvalidArgument as e:
-        print(f"hnfverify: error: {e}", file=err)
+        print(f"hnfverify: error: {_encodable(str(e), err)}", file=err)
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
@@ -715,7 +908,7 @@ def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | 
         out.flush()
         return code
     except HnfError as e:
-        print(f"hnfverify: error: {e}", file=err)
+        print(f"hnfverify: error: {_encodable(str(e), err)}", file=err)
         return e.exit_code
     except KeyboardInterrupt:
         print("hnfverify: interrupted", file=err)
@@ -733,7 +926,8 @@ def run(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | 
     except Exception as e:  # internal error: one line unless HNFVERIFY_DEBUG is set
         if os.environ.get("HNFVERIFY_DEBUG"):
             raise
-        print(f"hnfverify: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"hnfverify: internal error: {type(e).__name__}: {_encodable(first, err)} "
               f"(set HNFVERIFY_DEBUG=1 for a traceback)", file=err)
         return EXIT_INTERNAL
 

@@ -2,16 +2,15 @@
 
 Protocol (per window of prefix + scored tokens from the *evaluation* split): the reference is the
 model's plain forward pass. The plan's run is a teacher-forced pass in which every scored query
-i >= prefix attends to each earlier position t in exactly the form a plan cache would hold it at
-that moment: t < S its sink format; i - t < R its recent format; otherwise its rest format,
-re-quantized from the recent value when it left the window (a channel-grouped rest format only
-once the whole group has left; until then the FP32 copy of the recent value); its own K/V exact.
-Prefix queries attend exactly (prefill). ``tests/test_evaluate.py`` checks this pass against
-token-by-token decoding with :class:`hnfverify.kv.cache.MixedPrecisionCache`.
+i >= prefix attends to each earlier position t in exactly the form a plan cache holds it at that
+moment, by the one definition of docs/design.md §4 (``hnfverify.semantics``; each scored query is
+its own one-token chunk); its own K/V exact. Prefix queries attend exactly (prefill).
+``tests/test_kv_cache.py`` checks this pass against token-by-token decoding with
+:class:`hnfverify.kv.cache.MixedPrecisionCache`.
 
 Soundness: inside the same pass, every scored query's attention output with the plan's K/V is
 compared with the exact attention output on the same q, K, V; the difference must not exceed the
-certified first-order bound E_h of its (layer, KV head) (DESIGN 2.4, recomputed exactly from the
+certified bound E_h of its (layer, KV head) (docs/design.md §2.4, recomputed exactly from the
 plan). The final hidden states' error over the window (Frobenius) is compared with the
 composition bound e_L. Any excess is a violation: `hnfverify eval` then exits 1.
 """
@@ -30,55 +29,27 @@ from .errors import InvalidArgument
 _counter = itertools.count()
 
 
-@dataclass
-class HeadRule:
-    s: int
-    r: int
-    k: dict        # segment -> Format
-    v: dict
-
-
 def plan_rules(plan: dict) -> dict:
-    from .formats import by_name
+    """(layer, KV head) -> (StreamRule of K, StreamRule of V), read through the typed plan view."""
+    from .planview import view
 
     out = {}
-    for layer in plan["layers"]:
-        for head in layer["heads"]:
-            for kv in ("K", "V"):
-                if head[kv]["blocks"]:
-                    raise InvalidArgument("evaluation of plans with explicit per-position blocks is not supported")
-            out[(layer["layer"], head["kv_head"])] = HeadRule(
-                head["K"]["sink"]["length"], head["K"]["recent"]["length"],
-                {s: by_name(head["K"][s]["format"]) for s in ("sink", "recent", "rest")},
-                {s: by_name(head["V"][s]["format"]) for s in ("sink", "recent", "rest")})
+    for h in view(plan).heads():
+        if h.k.blocks or h.v.blocks:
+            raise InvalidArgument("evaluation of plans with explicit per-position blocks is not supported")
+        out[(h.layer, h.head)] = (h.k.rule, h.v.rule)
     return out
 
 
 def head_bounds(plan: dict) -> tuple[dict, float, list]:
-    """(layer, head) -> certified first-order attention-output bound E_h (float, rounded up); e_L; b_l."""
-    from .bound import exact_end_to_end, exact_head_error, exact_layer_bound
-    from .formats import by_name
-    from .numbers import parse_number
-    from .verify.obligations import _head_inputs
+    """(layer, head) -> certified attention-output bound E_h (float, rounded up); e_L; b_l — the same
+    exact bounds ``hnfverify check`` decides (``bound.plan_bounds``)."""
+    from .bound import plan_bounds
+    from .planview import view
 
-    d = plan["shape"]["head_dim"]
-    g = plan["shape"]["query_heads"] // plan["shape"]["kv_heads"]
-    out, layer_b, lips = {}, [], []
-    for layer in plan["layers"]:
-        tau = parse_number(layer["tau"])
-        errs, norms = [], []
-        for head in layer["heads"]:
-            hi = _head_inputs(head, tau, d, plan["max_seq_len"])
-            fk = {s: by_name(head["K"][s]["format"]) for s in hi.k}
-            fv = {s: by_name(head["V"][s]["format"]) for s in hi.v}
-            e = exact_head_error(hi, fk, fv)
-            errs.append(e)
-            norms.append(parse_number(head["o_proj_norm"]))
-            out[(layer["layer"], head["kv_head"])] = _float_up(e)
-        layer_b.append(exact_layer_bound(errs, norms, g))
-        lips.append(parse_number(layer["lipschitz"]["value"]))
-    e_l = exact_end_to_end(layer_b, lips, plan["max_seq_len"])
-    return out, _float_up(e_l), [_float_up(b) for b in layer_b]
+    pb = plan_bounds(view(plan))
+    return ({k: _float_up(e) for k, e in pb.head_errors.items()}, _float_up(pb.end_to_end),
+            [_float_up(b) for b in pb.layer_bounds])
 
 
 def _float_up(x: Fraction) -> float:
@@ -92,52 +63,49 @@ def _float_up(x: Fraction) -> float:
 
 
 # ---------------------------------------------------------------------------- the plan's view of K and V
-def versions(x, rule_s: int, rule_r: int, fmts: dict):
-    """x: (T, d) exact. Returns (sink, recent, rest) dequantized tensors (T, d) (rows where a version
-    does not apply are left exact) and ``complete``: for channel-grouped rest formats, the last
-    position of each row's group (to decide when the group has left the window), else None."""
-    import torch
+EXACT, SINK, RECENT, REST = 0, 1, 2, 3          # codes of what a query reads (selector entries)
 
-    from .kv.quant import roundtrip
 
-    t, _ = x.shape
-    s = min(rule_s, t)
+def versions(x, rule) -> tuple:
+    """x: (T, d) exact values of one stream. Returns (exact, sink, recent, rest): each stored form's
+    value at every position (docs/design.md §4; rows where a form cannot occur hold anything)."""
+    from .kv.quant import dequantize, quantize, roundtrip
+    from .semantics import channel_groups
+
+    t = x.shape[0]
+    s = min(rule.sink, t)
+    f = rule.formats
     sink = x.clone()
     if s:
-        sink[:s] = roundtrip(x[:s], fmts["sink"])
+        sink[:s] = roundtrip(x[:s], f["sink"])
     rec = x.clone()
-    if t > s:
-        rec[s:] = roundtrip(x[s:], fmts["recent"])
+    if rule.recent > 0 and t > s:
+        rec[s:] = roundtrip(x[s:], f["recent"])
     rest = rec.clone()
-    group_end = None
-    f = fmts["rest"]
     if t > s:
-        if f.granularity == "channel":
-            g = f.group
-            n_full = (t - s) // g * g
-            if n_full:
-                rest[s:s + n_full] = roundtrip(rec[s:s + n_full], f)
-            idx = torch.arange(t)
-            group_end = torch.where(idx >= s, s + ((idx - s) // g + 1) * g - 1, torch.zeros_like(idx))
-            group_end = torch.where(idx >= s + n_full, torch.full_like(idx, 1 << 40), group_end)
+        if rule.channel_group is None:
+            rest[s:] = roundtrip(rec[s:], f["rest"])
         else:
-            rest[s:] = roundtrip(rec[s:], f)
-    return sink, rec, rest, group_end
+            lo = s
+            for m in channel_groups(rule, s, t):
+                rest[lo:lo + m] = dequantize(quantize(rec[lo:lo + m], f["rest"], group_tokens=m))
+                lo += m
+    return x, sink, rec, rest
 
 
-def selector(t_len: int, prefix: int, s: int, r: int, group_end):
-    """(T, T) int8: 0 exact, 1 sink, 2 recent (or pending), 3 rest — for query i (rows) and key t."""
+def selector(rule, t_len: int, prefix: int):
+    """(T, T) int8 codes of what query i (row) reads at position t when the cache holds the prefix and
+    then one token per step (each scored query is its own chunk), per ``semantics.read_intervals``."""
     import torch
 
-    i = torch.arange(t_len)[:, None]
-    t = torch.arange(t_len)[None, :]
-    sel = torch.full((t_len, t_len), 2, dtype=torch.int8)
-    far = (i - t) >= r
-    if group_end is not None:
-        far = far & ((i - group_end[None, :]) >= r)
-    sel = torch.where(far, torch.tensor(3, dtype=torch.int8), sel)
-    sel = torch.where(t < s, torch.tensor(1, dtype=torch.int8), sel)
-    sel = torch.where((t == i) | (i < prefix), torch.tensor(0, dtype=torch.int8), sel)
+    from .semantics import State, layout, read_intervals
+
+    code = {State.SINK: SINK, State.RECENT: RECENT, State.REST: REST,
+            State.RECENT_FAR: RECENT if rule.recent > 0 else EXACT, None: EXACT}
+    sel = torch.zeros((t_len, t_len), dtype=torch.int8)
+    for i in range(prefix, t_len):
+        for lo, hi, st in read_intervals(rule, layout(rule, i), i):
+            sel[i, lo:hi] = code[st]
     return sel
 
 
@@ -150,6 +118,13 @@ class WindowStats:
     max_err_over_bound: float = 0.0
     kv: dict = field(default_factory=dict)             # layer -> (k, v) exact of this pass, for real bytes
     head_max: dict = field(default_factory=dict)       # (layer, head) -> largest ||o~ - o|| over scored queries
+
+
+def _cached_selector(cache: dict, rule, t_len: int, prefix: int):
+    key = (t_len, prefix, rule.sink, rule.recent, rule.channel_group)
+    if key not in cache:
+        cache[key] = selector(rule, t_len, prefix)
+    return cache[key]
 
 
 @contextlib.contextmanager
@@ -175,17 +150,10 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
         stats.kv[li] = (key.detach(), value.detach())
         for bi in range(b):
             for h in range(hkv):
-                rule = rules[(li, h)]
+                krule, vrule = rules[(li, h)]
                 kx, vx = key[bi, h].float(), value[bi, h].float()
-                ks, kr, krest, kge = versions(kx, rule.s, rule.r, rule.k)
-                vs, vr, vrest, vge = versions(vx, rule.s, rule.r, rule.v)
-                skey = (t_len, rule.s, rule.r, None if kge is None else rule.k["rest"].group,
-                        None if vge is None else rule.v["rest"].group)
-                if skey not in sel_cache:
-                    sel_cache[skey] = (selector(t_len, prefix, rule.s, rule.r, kge),
-                                       selector(t_len, prefix, rule.s, rule.r, vge))
-                selk, selv = sel_cache[skey]
-                kvers, vvers = (kx, ks, kr, krest), (vx, vs, vr, vrest)
+                selk, selv = (_cached_selector(sel_cache, r_, t_len, prefix) for r_ in (krule, vrule))
+                kvers, vvers = versions(kx, krule), versions(vx, vrule)
                 bound = bounds[(li, h)]
                 worst = torch.zeros(max(t_len - prefix, 0), dtype=torch.float64)
                 for gi in range(g):
@@ -241,31 +209,33 @@ def route_attention(model, attn, prefix: str):
 
 
 def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
-    """Bytes of the packed cache holding the window's K/V at its final length, as a plan cache stores
-    them (scales and zero-points included; FP32 for incomplete channel groups)."""
+    """Bytes of the packed cache holding the window's K/V at length t_len, as a plan cache stores them
+    after one-token steps (``semantics.stored_counts``), quantized for real: values, scales,
+    zero-points, FP32 pending positions."""
     from .kv.quant import quantize
+    from .semantics import stored_counts
 
     rules = plan_rules(plan)
     total = 0
     for li, (k, v) in kv.items():
         for h in range(k.shape[1]):
-            rule = rules[(li, h)]
-            for x, fmts in ((k[0, h].float(), rule.k), (v[0, h].float(), rule.v)):
-                s = min(rule.s, t_len)
-                r = min(rule.r, max(0, t_len - s))
-                segs = {"sink": x[:s], "recent": x[t_len - r:] if r else x[:0], "rest": x[s:t_len - r]}
-                for seg, part in segs.items():
-                    n = part.shape[0]
-                    if n == 0:
-                        continue
-                    f = fmts[seg]
-                    if f.granularity == "channel":
-                        full = n - n % f.group
-                        if full:
-                            total += quantize(part[:full], f).nbytes
-                        total += (n - full) * part.shape[1] * 4
-                    else:
-                        total += quantize(part, f).nbytes
+            for x, rule in zip((k[0, h].float(), v[0, h].float()), rules[(li, h)]):
+                c = stored_counts(rule, t_len)
+                f = rule.formats
+                s, n_rest = c["sink"], c["rest"]
+                if s:
+                    total += quantize(x[:s], f["sink"]).nbytes
+                if rule.channel_group is None:
+                    if n_rest:
+                        total += quantize(x[s:s + n_rest], f["rest"]).nbytes
+                else:
+                    lo = s
+                    for m in c["rest_groups"]:
+                        total += quantize(x[lo:lo + m], f["rest"], group_tokens=m).nbytes
+                        lo += m
+                total += c["pending"] * x.shape[1] * 4
+                if c["recent"]:
+                    total += quantize(x[t_len - c["recent"]:t_len], f["recent"]).nbytes
     return total
 
 
@@ -295,25 +265,19 @@ def plan_method(name: str, plan: dict) -> Method:
 
 
 def _accounting_units(plan: dict) -> list:
-    """[(sink length, recent length, {segment: Format})] per (layer, KV head, K|V) of a rule plan."""
-    from .formats import by_name
-
-    return [(h[kv]["sink"]["length"], h[kv]["recent"]["length"],
-             {seg: by_name(h[kv][seg]["format"]) for seg in ("sink", "recent", "rest")})
-            for layer in plan["layers"] for h in layer["heads"] for kv in ("K", "V")]
+    """The StreamRule of every (layer, KV head, K|V) of a rule plan."""
+    return [r for rules in plan_rules(plan).values() for r in rules]
 
 
 def accounted_bytes(units: list, d: int, n: int) -> int:
-    """Bytes of a plan cache holding n positions by the formats' accounting (the planner's; the cache's
-    real packed bytes agree, tests/test_kv_cache.py): per unit the sink, recent and rest lengths at n
-    (the planner's own split), each at its format's segment bits (an incomplete channel group as FP32)."""
-    from .planner import _lengths
+    """Bytes of a plan cache holding n positions by the accounting of docs/design.md §4 (the planner's
+    claims use the same; the cache's real packed bytes agree, tests/test_cache_semantics.py)."""
+    from .semantics import SEGMENTS, segment_bits, stored_counts
 
     bits = 0
-    for s, r, fmts in units:
-        for seg, length in _lengths(s, r, n).items():
-            if length:
-                bits += fmts[seg].segment_bits(length, d)
+    for rule in units:
+        c = stored_counts(rule, n)
+        bits += sum(segment_bits(rule.formats[seg], seg, c, d) for seg in SEGMENTS)
     return int(bits) // 8
 
 

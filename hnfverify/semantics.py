@@ -200,7 +200,7 @@ def segment_bits(fmt, seg: str, counts: dict, d: int):
     if seg != "rest":
         return Fraction(fmt.bits_per_element) * counts[seg] * d
     pending = 32 * counts["pending"] * d
-    if fmt.granularity == "channel":
+    if fmt.granularity == "channel":             # each channel's values of a group packed to whole bytes
         groups = counts["rest_groups"]
-        return (fmt.value_bits * sum(groups) + fmt.overhead_bits * len(groups)) * d + pending
+        return (sum(-(-m * fmt.value_bits // 8) * 8 for m in groups) + fmt.overhead_bits * len(groups)) * d + pending
     return Fraction(fmt.bits_per_element) * counts["rest"] * d + pending

@@ -42,7 +42,7 @@ def test_all_fp32_plan_reproduces_dynamic_cache_exactly(tiny):
     kw = dict(max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True,
               pad_token_id=0)
     ref = lm.model.generate(ids, **kw)
-    got = lm.model.generate(ids, cache=MixedPrecisionCache.from_plan(plan, lm.model.config), **kw)
+    got = lm.model.generate(ids, cache=MixedPrecisionCache.from_plan(plan, lm.model), **kw)
     assert torch.equal(ref.sequences, got.sequences)
     for a, b in zip(ref.logits, got.logits):
         assert torch.equal(a, b)
@@ -60,7 +60,7 @@ def test_teacher_forced_evaluation_equals_token_by_token_decoding(tiny):
         st = WindowStats()
         with plan_attention(lm.model, plan, prefix, bounds, st):
             tf = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
-        cache = MixedPrecisionCache.from_plan(plan, lm.model.config)
+        cache = MixedPrecisionCache.from_plan(plan, lm.model)
         out = lm.model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
         dec = [out.logits[0, -1]]
         for i in range(prefix, T - 1):
@@ -83,7 +83,7 @@ def test_generate_sampling_batch_and_beams(tiny):
     mask[1, :3] = 0                                     # left padding in the second row
     for kw in (dict(do_sample=True, top_k=20), dict(do_sample=False, num_beams=3), dict(do_sample=False)):
         torch.manual_seed(0)
-        cache = MixedPrecisionCache.from_plan(plan, lm.model.config)
+        cache = MixedPrecisionCache.from_plan(plan, lm.model)
         out = lm.model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=24, pad_token_id=0, **kw)
         assert out.shape[0] == 2 and out.shape[1] == 12 + 24
         assert cache.nbytes() > 0
@@ -94,10 +94,15 @@ def test_plan_and_model_shapes_must_match(tiny):
 
     from hnfverify.errors import InvalidArgument
 
+    from transformers import AutoModelForCausalLM
+
     plan = _plan(tiny, uniform="fp16")
-    with pytest.raises(InvalidArgument, match="KV heads"):
-        MixedPrecisionCache.from_plan(plan, LlamaConfig(num_hidden_layers=4, num_attention_heads=4,
-                                                        num_key_value_heads=4))
+    cfg = LlamaConfig(**{**tiny[0].model.config.to_dict(), "num_key_value_heads": tiny[0].model.config.num_attention_heads})
+    other = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(InvalidArgument, match="kv_heads|config_sha256|weights_sha256"):
+        MixedPrecisionCache.from_plan(plan, other)
+    with pytest.raises(InvalidArgument, match="takes the model"):
+        MixedPrecisionCache.from_plan(plan, tiny[0].model.config)
 
 
 def test_eval_and_generate_commands(tiny, tmp_path):
@@ -132,7 +137,7 @@ def test_eval_and_generate_commands(tiny, tmp_path):
     code, _, err = cli("eval", str(p), "--model", "tiny-llama", "--prefix", "64", "--scored", "64", "--quiet")
     assert code == 2 and "covers 64 positions" in err
     code, _, err = cli("eval", str(p), "--model", "tiny-qwen2", "--prefix", "32", "--scored", "32", "--quiet")
-    assert code == 2 and "model config" in err
+    assert code == 2 and "config_sha256" in err
 
 
 def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):

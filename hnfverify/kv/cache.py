@@ -1,14 +1,15 @@
 """MixedPrecisionCache: a transformers ``Cache`` that stores exactly what a plan says.
 
-Per layer, KV head and K|V (DESIGN 2.5): positions t < S in the sink format; the last R positions
-before the newest token in the recent format (per token); older ones in the rest format,
-re-quantized from their recent value when they leave the window — per token, or for a
-channel-grouped rest format per complete group of G positions, the incomplete group kept as the
-FP32 copy of its recent values until it completes. Storage is packed (``hnfverify.kv.quant``);
-``nbytes()`` counts it all. Each ``update`` returns the dequantized past (float32) with the new
-tokens' own K/V exact; the prefill returns its K/V exact, as transformers' QuantizedLayer does.
+Per layer, KV head and K|V the stream is laid out as docs/design.md §4 defines (``hnfverify.semantics``,
+the definition the checker's obligations cover): positions t < S in the sink format; the recent
+window in the recent format; older positions re-quantized from their recent value into the rest
+format when they leave the window relative to the oldest query of a chunk — per token, or per
+complete channel group (aligned at multiples of G, as the analysis groups them), the incomplete
+group kept as the FP32 copy of its recent values. With R = 0 positions go straight to the rest.
+Storage is packed (``hnfverify.kv.quant``); ``nbytes()`` counts it all. Each ``update`` returns the
+dequantized past (float32) with the chunk's own K/V exact; the prefill returns its K/V exact.
 
-    cache = MixedPrecisionCache.from_plan(plan, model.config)
+    cache = MixedPrecisionCache.from_plan(plan, model)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
 """
 
@@ -18,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import InvalidArgument
+from ..semantics import StreamRule, channel_groups, layout
 from .quant import Packed, dequantize, quantize
 
 
@@ -54,59 +56,116 @@ def _select(p: Packed | None, idx: torch.Tensor) -> Packed | None:
 
 
 class _Stream:
-    """The stored history of one (layer, KV head, K|V): (B, n, d) float inputs, packed storage."""
+    """One (layer, KV head, K|V), stored as docs/design.md §4 lays it out (``hnfverify.semantics``).
 
-    def __init__(self, fmts: dict, s: int, r: int):
-        self.fmts, self.s, self.r = fmts, s, r
-        self.sink: list = []           # Packed chunks, positions [0, S)
+    Storage, in position order, all (B, n, d): ``sink`` packed chunks [0, S); ``rest`` packed (one
+    per-token tensor, or one entry per channel group) [S, rest_end); ``pending`` FP32 [rest_end,
+    recent_start) (recent values whose channel group is incomplete; exact values when R = 0);
+    ``recent`` packed [recent_start, length). ``oldest`` is the query the layout was made for.
+    """
+
+    def __init__(self, rule: StreamRule):
+        self.rule = rule
+        self.sink: list = []
+        self.rest: list = []
+        self.rest_end = 0
+        self.pending: torch.Tensor | None = None
         self.recent: Packed | None = None
-        self.recent_start = 0          # position of the first recent token
-        self.rest: list = []           # Packed chunks (token formats) or complete groups (channel)
-        self.pending: torch.Tensor | None = None   # (B, n, d) FP32 copies waiting for a channel group
+        self.recent_start = 0
         self.length = 0
+        self.oldest = 0
 
+    # ---- writing
     def append(self, x: torch.Tensor) -> None:
-        """x: (B, n, d) new tokens at positions length .. length + n - 1."""
-        n = x.shape[-2]
-        start = self.length
-        n_sink = max(0, min(n, self.s - start))
+        """x: (B, n, d), positions length .. length + n - 1 (a chunk; its queries read it exactly)."""
+        n, start, r = x.shape[-2], self.length, self.rule
+        n_sink = max(0, min(n, r.sink - start))
         if n_sink:
-            self.sink.append(quantize(x[:, :n_sink], self.fmts["sink"]))
-        if n > n_sink:
-            q = quantize(x[:, n_sink:], self.fmts["recent"])
-            if self.recent is None:
-                self.recent_start = start + n_sink
-            self.recent = _cat_packed([self.recent, q])
+            self.sink.append(quantize(x[:, :n_sink], r.formats["sink"]))
+        tail = x[:, n_sink:]
+        if tail.shape[-2]:
+            if self.recent is None and self.pending is None and not self.rest:
+                self.rest_end = self.recent_start = start + n_sink
+            if r.recent > 0:
+                self.recent = _cat_packed([self.recent, quantize(tail, r.formats["recent"])])
+            elif r.channel_group is None:          # R = 0: straight to the per-token rest format
+                self._add_rest(quantize(tail, r.formats["rest"]))
+                self.rest_end = self.recent_start = start + n
+            else:                                  # R = 0: exact until the channel group is complete
+                self.pending = tail.clone() if self.pending is None else torch.cat([self.pending, tail], dim=-2)
+                self.recent_start = start + n
         self.length += n
-        self._evict(self.length - 1)
 
-    def _evict(self, newest: int) -> None:
-        """Move positions t with newest - t >= R out of the recent window into rest."""
-        if self.recent is None:
+    def relayout(self, oldest: int) -> None:
+        """Lay the stream out for queries >= ``oldest`` (docs/design.md §4): positions with
+        oldest - t >= R leave the recent window; complete channel groups are quantized to the rest."""
+        lay = layout(self.rule, oldest)
+        self.oldest = oldest
+        if self.length <= self.rule.sink:
             return
-        cut = newest - self.r + 1                 # first position that stays
-        n_out = min(max(0, cut - self.recent_start), self.recent.shape[-2])
-        if n_out == 0:
+        r = self.rule
+        n_out = lay.recent_start - self.recent_start
+        if r.recent > 0 and n_out > 0 and self.recent is not None:
+            leaving = dequantize(_slice_packed(self.recent, 0, n_out))
+            self.recent = _slice_packed(self.recent, n_out, self.recent.shape[-2])
+            self.recent_start += n_out
+            self.pending = leaving if self.pending is None else torch.cat([self.pending, leaving], dim=-2)
+        if self.pending is None or lay.rest_end <= self.rest_end:
             return
-        leaving = dequantize(_slice_packed(self.recent, 0, n_out))
-        self.recent = _slice_packed(self.recent, n_out, self.recent.shape[-2])
-        self.recent_start += n_out
-        f = self.fmts["rest"]
-        if f.granularity != "channel":
-            self._add_rest(quantize(leaving, f))
+        f = r.formats["rest"]
+        if r.channel_group is None:
+            self._add_rest(quantize(self.pending, f))
+            self.rest_end += self.pending.shape[-2]
+            self.pending = None
             return
-        self.pending = leaving if self.pending is None else torch.cat([self.pending, leaving], dim=-2)
-        g = f.group
-        full = self.pending.shape[-2] // g * g
-        if full:
-            self._add_rest(quantize(self.pending[:, :full], f))
-            self.pending = self.pending[:, full:]
+        for size in channel_groups(r, self.rest_end, lay.rest_end):
+            self.rest.append(quantize(self.pending[:, :size], f, group_tokens=size))
+            self.pending = self.pending[:, size:]
+            self.rest_end += size
+        if self.pending.shape[-2] == 0:
+            self.pending = None
 
     def _add_rest(self, p: Packed) -> None:
-        """Append to rest as one packed tensor (a copy of packed bytes per eviction; one dequantization
-        per step instead of one per chunk)."""
+        """Per-token rest formats: one packed tensor (one dequantization per step)."""
         self.rest = [_cat_packed(self.rest + [p])]
 
+    def crop(self, keep: int) -> None:
+        """Drop positions >= keep: allowed while they are all still recent (or, with R = 0, pending or in
+        a per-token rest), i.e. keep >= the query the layout was made for (docs/design.md §4)."""
+        if keep >= self.length:
+            return
+        if keep < self.oldest:
+            raise InvalidArgument(f"crop to {keep} positions: positions from {self.oldest - self.rule.recent} on "
+                                  f"already left the recent window for a query at {self.oldest}; a plan cache can only "
+                                  f"crop back to position {self.oldest} or later")
+        r = self.rule
+        if keep < r.sink:
+            total, kept = 0, []
+            for p in self.sink:
+                n = p.shape[-2]
+                if total + n <= keep:
+                    kept.append(p)
+                elif total < keep:
+                    kept.append(_slice_packed(p, 0, keep - total))
+                total += n
+            self.sink = kept
+        if self.recent is not None:
+            n = max(0, keep - self.recent_start)
+            self.recent = _slice_packed(self.recent, 0, n) if n else None
+            if self.recent is None:
+                self.recent_start = max(self.recent_start, 0)
+        if r.recent == 0:
+            if self.pending is not None:
+                n = max(0, keep - self.rest_end)
+                self.pending = self.pending[:, :n] if n else None
+            elif self.rest and r.channel_group is None and keep < self.rest_end:
+                self.rest = [_slice_packed(self.rest[0], 0, max(0, keep - max(r.sink, 0)))] \
+                    if keep > r.sink else []
+                self.rest_end = max(keep, min(r.sink, keep))
+            self.recent_start = min(self.recent_start, max(keep, r.sink))
+        self.length = keep
+
+    # ---- reading
     def materialize(self) -> torch.Tensor:
         """(B, length, d) float32 in position order: sink, rest, pending, recent."""
         parts = [dequantize(p) for p in self.sink] + [dequantize(p) for p in self.rest]
@@ -133,14 +192,19 @@ class _Stream:
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
-    """One decoder layer's cache: a :class:`_Stream` per KV head for keys and for values."""
+    """One decoder layer's cache: a :class:`_Stream` per KV head for keys and for values.
+
+    Each ``update`` is a chunk [a, b): the streams are first laid out for its oldest query a, then the
+    chunk is appended; after the prefill (the first chunk) they are laid out for its last query.
+    """
 
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
 
-    def __init__(self, rules: list):
+    def __init__(self, rules: list, owner: "MixedPrecisionCache"):
         super().__init__()
-        self.rules = rules            # per KV head: hnfverify.evaluate.HeadRule
+        self.rules = rules            # per KV head: (StreamRule for K, StreamRule for V)
+        self.owner = owner
         self.k_streams: list = []
         self.v_streams: list = []
         self.cumulative_length = 0
@@ -149,8 +213,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if key_states.shape[1] != len(self.rules):
             raise InvalidArgument(f"the plan has {len(self.rules)} KV heads per layer, the model {key_states.shape[1]}")
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k_streams = [_Stream(r.k, r.s, r.r) for r in self.rules]
-        self.v_streams = [_Stream(r.v, r.s, r.r) for r in self.rules]
+        self.k_streams = [_Stream(k) for k, _ in self.rules]
+        self.v_streams = [_Stream(v) for _, v in self.rules]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -159,17 +223,35 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if first:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        a = self.cumulative_length
+        self.owner._admit(a + n)
+        streams = self.k_streams + self.v_streams
+        for s in streams:
+            s.relayout(a)
         for h in range(len(self.rules)):
             self.k_streams[h].append(key_states[:, h].float())
             self.v_streams[h].append(value_states[:, h].float())
         self.cumulative_length += n
         if first:
+            for s in streams:
+                s.relayout(a + n - 1)
             return key_states, value_states
         keys = torch.stack([s.materialize() for s in self.k_streams], dim=1).to(key_states.dtype)
         values = torch.stack([s.materialize() for s in self.v_streams], dim=1).to(value_states.dtype)
-        keys[..., -n:, :] = key_states           # the new tokens' own K/V exact
+        keys[..., -n:, :] = key_states           # the chunk's own K/V exact
         values[..., -n:, :] = value_states
         return keys, values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` positions (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise InvalidArgument(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(0, self.cumulative_length + tokens_to_remove)
+        for s in self.k_streams + self.v_streams:
+            s.crop(keep)
+        self.cumulative_length = keep
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -193,25 +275,57 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return sum(s.nbytes() for s in self.k_streams + self.v_streams)
 
 
-class MixedPrecisionCache(Cache):
-    """A plan's mixed-precision KV cache for ``model.generate`` (greedy, sampling, batch, beams)."""
+ON_OVERFLOW = ("error", "warn")
 
-    def __init__(self, rules_by_layer: list):
-        super().__init__(layers=[MixedPrecisionLayer(r) for r in rules_by_layer])
+
+class MixedPrecisionCache(Cache):
+    """A plan's mixed-precision KV cache for ``model.generate`` (greedy, sampling, batch, beams,
+    assisted decoding). Positions are those of unpadded sequences (docs/design.md §4).
+
+    ``on_overflow``: what happens when a sequence grows past the plan's ``max_seq_len``, beyond which
+    nothing is certified: ``"error"`` (default) raises InvalidArgument; ``"warn"`` warns once and sets
+    ``certified`` to False.
+    """
+
+    def __init__(self, rules_by_layer: list, max_seq_len: int | None = None, on_overflow: str = "error"):
+        if on_overflow not in ON_OVERFLOW:
+            raise InvalidArgument(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
+        self.max_seq_len, self.on_overflow, self.certified = max_seq_len, on_overflow, True
+        super().__init__(layers=[MixedPrecisionLayer(r, self) for r in rules_by_layer])
+
+    def _admit(self, length: int) -> None:
+        if self.max_seq_len is None or length <= self.max_seq_len:
+            return
+        msg = (f"the sequence reaches {length} positions, past the plan's max_seq_len {self.max_seq_len}: the plan's "
+               "bounds do not cover it")
+        if self.on_overflow == "error":
+            raise InvalidArgument(msg + " (use on_overflow='warn' to go on uncertified)")
+        if self.certified:
+            import warnings
+
+            warnings.warn(msg + "; the output from here on is uncertified", UserWarning, stacklevel=3)
+        self.certified = False
 
     @classmethod
-    def from_plan(cls, plan: dict, config=None) -> "MixedPrecisionCache":
-        from ..evaluate import plan_rules
+    def from_plan(cls, plan: dict, model=None, on_overflow: str = "error") -> "MixedPrecisionCache":
+        """The cache of a validated plan. ``model``: the model it will run in; the plan must have been
+        made for it (weights, config, shape, tau: ``models.check_plan_matches_model``)."""
+        from ..planview import view
 
-        rules = plan_rules(plan)
-        n_l, n_h = plan["shape"]["layers"], plan["shape"]["kv_heads"]
-        if config is not None:
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            got = (text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-            if got != (n_l, n_h):
-                raise InvalidArgument(f"the plan is for {n_l} layers x {n_h} KV heads, the model has "
-                                      f"{got[0]} x {got[1]}")
-        return cls([[rules[(li, h)] for h in range(n_h)] for li in range(n_l)])
+        if model is not None:
+            if not hasattr(model, "state_dict"):
+                raise InvalidArgument("from_plan(plan, model) takes the model (to check its weights against the "
+                                      f"plan's fingerprint), got a {type(model).__name__}")
+            from ..models import check_plan_matches_model
+
+            check_plan_matches_model(plan, model)
+        pv = view(plan)
+        for st in pv.streams():
+            if st.blocks:
+                raise InvalidArgument(f"layer {st.layer} head {st.head} {st.kv}: the cache cannot hold a plan's "
+                                      "per-position blocks")
+        rules = [[(h.k.rule, h.v.rule) for h in layer.heads] for layer in pv.layers]
+        return cls(rules, pv.max_seq_len, on_overflow)
 
     def nbytes(self) -> int:
         """Bytes held by the packed cache: values, scales, zero-points and FP32 pending groups."""

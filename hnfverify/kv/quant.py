@@ -58,6 +58,8 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return q
     per = 8 // bits
+    if q.shape[-1] % per:                       # a short channel group: pad to whole bytes
+        q = torch.nn.functional.pad(q, (0, per - q.shape[-1] % per))
     q = q.reshape(*q.shape[:-1], q.shape[-1] // per, per)
     out = q[..., 0].clone()
     for i in range(1, per):
@@ -74,11 +76,15 @@ def _unpack(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(*p.shape[:-1], p.shape[-1] * per)[..., :n]
 
 
-def _grouped(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """View (..., n, d) as (..., groups, group_size) along the format's grouping."""
+def _grouped(x: torch.Tensor, fmt: Format, group_tokens: int | None = None) -> torch.Tensor:
+    """View (..., n, d) as (..., groups, group_size) along the format's grouping. ``group_tokens``:
+    for a channel format, the tokens of one group when it is not the format's full group (the rest's
+    first group, which starts at the sink boundary, docs/design.md §4); then n must equal it."""
     if fmt.granularity == "channel":
         n, d = x.shape[-2], x.shape[-1]
-        g = fmt.group
+        g = fmt.group if group_tokens is None else group_tokens
+        if group_tokens is not None and not 1 <= group_tokens <= fmt.group:
+            raise ValueError(f"{fmt.name}: a group of {group_tokens} tokens exceeds the format's {fmt.group}")
         if n % g:
             raise ValueError(f"{fmt.name}: {n} tokens is not a multiple of the channel group {g}")
         # (..., n/g, g, d) -> (..., n/g, d, g): each row is one channel over g tokens
@@ -94,7 +100,8 @@ def _ungrouped(y: torch.Tensor, fmt: Format, shape) -> torch.Tensor:
     return y.reshape(shape)
 
 
-def quantize(x: torch.Tensor, fmt: Format) -> Packed:
+def quantize(x: torch.Tensor, fmt: Format, group_tokens: int | None = None) -> Packed:
+    """x: (..., n, d). ``group_tokens``: see :func:`_grouped` (channel formats only)."""
     x = x.detach().to(torch.float32)
     shape = tuple(x.shape)
     if isinstance(fmt, Fp8Format):
@@ -108,7 +115,7 @@ def quantize(x: torch.Tensor, fmt: Format) -> Packed:
     if isinstance(fmt, FloatFormat):
         return Packed(fmt, shape, x.to(_FLOAT[fmt.name]))
     n_levels = 2 ** fmt.value_bits - 1
-    g = _grouped(x, fmt)
+    g = _grouped(x, fmt, group_tokens)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
     z = _fp16_down(lo)
     s = torch.clamp(_fp16_up_from64((hi.to(torch.float64) - z.to(torch.float64)) / n_levels), min=2.0 ** -24)
@@ -123,7 +130,7 @@ def dequantize(p: Packed) -> torch.Tensor:
         return _ungrouped(y, fmt, p.shape)
     if isinstance(fmt, FloatFormat):
         return p.data.to(torch.float32)
-    gshape_last = fmt.group
+    gshape_last = fmt.group if fmt.granularity != "channel" else p.shape[-2] // p.data.shape[-3]
     q = _unpack(p.data, fmt.value_bits, gshape_last).to(torch.float32)
     y = q * p.scale.to(torch.float32) + p.zero.to(torch.float32)
     return _ungrouped(y, fmt, p.shape)
