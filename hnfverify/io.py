@@ -40,6 +40,50 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+MAX_INT_DIGITS = 30        # integer literals in plans and certificates: lengths, counts, indices
+
+
+def parse_json_int(s: str) -> int:
+    """``json.loads(parse_int=...)``: refuse integer literals longer than MAX_INT_DIGITS digits (before
+    Python's own 4300-digit limit turns them into a bare ValueError)."""
+    digits = len(s) - s.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        from .errors import InputError
+
+        raise InputError(f"an integer literal of {digits} digits ({s[:12]}...) is too long: integers have at most "
+                         f"{MAX_INT_DIGITS} digits (write large numbers as decimal strings)")
+    return int(s)
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def lone_surrogate_path(obj: Any) -> str | None:
+    """The JSON path of the first string (key or value) of ``obj`` with a lone surrogate (JSON ``"\ud800"``:
+    legal JSON, but no UTF-8 encoding exists, so it cannot be hashed or written), else None.
+    Iterative, so any nesting json.loads accepted is fine."""
+    stack = [(obj, "$")]
+    while stack:
+        o, path = stack.pop()
+        if isinstance(o, str):
+            if _has_surrogate(o):
+                return path
+        elif isinstance(o, dict):
+            for k, v in reversed(list(o.items())):
+                if isinstance(k, str) and _has_surrogate(k):
+                    return f"{path}[key {k!r}]"            # repr escapes the surrogate
+                stack.append((v, f"{path}.{k}"))
+        elif isinstance(o, list):
+            for i in range(len(o) - 1, -1, -1):
+                stack.append((o[i], f"{path}[{i}]"))
+    return None
+
+
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, fixed separators, UTF-8, trailing newline: the same object gives the same bytes."""
     return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n").encode()

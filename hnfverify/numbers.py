@@ -13,8 +13,9 @@ from fractions import Fraction
 
 from .errors import InputError
 
-_DEC = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
-_RAT = re.compile(r"^-?(0|[1-9][0-9]*)/[1-9][0-9]*$")
+# used with fullmatch: ``$`` would also match before a final newline, so "1\n" would pass
+_DEC = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_RAT = re.compile(r"-?(0|[1-9][0-9]*)/[1-9][0-9]*")
 NUMBER_PATTERN = r"^-?(0|[1-9][0-9]*)((\.[0-9]+)?([eE][-+]?[0-9]+)?|/[1-9][0-9]*)$"
 MAX_EXPONENT = 400          # |exponent| beyond this is refused (keeps exact arithmetic bounded)
 _HUGE = Fraction(10) ** 300     # magnitudes a plan may hold: every value then has a finite float image
@@ -27,12 +28,12 @@ def parse_number(s, where: str = "value") -> Fraction:
         raise InputError(f"{where}: expected a number written as a string (decimal or p/q), got {s!r}")
     if len(s) > 2000:
         raise InputError(f"{where}: number string of {len(s)} characters is too long")
-    if _DEC.match(s):
-        m = re.search(r"[eE]([-+]?[0-9]+)$", s)
+    if _DEC.fullmatch(s):
+        m = re.search(r"[eE]([-+]?[0-9]+)\Z", s)
         if m and abs(int(m.group(1))) > MAX_EXPONENT:
             raise InputError(f"{where}: exponent {m.group(1)} is out of range (|e| <= {MAX_EXPONENT})")
         x = Fraction(s)
-    elif _RAT.match(s):
+    elif _RAT.fullmatch(s):
         x = Fraction(s)
     else:
         raise InputError(f"{where}: {s!r} is not a finite decimal or rational number")

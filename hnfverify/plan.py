@@ -138,6 +138,8 @@ def _shown(path: str) -> str:
 
 
 def load_plan(path) -> dict:
+    if isinstance(path, str) and not path:
+        raise InputError("plan path is empty; give a plan file such as plan.json")
     p = Path(path)
     try:
         if not p.exists():

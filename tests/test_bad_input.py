@@ -1,10 +1,13 @@
 """Bad input to check / show / replay gives one clear error and exit 2: never exit 4, a traceback, a
 wrong acceptance, a half-written or a lost file. Each test says how it failed before the fix.
 
-Torch-free: plans come from tests/data/planted (boundary-0 is PROVED, one-step-0 is REFUTED).
+Torch-free: plans are tests/data/planted's, built in memory by tests/data/make_planted.py (so they
+follow the current planner and schema): boundary-0 is PROVED, one-step-0 is REFUTED.
 """
 
 import copy
+import functools
+import importlib.util
 import io
 import json
 import os
@@ -20,13 +23,25 @@ from hnfverify.errors import HnfError, InputError
 from hnfverify.formats import by_name
 from hnfverify.numbers import parse_number
 
-PLANTED = Path(__file__).resolve().parent / "data" / "planted"
-GOOD = PLANTED / "boundary-0.json"          # a control: PROVED
-BAD = PLANTED / "one-step-0.json"           # one format step too cheap: REFUTED
+GOOD = "boundary-0"         # a control, exactly on the bound: PROVED
+BAD = "one-step-0"          # one format step too cheap: REFUTED
 
 
-def _plan(path=GOOD) -> dict:
-    return json.loads(path.read_text())
+@functools.lru_cache(maxsize=1)
+def _corpus() -> dict:
+    spec = importlib.util.spec_from_file_location(
+        "make_planted", Path(__file__).resolve().parent / "data" / "make_planted.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {name: P.dumps(plan) for name, plan, _ in mod.planted()}
+
+
+def _plan(name=GOOD) -> dict:
+    return json.loads(_corpus()[name])
+
+
+def _bytes(name=GOOD) -> bytes:
+    return _corpus()[name]
 
 
 def _run(argv):
@@ -73,8 +88,10 @@ def cert(tmp_path, good_plan):
 
 def test_the_unmutated_plans_check_as_expected(tmp_path):
     """Control for the mutations below: the good plan is PROVED, the bad one REFUTED."""
-    assert _run(["check", str(GOOD), "--cert-dir", str(tmp_path / "c")])[0] == 0
-    assert _run(["check", str(BAD), "--cert-dir", str(tmp_path / "c")])[0] == 1
+    for name, code in ((GOOD, 0), (BAD, 1)):
+        p = tmp_path / f"{name}.json"
+        p.write_bytes(_bytes(name))
+        assert _run(["check", str(p), "--cert-dir", str(tmp_path / "c")])[0] == code
 
 
 # --------------------------------------------------------------------------- 1. number grammar
@@ -381,7 +398,7 @@ _CTRL = "a\x01b\x1bc\x7fd\x0be"
 def test_junit_with_control_characters_in_the_plan_path_is_well_formed(tmp_path, source):
     """Failed before the fix: \\x01 and \\x1b went raw into an attribute (not XML 1.0); ET could not parse."""
     p = tmp_path / f"{_CTRL}.json"
-    p.write_bytes(source.read_bytes())
+    p.write_bytes(_bytes(source))
     code, out, err = _run(["check", str(p), "--format", "junit", "--cert-dir", str(tmp_path / "c")])
     assert code in (0, 1), err
     root = ET.fromstring(out)
@@ -395,7 +412,7 @@ def test_other_renderers_with_control_characters_in_the_plan_path(tmp_path, fmt)
     """text failed before the fix: the path's ESC (terminal escape) and \\x01 were printed raw.
     SARIF and JSON were already valid JSON (escaped); this pins that."""
     p = tmp_path / f"{_CTRL}.json"
-    p.write_bytes(BAD.read_bytes())
+    p.write_bytes(_bytes(BAD))
     code, out, err = _run(["check", str(p), "--format", fmt, "--cert-dir", str(tmp_path / "c")])
     assert code == 1, err
     if fmt == "text":
@@ -435,7 +452,7 @@ def test_plan_path_too_long_is_exit_2(tmp_path):
 def test_plan_path_that_is_not_utf8(tmp_path):
     """Failed before the fix: exit 4 (UnicodeEncodeError writing the certificate / the report)."""
     p = os.fsdecode(os.fsencode(str(tmp_path)) + b"/plan-\xff.json")
-    Path(p).write_bytes(GOOD.read_bytes())
+    Path(p).write_bytes(_bytes(GOOD))
     for fmt in ("text", "junit"):
         code, out, err = _run_strict(["check", p, "--format", fmt, "--cert-dir", str(tmp_path / "c")])
         _usage_error(code, err, "UTF-8")

@@ -19,7 +19,9 @@ from .integer import IntFormat, int_format
 __all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "format_table", "by_name",
            "GRANULARITIES", "FP32", "FP16", "BF16"]
 
-_NAME = re.compile(r"^(fp32|fp16|bf16|fp8_e4m3_t(\d+)|fp8_e5m2_t(\d+)|int(8|4|2)_(t|c)(\d+))$")
+# used with fullmatch (``$`` would accept a final newline); ASCII digits without a leading zero, as in
+# specs/plan.schema.json (``\d`` would also take other scripts' digits, which int() reads)
+_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|int(8|4|2)_(t|c)([1-9][0-9]*))")
 
 
 def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
@@ -31,7 +33,7 @@ def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
 
 
 def by_name(name: str) -> Format:
-    m = _NAME.match(name) if isinstance(name, str) else None
+    m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not m:
         raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, fp8_e4m3_tG, fp8_e5m2_tG, "
                          "int8_tG, int4_tG, int2_tG, int8_cG, int4_cG or int2_cG")
