@@ -198,3 +198,24 @@ def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
                 cache.update(X[:, :, i:i + 1], X[:, :, i:i + 1], li)
             assert cache.nbytes() == accounted_bytes(units, D, i + 1), (spec, i)
         assert cache.nbytes() * 8 == int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])), spec
+
+
+@pytest.mark.parametrize("spec,s,r", [("int4_t16", 4, 0), ("fp16,rest=int4_c8", 4, 0), ("int8_t16,rest=int2_t16", 0, 8),
+                                      ("fp16,rest=int4_c8", 1, 16)])
+def test_draft_and_crop_equal_never_drafting(spec, s, r):
+    """Crop after a draft chunk, for every kind of stream (R = 0 per-token and channel rests included)."""
+    plan = synthetic_plan(uniform=spec, sink=s, recent=r)
+    cache, ref = MixedPrecisionCache.from_plan(plan), MixedPrecisionCache.from_plan(plan)
+    for c in (cache, ref):
+        c.update(X[:, :, :21], X[:, :, :21], 0)
+    i = 21
+    while i < 60:
+        draft = torch.randn(1, 2, 4, D, generator=torch.Generator().manual_seed(i))
+        cache.update(draft, draft, 0)
+        cache.crop(-3)                                   # keep one drafted token
+        ref.update(draft[:, :, :1], draft[:, :, :1], 0)
+        k1, _ = cache.update(X[:, :, i + 1:i + 2], X[:, :, i + 1:i + 2], 0)
+        k2, _ = ref.update(X[:, :, i + 1:i + 2], X[:, :, i + 1:i + 2], 0)
+        assert torch.equal(k1, k2), (spec, i)
+        assert cache.nbytes() == ref.nbytes()
+        i += 2

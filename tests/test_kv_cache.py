@@ -79,8 +79,7 @@ def test_generate_sampling_batch_and_beams(tiny):
     lm = tiny[0]
     plan = _plan(tiny, avg_bits=Fraction(6))
     ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0                                     # left padding in the second row
+    mask = torch.ones_like(ids)                         # equal lengths: padded batches are refused (below)
     for kw in (dict(do_sample=True, top_k=20), dict(do_sample=False, num_beams=3), dict(do_sample=False)):
         torch.manual_seed(0)
         cache = MixedPrecisionCache.from_plan(plan, lm.model)
@@ -150,3 +149,20 @@ def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):
         int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])) // 8
     # shorter caches hold fewer bytes
     assert accounted_bytes(units, plan["shape"]["head_dim"], t // 2) < accounted_bytes(units, plan["shape"]["head_dim"], t)
+
+
+def test_left_padded_batches_are_refused(tiny):
+    """Plan positions are those of unpadded sequences (docs/design.md §4). Failed before the fix: with left
+    padding the sink format silently held the pads."""
+    from hnfverify.errors import InvalidArgument
+
+    lm = tiny[0]
+    plan = _plan(tiny, uniform="fp16")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(InvalidArgument, match="padded"):
+        lm.model.generate(input_ids=ids, attention_mask=mask, cache=MixedPrecisionCache.from_plan(plan, lm.model),
+                          max_new_tokens=2, do_sample=False, pad_token_id=0)
+    out = lm.model.generate(input_ids=ids[1:], cache=MixedPrecisionCache.from_plan(plan, lm.model), max_new_tokens=2,
+                            do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)

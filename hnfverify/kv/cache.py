@@ -149,20 +149,19 @@ class _Stream:
                     kept.append(_slice_packed(p, 0, keep - total))
                 total += n
             self.sink = kept
-        if self.recent is not None:
-            n = max(0, keep - self.recent_start)
-            self.recent = _slice_packed(self.recent, 0, n) if n else None
-            if self.recent is None:
-                self.recent_start = max(self.recent_start, 0)
-        if r.recent == 0:
+        if r.recent > 0:
+            if self.recent is not None:
+                n = keep - self.recent_start
+                self.recent = _slice_packed(self.recent, 0, n) if n > 0 else None
+        elif r.channel_group is not None:           # R = 0: the chunk's positions are pending, exact
             if self.pending is not None:
-                n = max(0, keep - self.rest_end)
-                self.pending = self.pending[:, :n] if n else None
-            elif self.rest and r.channel_group is None and keep < self.rest_end:
-                self.rest = [_slice_packed(self.rest[0], 0, max(0, keep - max(r.sink, 0)))] \
-                    if keep > r.sink else []
-                self.rest_end = max(keep, min(r.sink, keep))
-            self.recent_start = min(self.recent_start, max(keep, r.sink))
+                n = keep - self.rest_end
+                self.pending = self.pending[:, :n] if n > 0 else None
+            self.recent_start = max(keep, self.rest_end)
+        else:                                       # R = 0, per-token rest: stored one by one from S on
+            n = keep - r.sink
+            self.rest = [_slice_packed(self.rest[0], 0, n)] if self.rest and n > 0 else []
+            self.rest_end = self.recent_start = max(keep, r.sink)
         self.length = keep
 
     # ---- reading
@@ -225,6 +224,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         a = self.cumulative_length
         self.owner._admit(a + n)
+        _refuse_padding(kwargs.get("kwargs", kwargs).get("position_ids"), a, n)
         streams = self.k_streams + self.v_streams
         for s in streams:
             s.relayout(a)
@@ -273,6 +273,18 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.k_streams + self.v_streams)
+
+
+def _refuse_padding(position_ids, past: int, n: int) -> None:
+    """A plan's positions are those of one unpadded sequence (docs/design.md §4): with left padding the
+    sink would hold pads and a sequence's first tokens would land in the rest. Refuse such batches."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != n:
+        return
+    want = torch.arange(past, past + n, device=position_ids.device)
+    if not bool((position_ids == want).all()):
+        raise InvalidArgument("a padded batch (position ids differ from the cache positions): plan positions are those "
+                              "of unpadded sequences, so the sink would hold pads; run sequences of equal length or "
+                              "one at a time")
 
 
 ON_OVERFLOW = ("error", "warn")
