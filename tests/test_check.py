@@ -175,7 +175,7 @@ def test_recheck_module_uses_only_the_standard_library():
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
-    assert mods <= {"hashlib", "json", "math", "re", "sys", "fractions", "pathlib"}, mods
+    assert mods <= {"hashlib", "json", "math", "re", "sys", "fractions", "pathlib", "importlib"}, mods
 
 
 def test_smt_per_position_audit(tmp_path, plan_pair):
