@@ -24,6 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from hnfverify.formats import by_name  # noqa: E402
+from hnfverify.planview import segment_stats  # noqa: E402
+from hnfverify.verify.obligations import precision_terms  # noqa: E402
 from hnfverify.numbers import fmt_number  # noqa: E402
 from hnfverify.plan import dumps  # noqa: E402
 
@@ -87,7 +89,7 @@ def planted(n_each: int = 6, seed: int = 7):
     for i in range(n_each):                                   # one-step
         p = copy.deepcopy(base)
         li, h = rng.randrange(len(p["layers"])), rng.randrange(p["shape"]["kv_heads"])
-        seg = rng.choice(["recent", "rest"])
+        seg = "rest"            # the rest format is read in one stored form only (REST: recent, then rest)
         item = p["layers"][li]["heads"][h]["K"][seg]
         cur = by_name(item["format"])
         cheaper = [f for f in ("fp16", f"int8_t{d}", f"int4_t{d}", f"int2_t{d}") if by_name(f).bits_per_element <
@@ -97,8 +99,12 @@ def planted(n_each: int = 6, seed: int = 7):
         if not cheaper:
             continue
         new = by_name(cheaper[0])
-        dd = Fraction(item["inputs"]["d_channel" if cur.granularity == "channel" else "d_token"][1])
-        item["inputs"]["kappa"] = ["0", fmt_number(eps / (c * dd * dd * cur.u))]    # exactly admissible for cur
+        # kappa exactly admissible for the REST chain (recent, then cur): eps = c kappa sum u D^2
+        rule = p["layers"][li]["heads"][h]["K"]
+        chain = ((by_name(rule["recent"]["format"]),) if rule["recent"]["length"] else ()) + (cur,)
+        stats = segment_stats(item["inputs"], d)
+        _, rhs_at_kappa_1, _ = precision_terms(eps, c, chain, stats, Fraction(1))
+        item["inputs"]["kappa"] = ["0", fmt_number(eps / rhs_at_kappa_1)]
         item["format"] = new.name
         p["formats"][new.name] = new.to_json()
         s_len = p["layers"][li]["heads"][h]["K"]["sink"]["length"]
