@@ -98,6 +98,19 @@ def test_evaluate_accepts_the_analyzed_model_and_refuses_one_ulp_off(made):
     check_plan_matches_model(plan, tiny_model("tiny-llama").model)
 
 
+def test_the_cache_refuses_a_plan_made_for_other_weights(made):
+    """MixedPrecisionCache.from_plan(plan, model) checks the fingerprint. Failed before the fix: from_plan took
+    only a config (and checked only the layer and head counts)."""
+    from hnfverify.kv.cache import MixedPrecisionCache
+
+    _, plan = made
+    lm = tiny_model("tiny-llama")
+    assert MixedPrecisionCache.from_plan(plan, lm.model).max_seq_len == plan["max_seq_len"]
+    _one_ulp_up(lm.model)
+    with pytest.raises(InvalidArgument, match=r"model\.weights_sha256"):
+        MixedPrecisionCache.from_plan(plan, lm.model)
+
+
 def test_cli_generate_and_eval_refuse_a_fine_tune_with_the_same_config(made):
     tmp, plan = made
     common = ["--threads", "1"]
