@@ -220,17 +220,19 @@ def _plan_table(plan: dict, out: TextIO, segs) -> None:
     def short(n):
         return n.replace("fp8_", "").replace("_t" + str(d), "t").replace("_c", "c")
 
+    from .semantics import StreamRule, segment_bits, stored_counts
+
     for li, layer in enumerate(plan["layers"]):
         kcol, vcol, bits, n = [], [], Fraction(0), 0
         for h in layer["heads"]:
             for kv, col in (("K", kcol), ("V", vcol)):
                 r = h[kv]
                 col.append("/".join(short(r[s]["format"]) for s in segs))
-                lens = {"sink": r["sink"]["length"], "recent": r["recent"]["length"]}
-                lens["rest"] = max(0, t - lens["sink"] - lens["recent"])
-                for s in segs:
-                    bits += fmts[r[s]["format"]].segment_bits(lens[s], 1)
-                    n += lens[s]
+                rule = StreamRule(r["sink"]["length"], r["recent"]["length"],
+                                  {s: fmts[r[s]["format"]] for s in ("sink", "recent", "rest")})
+                counts = stored_counts(rule, t)          # the accounting of docs/design.md §4
+                bits += sum(segment_bits(rule.formats[s], s, counts, 1) for s in ("sink", "recent", "rest"))
+                n += t
         print(f"{li:>5}  {' '.join(kcol):<58} {' '.join(vcol):<44} {float(bits / n):>6.2f} "
               f"{_claim_at(c['attention_error_max'], li):>9}", file=out)
 
