@@ -22,7 +22,7 @@ CURVATURES = ("exact", "seed")
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    curvature: str = "exact"          # which curvature the planner uses: exact (DESIGN 2.1) | seed (heuristic)
+    curvature: str = "exact"          # which curvature the planner uses: exact (docs/design.md §2.1) | seed (heuristic)
     channel_group: int = 32           # tokens per per-channel key/value quantization group (KIVI-style)
     lipschitz_tokens: int = 32        # prefix of the first window used for the block Lipschitz estimate
     lipschitz_iters: int = 6          # power iterations; 0 disables the estimate

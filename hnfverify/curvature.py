@@ -1,4 +1,4 @@
-"""Exact key curvature and first-order sensitivities of one attention head group (DESIGN 2.1, 2.4).
+"""Exact key curvature and first-order sensitivities of one attention head group (docs/design.md §2.1, 2.4).
 
 For a query q, scale tau, cached keys K_t and values V_t (keys after RoPE, as cached):
 

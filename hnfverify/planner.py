@@ -1,6 +1,6 @@
 """The planner: an analysis report -> a rule plan (one format per layer x KV head x K|V x segment).
 
-Segments (DESIGN 2.5): positions t < S are attention sinks; for the current query i, positions
+Segments (docs/design.md §4): positions t < S are attention sinks; for the current query i, positions
 t >= S with i - t < R are the recent window; the rest are "rest". A position that leaves the
 window is re-quantized to the rest format. S and R must be on the analysis' rule grid.
 

@@ -125,7 +125,7 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
             "attn_implementation": analysis.meta["attn_implementation"],
             "keys": "cached after RoPE, as the model caches them",
             "value_curvature": "0: the attention output is linear in each V_t, so values are limited by the "
-                               "error budget (DESIGN 2.4), not by Theorem 5.7",
+                               "error budget (docs/design.md §2.4), not by Theorem 5.7",
             "enclosure": {"method": "float64 evaluation widened by relative DELTA and absolute ETA margins",
                           "DELTA": repr(DELTA), "ETA": repr(ETA),
                           "encloses": "the exact max over calibration queries of each quantity, "

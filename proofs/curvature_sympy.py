@@ -1,4 +1,4 @@
-"""Symbolic re-derivation of the attention curvature closed forms (DESIGN 2.1), checked against
+"""Symbolic re-derivation of the attention curvature closed forms (docs/design.md §2.1), checked against
 what the analyzer implements. Exits non-zero on any mismatch.
 
 1. o = sum_t softmax(s)_t V_t:   d o/d s_t = alpha_t (V_t - o),

@@ -1,7 +1,7 @@
 """The storage-format interface: one small frozen value per format.
 
 A format knows its bits per element *including* scale/zero-point overhead, its nominal unit
-roundoff ``u`` (DESIGN 2.2, exact rational), its granularity, and its error model: an upper bound
+roundoff ``u`` (docs/design.md §2.2, exact rational), its granularity, and its error model: an upper bound
 of ||x - dequant(quant(x))||_2 for one cached d-vector, given magnitude and range bounds of the
 segment of the cache it stores (:class:`SegmentStats`). Everything is exact (Fraction); no torch.
 
@@ -39,7 +39,7 @@ class SegmentStats:
 
     def widened(self, delta: Fraction) -> "SegmentStats":
         """Bounds for vectors moved by at most ``delta`` in l2 (so by <= delta per element): what a
-        segment holds when its values were already quantized once (re-quantization, DESIGN 2.5)."""
+        segment holds when its values were already quantized once (re-quantization, docs/design.md §4)."""
         if delta == 0:
             return self
         grow = 2 * sqrt_up(Fraction(self.d)) * delta
