@@ -1,0 +1,1408 @@
+"""An independent exact oracle for hnfverify plans, written from docs/design.md alone.
+
+Standard library only (fractions, json, math, re); imports nothing from hnfverify, by design: it is
+the second opinion the fuzzer (tests/fuzz_gate.py) and the adversarial corpus (tests/test_adversarial.py)
+hold the gate to. Given a parsed plan it decides
+
+  (a) validity (§3): the schema's structure re-stated by hand, and every loader rule of §3;
+  (b) for every stream (layer, KV head, K|V) and every stored form a query can read — found by
+      *simulating the cache* (§4: chunks, layout relative to the oldest query, the recent window,
+      pending channel groups aligned at absolute multiples of G, R = 0 straight to rest) over many
+      chunked update schedules, not by trusting §4's reachable list — Theorem 5.7 in its chain form
+      eps >= c kappa_hi sum_k u_k D_k^2 on the widened ranges (§2.2, §2.3) and every stage in its
+      domain (|x| <= 65504 for fp16, int*, fp8*; the largest finite number for bf16, fp32);
+  (c) E_h <= eps for every head when eps_source is "user" (§2.4);
+  (d) the composition law e_L <= eps_target (§2.5, with mlp_lipschitz);
+  (e) the claims are upper bounds of the recomputed bounds (§5.5).
+
+Real numbers are intervals of Fractions with outward rounding written here (sqrt by isqrt, exp by a
+Taylor sum with a remainder bound and squaring). A comparison is decided exactly when both sides are
+exact rationals (one-stage Theorem 5.7, the domains of first stages, validity rules); otherwise it is
+"undecidable by oracle" (None) when the two sides lie within one part in 1e12 of each other, since the
+document's own quantities are rounded up to 64 significant bits (§2.3-§2.5) and the oracle does not
+guess which way that rounding tips a tie.
+
+Two verdicts are reported: ``sound`` (the obligations of the states the simulation reaches: what the
+cache can really do; a gate PROVED while this is REFUTED is a false PROVED) and ``doc`` (the states of
+§4's reachable list: what the gate should compute). ``findings`` lists every state the simulation
+reaches that §4's list misses (a soundness bug of the document) and every listed state it never
+reaches (harmless: the document is conservative there).
+
+    import oracle
+    res = oracle.decide(plan)            # plan: dict from json (or oracle.load(bytes))
+    res.valid, res.reason, res.sound, res.doc, res.obligations, res.findings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from fractions import Fraction as Q
+
+__all__ = ["OracleInputError", "load", "validate", "decide", "Result", "Ob", "simulate", "doc_reachable",
+           "stream_states", "check_certificate", "canon", "parse", "format_def", "chain_value"]
+
+PREC = 128                   # bits kept by the outward rounding of intermediate results
+BAND = Q(1, 10 ** 12)        # "undecidable by oracle" within one part in 1e12 of a threshold
+SIM_FULL_T = 96              # up to this max_seq_len every prefill length is simulated
+FP16_MAX = Q(65504)
+
+
+class OracleInputError(Exception):
+    """The bytes are not a plan (JSON, duplicate keys, float literals, NaN): the gate must exit 2."""
+
+
+# ============================================================================ numbers
+_NUM = re.compile(r"-?(0|[1-9][0-9]*)((\.[0-9]+)?([eE][-+]?[0-9]+)?|/[1-9][0-9]*)")
+_NONNEG = re.compile(r"(0|[1-9][0-9]*)((\.[0-9]+)?([eE][-+]?[0-9]+)?|/[1-9][0-9]*)")
+_HUGE, _TINY = Q(10) ** 300, Q(1, 10 ** 300)
+
+
+class _Bad(Exception):
+    def __init__(self, path, msg, kind="schema"):
+        super().__init__(f"{path}: {msg}")
+        self.path, self.msg, self.kind = path, msg, kind
+
+
+def is_num(s, nonneg=False) -> bool:
+    return isinstance(s, str) and len(s) <= 2000 and (_NONNEG if nonneg else _NUM).fullmatch(s) is not None
+
+
+_PARSED: dict = {}
+
+
+def parse(s, path="$") -> Q:
+    """A plan number string -> Fraction. Exponents beyond 400 and magnitudes outside [1e-300, 1e300]
+    are outside the plan number range (§5: a bound above 1e300 is written null)."""
+    if isinstance(s, str) and s in _PARSED:
+        return _PARSED[s]
+    x = _parse(s, path)
+    if len(_PARSED) > 200000:
+        _PARSED.clear()
+    _PARSED[s] = x
+    return x
+
+
+def _parse(s, path):
+    if not is_num(s):
+        raise _Bad(path, f"{s!r} is not a decimal or p/q number string")
+    m = re.search(r"[eE]([-+]?[0-9]+)$", s)
+    if m and abs(int(m.group(1))) > 400:
+        raise _Bad(path, f"exponent of {s[:40]!r} is out of range", "range")
+    x = Q(s)
+    if x != 0 and not (_TINY <= abs(x) <= _HUGE):
+        raise _Bad(path, f"{s[:40]!r} is outside the plan number range [1e-300, 1e300]", "range")
+    return x
+
+
+def canon(x) -> str:
+    """The canonical string of an exact number (integers plainly, scientific for six or more trailing
+    zeros; terminating decimals as decimals, scientific below 1e-6; anything else p/q)."""
+    x = Q(x)
+    if x.denominator == 1:
+        n = x.numerator
+        digits = str(abs(n))
+        zeros = len(digits) - len(digits.rstrip("0"))
+        if zeros >= 6:
+            sig = digits.rstrip("0")
+            return f"{'-' if n < 0 else ''}{sig[0]}{'.' + sig[1:] if len(sig) > 1 else ''}E+{len(digits) - 1}"
+        return str(n)
+    d = x.denominator
+    twos = (d & -d).bit_length() - 1
+    rest, fives = d >> twos, 0
+    while rest % 5 == 0:
+        rest //= 5
+        fives += 1
+    if rest != 1:
+        return f"{x.numerator}/{x.denominator}"
+    k = max(twos, fives)
+    num = x.numerator * 10 ** k // d
+    sign = "-" if num < 0 else ""
+    digits = str(abs(num)).rjust(k + 1, "0")
+    whole, frac = digits[:-k], digits[-k:].rstrip("0")
+    lead = len(frac) - len(frac.lstrip("0"))
+    if whole == "0" and lead >= 6:
+        sig = frac.lstrip("0")
+        return f"{sign}{sig[0]}{'.' + sig[1:] if len(sig) > 1 else ''}E-{lead + 1}"
+    return f"{sign}{whole}.{frac}" if frac else f"{sign}{whole}"
+
+
+# ============================================================================ outward rounding
+def rdown(x: Q, bits: int = PREC) -> Q:
+    """The largest dyadic with ``bits`` significant bits <= x (x >= 0)."""
+    if x <= 0:
+        return Q(math.floor(x)) if x < 0 else Q(0)
+    e = x.numerator.bit_length() - x.denominator.bit_length()
+    sh = bits - e
+    if sh >= 0:
+        return Q((x.numerator << sh) // x.denominator, 1 << sh)
+    return Q((x.numerator // (x.denominator << -sh)) << -sh)
+
+
+def rup(x: Q, bits: int = PREC) -> Q:
+    """The smallest dyadic with ``bits`` significant bits >= x (x >= 0)."""
+    if x <= 0:
+        return Q(0) if x == 0 else -rdown(-x, bits)
+    e = x.numerator.bit_length() - x.denominator.bit_length()
+    sh = bits - e
+    if sh >= 0:
+        return Q(-((-x.numerator << sh) // x.denominator), 1 << sh)
+    return Q(-((-x.numerator) // (x.denominator << -sh)) << -sh)
+
+
+def sqrt_bounds(x: Q) -> tuple:
+    """(lo, hi) with lo <= sqrt(x) <= hi, exact for perfect squares."""
+    if x < 0:
+        raise ValueError("sqrt of a negative number")
+    if x == 0:
+        return Q(0), Q(0)
+    n, d = x.numerator, x.denominator
+    rn, rd = math.isqrt(n), math.isqrt(d)
+    if rn * rn == n and rd * rd == d:
+        return Q(rn, rd), Q(rn, rd)
+    sc = PREC + max(0, d.bit_length() - n.bit_length())
+    r = math.isqrt((n << (2 * sc)) // d)          # r <= sqrt(x) 2^sc < r + 1 (floor of a floor)
+    lo, hi = Q(r, 1 << sc), Q(r + 1, 1 << sc)
+    while hi * hi < x:                              # never taken; kept as a guard of the claim
+        hi += Q(1, 1 << sc)
+    return lo, hi
+
+
+EXP_EXACT_MAX = Q(100000)      # above this the oracle does not compute exp(x) exactly
+_LN2_HI = Q(6931471805599453094172321214581766, 10 ** 34)     # > ln 2
+
+
+def _dy_round(m: int, e: int, upper: bool, bits: int = PREC) -> tuple:
+    """m 2^e rounded to ``bits`` significant bits (floor or ceil), as (m', e')."""
+    n = m.bit_length() - bits
+    if n <= 0:
+        return m, e
+    q = m >> n
+    if upper and (q << n) != m:
+        q += 1
+    return q, e + n
+
+
+def _exp_dyadic(x: Q, upper: bool) -> Q:
+    """A bound of exp(x), x >= 0, in integer fixed point: y = x / 2^s <= 1/2, the Taylor sum of
+    exp(y) to 40 terms (a lower bound; plus, for the upper bound, the remainder
+    <= 2 y^41 / 41!, the tail's terms shrinking by at least 1/2), then s squarings; every step rounded
+    down (lower) or up (upper)."""
+    s = 0
+    num, den = x.numerator, x.denominator
+    while num * 2 > den:                 # y = num / (den 2^s) > 1/2
+        den *= 2
+        s += 1
+    p = PREC + 32
+    one = 1 << p
+    y = -((-num << p) // den) if upper else (num << p) // den      # y 2^p, rounded outward
+    total, term = one, one
+    n = 40
+    for k in range(1, n + 1):
+        if upper:
+            term = -((-term * y) // (k << p))
+        else:
+            term = (term * y) // (k << p)
+        total += term
+    if upper:
+        total += -((-2 * term * y) // ((n + 1) << p))
+    m, e = _dy_round(total, -p, upper)
+    for _ in range(s):
+        m, e = _dy_round(m * m, 2 * e, upper)
+    return Q(m) * Q(2) ** e if e >= 0 else Q(m, 1 << -e)
+
+
+def exp_bounds(lo: Q, hi) -> tuple:
+    """(L, H) with L <= exp(lo) and exp(hi) <= H (lo, hi >= 0); H is None (+inf) for hi above 1e5."""
+    if lo > EXP_EXACT_MAX:
+        # exp(x) >= 2^(x / ln2) > 2^floor(x / LN2_HI); capped (still a lower bound) to stay small
+        k = min(int(lo / _LN2_HI), 4000)
+        low = Q(2) ** k
+    else:
+        low = _exp_dyadic(Q(lo), False)
+    if hi is None or hi > EXP_EXACT_MAX:
+        return low, None
+    return low, _exp_dyadic(Q(hi), True)
+
+
+class R:
+    """A real number known to lie in [lo, hi] (hi None: unbounded above). ``exact``: lo == hi and the
+    document computes it without rounding (a rational decided exactly)."""
+
+    __slots__ = ("lo", "hi", "exact")
+
+    def __init__(self, lo, hi=None, exact=None, point=False):
+        lo = Q(lo)
+        if point:
+            hi = lo
+        self.lo, self.hi = lo, (None if hi is None else Q(hi))
+        self.exact = (self.hi is not None and self.lo == self.hi) if exact is None else exact
+        if self.hi is not None and self.hi < self.lo:
+            raise ValueError("empty interval")
+
+    @staticmethod
+    def of(x) -> "R":
+        return R(x, point=True)
+
+    def _norm(self):
+        """Round outward to PREC bits, except small exact rationals (kept exact for exact decisions)."""
+        def big(x):
+            return x is not None and x.numerator.bit_length() + x.denominator.bit_length() > 4000
+        if self.exact and not big(self.lo):
+            return self
+        def short(x):
+            return x is None or x.denominator.bit_length() < 2 * PREC
+        if not self.exact and not big(self.lo) and not big(self.hi) and short(self.lo) and short(self.hi):
+            return self
+        lo, hi = rdown(self.lo), (None if self.hi is None else rup(self.hi))
+        return R(lo, hi, self.exact and lo == self.lo and hi == self.hi)
+
+    def __add__(self, o):
+        o = o if isinstance(o, R) else R.of(o)
+        hi = None if self.hi is None or o.hi is None else self.hi + o.hi
+        return R(self.lo + o.lo, hi, self.exact and o.exact)._norm()
+
+    __radd__ = __add__
+
+    def __mul__(self, o):
+        o = o if isinstance(o, R) else R.of(o)
+        assert self.lo >= 0 and o.lo >= 0, "the oracle multiplies non-negative quantities only"
+        if self.hi is None or o.hi is None:
+            hi = Q(0) if (self.hi == 0 or o.hi == 0) else None
+        else:
+            hi = self.hi * o.hi
+        return R(self.lo * o.lo, hi, self.exact and o.exact)._norm()
+
+    __rmul__ = __mul__
+
+    def minus_one(self):
+        """x - 1 for x >= 1 (e^y - 1)."""
+        return R(self.lo - 1, None if self.hi is None else self.hi - 1, self.exact)
+
+    def inexact(self):
+        return R(self.lo, self.hi, False)
+
+    def approx(self) -> float:
+        x = self.lo if self.hi is None else (self.lo + self.hi) / 2
+        try:
+            return float(x)
+        except OverflowError:
+            return float("inf")
+
+    def __repr__(self):
+        return f"R[{float(self.lo):.17g}, {'inf' if self.hi is None else f'{float(self.hi):.17g}'}" \
+               f"{', exact' if self.exact else ''}]"
+
+
+def rmax(*xs) -> R:
+    lo = max(x.lo for x in xs)
+    hi = None if any(x.hi is None for x in xs) else max(x.hi for x in xs)
+    return R(lo, hi, all(x.exact for x in xs))
+
+
+def rsqrt(x: Q) -> R:
+    lo, hi = sqrt_bounds(Q(x))
+    return R(lo, hi, lo == hi)
+
+
+def rexp(x: R) -> R:
+    lo, hi = exp_bounds(x.lo, x.hi)
+    return R(lo, hi, x.exact and x.lo == 0)
+
+
+def le(a: R, b: R):
+    """a <= b: True, False, or None (undecidable by oracle: within BAND of each other, or the intervals
+    overlap)."""
+    if a.exact and b.exact:
+        return a.lo <= b.lo
+    if a.hi is not None and b.hi is not None:
+        ma, mb = (a.lo + a.hi) / 2, (b.lo + b.hi) / 2
+        if abs(ma - mb) <= BAND * max(abs(ma), abs(mb)):
+            return None
+    if a.hi is not None and a.hi <= b.lo:
+        return True
+    if b.hi is not None and a.lo > b.hi:
+        return False
+    return None
+
+
+# ============================================================================ formats (§2.2, §2.3)
+_FLOATS = {"fp32": (23, -126, (2 - Q(1, 2 ** 23)) * Q(2) ** 127, 32),
+           "fp16": (10, -14, Q(65504), 16),
+           "bf16": (7, -126, (2 - Q(1, 2 ** 7)) * Q(2) ** 127, 16)}
+_FP8 = {"e4m3": (3, -6, Q(448)), "e5m2": (2, -14, Q(57344))}
+_INT_MODEL = ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
+              "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
+_FNAME = re.compile(r"fp32|fp16|bf16|fp8_(e4m3|e5m2)_t([1-9][0-9]*)|int(8|4|2)_(t|c)([1-9][0-9]*)")
+
+
+def format_def(name):
+    """The definition of a named format: its table entry (``entry``) and what the bounds need."""
+    if not isinstance(name, str):
+        return None
+    m = _FNAME.fullmatch(name)
+    if not m:
+        return None
+    if name in _FLOATS:
+        mant, emin, mx, bits = _FLOATS[name]
+        u, sub = Q(1, 2 ** (mant + 1)), Q(2) ** (emin - mant - 1)
+        entry = {"family": "float", "granularity": "none", "group": 0, "value_bits": bits, "overhead_bits": 0,
+                 "bits_per_element": canon(bits), "u": canon(u),
+                 "error_model": f"round-to-nearest; |dx| <= u|x| (normal), <= {canon(sub)} (subnormal); "
+                                f"overflow above {canon(mx)}"}
+        return {"name": name, "kind": "float", "u": u, "sub": sub, "max": mx, "domain": mx, "gran": "none",
+                "group": 0, "entry": entry}
+    if m.group(1):
+        mant, emin, mx = _FP8[m.group(1)]
+        g = int(m.group(2))
+        u, sub = Q(1, 2 ** (mant + 1)), Q(2) ** (emin - mant - 1)
+        entry = {"family": "fp8", "granularity": "token", "group": g, "value_bits": 8, "overhead_bits": 16,
+                 "bits_per_element": canon(8 + Q(16, g)), "u": canon(u),
+                 "error_model": f"per-token FP16 scale s >= amax/{canon(mx)}, clamp, round-to-nearest-even; "
+                                f"|dx| <= (u + 2^-21)|x| + (1 + 2^-21) {canon(sub)} s"}
+        return {"name": name, "kind": "fp8", "u": u, "sub": sub, "max": mx, "domain": FP16_MAX, "gran": "token",
+                "group": g, "entry": entry}
+    b, g = int(m.group(3)), int(m.group(5))
+    gran = "token" if m.group(4) == "t" else "channel"
+    u = Q(1, 2 * (2 ** b - 1))
+    entry = {"family": "int", "granularity": gran, "group": g, "value_bits": b, "overhead_bits": 32,
+             "bits_per_element": canon(b + Q(32, g)), "u": canon(u), "error_model": _INT_MODEL}
+    return {"name": name, "kind": "int", "u": u, "domain": FP16_MAX, "gran": gran, "group": g, "entry": entry}
+
+
+def stage_error(f, dt: R, dc: R, amax: R, sd: R) -> R:
+    """err(f, ranges): the format's l2 error bound for one cached d-vector (§2.3; formats' lemmas)."""
+    norm = sd * amax
+    if f["kind"] == "float":
+        return f["u"] * norm + sd * f["sub"]
+    if f["kind"] == "fp8":
+        scale = rmax(amax * ((1 + Q(1, 2 ** 9)) / f["max"]), R.of(Q(1, 2 ** 14)))
+        return (f["u"] + Q(1, 2 ** 21)) * norm + sd * (f["sub"] * (1 + Q(1, 2 ** 21))) * scale
+    diam = dc if f["gran"] == "channel" else dt
+    return (f["u"] * (1 + Q(1, 2 ** 9))) * diam + (f["u"] * Q(1, 2 ** 9) + Q(1, 2 ** 20)) * norm + sd * Q(1, 2 ** 23)
+
+
+_CHAINS: dict = {}
+
+
+def chain_value(fmts: list, dt, dc, amax, d: int, kappa) -> dict:
+    """Walk a chain of formats over the reader's ranges (§2.2, §2.3): every stage's widened ranges,
+    its error, its domain, and sum_k u_k D_k^2 (the Theorem 5.7 right-hand side without c kappa)."""
+    key = (tuple(f["name"] for f in fmts), dt, dc, amax, d)
+    if key not in _CHAINS:
+        if len(_CHAINS) > 100000:
+            _CHAINS.clear()
+        _CHAINS[key] = _chain_value(fmts, Q(dt), Q(dc), Q(amax), d)
+    return dict(_CHAINS[key], kappa=Q(kappa))
+
+
+def _chain_value(fmts, dt, dc, amax, d):
+    sd = rsqrt(Q(d))
+    dt, dc, amax = R.of(dt), R.of(dc), R.of(amax)
+    e = None
+    stages = []
+    total = R.of(0)
+    dom = True
+    for f in fmts:
+        if e is None:
+            w_dt, w_dc, w_amax = dt, dc, amax
+        else:
+            grow = (sd * 2) * e
+            w_dt, w_dc, w_amax = dt + grow, dc + grow, amax + e
+        diam = w_dc if f["gran"] == "channel" else w_dt
+        ok = le(w_amax, R.of(f["domain"]))
+        if ok is False:
+            dom = False
+        elif ok is None and dom is not False:
+            dom = None
+        err = stage_error(f, w_dt, w_dc, w_amax, sd)
+        e = err if e is None else (e + err).inexact()       # e_k = round_up(e_(k-1) + err): §2.3
+        total = total + f["u"] * diam * diam
+        stages.append({"format": f["name"], "u": f["u"], "D": diam, "amax": w_amax, "error": e})
+    if len(fmts) > 1:
+        total = total.inexact()
+    return {"stages": stages, "error": e if e is not None else R.of(0), "sum_uD2": total, "domain": dom}
+
+
+# ============================================================================ JSON loading
+def load(data: bytes) -> dict:
+    """Bytes -> plan dict, refusing what no plan may contain (§3: no floats, one grammar)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OracleInputError("not UTF-8") from None
+
+    def pairs(ps):
+        out = {}
+        for k, v in ps:
+            if k in out:
+                raise OracleInputError(f"duplicate key {k!r}")
+            out[k] = v
+        return out
+
+    def no_float(s):
+        raise OracleInputError(f"float literal {s[:20]}")
+
+    def no_const(s):
+        raise OracleInputError(f"{s} is not a number")
+
+    try:
+        obj = json.loads(text, object_pairs_hook=pairs, parse_float=no_float, parse_constant=no_const)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        if isinstance(e, OracleInputError):
+            raise
+        raise OracleInputError(f"not JSON: {type(e).__name__}") from None
+    return obj
+
+
+# ============================================================================ validity (§3)
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _obj(x, path, required, optional=(), extra=None):
+    if not isinstance(x, dict):
+        raise _Bad(path, "must be an object")
+    for k in required:
+        if k not in x:
+            raise _Bad(path, f"missing {k!r}")
+    if extra is None:
+        allowed = set(required) | set(optional)
+        for k in x:
+            if k not in allowed:
+                raise _Bad(f"{path}.{k}", "unexpected property")
+    else:
+        for k, v in x.items():
+            if k not in required and k not in optional and not extra(v):
+                raise _Bad(f"{path}.{k}", "wrong type")
+    return x
+
+
+def _int(x, path, lo=None, hi=None):
+    if not _is_int(x):
+        raise _Bad(path, "must be an integer")
+    if lo is not None and x < lo or hi is not None and x > hi:
+        raise _Bad(path, f"out of range [{lo}, {hi}]")
+    return x
+
+
+def _str(x, path):
+    if not isinstance(x, str):
+        raise _Bad(path, "must be a string")
+    return x
+
+
+def _numstr(x, path, nonneg=True):
+    if not is_num(x, nonneg):
+        raise _Bad(path, f"{x!r} is not a{' non-negative' if nonneg else ''} number string")
+    return x
+
+
+INPUT_KEYS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
+LIP_KEYS = ("lipschitz", "mlp_lipschitz")
+
+
+def _schema(p):
+    """The structure of specs/plan.schema.json (types, required keys, closed objects, grammars)."""
+    _obj(p, "$", ["schema_version", "kind", "tool", "model", "calibration", "analysis", "shape", "max_seq_len",
+                  "eps", "eps_source", "eps_target", "c", "mode", "rule", "formats", "layers", "assumptions",
+                  "claims"])
+    if p["schema_version"] != 1 or not _is_int(p["schema_version"]):
+        raise _Bad("$.schema_version", "must be 1")
+    if p["kind"] != "hnfverify-plan":
+        raise _Bad("$.kind", "must be hnfverify-plan")
+    _obj(p["tool"], "$.tool", [], extra=lambda v: isinstance(v, str))
+    for k in ("name", "version"):
+        _str(p["tool"].get(k), f"$.tool.{k}")
+    _obj(p["model"], "$.model", [], extra=lambda v: isinstance(v, str))
+    for k in ("name", "config_sha256"):
+        _str(p["model"].get(k), f"$.model.{k}")
+    _obj(p["calibration"], "$.calibration", [], extra=lambda v: isinstance(v, str))
+    _str(p["calibration"].get("token_ids_sha256"), "$.calibration.token_ids_sha256")
+    a = _obj(p["analysis"], "$.analysis", ["report", "arrays_sha256", "curvature", "channel_group"])
+    _str(a["report"], "$.analysis.report")
+    if not isinstance(a["arrays_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", a["arrays_sha256"]):
+        raise _Bad("$.analysis.arrays_sha256", "must be 64 hex digits")
+    if a["curvature"] not in ("exact", "seed"):
+        raise _Bad("$.analysis.curvature", "must be exact or seed")
+    _int(a["channel_group"], "$.analysis.channel_group", 1)
+    s = _obj(p["shape"], "$.shape", ["layers", "kv_heads", "query_heads", "head_dim"])
+    for k in ("layers", "kv_heads", "query_heads", "head_dim"):
+        _int(s[k], f"$.shape.{k}", 1, 100000)
+    _int(p["max_seq_len"], "$.max_seq_len", 1, 100000000)
+    _numstr(p["eps"], "$.eps")
+    if p["eps_source"] not in ("user", "implied"):
+        raise _Bad("$.eps_source", "must be user or implied")
+    if p["eps_target"] is not None:
+        _numstr(p["eps_target"], "$.eps_target")
+    _numstr(p["c"], "$.c")
+    m = _obj(p["mode"], "$.mode", ["kind", "value", "budget_split"])
+    if m["kind"] not in ("eps", "avg_bits", "uniform", "assigned"):
+        raise _Bad("$.mode.kind", "unknown mode")
+    _str(m["value"], "$.mode.value")
+    _str(m["budget_split"], "$.mode.budget_split")
+    r = _obj(p["rule"], "$.rule", ["sink", "recent"])
+    for k in ("sink", "recent"):
+        _int(r[k], f"$.rule.{k}", 0, 100000000)
+    f = p["formats"]
+    if not isinstance(f, dict) or not f:
+        raise _Bad("$.formats", "must be a non-empty object")
+    for name, spec in f.items():
+        fp = f"$.formats.{name}"
+        if format_def(name) is None:
+            raise _Bad(fp, "unknown format name")
+        _obj(spec, fp, ["family", "granularity", "group", "value_bits", "overhead_bits", "bits_per_element", "u",
+                        "error_model"])
+        if spec["family"] not in ("float", "fp8", "int"):
+            raise _Bad(f"{fp}.family", "unknown family")
+        if spec["granularity"] not in ("none", "token", "channel"):
+            raise _Bad(f"{fp}.granularity", "unknown granularity")
+        _int(spec["group"], f"{fp}.group", 0)
+        _int(spec["value_bits"], f"{fp}.value_bits", 1, 64)
+        _int(spec["overhead_bits"], f"{fp}.overhead_bits", 0)
+        _numstr(spec["bits_per_element"], f"{fp}.bits_per_element")
+        _numstr(spec["u"], f"{fp}.u")
+        _str(spec["error_model"], f"{fp}.error_model")
+    layers = p["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise _Bad("$.layers", "must be a non-empty array")
+    for li, la in enumerate(layers):
+        lp = f"$.layers[{li}]"
+        _obj(la, lp, ["layer", "tau", "lipschitz", "mlp_lipschitz", "heads"])
+        _int(la["layer"], f"{lp}.layer", 0)
+        _numstr(la["tau"], f"{lp}.tau")
+        for lk in LIP_KEYS:
+            lip = _obj(la[lk], f"{lp}.{lk}", ["measured", "margin", "value"])
+            for k in ("measured", "margin", "value"):
+                _numstr(lip[k], f"{lp}.{lk}.{k}")
+        if not isinstance(la["heads"], list) or not la["heads"]:
+            raise _Bad(f"{lp}.heads", "must be a non-empty array")
+        for hi, h in enumerate(la["heads"]):
+            hp = f"{lp}.heads[{hi}]"
+            _obj(h, hp, ["kv_head", "o_proj_norm", "q_max", "K", "V"])
+            _int(h["kv_head"], f"{hp}.kv_head", 0)
+            _numstr(h["o_proj_norm"], f"{hp}.o_proj_norm")
+            _numstr(h["q_max"], f"{hp}.q_max")
+            for kv in ("K", "V"):
+                rp = f"{hp}.{kv}"
+                rule = _obj(h[kv], rp, ["sink", "recent", "rest", "blocks"])
+                for seg in ("sink", "recent", "rest"):
+                    sp = f"{rp}.{seg}"
+                    req = ["format", "inputs"] + (["length"] if seg != "rest" else [])
+                    item = _obj(rule[seg], sp, req, ["length"])
+                    if "length" in item:
+                        _int(item["length"], f"{sp}.length", 0, 100000000)
+                    if not isinstance(item["format"], str) or format_def(item["format"]) is None:
+                        raise _Bad(f"{sp}.format", "not a format name")
+                    if item["inputs"] is not None:
+                        _inputs(item["inputs"], f"{sp}.inputs")
+                if not isinstance(rule["blocks"], list):
+                    raise _Bad(f"{rp}.blocks", "must be an array")
+                for bi, b in enumerate(rule["blocks"]):
+                    bp = f"{rp}.blocks[{bi}]"
+                    _obj(b, bp, ["start", "end", "format", "inputs"])
+                    _int(b["start"], f"{bp}.start", 0, 100000000)
+                    _int(b["end"], f"{bp}.end", 0, 100000000)
+                    if not isinstance(b["format"], str) or format_def(b["format"]) is None:
+                        raise _Bad(f"{bp}.format", "not a format name")
+                    _inputs(b["inputs"], f"{bp}.inputs")
+    if not isinstance(p["assumptions"], list):
+        raise _Bad("$.assumptions", "must be an array")
+    for ai, asm in enumerate(p["assumptions"]):
+        ap = f"$.assumptions[{ai}]"
+        _obj(asm, ap, ["name", "statement", "value", "margin", "provenance"])
+        _str(asm["name"], f"{ap}.name")
+        _str(asm["statement"], f"{ap}.statement")
+        _numstr(asm["value"], f"{ap}.value", nonneg=False)
+        _numstr(asm["margin"], f"{ap}.margin", nonneg=False)
+        if not isinstance(asm["provenance"], dict):
+            raise _Bad(f"{ap}.provenance", "must be an object")
+    c = _obj(p["claims"], "$.claims", ["avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len", "layer_bounds",
+                                       "end_to_end_bound", "theorem_5_7_violations", "attention_error_max"])
+    for k in ("avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len"):
+        _numstr(c[k], f"$.claims.{k}", nonneg=False)
+    for k in ("layer_bounds", "attention_error_max"):
+        if not isinstance(c[k], list):
+            raise _Bad(f"$.claims.{k}", "must be an array")
+        for i, x in enumerate(c[k]):
+            if x is not None:
+                _numstr(x, f"$.claims.{k}[{i}]", nonneg=False)
+    if c["end_to_end_bound"] is not None:
+        _numstr(c["end_to_end_bound"], "$.claims.end_to_end_bound", nonneg=False)
+    _int(c["theorem_5_7_violations"], "$.claims.theorem_5_7_violations", 0)
+
+
+def _inputs(x, path):
+    _obj(x, path, list(INPUT_KEYS))
+    for k in INPUT_KEYS:
+        iv = x[k]
+        if not isinstance(iv, list) or len(iv) != 2:
+            raise _Bad(f"{path}.{k}", "must be a [lo, hi] pair")
+        for j in (0, 1):
+            _numstr(iv[j], f"{path}.{k}[{j}]")
+
+
+def _semantics(p):
+    """Every loader rule of §3 beyond the schema; raises _Bad(kind="semantic"|"range")."""
+    def num(s, path):
+        return parse(s, path)
+
+    def bad(path, msg):
+        raise _Bad(path, msg, "semantic")
+
+    # numbers: every number field in the plan number range
+    for k in ("eps", "c"):
+        num(p[k], f"$.{k}")
+    if p["eps_target"] is not None:
+        num(p["eps_target"], "$.eps_target")
+    for k in ("avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len"):
+        num(p["claims"][k], f"$.claims.{k}")
+    for k in ("layer_bounds", "attention_error_max"):
+        for i, x in enumerate(p["claims"][k]):
+            if x is not None:
+                num(x, f"$.claims.{k}[{i}]")
+    if p["claims"]["end_to_end_bound"] is not None:
+        num(p["claims"]["end_to_end_bound"], "$.claims.end_to_end_bound")
+    for name, spec in p["formats"].items():
+        num(spec["bits_per_element"], f"$.formats.{name}.bits_per_element")
+        num(spec["u"], f"$.formats.{name}.u")
+    # formats: each entry is its format's definition
+    for name, spec in p["formats"].items():
+        ref = format_def(name)["entry"]
+        if spec != ref:
+            diff = sorted(k for k in ref if spec.get(k) != ref[k])
+            bad(f"$.formats.{name}", f"fields {diff} differ from the format's definition")
+    shape = p["shape"]
+    if shape["query_heads"] % shape["kv_heads"]:
+        bad("$.shape", "query_heads is not a multiple of kv_heads")
+    t = p["max_seq_len"]
+    d = shape["head_dim"]
+    cg = p["analysis"]["channel_group"]
+    if len(p["layers"]) != shape["layers"]:
+        bad("$.layers", "number of layers differs from shape.layers")
+    if num(p["eps"], "$.eps") <= 0:
+        bad("$.eps", "must be > 0")
+    if num(p["c"], "$.c") <= 0:
+        bad("$.c", "must be > 0")
+    if p["eps_target"] is not None and num(p["eps_target"], "$.eps_target") <= 0:
+        bad("$.eps_target", "must be > 0")
+    if p["mode"]["kind"] == "eps" and p["eps_source"] != "user":
+        bad("$.eps_source", "mode eps needs eps_source user")
+    for k in ("layer_bounds", "attention_error_max"):
+        if len(p["claims"][k]) != shape["layers"] or len(p["claims"][k]) != len(p["layers"]):
+            bad(f"$.claims.{k}", "length differs from the number of layers")
+    rs, rr = p["rule"]["sink"], p["rule"]["recent"]
+    for li, la in enumerate(p["layers"]):
+        lp = f"$.layers[{li}]"
+        if la["layer"] != li:
+            bad(f"{lp}.layer", "layers missing or out of order")
+        if num(la["tau"], f"{lp}.tau") <= 0:
+            bad(f"{lp}.tau", "must be > 0")
+        for lk in LIP_KEYS:
+            lip = la[lk]
+            meas, marg, val = (num(lip[k], f"{lp}.{lk}.{k}") for k in ("measured", "margin", "value"))
+            if marg < 1:
+                bad(f"{lp}.{lk}.margin", "margin < 1")
+            if val < meas * marg:
+                bad(f"{lp}.{lk}.value", "value < measured x margin")
+        if len(la["heads"]) != shape["kv_heads"]:
+            bad(f"{lp}.heads", "number of heads differs from shape.kv_heads")
+        for hi, h in enumerate(la["heads"]):
+            hp = f"{lp}.heads[{hi}]"
+            if h["kv_head"] != hi:
+                bad(f"{hp}.kv_head", "heads missing or out of order")
+            if num(h["o_proj_norm"], f"{hp}.o_proj_norm") <= 0:
+                bad(f"{hp}.o_proj_norm", "must be > 0")
+            qmax = num(h["q_max"], f"{hp}.q_max")
+            for kv in ("K", "V"):
+                rp = f"{hp}.{kv}"
+                rule = h[kv]
+                s, r = rule["sink"]["length"], rule["recent"]["length"]
+                if (s, r) != (h["K"]["sink"]["length"], h["K"]["recent"]["length"]):
+                    bad(rp, "K and V rules have different sink or recent lengths")
+                if (s, r) != (rs, rr):
+                    bad(rp, "sink/recent lengths differ from $.rule")
+                if s + r > t:
+                    bad(rp, "sink + recent > max_seq_len")
+                rest_len = t - s - r
+                if "length" in rule["rest"] and rule["rest"]["length"] != rest_len:
+                    bad(f"{rp}.rest.length", f"must be max_seq_len - sink - recent = {rest_len}")
+                lens = {"sink": s, "recent": r, "rest": rest_len}
+                for seg in ("sink", "recent", "rest"):
+                    item = rule[seg]
+                    sp = f"{rp}.{seg}"
+                    if item["format"] not in p["formats"]:
+                        bad(f"{sp}.format", "not in $.formats")
+                    f = format_def(item["format"])
+                    if lens[seg] > 0 and item["inputs"] is None:
+                        bad(f"{sp}.inputs", "a non-empty segment needs its inputs")
+                    if lens[seg] > 0:            # an empty segment's format is never written or read
+                        _use_rules(f, seg, d, cg, f"{sp}.format", bad)
+                    if item["inputs"] is not None:
+                        _interval_rules(item["inputs"], f"{sp}.inputs", num, bad)
+                        if qmax < num(item["inputs"]["qnorm"][1], f"{sp}.inputs.qnorm[1]"):
+                            bad(f"{hp}.q_max", f"below {sp}.inputs.qnorm's upper end")
+                prev = -1
+                for bi, b in enumerate(rule["blocks"]):
+                    bp = f"{rp}.blocks[{bi}]"
+                    if not b["start"] < b["end"] <= t:
+                        bad(bp, "needs start < end <= max_seq_len")
+                    if b["start"] < prev:
+                        bad(bp, "blocks overlap or are unsorted")
+                    prev = max(prev, b["end"])
+                    if b["format"] not in p["formats"]:
+                        bad(f"{bp}.format", "not in $.formats")
+                    _use_rules(format_def(b["format"]), "block", d, cg, f"{bp}.format", bad)
+                    _interval_rules(b["inputs"], f"{bp}.inputs", num, bad)
+
+
+def _use_rules(f, where, d, cg, path, bad):
+    if f["gran"] == "channel":
+        if where != "rest":
+            bad(path, f"a channel-grouped format in a {where} (the cache writes it one token at a time)")
+        if f["group"] != cg:
+            bad(path, f"channel group {f['group']} differs from analysis.channel_group {cg}")
+    elif f["gran"] == "token" and f["group"] != d:
+        bad(path, f"per-token group {f['group']} is not head_dim {d}")
+
+
+def _interval_rules(inputs, path, num, bad):
+    for k in INPUT_KEYS:
+        lo, hi = num(inputs[k][0], f"{path}.{k}[0]"), num(inputs[k][1], f"{path}.{k}[1]")
+        if lo > hi:
+            bad(f"{path}.{k}", "lo > hi")
+
+
+def validate(plan) -> tuple:
+    """(True, None, None) or (False, "path: reason", kind) with kind in schema | semantic | range."""
+    try:
+        _schema(plan)
+        _semantics(plan)
+    except _Bad as e:
+        return False, str(e), e.kind
+    except RecursionError:
+        return False, "$: nested too deeply", "schema"
+    return True, None, None
+
+
+# ============================================================================ run-time simulation (§4)
+# A chain is the tuple of the segments whose formats a value passed through, in order:
+# ("sink",), ("recent",), ("recent", "rest"), ("rest",) or () (exact). A key (reader, chain) is a
+# stored form as read: the reader is the segment whose inputs describe the query (sink for t < S,
+# recent at distance < R, rest at distance >= R).
+STATE_OF = {("sink", ("sink",)): "sink", ("recent", ("recent",)): "recent", ("rest", ("recent",)): "recent-far",
+            ("rest", ()): "recent-far", ("rest", ("recent", "rest")): "rest", ("rest", ("rest",)): "rest"}
+READER = {"sink": "sink", "recent": "recent", "recent-far": "rest", "rest": "rest"}
+
+
+class _Cache:
+    """One stream's cache as runs [lo, hi, status, chain] (status: sink, recent, raw, pending, rest).
+
+    What it does is what §4 says the cache does, as operations: a chunk's positions are written once
+    (sink format below S; recent format, or raw (exact) when R = 0); before a chunk's queries read,
+    every position t >= S with a - t >= R for the oldest query a leaves the window: re-quantized to a
+    per-token rest format at once, or, for a channel-grouped rest format, kept (its FP32 copy) until
+    every position of its group — [max(S, gG), (g+1)G), absolute alignment — has left, then the whole
+    group is quantized."""
+
+    def __init__(self, s, r, g):
+        self.s, self.r, self.g = s, r, g
+        self.runs = []            # sorted, disjoint, covering [0, length)
+        self.length = 0
+        self.oldest = 0           # the query the last layout was made for
+
+    def _split(self, x):
+        out = []
+        for lo, hi, st, ch in self.runs:
+            if lo < x < hi:
+                out += [[lo, x, st, ch], [x, hi, st, ch]]
+            else:
+                out.append([lo, hi, st, ch])
+        self.runs = out
+
+    def _merge(self):
+        out = []
+        for run in self.runs:
+            if out and out[-1][1] == run[0] and out[-1][2] == run[2] and out[-1][3] == run[3]:
+                out[-1][1] = run[1]
+            else:
+                out.append(list(run))
+        self.runs = out
+
+    def write(self, a, b):
+        assert a == self.length
+        s = self.s
+        if a < min(b, s):
+            self.runs.append([a, min(b, s), "sink", ("sink",)])
+        lo = max(a, s)
+        if lo < b:
+            self.runs.append([lo, b, "recent", ("recent",)] if self.r > 0 else [lo, b, "raw", ()])
+        self.length = b
+        self._merge()
+
+    def layout(self, a):
+        self.oldest = a
+        cut = a - self.r + 1                  # positions t < cut (t < a) have a - t >= R
+        cut = min(cut, a)
+        self._split(cut)
+        self._split(self.s)
+        for run in self.runs:
+            lo, hi, st, ch = run
+            if hi <= cut and lo >= self.s and st in ("recent", "raw"):
+                if self.g is None:
+                    run[2], run[3] = "rest", ch + ("rest",)
+                else:
+                    run[2] = "pending"
+        if self.g is not None:
+            still = [lo for lo, hi, st, ch in self.runs if st in ("recent", "raw") and lo >= self.s]
+            left_end = min(still) if still else self.length
+            done = (left_end // self.g) * self.g    # groups [max(S, gG), (g+1)G) with (g+1)G <= left_end
+            self._split(done)
+            for run in self.runs:
+                if run[2] == "pending" and run[1] <= done:
+                    run[2], run[3] = "rest", run[3] + ("rest",)
+        self._merge()
+
+    def can_crop(self, k, rule="doc"):
+        """§4: "crop(k) is allowed only while every position >= k is still in the recent window (or,
+        with R = 0 and a per-token rest format, individually stored)" (rule "doc"); the cache
+        (hnfverify/kv/cache.py) allows k >= the query its layout was made for (rule "cache")."""
+        if rule == "cache":
+            return k >= self.oldest
+        for lo, hi, st, ch in self.runs:
+            if hi <= k:
+                continue
+            if st == "recent" and lo >= self.s:
+                continue
+            if self.r == 0 and self.g is None and st in ("rest", "raw") and lo >= self.s:
+                continue
+            return False
+        return True
+
+    def crop(self, k):
+        self._split(k)
+        self.runs = [run for run in self.runs if run[1] <= k]
+        self.length = k
+
+
+def _add(acc, key, lo, hi):
+    if hi > lo:
+        acc.setdefault(key, []).append((lo, hi))
+
+
+def _union(ivs):
+    out = []
+    for lo, hi in sorted(ivs):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [tuple(x) for x in out]
+
+
+def _read(cache, a, b, acc):
+    """The queries a .. b-1 of chunk [a, b) read every t < a; record (reader, chain) -> positions."""
+    s, r = cache.s, cache.r
+    for lo, hi, st, ch in cache.runs:
+        hi = min(hi, a)
+        if lo >= hi:
+            continue
+        if st == "sink" or hi <= s:
+            _add(acc, ("sink", ch), lo, hi)
+            continue
+        lo = max(lo, s)
+        _add(acc, ("recent", ch), max(lo, a - r + 1), hi)     # some query at distance < R: the oldest
+        _add(acc, ("rest", ch), lo, min(hi, b - r))          # some query at distance >= R: the newest
+
+
+def _prefills(s, r, g, t):
+    if t <= SIM_FULL_T:
+        return list(range(1, t + 1))
+    gg = g or 1
+    pts = set(range(1, min(t, 3 * gg + 8) + 1))
+    for base in (s, s + r, t):
+        for k in range(-2 * gg - 3, 2 * gg + 4):
+            pts.add(base + k)
+    for m in range(max(1, (s + r) // gg - 2), (s + r) // gg + 4):
+        for k in (-1, 0, 1):
+            pts.add(m * gg + k)
+    return sorted(p for p in pts if 1 <= p <= t)
+
+
+PATTERNS = ((1,), (2,), (3,), (4,), (1, 2), (3, 1), (4, 2, 1), (2, 4))
+
+
+def simulate(s, r, g, t, crop=False, max_after=None):
+    """Union over chunked update schedules of what the queries < t read: {(reader, chain): intervals}.
+
+    Schedules: a prefill of every length p (all p when t <= 96; for longer sequences p near 0, S, S+R,
+    t and the group boundaries around S+R), then chunks of 1, 2, 3, 4 tokens or mixed cycles; with
+    ``crop`` ("doc" or "cache": whose crop rule), also: decode, crop(k) back to any k that rule
+    allows, decode on."""
+    acc = {}
+    far = t <= SIM_FULL_T
+    limit = max_after if max_after is not None else (None if far else 4 * (g or 1) + 2 * min(r, 64) + 16)
+    for p in _prefills(s, r, g, t):
+        for pat in PATTERNS:
+            c = _Cache(s, r, g)
+            c.write(0, p)
+            c.layout(p - 1)
+            a, i, n = p, 0, 0
+            while a < t and (limit is None or n < limit):
+                b = min(t, a + pat[i % len(pat)])
+                c.layout(a)
+                _read(c, a, b, acc)
+                c.write(a, b)
+                a, i, n = b, i + 1, n + 1
+            if crop and pat == (1,) and len(_prefills(s, r, g, t)) < 200:
+                _crop_runs(s, r, g, t, p, acc, crop)
+    return {k: _union(v) for k, v in acc.items()}
+
+
+def _crop_runs(s, r, g, t, p, acc, rule):
+    """Decode from a prefill p to every q < t, crop back to every allowed k < q, decode on a few steps."""
+    for q in range(p, min(t, p + max(r, 1) + 2 * (g or 1) + 4)):
+        base = _Cache(s, r, g)
+        base.write(0, p)
+        base.layout(p - 1)
+        a = p
+        while a < q:
+            base.layout(a)
+            base.write(a, a + 1)
+            a += 1
+        for k in range(max(1, q - r - 1), q + 1):
+            if not base.can_crop(k, rule):
+                continue
+            c = _Cache(s, r, g)
+            c.runs, c.length, c.oldest = [list(x) for x in base.runs], base.length, base.oldest
+            c.crop(k)
+            a = k
+            for _ in range(r + 2):
+                if a >= t:
+                    break
+                c.layout(a)
+                _read(c, a, a + 1, acc)
+                c.write(a, a + 1)
+                a += 1
+
+
+def doc_reachable(s, r, g, t) -> dict:
+    """§4's list of reachable states for max_seq_len t: {state: (lo, hi)} (chains non-empty)."""
+    s = min(s, t)
+    out = {}
+    if s > 0:
+        out["sink"] = (0, s)
+    if r >= 2 and t - 1 > s:
+        out["recent"] = (s, t - 1)
+    if r >= 1 and t - r > s:
+        out["recent-far"] = (s, t - r)
+    a = t - 1
+    rs = max(s, a - r + 1) if r >= 1 else a
+    rest_end = rs if g is None else max(s, g * (rs // g))
+    if rest_end > s:
+        out["rest"] = (s, rest_end)
+    return out
+
+
+_SIM_CACHE: dict = {}
+
+
+def stream_states(s, r, g, t, crop=False) -> dict:
+    """{state name: {"chain": chain, "reader": segment, "positions": intervals, "doc": bool, "sim": bool}}
+    plus "findings": differences between the simulation and §4's list."""
+    key = (s, r, g, t, crop)
+    if key in _SIM_CACHE:
+        return _SIM_CACHE[key]
+    sim = simulate(s, r, g, t, crop)
+    if t > SIM_FULL_T:          # sampled prefills: a state's positions are the hull of those it is read at
+        sim = {k: [(v[0][0], v[-1][1])] for k, v in sim.items()}
+    doc = doc_reachable(s, r, g, t)
+    states, findings = {}, []
+    for (reader, chain), ivs in sim.items():
+        name = STATE_OF.get((reader, chain))
+        if name is None:
+            name = f"{reader}-reads-{'+'.join(chain) or 'exact'}"
+        if not chain:
+            continue                               # read exactly: nothing to check, error 0
+        st = states.setdefault(name, {"chain": chain, "reader": reader, "positions": [], "doc": False, "sim": True})
+        st["positions"] = _union(st["positions"] + ivs)
+    for name, (lo, hi) in doc.items():
+        if name in states:
+            states[name]["doc"] = True
+            sim_iv = states[name]["positions"]
+            outside = [iv for iv in sim_iv if iv[0] < lo or iv[1] > hi]
+            if outside:
+                findings.append(f"S={s} R={r} G={g} T={t}: state {name} read at positions {outside}, outside "
+                                f"§4's [{lo}, {hi})")
+        else:
+            chain = {"sink": ("sink",), "recent": ("recent",), "recent-far": ("recent",),
+                     "rest": ("recent", "rest") if r > 0 else ("rest",)}[name]
+            states[name] = {"chain": chain, "reader": READER[name], "positions": [(lo, hi)], "doc": True,
+                            "sim": False}
+            findings.append(f"S={s} R={r} G={g} T={t}: §4 lists {name} on [{lo}, {hi}) but no schedule reads it "
+                            "(conservative)")
+    for name, st in states.items():
+        if st["sim"] and not st["doc"]:
+            findings.append(f"S={s} R={r} G={g} T={t}: SOUNDNESS: a query reads {name} (chain {st['chain']}, "
+                            f"{st['reader']} inputs) at positions {st['positions']}; §4's list misses it")
+    out = {"states": states, "findings": findings}
+    if len(_SIM_CACHE) > 4096:
+        _SIM_CACHE.clear()
+    _SIM_CACHE[key] = out
+    return out
+
+
+# ============================================================================ decisions (§5)
+class Ob:
+    __slots__ = ("id", "family", "holds", "sim", "doc", "detail")
+
+    def __init__(self, oid, family, holds, sim=True, doc=True, detail=None):
+        self.id, self.family, self.holds, self.sim, self.doc = oid, family, holds, sim, doc
+        self.detail = detail or {}
+
+    def __repr__(self):
+        return f"Ob({self.id}, {self.holds}, sim={self.sim}, doc={self.doc})"
+
+
+class Result:
+    def __init__(self):
+        self.valid, self.reason, self.kind = True, None, None
+        self.obligations: dict = {}
+        self.findings: list = []
+        self.sound = self.doc = "INVALID"
+        self.values: dict = {}
+
+    def failing(self, which="sim"):
+        """Obligations that are false: ``which`` "sim" (what the cache reaches) or "doc" (§4's list)."""
+        return [o for o in self.obligations.values() if getattr(o, which) and o.holds is False]
+
+    def undecided(self, which="sim"):
+        return [o for o in self.obligations.values() if getattr(o, which) and o.holds is None]
+
+    def summary(self) -> str:
+        if not self.valid:
+            return f"INVALID ({self.reason})"
+        bad = self.failing("sim") or self.failing("doc")
+        return f"sound {self.sound}, doc {self.doc}" + (f"; false: {[o.id for o in bad][:5]}" if bad else "")
+
+
+def _verdict(obs, which):
+    sel = [o for o in obs if getattr(o, which)]
+    if any(o.holds is False for o in sel):
+        return "REFUTED"
+    if any(o.holds is None for o in sel) or not sel:
+        return "UNDECIDABLE"
+    return "PROVED"
+
+
+def _minus(ivs, blocks):
+    out = []
+    for lo, hi in ivs:
+        cur = lo
+        for bs, be in blocks:
+            if be <= cur or bs >= hi:
+                continue
+            if bs > cur:
+                out.append((cur, bs))
+            cur = max(cur, be)
+        if cur < hi:
+            out.append((cur, hi))
+    return out
+
+
+def _rng(inputs):
+    return parse(inputs["d_token"][1]), parse(inputs["d_channel"][1]), parse(inputs["amax"][1])
+
+
+def decide(plan, crop=False, conservative=False) -> Result:
+    """Decide a parsed plan. ``crop`` ("doc": §4's crop rule, "cache": the cache's): also simulate
+    schedules that crop, so that the states crop reaches count as reachable.
+
+    ``conservative``: a variant, not the document, used only to classify disagreements — dK_sigma,
+    dV_sigma of §2.4 also take the chain errors of stored forms no query reads as sigma: the recent
+    format at R = 1 (§4: RECENT needs R >= 2; a query reads only itself, exactly, at distance < 1),
+    the recent-then-rest chain whenever the rest segment is non-empty (even when REST is unreachable),
+    and states whose every position is overridden by blocks."""
+    res = Result()
+    ok, reason, kind = validate(plan)
+    if not ok:
+        res.valid, res.reason, res.kind = False, reason, kind
+        return res
+    t, d = plan["max_seq_len"], plan["shape"]["head_dim"]
+    eps, c = R.of(parse(plan["eps"])), parse(plan["c"])
+    fmts = {n: format_def(n) for n in plan["formats"]}
+    g_q = plan["shape"]["query_heads"] // plan["shape"]["kv_heads"]
+    obs = res.obligations
+    e_heads, b_layers = {}, []
+    for la in plan["layers"]:
+        li = la["layer"]
+        tau = parse(la["tau"])
+        b_sum = {"sim": R.of(0), "doc": R.of(0)}
+        e_max = None
+        for h in la["heads"]:
+            hid = h["kv_head"]
+            qmax = parse(h["q_max"])
+            s, r = h["K"]["sink"]["length"], h["K"]["recent"]["length"]
+            lens = {"sink": s, "recent": r, "rest": t - s - r}
+            errs = {"K": {}, "V": {}}                 # kv -> which ("sim"/"doc") -> seg -> R
+            for kv in ("K", "V"):
+                rule = h[kv]
+                rest_f = fmts[rule["rest"]["format"]]
+                g = rest_f["group"] if rest_f["gran"] == "channel" else None
+                info = stream_states(s, r, g, t, crop)
+                for fnd in info["findings"]:
+                    if fnd not in res.findings:
+                        res.findings.append(fnd)
+                blocks = [(b["start"], b["end"]) for b in rule["blocks"]]
+                per = {"sim": {}, "doc": {}}
+                states = dict(info["states"])
+                if conservative:
+                    if r == 1 and "recent" not in states:
+                        states["recent"] = {"chain": ("recent",), "reader": "recent", "positions": [],
+                                            "doc": True, "sim": True, "extra": True}
+                    if lens["rest"] > 0 and "rest" not in states:
+                        states["rest"] = {"chain": ("recent", "rest") if r else ("rest",), "reader": "rest",
+                                          "positions": [], "doc": True, "sim": True, "extra": True}
+                for name, st in states.items():
+                    pos = _minus(st["positions"], blocks)
+                    if not pos and not conservative:
+                        continue
+                    reader = st["reader"]
+                    inp = rule[reader]["inputs"]
+                    if inp is None:                    # a reader segment of length 0 cannot be read
+                        res.findings.append(f"L{li} H{hid} {kv}: state {name} read with {reader} inputs, "
+                                            "which the plan leaves null")
+                        continue
+                    dt, dc, am = _rng(inp)
+                    kap = parse(inp["kappa"][1]) if kv == "K" else Q(0)
+                    cv = chain_value([fmts[rule[x]["format"]] for x in st["chain"]], dt, dc, am, d, kap)
+                    rhs = (c * kap) * cv["sum_uD2"]
+                    if len(st["chain"]) > 1:
+                        rhs = rhs.inexact()
+                    th = le(rhs, eps)
+                    holds = (False if cv["domain"] is False or th is False else
+                             None if cv["domain"] is None or th is None else True)
+                    oid = f"precision/L{li}/H{hid}/{kv}/{name}"
+                    if pos and not st.get("extra"):
+                        obs[oid] = Ob(oid, "precision-lower-bound", holds, sim=st["sim"], doc=st["doc"],
+                                      detail={"rhs": rhs, "chain": cv, "reader": reader, "positions": pos,
+                                              "kappa": kap, "domain": cv["domain"]})
+                    for which in ("sim", "doc"):
+                        if st[which]:
+                            cur = per[which].get(reader)
+                            per[which][reader] = cv["error"] if cur is None else rmax(cur, cv["error"])
+                for bi, b in enumerate(rule["blocks"]):
+                    dt, dc, am = _rng(b["inputs"])
+                    kap = parse(b["inputs"]["kappa"][1]) if kv == "K" else Q(0)
+                    cv = chain_value([fmts[b["format"]]], dt, dc, am, d, kap)
+                    rhs = (c * kap) * cv["sum_uD2"]
+                    th = le(rhs, eps)
+                    holds = (False if cv["domain"] is False or th is False else
+                             None if cv["domain"] is None or th is None else True)
+                    oid = f"precision/L{li}/H{hid}/{kv}/block{bi}"
+                    obs[oid] = Ob(oid, "precision-lower-bound", holds,
+                                  detail={"rhs": rhs, "chain": cv, "reader": "block", "kappa": kap,
+                                          "domain": cv["domain"]})
+                    for seg in ("sink", "recent", "rest"):
+                        if lens[seg] and (b["start"] < s if seg == "sink" else b["end"] > s):
+                            for which in ("sim", "doc"):
+                                cur = per[which].get(seg)
+                                per[which][seg] = cv["error"] if cur is None else rmax(cur, cv["error"])
+                errs[kv] = per
+            eh = {}
+            for which in ("sim", "doc"):
+                eh[which] = _head_error(h, tau, qmax, lens, errs["K"][which], errs["V"][which])
+            e_heads[(li, hid)] = eh
+            if plan["eps_source"] == "user":
+                oid = f"attention/L{li}/H{hid}"
+                hs, hd = le(eh["sim"], eps), le(eh["doc"], eps)
+                if hs == hd:
+                    obs[oid] = Ob(oid, "attention-error-budget", hs, detail={"E": eh["doc"], "E_sim": eh["sim"]})
+                else:
+                    obs[oid] = Ob(oid, "attention-error-budget", hs, doc=False, detail={"E": eh["sim"]})
+                    obs[oid + "#doc"] = Ob(oid, "attention-error-budget", hd, sim=False, detail={"E": eh["doc"]})
+            o = R.of(parse(h["o_proj_norm"]))
+            term = {w: (o * rsqrt(Q(g_q))) * eh[w] for w in eh}
+            b_sum = {w: b_sum[w] + term[w] for w in term}
+            e_max = {w: eh[w] if e_max is None else rmax(e_max[w], eh[w]) for w in eh}
+        b_layers.append((b_sum, e_max))
+    # composition (§2.5): e_L = sqrt(T) sum_l (prod_{j>l} L_j) L'_l b_l
+    lips = [parse(la["lipschitz"]["value"]) for la in plan["layers"]]
+    mlps = [parse(la["mlp_lipschitz"]["value"]) for la in plan["layers"]]
+    e_l = {}
+    for w in ("sim", "doc"):
+        tot = R.of(0)
+        for li in range(len(plan["layers"])):
+            amp = Q(1)
+            for j in range(li + 1, len(plan["layers"])):
+                amp *= lips[j]
+            tot = tot + (R.of(amp * mlps[li]) * b_layers[li][0][w])
+        e_l[w] = (rsqrt(Q(t)) * tot).inexact()
+    res.values = {"E": e_heads, "b": [x[0] for x in b_layers], "E_max": [x[1] for x in b_layers], "e_L": e_l}
+    if plan["eps_target"] is not None:
+        tgt = R.of(parse(plan["eps_target"]))
+        hs, hd = le(e_l["sim"], tgt), le(e_l["doc"], tgt)
+        obs["composition"] = Ob("composition", "composition-law", hs, doc=(hs == hd), detail={"e_L": e_l["doc"]})
+        if hs != hd:
+            obs["composition#doc"] = Ob("composition", "composition-law", hd, sim=False, detail={"e_L": e_l["doc"]})
+    # claims (§5.5): claimed bounds >= the recomputed ones; null always holds
+    cl = plan["claims"]
+    for w in ("sim", "doc"):
+        verdicts, why = [], []
+        for li in range(len(plan["layers"])):
+            for key, val in (("layer_bounds", b_layers[li][0][w]), ("attention_error_max", b_layers[li][1][w])):
+                x = cl[key][li]
+                if x is not None:
+                    v = le(val.inexact(), R.of(parse(x)))
+                    verdicts.append(v)
+                    if v is not True:
+                        why.append(f"{key}[{li}] {x} vs {val.approx():.9g}")
+        if cl["end_to_end_bound"] is not None:
+            v = le(e_l[w], R.of(parse(cl["end_to_end_bound"])))
+            verdicts.append(v)
+            if v is not True:
+                why.append(f"end_to_end_bound {cl['end_to_end_bound']} vs {e_l[w].approx():.9g}")
+        holds = False if False in verdicts else None if None in verdicts else True
+        if w == "sim":
+            obs["claims"] = Ob("claims", "claims", holds, detail={"why": why})
+            sim_claims = holds
+        elif holds != sim_claims:
+            obs["claims"].doc = False
+            obs["claims#doc"] = Ob("claims", "claims", holds, sim=False, detail={"why": why})
+    allobs = list(obs.values())
+    res.sound, res.doc = _verdict(allobs, "sim"), _verdict(allobs, "doc")
+    return res
+
+
+def _head_error(h, tau, qmax, lens, dk, dv) -> R:
+    """E_h (§2.4) over the segments a query reads (those of non-zero length), with dK/dV the largest
+    errors of the stored forms read as each segment (0 when every such form is exact)."""
+    segs = [s for s in ("sink", "recent", "rest") if lens[s] > 0]
+    zero = R.of(0)
+    m = {s: (R.of(tau * qmax)) * dk.get(s, zero) for s in segs}
+    big = rmax(*m.values()) if m else zero
+    total = R.of(0)
+    for s in segs:
+        ki, vi = h["K"][s]["inputs"], h["V"][s]["inputs"]
+        a = max(parse(ki["mass_alpha"][1]), parse(vi["mass_alpha"][1]))
+        b = max(parse(ki["mass_avo"][1]), parse(vi["mass_avo"][1]))
+        e = rexp(m[s] + big)
+        total = total + e * dv.get(s, zero) * a + e.minus_one() * b
+    return total.inexact()
+
+
+# ============================================================================ certificates (§6)
+def check_certificate(cert, plan, res: Result | None = None) -> list:
+    """Why a certificate is wrong by the oracle (empty: nothing wrong it can see): its plan invalid, a
+    confirmed obligation false, an implied obligation missing or not PROVED, a witness number that
+    contradicts the plan (eps, c, kappa, a right-hand side or bound below the true value), assumptions
+    that are not the plan's verbatim, SMT text missing from a PROVED key obligation."""
+    res = res or decide(plan)
+    out = []
+    if not res.valid:
+        return [f"the plan is invalid: {res.reason}"]
+    if not isinstance(cert, dict):
+        return ["not an object"]
+    got = {}
+    for o in cert.get("obligations", []) if isinstance(cert.get("obligations"), list) else []:
+        if isinstance(o, dict) and isinstance(o.get("id"), str):
+            if o["id"] in got:
+                out.append(f"{o['id']} appears twice")
+            got[o["id"]] = o
+    if cert.get("verdict") != "PROVED":
+        out.append(f"verdict {cert.get('verdict')!r}")
+    smt_used = any(isinstance(o, dict) and "smt2" in o for o in got.values())
+    for oid, ob in res.obligations.items():
+        if oid.endswith("#doc"):
+            continue
+        if not (ob.sim or ob.doc):
+            continue
+        o = got.get(oid)
+        if o is None:
+            out.append(f"{oid} ({ob.family}) is missing")
+            continue
+        if o.get("verdict") != "PROVED":
+            out.append(f"{oid} is {o.get('verdict')!r}, not PROVED")
+        if ob.holds is False:
+            out.append(f"{oid} is confirmed but false by the oracle")
+        out += _witness_problems(oid, ob, o.get("witness"), plan)
+    for oid in got:
+        base = oid
+        if base not in res.obligations and base != "lemma/monotonicity":
+            out.append(f"{oid} is not an obligation the plan implies")
+    if smt_used and "lemma/monotonicity" not in got:
+        out.append("SMT queries without lemma/monotonicity")
+    if smt_used:
+        for oid, ob in res.obligations.items():
+            if ob.family == "precision-lower-bound" and "/K/" in oid and oid in got and "smt2" not in got[oid]:
+                out.append(f"{oid}: a PROVED key obligation without its SMT query")
+        if "composition" in got and "smt2" not in got["composition"]:
+            out.append("composition without its SMT query")
+    asm = cert.get("assumptions")
+    if not isinstance(asm, dict) or asm.get("measured") != plan.get("assumptions"):
+        out.append("assumptions are not the plan's verbatim")
+    return out
+
+
+def _wnum(w, k):
+    v = w.get(k) if isinstance(w, dict) else None
+    if isinstance(v, str) and is_num(v):
+        try:
+            return Q(v)
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
+def _witness_problems(oid, ob, w, plan) -> list:
+    out = []
+    if not isinstance(w, dict):
+        return [f"{oid}: no witness"]
+    eps = parse(plan["eps"])
+    if ob.family in ("precision-lower-bound", "attention-error-budget") and _wnum(w, "eps") not in (None, eps):
+        out.append(f"{oid}: witness eps {w.get('eps')} is not the plan's {plan['eps']}")
+    if ob.family == "precision-lower-bound":
+        if _wnum(w, "c") not in (None, parse(plan["c"])):
+            out.append(f"{oid}: witness c {w.get('c')} is not the plan's")
+        if _wnum(w, "kappa_hi") not in (None, ob.detail["kappa"]):
+            out.append(f"{oid}: witness kappa_hi {w.get('kappa_hi')} != {canon(ob.detail['kappa'])}")
+        out += _not_below(oid, "rhs", _wnum(w, "rhs"), ob.detail["rhs"])
+        stages = w.get("stages")
+        if isinstance(stages, list):
+            chain = ob.detail["chain"]["stages"]
+            if len(stages) != len(chain):
+                out.append(f"{oid}: witness has {len(stages)} stages, the chain {len(chain)}")
+            else:
+                for k, (ws, cs) in enumerate(zip(stages, chain)):
+                    if not isinstance(ws, dict) or ws.get("format") != cs["format"]:
+                        out.append(f"{oid}: stage {k} format {ws.get('format') if isinstance(ws, dict) else ws!r}"
+                                   f" != {cs['format']}")
+                        continue
+                    if _wnum(ws, "u") not in (None, cs["u"]):
+                        out.append(f"{oid}: stage {k} u {ws.get('u')} != {canon(cs['u'])}")
+                    out += _not_below(f"{oid} stage {k}", "D_hi", _wnum(ws, "D_hi"), cs["D"])
+                    out += _not_below(f"{oid} stage {k}", "amax_hi", _wnum(ws, "amax_hi"), cs["amax"])
+                    out += _not_below(f"{oid} stage {k}", "error", _wnum(ws, "error"), cs["error"])
+        if w.get("format") is not None and ob.detail["chain"]["stages"] and \
+                w.get("format") != ob.detail["chain"]["stages"][-1]["format"]:
+            out.append(f"{oid}: witness format {w.get('format')} is not the chain's last stage")
+    if ob.family == "attention-error-budget":
+        out += _not_below(oid, "error_bound", _wnum(w, "error_bound"), ob.detail["E"])
+    if ob.family == "composition-law":
+        if plan["eps_target"] is not None and _wnum(w, "eps_target") not in (None, parse(plan["eps_target"])):
+            out.append(f"{oid}: witness eps_target is not the plan's")
+        out += _not_below(oid, "end_to_end_bound", _wnum(w, "end_to_end_bound"), ob.detail["e_L"])
+    return out
+
+
+def _not_below(oid, key, got, true: R) -> list:
+    """A witness bound must be an upper bound of the true value, and not a wild one (at most 1e-9
+    relative above the oracle's interval, a generous allowance for 64-bit outward rounding)."""
+    if got is None:
+        return []
+    if got < true.lo * (1 - BAND):
+        return [f"{oid}: witness {key} {canon(got)[:40]} is below the true value {float(true.lo):.17g}"]
+    if true.hi is not None and got > true.hi * (1 + Q(1, 10 ** 9)) + Q(1, 10 ** 250):
+        return [f"{oid}: witness {key} {canon(got)[:40]} is far above the true value {float(true.hi):.17g}"]
+    return []
