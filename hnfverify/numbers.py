@@ -177,3 +177,18 @@ def to_fraction_up(x: float) -> Fraction:
     if not math.isfinite(x):
         raise ValueError(f"non-finite {x!r}")
     return Fraction(x)
+
+
+BOUND_LIMIT = Fraction(10) ** 300
+
+
+def fmt_bound(x: Fraction) -> str | None:
+    """A bound as an exact string, or None (JSON null) above 1e300: beyond the plan number range such a
+    bound is vacuous, and its exact digits may not even be printable (Python refuses integers of more
+    than 4300 digits). Every obligation decides with the exact value; only the witness is null."""
+    return None if x > BOUND_LIMIT else fmt_number(x)
+
+
+def bound_float(x: Fraction) -> float:
+    """A bound for display: the float nearest to it, inf above the float range."""
+    return float("inf") if x > BOUND_LIMIT else float(x)

@@ -58,7 +58,7 @@ def serialize(obj: dict) -> bytes:
 
 
 def build(plan: dict, plan_sha: str, plan_file: str, result, options) -> dict:
-    from ..numbers import fmt_number
+    from ..numbers import fmt_bound, fmt_number
 
     from collections import Counter
 
@@ -76,8 +76,8 @@ def build(plan: dict, plan_sha: str, plan_file: str, result, options) -> dict:
             "by_family": dict(sorted(Counter(o.family for o in result.obligations).items())),
             "positions_checked": result.entries,
             "exact_fallbacks": result.entries_exact,
-            "end_to_end_bound": fmt_number(result.end_to_end_bound),
-            "layer_bounds": [fmt_number(b) for b in result.layer_bounds],
+            "end_to_end_bound": fmt_bound(result.end_to_end_bound),
+            "layer_bounds": [fmt_bound(b) for b in result.layer_bounds],
         },
         "assumptions": {"measured": plan["assumptions"], "kernel": KERNEL_SEMANTICS},
         "obligations": [o.to_json() for o in result.obligations],

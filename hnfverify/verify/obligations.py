@@ -11,7 +11,7 @@ from fractions import Fraction
 
 from ..bound import amplification, chain_stages, injected, plan_bounds
 from ..formats import format_table
-from ..numbers import fmt_number, parse_number, round_up, sqrt_up
+from ..numbers import fmt_bound, fmt_number, parse_number, round_up, sqrt_up
 from ..planview import view
 from ..semantics import READER, reachable
 from . import PROVED, REFUTED, UNKNOWN
@@ -146,9 +146,9 @@ def check_plan(plan: dict, options: CheckOptions = CheckOptions()) -> CheckResul
             key = (h.layer, h.head)
             ob = Obligation(f"attention/L{h.layer}/H{h.head}", "attention-error-budget",
                             {"layer": h.layer, "kv_head": h.head})
-            ob.witness = {"eps": fmt_number(eps), "error_bound": fmt_number(pb.head_errors[key]),
-                          "dK": {s: fmt_number(x) for s, x in pb.dk[key].items()},
-                          "dV": {s: fmt_number(x) for s, x in pb.dv[key].items()}}
+            ob.witness = {"eps": fmt_number(eps), "error_bound": fmt_bound(pb.head_errors[key]),
+                          "dK": {s: fmt_bound(x) for s, x in pb.dk[key].items()},
+                          "dV": {s: fmt_bound(x) for s, x in pb.dv[key].items()}}
             ob.verdict = PROVED if pb.head_errors[key] <= eps else REFUTED
             obligations.append(ob)
     lips = [la.lipschitz for la in pv.layers]
@@ -157,11 +157,11 @@ def check_plan(plan: dict, options: CheckOptions = CheckOptions()) -> CheckResul
     if pv.eps_target is not None:
         sqrt_t = sqrt_up(Fraction(pv.max_seq_len))
         ob = Obligation("composition", "composition-law", {"layers": len(pv.layers)})
-        ob.witness = {"eps_target": fmt_number(pv.eps_target), "end_to_end_bound": fmt_number(pb.end_to_end),
-                      "sqrt_T": fmt_number(sqrt_t), "layer_bounds": [fmt_number(b) for b in pb.layer_bounds],
+        ob.witness = {"eps_target": fmt_number(pv.eps_target), "end_to_end_bound": fmt_bound(pb.end_to_end),
+                      "sqrt_T": fmt_number(sqrt_t), "layer_bounds": [fmt_bound(b) for b in pb.layer_bounds],
                       "lipschitz": [fmt_number(x) for x in lips], "mlp_lipschitz": [fmt_number(x) for x in mlps],
-                      "injected": [fmt_number(x) for x in inj],
-                      "amplification": [fmt_number(x) for x in amplification(lips)]}
+                      "injected": [fmt_bound(x) for x in inj],
+                      "amplification": [fmt_bound(x) for x in amplification(lips)]}
         ob.verdict = PROVED if pb.end_to_end <= pv.eps_target else REFUTED
         if ob.verdict == PROVED and options.smt:
             ob.smt = composition_query(inj, lips, sqrt_t, pv.eps_target, options.timeout_ms)
@@ -202,7 +202,7 @@ def _claims(plan: dict, pv, pb) -> Obligation:
 
     def cmp(path, claimed, exact):
         if claimed is not None and parse_number(claimed) < exact:
-            bad.append(f"{path} = {claimed} < {fmt_number(round_up(exact, 20))}")
+            bad.append(f"{path} = {claimed} < {fmt_bound(round_up(exact, 20)) or 'more than 1E+300'}")
 
     for i, b in enumerate(pb.layer_bounds):
         cmp(f"$.claims.layer_bounds[{i}]", claims["layer_bounds"][i], b)
@@ -210,9 +210,9 @@ def _claims(plan: dict, pv, pb) -> Obligation:
         cmp(f"$.claims.attention_error_max[{i}]", claims["attention_error_max"][i], a)
     cmp("$.claims.end_to_end_bound", claims["end_to_end_bound"], pb.end_to_end)
     ob = Obligation("claims", "claims", {})
-    ob.witness = {"layer_bounds": [fmt_number(b) for b in pb.layer_bounds],
-                  "attention_error_max": [fmt_number(a) for a in att],
-                  "end_to_end_bound": fmt_number(pb.end_to_end), "understated": bad}
+    ob.witness = {"layer_bounds": [fmt_bound(b) for b in pb.layer_bounds],
+                  "attention_error_max": [fmt_bound(a) for a in att],
+                  "end_to_end_bound": fmt_bound(pb.end_to_end), "understated": bad}
     ob.verdict = REFUTED if bad else PROVED
     return ob
 

@@ -8,6 +8,7 @@ import re
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
+from ..numbers import bound_float
 from . import PROVED, REFUTED, UNKNOWN
 
 RULES = {
@@ -66,9 +67,12 @@ def describe(o) -> str:
     return o.id
 
 
-def _f(s: str) -> str:
+def _f(s) -> str:
+    """A witness number for people; null (a bound above 1e300) as "> 1e300"."""
     from fractions import Fraction
 
+    if s is None:
+        return "> 1e300"
     try:
         return f"{float(Fraction(s)):.6g}"
     except (ValueError, ZeroDivisionError, OverflowError):
@@ -87,7 +91,7 @@ def text(result, plan_path: str, sha: str, cert_path) -> str:
     n_unk = sum(o.verdict == UNKNOWN for o in result.obligations)
     lines.append(f"hnfverify check: {v} {plan_path} (sha256 {sha[:16]}): {len(result.obligations)} obligations, "
                  f"{n_ref} violated, {n_unk} undecided; {result.entries} cached positions checked "
-                 f"({result.entries_exact} by exact fallback); end-to-end bound {_f(str(result.end_to_end_bound))}")
+                 f"({result.entries_exact} by exact fallback); end-to-end bound {bound_float(result.end_to_end_bound):.6g}")
     if cert_path:
         lines.append(f"certificate {cert_path}")
     return "\n".join(printable(line) for line in lines) + "\n"
