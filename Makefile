@@ -34,7 +34,9 @@ demo: venv
 	$(BIN)/hnfverify plan $(OUT)/report.json --eps 500 --sink 4 --recent 64 --out $(OUT)/plan.json
 	$(BIN)/hnfverify plan $(OUT)/report.json --avg-bits 4.5 --sink 4 --recent 64 --brief --out $(OUT)/plan-4.5bits.json
 	$(BIN)/hnfverify plan $(OUT)/report.json --uniform int4_t64 --sink 4 --recent 64 --brief --out $(OUT)/plan-int4.json
+	$(BIN)/hnfverify plan $(OUT)/report.json --eps 500 --sink 4 --recent 0 --brief --out $(OUT)/plan-recent0.json
 	rm -rf $(OUT)/certs
+	$(BIN)/hnfverify check $(OUT)/plan-recent0.json --cert-dir $(OUT)/certs
 	$(BIN)/hnfverify check $(OUT)/plan.json --cert-dir $(OUT)/certs
 	$(BIN)/hnfverify recheck $(OUT)/certs/$$($(BIN)/hnfverify show $(OUT)/plan.json --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["sha256"][:16])').cert.json --plan $(OUT)/plan.json
 	$(BIN)/hnfverify replay $(OUT)/certs --solver z3
