@@ -519,9 +519,10 @@ def test_attention_family_required_when_eps_source_is_user():
     keyed it on mode.kind. Failed before the fix."""
     plan = make_plan("avg-bits")
     plan["eps_source"] = "user"
+    plan["eps"] = fmt_number(2 * max(Fraction(x) for x in plan["claims"]["attention_error_max"]))  # E_h <= eps holds
     cert = forge(plan)
     cert["obligations"] = [o for o in cert["obligations"] if o["family"] != "attention-error-budget"]
-    rejected(reseal(recount(cert)), plan)
+    assert "missing" in rejected(reseal(recount(cert)), plan)
 
 
 def test_missing_recent_far_state_is_rejected():
@@ -585,7 +586,7 @@ def test_location_changed_is_rejected():
     plan = make_plan()
     cert = certify(plan)
     o = obligations(cert, "precision-lower-bound", "K")[0]
-    o["location"]["positions"] = [[0, 1]]
+    o["location"]["positions"] = [[a, b + 1] for a, b in o["location"]["positions"]]
     rejected(reseal(cert), plan)
 
 
@@ -638,12 +639,14 @@ def test_rest_chain_condition_is_enforced():
 def test_domain_of_every_stage_is_enforced():
     """A value stored in FP16 beyond 65504 (out of the FP16 lemma's domain, §2.3). Failed before the fix."""
     plan = null_claims(make_plan("avg-bits"))
-    fp16 = by_name("fp16")
-    plan["formats"]["fp16"] = fp16.to_json()
-    rest = plan["layers"][0]["heads"][0]["V"]["rest"]
-    rest["format"] = "fp16"
-    rest["inputs"]["amax"] = ["0", "65505"]
-    rejected(forge(plan), plan)
+    for name in ("fp16", "bf16"):
+        plan["formats"][name] = by_name(name).to_json()
+    rule = plan["layers"][0]["heads"][0]["V"]
+    assert rule["recent"]["length"] > 0
+    rule["recent"]["format"] = "bf16"           # RECENT_FAR (bf16) is in its domain; REST's fp16 stage is not
+    rule["rest"]["format"] = "fp16"
+    rule["rest"]["inputs"]["amax"] = ["0", "65504"]
+    assert "fp16 out of its domain" in rejected(forge(plan), plan)
 
 
 def test_per_head_bound_uses_the_larger_of_the_k_and_v_masses():
