@@ -802,3 +802,32 @@ def test_recheck_stays_standard_library_only():
     assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
     assert "hnfverify" not in mods
     assert mods <= set(sys.stdlib_module_names), mods
+
+
+def test_genuine_certificate_with_a_bound_above_1e300_is_confirmed():
+    """Bounds above 1e300 are null in witnesses and the summary (as check writes them)."""
+    plan = null_claims(make_plan("avg-bits"))
+    plan["layers"][0]["heads"][0]["q_max"] = "20000"         # E_h ~ exp(thousands)
+    cert = certify(plan)
+    assert cert["summary"]["end_to_end_bound"] is None
+    code, msg = decide(cert, plan)
+    assert code == 0, msg
+
+
+def _audited(plan):
+    opts = CheckOptions(smt_per_position=True)
+    res = check_plan(plan, opts)
+    assert res.verdict() == "PROVED"
+    return json.loads(json.dumps(certificate.build(plan, sha(plan), "plan.json", res, opts)))
+
+
+def test_per_position_audit_is_confirmed_only_when_complete():
+    """`check --smt-per-position` certificates: the audit obligations are re-derived too; one removed
+    (counts kept consistent) is REJECTED."""
+    plan = make_plan("recent-0")
+    cert = _audited(plan)
+    audit = [o for o in cert["obligations"] if o["family"] == "precision-lower-bound-position"]
+    assert audit
+    assert decide(cert, plan)[0] == 0
+    cert["obligations"].remove(audit[-1])
+    assert "missing" in rejected(reseal(recount(cert)), plan)
