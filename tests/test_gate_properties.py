@@ -1,36 +1,14 @@
-"""Properties of the gate: fast path == exact oracle; check never PROVES what the oracle refutes;
-planner output always checks; z3 and cvc5 agree on the queries."""
+"""Properties of the gate: check never PROVES what the oracle refutes; planner output always checks;
+z3 and cvc5 agree on the queries."""
 
 import copy
 from fractions import Fraction
 
-import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from hnfverify.verify import PROVED, REFUTED
 from hnfverify.verify.obligations import CheckOptions, check_plan
-from hnfverify.verify.precision import decide, up
-from tests.strategies import formats, plans
-
-
-small = st.fractions(min_value=Fraction(1, 1000), max_value=1000, max_denominator=10**6)
-
-
-@given(st.lists(st.tuples(small, small, formats(), st.sampled_from([-1, 0, 1, None])), min_size=1, max_size=40),
-       st.fractions(min_value=Fraction(1, 10**3), max_value=10**6, max_denominator=10**6))
-def test_filter_and_exact_oracle_agree(rows, eps):
-    c = Fraction(4)
-    exact = []
-    for k, d, f, nudge in rows:
-        if nudge is not None:                      # exactly on the bound, or one part in 2^60 off
-            k = eps / (c * d * d * f.u) * (1 + Fraction(nudge, 2**60))
-        exact.append((k, d, f.u))
-    res = decide(eps, c, np.array([up(k) for k, _, _ in exact]), np.array([up(d) for _, d, _ in exact]),
-                 np.array([up(u) for _, _, u in exact]), exact=lambda i: exact[i])
-    for i, (k, d, u) in enumerate(exact):
-        truth = eps >= c * k * d * d * u
-        assert bool(res.proved[i]) == truth and bool(res.refuted[i]) == (not truth)
-    assert res.exact_calls <= len(exact)
+from tests.strategies import plans
 
 
 @settings(max_examples=20)
@@ -52,7 +30,7 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
     p = copy.deepcopy(plan)
     li = data.draw(st.integers(0, len(p["layers"]) - 1))
     h = data.draw(st.integers(0, len(p["layers"][li]["heads"]) - 1))
-    seg = data.draw(st.sampled_from(["sink", "recent", "rest"]))
+    seg = data.draw(st.sampled_from(["sink", "recent"]))          # one-stage forms (rest: tests/oracle.py)
     item = p["layers"][li]["heads"][h]["K"][seg]
     if item["inputs"] is None:
         return
@@ -68,7 +46,9 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
     item["inputs"]["kappa"] = ["0", fmt_number(kap)]
     oracle = eps >= c * kap * dd * dd * f.u
     res = check_plan(p, CheckOptions(smt=False))
-    ob = next(o for o in res.obligations if o.id == f"precision/L{li}/H{h}/K/{seg}")
+    ob = next((o for o in res.obligations if o.id == f"precision/L{li}/H{h}/K/{seg}"), None)
+    if ob is None:                       # the state is not reachable (e.g. RECENT with R < 2)
+        return
     assert ob.verdict == (PROVED if oracle else REFUTED)
 
 
