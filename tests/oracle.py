@@ -674,6 +674,12 @@ def _semantics(p):
             diff = sorted(k for k in ref if spec.get(k) != ref[k])
             bad(f"$.formats.{name}", f"fields {diff} differ from the format's definition")
     shape = p["shape"]
+    for name in p["formats"]:               # every format of the plan can run on this model
+        f = format_def(name)
+        if f["gran"] == "token" and f["group"] != shape["head_dim"]:
+            bad(f"$.formats.{name}", f"per-token group {f['group']} is not head_dim {shape['head_dim']}")
+        if f["gran"] == "channel" and f["group"] != p["analysis"]["channel_group"]:
+            bad(f"$.formats.{name}", f"channel group {f['group']} differs from analysis.channel_group")
     if shape["query_heads"] % shape["kv_heads"]:
         bad("$.shape", "query_heads is not a multiple of kv_heads")
     t = p["max_seq_len"]
@@ -737,8 +743,9 @@ def _semantics(p):
                     f = format_def(item["format"])
                     if lens[seg] > 0 and item["inputs"] is None:
                         bad(f"{sp}.inputs", "a non-empty segment needs its inputs")
-                    if lens[seg] > 0:            # an empty segment's format is never written or read
-                        _use_rules(f, seg, d, cg, f"{sp}.format", bad)
+                    if lens[seg] > 0 and f["gran"] == "channel" and seg != "rest":
+                        bad(f"{sp}.format", f"a channel-grouped format in a non-empty {seg} (the cache writes it "
+                                            "one token at a time)")
                     if item["inputs"] is not None:
                         _interval_rules(item["inputs"], f"{sp}.inputs", num, bad)
                         if qmax < num(item["inputs"]["qnorm"][1], f"{sp}.inputs.qnorm[1]"):
@@ -753,18 +760,10 @@ def _semantics(p):
                     prev = max(prev, b["end"])
                     if b["format"] not in p["formats"]:
                         bad(f"{bp}.format", "not in $.formats")
-                    _use_rules(format_def(b["format"]), "block", d, cg, f"{bp}.format", bad)
+                    if format_def(b["format"])["gran"] == "channel":
+                        bad(f"{bp}.format", "a channel-grouped format in a block (the cache writes it one token at a "
+                                            "time)")
                     _interval_rules(b["inputs"], f"{bp}.inputs", num, bad)
-
-
-def _use_rules(f, where, d, cg, path, bad):
-    if f["gran"] == "channel":
-        if where != "rest":
-            bad(path, f"a channel-grouped format in a {where} (the cache writes it one token at a time)")
-        if f["group"] != cg:
-            bad(path, f"channel group {f['group']} differs from analysis.channel_group {cg}")
-    elif f["gran"] == "token" and f["group"] != d:
-        bad(path, f"per-token group {f['group']} is not head_dim {d}")
 
 
 def _interval_rules(inputs, path, num, bad):
@@ -1115,15 +1114,13 @@ def _rng(inputs):
     return parse(inputs["d_token"][1]), parse(inputs["d_channel"][1]), parse(inputs["amax"][1])
 
 
-def decide(plan, crop=False, conservative=False) -> Result:
+def decide(plan, crop=False) -> Result:
     """Decide a parsed plan. ``crop`` ("doc": §4's crop rule, "cache": the cache's): also simulate
     schedules that crop, so that the states crop reaches count as reachable.
 
-    ``conservative``: a variant, not the document, used only to classify disagreements — dK_sigma,
-    dV_sigma of §2.4 also take the chain errors of stored forms no query reads as sigma: the recent
-    format at R = 1 (§4: RECENT needs R >= 2; a query reads only itself, exactly, at distance < 1),
-    the recent-then-rest chain whenever the rest segment is non-empty (even when REST is unreachable),
-    and states whose every position is overridden by blocks."""
+    Two bounds per head: "doc" is §2.4's E_h (segment errors over every state whose reader is the
+    segment, reachable or not); "sim" takes only the stored forms the simulated cache makes a query
+    read (a smaller bound, still sound), so that a state §4's list misses shows up in "sim"."""
     res = Result()
     ok, reason, kind = validate(plan)
     if not ok:
@@ -1156,17 +1153,13 @@ def decide(plan, crop=False, conservative=False) -> Result:
                         res.findings.append(fnd)
                 blocks = [(b["start"], b["end"]) for b in rule["blocks"]]
                 per = {"sim": {}, "doc": {}}
-                states = dict(info["states"])
-                if conservative:
-                    if r == 1 and "recent" not in states:
-                        states["recent"] = {"chain": ("recent",), "reader": "recent", "positions": [],
-                                            "doc": True, "sim": True, "extra": True}
-                    if lens["rest"] > 0 and "rest" not in states:
-                        states["rest"] = {"chain": ("recent", "rest") if r else ("rest",), "reader": "rest",
-                                          "positions": [], "doc": True, "sim": True, "extra": True}
-                for name, st in states.items():
+
+                def acc(which, seg, err, per=per):
+                    cur = per[which].get(seg)
+                    per[which][seg] = err if cur is None else rmax(cur, err)
+                for name, st in info["states"].items():
                     pos = _minus(st["positions"], blocks)
-                    if not pos and not conservative:
+                    if not pos:
                         continue
                     reader = st["reader"]
                     inp = rule[reader]["inputs"]
@@ -1184,14 +1177,20 @@ def decide(plan, crop=False, conservative=False) -> Result:
                     holds = (False if cv["domain"] is False or th is False else
                              None if cv["domain"] is None or th is None else True)
                     oid = f"precision/L{li}/H{hid}/{kv}/{name}"
-                    if pos and not st.get("extra"):
-                        obs[oid] = Ob(oid, "precision-lower-bound", holds, sim=st["sim"], doc=st["doc"],
-                                      detail={"rhs": rhs, "chain": cv, "reader": reader, "positions": pos,
-                                              "kappa": kap, "domain": cv["domain"]})
-                    for which in ("sim", "doc"):
-                        if st[which]:
-                            cur = per[which].get(reader)
-                            per[which][reader] = cv["error"] if cur is None else rmax(cur, cv["error"])
+                    obs[oid] = Ob(oid, "precision-lower-bound", holds, sim=st["sim"], doc=st["doc"],
+                                  detail={"rhs": rhs, "chain": cv, "reader": reader, "positions": pos,
+                                          "kappa": kap, "domain": cv["domain"]})
+                    if st["sim"]:
+                        acc("sim", reader, cv["error"])
+                # §2.4: dK_sigma, dV_sigma over *every* state whose reader is sigma, reachable or not (and
+                # whatever the blocks override); "sim" above keeps only the forms a query really reads
+                rest_chains = [("recent",), ("recent", "rest")] if r > 0 else [("rest",)]
+                for seg, chains in (("sink", [("sink",)]), ("recent", [("recent",)]), ("rest", rest_chains)):
+                    if lens[seg] <= 0 or rule[seg]["inputs"] is None:
+                        continue
+                    dt, dc, am = _rng(rule[seg]["inputs"])
+                    for ch in chains:
+                        acc("doc", seg, chain_value([fmts[rule[x]["format"]] for x in ch], dt, dc, am, d, 0)["error"])
                 for bi, b in enumerate(rule["blocks"]):
                     dt, dc, am = _rng(b["inputs"])
                     kap = parse(b["inputs"]["kappa"][1]) if kv == "K" else Q(0)
@@ -1206,9 +1205,8 @@ def decide(plan, crop=False, conservative=False) -> Result:
                                           "domain": cv["domain"]})
                     for seg in ("sink", "recent", "rest"):
                         if lens[seg] and (b["start"] < s if seg == "sink" else b["end"] > s):
-                            for which in ("sim", "doc"):
-                                cur = per[which].get(seg)
-                                per[which][seg] = cv["error"] if cur is None else rmax(cur, cv["error"])
+                            acc("sim", seg, cv["error"])
+                            acc("doc", seg, cv["error"])
                 errs[kv] = per
             eh = {}
             for which in ("sim", "doc"):

@@ -10,7 +10,9 @@ the gate answers carries "gate_differs": the reason (the test expects the gate t
 that the entry is revisited when the gate changes).
 
 MANIFEST.json entries: file, class, section, expect_exit (0 PROVED, 1 REFUTED, 2 invalid), oracle
-(PROVED | REFUTED | INVALID), note, and optionally gate_differs.
+(the oracle's verdict by the document: PROVED | REFUTED | INVALID), note, and optionally
+oracle_reachable_only (its verdict over the states the simulated cache really reaches, where that
+differs: the document is more conservative there) and gate_differs.
 """
 
 from __future__ import annotations
@@ -617,9 +619,8 @@ def _t13():
 
 
 @case("huge-bound", "§2.4", 0, "fp16 keys with amax 60000, q_max 60: m + M about 14000, E_h near 1e6000 "
-      "(eps implied, claims null, no eps_target): every obligation holds; the bound must be printable",
-      gate_differs="exit 4: fmt_number of a bound with more than 4300 digits raises ValueError "
-                   "(numbers.fmt_number -> str(int))")
+      "(eps implied, claims null, no eps_target): every obligation holds; the bound must be printable "
+      "(found by the fuzzer: exit 4 from fmt_number before the fix)")
 def _t14():
     p = planner(uniform="fp16", eps=None)
     p["eps_source"], p["mode"]["kind"], p["eps_target"] = "implied", "uniform", None
@@ -633,9 +634,7 @@ def _t14():
 
 
 @case("exp-beyond-cap", "§2.4", 1, "bf16 keys with amax 1e6 and eps the user's: E_h > e^65536 > eps, so the "
-      "attention budget is REFUTED",
-      gate_differs="exit 2: the gate refuses exp arguments above 65536 although the plan is valid (§3) and "
-                   "e^x >= 1 + x already refutes E_h <= eps")
+      "attention budget is REFUTED (found by the fuzzer: exit 2, exp argument refused, before the fix)")
 def _t15():
     p = planner(uniform="bf16", eps=None)
     p["eps"], p["eps_source"], p["mode"]["kind"], p["eps_target"] = "50", "user", "uniform", None
@@ -646,16 +645,64 @@ def _t15():
     return null_claims(p)
 
 
-@case("r1-recent-error", "§2.4", 0, "R = 1 and claims at the document's bound: no stored form is read as recent "
-      "(dK_recent = dV_recent = 0)",
-      gate_differs="exit 1 (claims): the gate counts the recent format's error in dK/dV_recent although no "
-                   "query reads a recent-format value at R = 1 (conservative)")
+@case("exp-beyond-cap-implied", "§2.4", 0, "as exp-beyond-cap, but eps implied, claims null, no eps_target: no "
+      "obligation needs E_h, every precision obligation holds")
+def _t15b():
+    p = _t15()
+    p["eps_source"] = "implied"
+    return p
+
+
+@case("exp-far-beyond-cap", "§2.4", 1, "int8 keys with amax 1e300 (eps the user's): out of the domain, and "
+      "E_h (exp of about 1e296) > eps: REFUTED",
+      gate_differs="exit 2: 'a bound needs exp(2.86e+296); arguments above 65536 are refused' although the plan "
+                   "is valid (§3); the domain and e^x >= 1 + x refute it")
+def _t15c():
+    p = planner()
+    rule = head(p)["K"]
+    rule["rest"]["inputs"]["amax"] = ["0", "1E+300"]
+    kappa0(p)
+    return null_claims(p)
+
+
+@case("r1-recent-error", "§2.4", 1, "R = 1, claims above the bound of the forms a query really reads but below "
+      "§2.4's, whose recent segment still counts the recent format's error (every state, reachable or not)")
 def _t16():
     p = set_lengths(planner(uniform="int8_t16", eps_target=None), 4, 1)
-    return up_claims(p)
+    res = oracle.decide(p)
+    up = lambda r: oracle.canon(oracle.rup(r.hi * (1 + Fraction(1, 10 ** 7)), 40))  # noqa: E731
+    p["claims"]["layer_bounds"] = [up(b["sim"]) for b in res.values["b"]]
+    p["claims"]["attention_error_max"] = [up(e["sim"]) for e in res.values["E_max"]]
+    p["claims"]["end_to_end_bound"] = up(res.values["e_L"]["sim"])
+    return p
+
+
+@case("unreachable-rest-chain", "§2.4", 1, "S = 0, R = 15, T = 16, channel rest: REST is never read (its groups "
+      "never complete) yet §2.4 counts the recent-then-rest chain in dK/dV_rest; claims between the two bounds")
+def _t17():
+    p = set_lengths(planner(uniform="int8_t16,rest=int2_c8", eps_target=None), 0, 15)
+    res = oracle.decide(p)
+    assert res.values["b"][0]["sim"].hi < res.values["b"][0]["doc"].lo
+    up = lambda r: oracle.canon(oracle.rup(r.hi * (1 + Fraction(1, 10 ** 7)), 40))  # noqa: E731
+    p["claims"]["layer_bounds"] = [up(b["sim"]) for b in res.values["b"]]
+    p["claims"]["attention_error_max"] = [None]
+    p["claims"]["end_to_end_bound"] = None
+    return p
 
 
 # ============================================================================ main
+def oracle_verdicts(data: bytes) -> tuple:
+    """(the document's verdict, the verdict over the states the simulated cache reaches): PROVED,
+    REFUTED, UNDECIDABLE or INVALID."""
+    try:
+        res = oracle.decide(oracle.load(data))
+    except oracle.OracleInputError:
+        return "INVALID", "INVALID"
+    if not res.valid:
+        return "INVALID", "INVALID"
+    return res.doc, res.sound
+
+
 def build_all():
     from hnfverify.plan import dumps
 
@@ -663,17 +710,12 @@ def build_all():
     for name, section, expect, note, differs, fn in CASES:
         p = fn()
         data = p if isinstance(p, bytes) else dumps(p)
-        try:
-            res = oracle.decide(oracle.load(data))
-            verdict = res.sound if res.valid else "INVALID"
-            if res.valid and res.doc != res.sound:
-                verdict = f"{res.sound} (doc {res.doc})"
-        except oracle.OracleInputError:
-            verdict = "INVALID"
-        assert verdict in EXIT_OF and EXIT_OF[verdict] == expect, (name, verdict, expect,
-                                                                  res.summary() if verdict != "INVALID" else "")
+        verdict, reach = oracle_verdicts(data)
+        assert EXIT_OF[verdict] == expect, (name, verdict, reach, expect)
         entry = {"file": f"{name}.json", "class": name, "section": section, "expect_exit": expect,
                  "oracle": verdict, "note": note}
+        if reach != verdict:
+            entry["oracle_reachable_only"] = reach
         if differs:
             entry["gate_differs"] = differs
         items.append((entry, data))
