@@ -453,7 +453,28 @@ def load(data: bytes) -> dict:
         if isinstance(e, OracleInputError):
             raise
         raise OracleInputError(f"not JSON: {type(e).__name__}") from None
+    try:
+        _no_surrogates(obj)
+    except RecursionError:
+        raise OracleInputError("nested too deeply") from None
     return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(x):
+    """A \\uD800-\\uDFFF escape without its pair is not a character: such a string is not text."""
+    if isinstance(x, str):
+        if _SURROGATE.search(x):
+            raise OracleInputError("a lone surrogate in a string")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _no_surrogates(k)
+            _no_surrogates(v)
+    elif isinstance(x, list):
+        for v in x:
+            _no_surrogates(v)
 
 
 # ============================================================================ validity (§3)
@@ -1201,7 +1222,7 @@ def decide(plan, crop=False) -> Result:
                              None if cv["domain"] is None or th is None else True)
                     oid = f"precision/L{li}/H{hid}/{kv}/block{bi}"
                     obs[oid] = Ob(oid, "precision-lower-bound", holds,
-                                  detail={"rhs": rhs, "chain": cv, "reader": "block", "kappa": kap,
+                                  detail={"rhs": rhs, "chain": cv, "reader": f"block{bi}", "kappa": kap,
                                           "domain": cv["domain"]})
                     for seg in ("sink", "recent", "rest"):
                         if lens[seg] and (b["start"] < s if seg == "sink" else b["end"] > s):
@@ -1310,7 +1331,6 @@ def check_certificate(cert, plan, res: Result | None = None) -> list:
             got[o["id"]] = o
     if cert.get("verdict") != "PROVED":
         out.append(f"verdict {cert.get('verdict')!r}")
-    smt_used = any(isinstance(o, dict) and "smt2" in o for o in got.values())
     for oid, ob in res.obligations.items():
         if oid.endswith("#doc"):
             continue
@@ -1325,18 +1345,18 @@ def check_certificate(cert, plan, res: Result | None = None) -> list:
         if ob.holds is False:
             out.append(f"{oid} is confirmed but false by the oracle")
         out += _witness_problems(oid, ob, o.get("witness"), plan)
-    for oid in got:
-        base = oid
-        if base not in res.obligations and base != "lemma/monotonicity":
+    for oid, o in got.items():
+        if oid not in res.obligations and oid != "lemma/monotonicity" and \
+                o.get("family") != "precision-lower-bound-position":     # §5: --smt-per-position audits
             out.append(f"{oid} is not an obligation the plan implies")
-    if smt_used and "lemma/monotonicity" not in got:
-        out.append("SMT queries without lemma/monotonicity")
-    if smt_used:
-        for oid, ob in res.obligations.items():
-            if ob.family == "precision-lower-bound" and "/K/" in oid and oid in got and "smt2" not in got[oid]:
-                out.append(f"{oid}: a PROVED key obligation without its SMT query")
-        if "composition" in got and "smt2" not in got["composition"]:
-            out.append("composition without its SMT query")
+    # §5: the lemma is an obligation; keys that hold and the composition law carry their SMT-LIB2 query
+    if "lemma/monotonicity" not in got or "smt2" not in got["lemma/monotonicity"]:
+        out.append("lemma/monotonicity (with its SMT query) is missing")
+    for oid, ob in res.obligations.items():
+        if ob.family == "precision-lower-bound" and "/K/" in oid and oid in got and "smt2" not in got[oid]:
+            out.append(f"{oid}: a PROVED key obligation without its SMT query")
+    if "composition" in got and "smt2" not in got["composition"]:
+        out.append("composition without its SMT query")
     asm = cert.get("assumptions")
     if not isinstance(asm, dict) or asm.get("measured") != plan.get("assumptions"):
         out.append("assumptions are not the plan's verbatim")
@@ -1363,6 +1383,8 @@ def _witness_problems(oid, ob, w, plan) -> list:
     if ob.family == "precision-lower-bound":
         if _wnum(w, "c") not in (None, parse(plan["c"])):
             out.append(f"{oid}: witness c {w.get('c')} is not the plan's")
+        if w.get("reader") is not None and w.get("reader") != ob.detail["reader"]:
+            out.append(f"{oid}: witness reader {w.get('reader')!r} is not {ob.detail['reader']!r}")
         if _wnum(w, "kappa_hi") not in (None, ob.detail["kappa"]):
             out.append(f"{oid}: witness kappa_hi {w.get('kappa_hi')} != {canon(ob.detail['kappa'])}")
         out += _not_below(oid, "rhs", _wnum(w, "rhs"), ob.detail["rhs"])
