@@ -22,7 +22,7 @@ import resource, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from hnfverify.models import load_model
 from hnfverify.texts import token_windows
-from hnfverify.analyzer import analyze, AnalysisOptions
+from hnfverify.analysis.analyzer import analyze, AnalysisOptions
 lm = load_model("smollm2", verbose=False)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 w = token_windows(lm.tokenizer, "prose", max_tokens=2048, window=512)
@@ -48,7 +48,7 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from hnfverify.analyzer import AnalysisOptions, analyze
+    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
     from hnfverify.models import load_model
     from hnfverify.texts import token_windows
 

@@ -44,7 +44,7 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     from hnfverify.kv.cache import MixedPrecisionCache
     from hnfverify.models import load_model
-    from hnfverify.plan import load_plan
+    from hnfverify.core.plan import load_plan
     from hnfverify.texts import token_windows
 
     lm = load_model("smollm2", verbose=False)

@@ -18,8 +18,8 @@ from fractions import Fraction
 
 
 def synthetic_plan(layers: int, heads: int, qheads: int, d: int, t: int, seed: int = 0) -> dict:
-    from hnfverify.formats import by_name
-    from hnfverify.numbers import dec_up
+    from hnfverify.core.formats import by_name
+    from hnfverify.core.numbers import dec_up
 
     rng = random.Random(seed)
     fk = {"sink": "fp16", "recent": f"int8_t{d}", "rest": "int4_c32"}
@@ -69,10 +69,10 @@ def peak_mib() -> float:
 
 
 def bench_plan(name, layers, heads, qheads, d, t, tmpdir):
-    from hnfverify.plan import dumps, loads, plan_sha256
-    from hnfverify.recheck import recheck
-    from hnfverify.verify import certificate
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core.plan import dumps, loads, plan_sha256
+    from hnfverify.core.recheck import recheck
+    from hnfverify.core.verify import certificate
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     plan = synthetic_plan(layers, heads, qheads, d, t)
     blob = dumps(plan)

@@ -7,7 +7,7 @@
    in groups of 32 tokens, values per token, FP16 residual window of 128, no sink) through hnfverify's
    own cache; hnfverify --avg-bits 3/4/4.5/5/6/7 and --eps 500/4000; ablation plans.
 3. transformers' QuantizedCache (optimum-quanto backend, 4 and 2 bit, residual 128), emulated exactly
-   (hnfverify.peers, tested against real decoding).
+   (hnfverify.evaluation.quanto, tested against real decoding).
 4. Every method on the same evaluation windows (prose and code, eval split, 512 prefix + 512 scored;
    one reference pass per window): PPL, KLD, top-1, real packed bytes, certified-bound soundness.
 5. Decode ms/token vs DynamicCache (real caches, interleaved repeats, medians).
@@ -56,9 +56,9 @@ def _keys_by_score(summary, arrays, signal: str, target_key_bits: float):
     keys' average bits come as close to the target as possible from below. Theorem 5.7's form
     score * D_f^2 * u_f <= theta for 'exact' (kappa) and 'seed' (the seed's heuristic kappa); the
     original proposal's attention-only score uses alpha_max * u_f <= theta."""
-    from hnfverify.formats import format_table
-    from hnfverify.planner import PlanRequest, _build_chain, _units_from_report
-    from hnfverify.numbers import parse_number
+    from hnfverify.core.formats import format_table
+    from hnfverify.planning.planner import PlanRequest, _build_chain, _units_from_report
+    from hnfverify.core.numbers import parse_number
 
     req = PlanRequest(avg_bits=Fraction(16), curvature="seed" if signal == "seed" else "exact")
     table = format_table(summary["shape"]["head_dim"], summary["analysis"]["channel_group"])
@@ -99,9 +99,9 @@ def _keys_by_score(summary, arrays, signal: str, target_key_bits: float):
 
 def build_plans(rep: Path, out: Path) -> list:
     """[(name, group, plan path, plan, note)]"""
-    from hnfverify.plan import save_plan
-    from hnfverify.planner import PlanRequest, plan_from_report
-    from hnfverify.report import load
+    from hnfverify.core.plan import save_plan
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.analysis.report import load
 
     summary, arrays = load(rep)
     specs = [
@@ -193,11 +193,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from hnfverify.evaluate import evaluate_methods, plan_method
+    from hnfverify.evaluation.evaluate import evaluate_methods, plan_method
     from hnfverify.kv.cache import MixedPrecisionCache
     from hnfverify.models import load_model
-    from hnfverify.peers import quanto_cache, quanto_method
-    from hnfverify.plan import claim_float
+    from hnfverify.evaluation.quanto import quanto_cache, quanto_method
+    from hnfverify.core.plan import claim_float
 
     t = time.perf_counter()
     plans = build_plans(rep, out)

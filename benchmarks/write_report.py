@@ -173,7 +173,7 @@ def main() -> int:
     figs = []
     for c in CORPORA:
         figs.append(plots.pareto(rows, FIG / f"pareto-{c}.png", c))
-    from hnfverify.plan import load_plan
+    from hnfverify.core.plan import load_plan
 
     for name in ("hnf-avg4.5", "hnf-eps500", "kivi-2bit"):
         r = next((r for r in rows if r["method"] == name), None)

@@ -111,7 +111,7 @@ def _hash_tensor(h, name: str, t, torch, unsupported) -> None:
 def model_shape(model) -> dict:
     """What a plan's ``shape`` says about the model, read from its attention modules as the analyzer does:
     {"layers", "kv_heads", "query_heads", "head_dim"} and ``scaling``, layer -> the module's own tau."""
-    from .instrument import attention_modules
+    from .analysis.instrument import attention_modules
 
     attn = attention_modules(model)
     if not attn:
@@ -133,7 +133,7 @@ def check_plan_matches_model(plan: dict, model) -> None:
     (``model.weights_sha256``, required), its config hash, its shape (layers, KV heads, query heads,
     head_dim) and each layer's tau (the attention module's own ``scaling``, as the planner writes it).
     Cheap checks first; the fingerprint reads every weight once."""
-    from .numbers import dec_up, parse_number
+    from .core.numbers import dec_up, parse_number
 
     ident = plan.get("model") or {}
     want_w = ident.get("weights_sha256")

@@ -36,7 +36,7 @@ def plan_bits_grid(plan: dict, buckets: int = 32):
     position at max_seq_len, averaged over KV heads and the bucket's positions."""
     import numpy as np
 
-    from .formats import by_name
+    from .core.formats import by_name
 
     t = plan["max_seq_len"]
     n_l = len(plan["layers"])

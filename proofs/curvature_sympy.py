@@ -7,7 +7,7 @@ what the analyzer implements. Exits non-zero on any mismatch.
                                  tau^2 alpha_t (1 - 2 alpha_t) (V_t - o)_j q q^T            (rank one)
    hence kappa_t = 1/2 max_{|u|=1} ||D2 o [u, u]|| = 1/2 tau^2 |q|^2 alpha_t |1 - 2 alpha_t| ||V_t - o||.
 3. o is linear in V_t: its Hessian in V_t is 0 (value curvature 0).
-4. The analyzer (hnfverify.curvature.position_stats / kappa_single) agrees with the symbolic
+4. The analyzer (hnfverify.analysis.curvature.position_stats / kappa_single) agrees with the symbolic
    Hessian's norm on random rational instances to 1e-9 relative.
 """
 
@@ -62,7 +62,7 @@ def numeric_against_analyzer(sym, trials: int = 5):
     try:
         import torch
 
-        from hnfverify.curvature import kappa_single, position_stats
+        from hnfverify.analysis.curvature import kappa_single, position_stats
     except ImportError as e:  # the analyzer needs torch; without it this part cannot run
         return [f"cannot import the analyzer: {e}"]
     fails = []

@@ -1,6 +1,6 @@
 """The monotonicity lemma the per-group Theorem 5.7 queries rely on, proved once by z3 (quantified):
 for c, u > 0, 0 <= kappa <= kappa' and 0 <= D <= D':  c kappa D^2 u <= c kappa' D'^2 u.
-Also: the certificate's SMT text for it (hnfverify.verify.smt.monotonicity_lemma) is what is proved here.
+Also: the certificate's SMT text for it (hnfverify.core.verify.smt.monotonicity_lemma) is what is proved here.
 """
 
 import sys
@@ -9,7 +9,7 @@ import z3
 
 
 def main() -> int:
-    from hnfverify.verify.smt import monotonicity_lemma
+    from hnfverify.core.verify.smt import monotonicity_lemma
 
     c, u, k, k2, d, d2 = z3.Reals("c u k k2 D D2")
     s = z3.Solver()

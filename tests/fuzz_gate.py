@@ -78,7 +78,7 @@ def _synthetic():
 
 def base_plan() -> dict:
     """The 3-layer, 2-head plan the random mutators start from (as before)."""
-    from hnfverify.planner import PlanRequest, plan_from_report
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
 
     summary, arrays = _synthetic()
     plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(50), sink=4, recent=8, max_seq_len=24))
@@ -117,7 +117,7 @@ def trim(plan: dict, n_layers: int, n_heads: int) -> dict:
 
 
 def small_plans() -> list:
-    from hnfverify.planner import PlanRequest, plan_from_report
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
 
     summary, arrays = _synthetic()
     out = []
@@ -732,7 +732,7 @@ WEIGHTS = {"kv-lengths": 1, "windows": 2, "channel-groups": 2, "domain": 2, "inc
 
 # ============================================================================ certificate edits
 def reseal(cert: dict) -> dict:
-    from hnfverify import recheck
+    from hnfverify.core import recheck
 
     body = {k: v for k, v in cert.items() if k != "certificate_sha256"}
     cert["certificate_sha256"] = hashlib.sha256(recheck.canonical(body)).hexdigest()
@@ -818,7 +818,7 @@ def edit_certificate(cert: dict, plan: dict, rng, neighbours) -> tuple:
             s[key] = [] if isinstance(v, list) else {} if isinstance(v, dict) else 0
     elif kind == "rebind":
         name, q = rng.choice(neighbours)
-        from hnfverify.plan import plan_sha256
+        from hnfverify.core.plan import plan_sha256
 
         c["plan"]["sha256"] = plan_sha256(q)
         return f"rebind-{name}", reseal(c), q
@@ -873,8 +873,8 @@ class Run:
 def gate_decide(data: bytes, opts):
     """('exit2', msg) | ('traceback', repr) | (verdict, result, plan)."""
     from hnfverify.errors import HnfError
-    from hnfverify.plan import loads
-    from hnfverify.verify.obligations import check_plan
+    from hnfverify.core.plan import loads
+    from hnfverify.core.verify.obligations import check_plan
 
     try:
         p = loads(data)
@@ -957,10 +957,10 @@ def compare(run: Run, gen: str, data: bytes, meta: dict, opts, sample_cert: bool
 
 
 def certify_and_recheck(run, gen, data, plan):
-    from hnfverify import recheck
-    from hnfverify.plan import dumps, plan_sha256
-    from hnfverify.verify import PROVED, certificate
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core import recheck
+    from hnfverify.core.plan import dumps, plan_sha256
+    from hnfverify.core.verify import PROVED, certificate
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     opts = CheckOptions(wall_timeout_s=60)
     run.counts["certified"] += 1
@@ -1011,10 +1011,10 @@ def main() -> int:
     lim = args.memory_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
 
-    from hnfverify import recheck
-    from hnfverify.plan import dumps, plan_sha256
-    from hnfverify.verify import PROVED, certificate
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core import recheck
+    from hnfverify.core.plan import dumps, plan_sha256
+    from hnfverify.core.verify import PROVED, certificate
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     t_setup = time.time()
     big = base_plan()

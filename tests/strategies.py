@@ -18,7 +18,7 @@ head_layouts = st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3), (6, 2), (9, 3)])
 # --------------------------------------------------------------------------- synthetic analysis reports
 @st.composite
 def reports(draw, max_layers=3, max_heads=2):
-    """(summary, arrays) shaped like ``hnfverify.report`` output, small and random but well-formed."""
+    """(summary, arrays) shaped like ``hnfverify.analysis.report`` output, small and random but well-formed."""
     import numpy as np
 
     n_l = draw(st.integers(1, max_layers))
@@ -80,7 +80,7 @@ def intervals(max_value=10**6):
 
 
 def formats(head_dim=16, channel_group=8):
-    from hnfverify.formats import format_table
+    from hnfverify.core.formats import format_table
 
     return st.sampled_from(sorted(format_table(head_dim, channel_group).values(), key=lambda f: f.name))
 
@@ -90,7 +90,7 @@ def plans(draw, **kw):
     """Plans made by the planner from synthetic reports (eps mode), or None where infeasible."""
     from fractions import Fraction
 
-    from hnfverify.planner import PlanInfeasible, PlanRequest, plan_from_report
+    from hnfverify.planning.planner import PlanInfeasible, PlanRequest, plan_from_report
 
     summary, arrays = draw(reports())
     eps = draw(st.sampled_from([Fraction(5), Fraction(50), Fraction(1000), Fraction(10**6)]))

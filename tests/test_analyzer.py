@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from hnfverify.analyzer import AnalysisOptions, analyze
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.errors import InvalidArgument
 from hnfverify.models import LoadedModel, tiny_model
-from hnfverify.report import load, lookup, save
+from hnfverify.analysis.report import load, lookup, save
 from hnfverify.texts import TokenWindows
 from tests.helpers import independent_qkv, naive_kappa
 

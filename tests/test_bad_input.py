@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from hnfverify import plan as P
+from hnfverify.core import plan as P
 from hnfverify.cli import run
 from hnfverify.errors import HnfError, InputError
-from hnfverify.formats import by_name
-from hnfverify.numbers import parse_number
+from hnfverify.core.formats import by_name
+from hnfverify.core.numbers import parse_number
 
 GOOD = "boundary-0"         # a control, exactly on the bound: PROVED
 BAD = "one-step-0"          # one format step too cheap: REFUTED
@@ -263,7 +263,7 @@ def test_the_largest_allowed_timeouts_are_accepted(tmp_path, good_plan, cert):
 
 # --------------------------------------------------------------------------- 5. --cert-dir, --output
 def _no_verification(monkeypatch):
-    import hnfverify.verify.obligations as ob
+    import hnfverify.core.verify.obligations as ob
 
     def boom(*a, **k):
         raise AssertionError("the verification ran although an output path was unusable")
@@ -340,7 +340,7 @@ def test_cert_dir_with_an_overlong_name(tmp_path, good_plan, monkeypatch):
 
 def test_write_failures_after_the_verification_are_exit_2(tmp_path, good_plan, monkeypatch):
     """Failed before the fix: an OSError while writing the certificate (e.g. disk full) was exit 4."""
-    import hnfverify.verify.certificate as cert_mod
+    import hnfverify.core.verify.certificate as cert_mod
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -430,8 +430,8 @@ def test_other_renderers_with_control_characters_in_the_plan_path(tmp_path, fmt)
 
 def test_junit_escapes_control_characters_in_reasons():
     """Failed before the fix: an undecided obligation's reason with \\x1b made the JUnit XML invalid."""
-    from hnfverify.verify import UNKNOWN, outputs
-    from hnfverify.verify.obligations import CheckResult, Obligation
+    from hnfverify.core.verify import UNKNOWN, outputs
+    from hnfverify.core.verify.obligations import CheckResult, Obligation
 
     o = Obligation("lemma/x", "lemma", {}, UNKNOWN, reason="solver said \x1b[31mno\x1b[0m \x00")
     xml = outputs.junit(CheckResult([o], 0, 0, {}, 0, []), "p.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hnfverify.formats import by_name
+from hnfverify.core.formats import by_name
 from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.kv.quant import quantize, dequantize, roundtrip
 
@@ -23,7 +23,7 @@ G = 8           # its analysis channel group
 
 
 def synthetic_plan(**kw):
-    from hnfverify.planner import PlanRequest, plan_from_report
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
 
     spec = importlib.util.spec_from_file_location("mp", HERE / "data" / "make_planted.py")
     mod = importlib.util.module_from_spec(spec)
@@ -183,7 +183,7 @@ def test_sequences_past_max_seq_len_are_refused_or_marked():
 
 def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
     """The planner's claim, the accounting and the cache's real bytes agree (docs/design.md §4)."""
-    from hnfverify.evaluate import accounted_bytes, _accounting_units
+    from hnfverify.evaluation.evaluate import accounted_bytes, _accounting_units
 
     for spec, s, r in (("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16)):
         plan = synthetic_plan(uniform=spec, sink=s, recent=r)

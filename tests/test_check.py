@@ -11,9 +11,9 @@ from fractions import Fraction
 import pytest
 
 from hnfverify.cli import run
-from hnfverify.numbers import fmt_number
-from hnfverify.plan import dumps
-from hnfverify.planner import PlanRequest, plan_from_report
+from hnfverify.core.numbers import fmt_number
+from hnfverify.core.plan import dumps
+from hnfverify.planning.planner import PlanRequest, plan_from_report
 
 
 def _run(argv):
@@ -67,7 +67,7 @@ def test_two_runs_give_byte_identical_certificates(tmp_path, plan_pair, monkeypa
 
 def _planted(plan, rhs_factor):
     """Add a one-position block to layer 0, head 0, K with kappa chosen so that c kappa D^2 u = eps * factor."""
-    from hnfverify.formats import by_name
+    from hnfverify.core.formats import by_name
 
     q = copy.deepcopy(plan)
     rule = q["layers"][0]["heads"][0]["K"]
@@ -158,7 +158,7 @@ def test_check_imports_no_torch(tmp_path, plan_pair):
     p = _write(tmp_path, plan_pair[0])
     code = ("import sys, io\nfrom hnfverify.cli import run\n"
             f"rc = run(['check', {str(p)!r}, '--cert-dir', {str(tmp_path / 'c')!r}], io.StringIO(), io.StringIO())\n"
-            "import hnfverify.recheck, hnfverify.verify.obligations, hnfverify.plan, hnfverify.planner\n"
+            "import hnfverify.core.recheck, hnfverify.core.verify.obligations, hnfverify.core.plan, hnfverify.planning.planner\n"
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
             "print(rc, bad); sys.exit(1 if bad or rc else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -169,13 +169,19 @@ def test_recheck_module_uses_only_the_standard_library():
     import ast
     import pathlib
 
-    import hnfverify.recheck as rc
+    import hnfverify.core.recheck as rc
 
-    tree = ast.parse(pathlib.Path(rc.__file__).read_text())
-    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
-    assert mods <= {"hashlib", "json", "math", "re", "sys", "fractions", "pathlib", "importlib"}, mods
+    package = pathlib.Path(rc.__file__).parent
+    siblings = {p.stem for p in package.glob("*.py")}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        # within the package only relative imports of sibling modules (``from .numbers import ...``)
+        relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+        assert all(n.level == 1 and n.module in siblings for n in relative), path.name
+        assert mods <= {"hashlib", "json", "math", "re", "sys", "fractions", "pathlib", "importlib"}, (path.name, mods)
 
 
 def test_smt_per_position_audit(tmp_path, plan_pair):

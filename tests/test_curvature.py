@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from hnfverify.curvature import causal_allowed, kappa_single, position_stats
+from hnfverify.analysis.curvature import causal_allowed, kappa_single, position_stats
 from tests.strategies import alpha_targets, head_layouts
 
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from hnfverify.analyzer import AnalysisOptions, analyze
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.errors import UnsupportedModel
-from hnfverify.evaluate import WindowStats, evaluate, head_bounds, plan_attention
+from hnfverify.evaluation.evaluate import WindowStats, evaluate, head_bounds, plan_attention
 from hnfverify.models import ByteTokenizer, LoadedModel
-from hnfverify.planner import PlanRequest, plan_from_report
-from hnfverify.report import load, save
+from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.analysis.report import load, save
 from hnfverify.texts import TokenWindows
 
 T = 64
@@ -133,7 +133,7 @@ def test_quanto_peer_refuses_what_transformers_quantized_cache_does_not_compute(
     """transformers' QuantizedCache refuses models with sliding-window layers, so its teacher-forced emulation
     must not quietly emulate it with a plain causal mask there; soft-capping is refused as well."""
     pytest.importorskip("optimum.quanto")
-    from hnfverify.peers import quanto_method
+    from hnfverify.evaluation.quanto import quanto_method
 
     ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(5))
     m = quanto_method(4, residual=4, group=16)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from hnfverify.errors import InputError
-from hnfverify.formats import SegmentStats, by_name, format_table
-from hnfverify.numbers import dec_down, dec_up, exp_up, fmt_number, parse_number, sqrt_up
+from hnfverify.core.formats import SegmentStats, by_name, format_table
+from hnfverify.core.numbers import dec_down, dec_up, exp_up, fmt_number, parse_number, sqrt_up
 
 
 def test_table_bits_and_unit_roundoffs():

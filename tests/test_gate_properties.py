@@ -6,8 +6,8 @@ from fractions import Fraction
 
 from hypothesis import given, settings, strategies as st
 
-from hnfverify.verify import PROVED, REFUTED
-from hnfverify.verify.obligations import CheckOptions, check_plan
+from hnfverify.core.verify import PROVED, REFUTED
+from hnfverify.core.verify.obligations import CheckOptions, check_plan
 from tests.strategies import plans
 
 
@@ -25,7 +25,7 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
     """Perturb kappa of one key segment; the verdict must equal the exact oracle's."""
     if plan is None:
         return
-    from hnfverify.formats import by_name
+    from hnfverify.core.formats import by_name
 
     p = copy.deepcopy(plan)
     li = data.draw(st.integers(0, len(p["layers"]) - 1))
@@ -41,7 +41,7 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
     eps, c = Fraction(p["eps"]), Fraction(p["c"])
     factor = data.draw(st.sampled_from([Fraction(1), 1 + Fraction(1, 2**50), 1 - Fraction(1, 2**50), Fraction(2)]))
     kap = eps / (c * dd * dd * f.u) * factor
-    from hnfverify.numbers import fmt_number
+    from hnfverify.core.numbers import fmt_number
 
     item["inputs"]["kappa"] = ["0", fmt_number(kap)]
     oracle = eps >= c * kap * dd * dd * f.u
@@ -55,7 +55,7 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
 def test_z3_and_cvc5_agree_on_precision_queries():
     import random
 
-    from hnfverify.verify.smt import precision_query, run_queries
+    from hnfverify.core.verify.smt import precision_query, run_queries
 
     rng = random.Random(3)
     cases, expect = [], []

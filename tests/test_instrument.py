@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hnfverify.errors import ModelError
-from hnfverify.instrument import attention_modules, instrument
+from hnfverify.analysis.instrument import attention_modules, instrument
 from hnfverify.models import tiny_model
 from tests.helpers import independent_qkv
 
@@ -68,7 +68,7 @@ def test_model_without_attention_is_rejected():
 
 
 def test_importing_hnfverify_imports_no_torch():
-    code = ("import sys, hnfverify, hnfverify.cli, hnfverify.texts, hnfverify.errors, hnfverify.io, hnfverify.report; "
+    code = ("import sys, hnfverify, hnfverify.cli, hnfverify.texts, hnfverify.errors, hnfverify.io, hnfverify.analysis.report; "
             "bad = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,11 +5,11 @@ from fractions import Fraction
 import pytest
 import torch
 
-from hnfverify.analyzer import AnalysisOptions, analyze
-from hnfverify.evaluate import WindowStats, head_bounds, plan_attention
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+from hnfverify.evaluation.evaluate import WindowStats, head_bounds, plan_attention
 from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.models import tiny_model
-from hnfverify.planner import PlanRequest, plan_from_report
+from hnfverify.planning.planner import PlanRequest, plan_from_report
 from hnfverify.texts import TokenWindows
 
 T = 64
@@ -109,7 +109,7 @@ def test_eval_and_generate_commands(tiny, tmp_path):
     import json
 
     from hnfverify.cli import run
-    from hnfverify.plan import dumps
+    from hnfverify.core.plan import dumps
 
     lm = tiny[0]
     plan = _plan(tiny, avg_bits=Fraction(6))
@@ -140,7 +140,7 @@ def test_eval_and_generate_commands(tiny, tmp_path):
 
 
 def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):
-    from hnfverify.evaluate import _accounting_units, accounted_bytes
+    from hnfverify.evaluation.evaluate import _accounting_units, accounted_bytes
 
     plan = _plan(tiny, avg_bits=Fraction(6))
     units = _accounting_units(plan)

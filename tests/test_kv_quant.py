@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from hnfverify.formats import SegmentStats, by_name
+from hnfverify.core.formats import SegmentStats, by_name
 from hnfverify.kv.quant import dequantize, quantize
 
 NAMES_T = ["fp32", "fp16", "bf16", "fp8_e4m3_t{d}", "fp8_e5m2_t{d}", "int8_t{d}", "int4_t{d}", "int2_t{d}"]

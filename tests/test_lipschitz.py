@@ -1,6 +1,6 @@
 import torch
 
-from hnfverify.lipschitz import block_lipschitz, capture_block_inputs, jacobian_norm
+from hnfverify.analysis.lipschitz import block_lipschitz, capture_block_inputs, jacobian_norm
 from hnfverify.models import tiny_model
 
 

@@ -3,7 +3,7 @@ hidden state after the attention residual add. Its measured local Lipschitz esti
 the calibration points) is stored in the report as ``mlp_lipschitz`` and written into each plan layer like the
 block estimate ``lipschitz``; layers without that structure are refused.
 
-failed before the fix: the analysis had no ``mlp_lipschitz`` (KeyError), ``hnfverify.lipschitz`` had no
+failed before the fix: the analysis had no ``mlp_lipschitz`` (KeyError), ``hnfverify.analysis.lipschitz`` had no
 rest-of-block estimate, plans had no per-layer ``mlp_lipschitz`` entry, decoder layers of other shapes
 (Gemma3's sandwich norms, Cohere's parallel block, OLMo2's post-norms) were not refused, and
 ``synthetic_report`` had no such array.
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from hnfverify.analyzer import AnalysisOptions, analyze
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.errors import UnsupportedModel
 from hnfverify.models import ByteTokenizer, LoadedModel, tiny_model
-from hnfverify.numbers import dec_up, fmt_number, parse_number, round_up
-from hnfverify.planner import PlanRequest, plan_from_report
-from hnfverify.report import load, save
+from hnfverify.core.numbers import dec_up, fmt_number, parse_number, round_up
+from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.analysis.report import load, save
 from hnfverify.texts import TokenWindows
 
 N_TOK = 6

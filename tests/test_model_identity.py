@@ -15,13 +15,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from hnfverify.analyzer import AnalysisOptions, analyze
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.cli import run
 from hnfverify.errors import InvalidArgument
-from hnfverify.evaluate import evaluate
+from hnfverify.evaluation.evaluate import evaluate
 from hnfverify.models import tiny_model
-from hnfverify.planner import PlanRequest, plan_from_report
-from hnfverify.report import load, save
+from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.analysis.report import load, save
 from hnfverify.texts import TokenWindows
 
 T = 64
@@ -45,7 +45,7 @@ def made(tmp_path_factory):
     save(res, lm.identity(), wins.identity(), tmp / "r.json")
     summary, arrays = load(tmp / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16), "r.json")
-    from hnfverify.plan import dumps
+    from hnfverify.core.plan import dumps
 
     (tmp / "plan.json").write_bytes(dumps(plan))
     lm.model.save_pretrained(tmp / "model")

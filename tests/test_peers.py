@@ -5,9 +5,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.quanto")
 
-from hnfverify.evaluate import WindowStats  # noqa: E402
+from hnfverify.evaluation.evaluate import WindowStats  # noqa: E402
 from hnfverify.models import tiny_model  # noqa: E402
-from hnfverify.peers import _packed_nbytes, quanto_cache, quanto_method  # noqa: E402
+from hnfverify.evaluation.quanto import _packed_nbytes, quanto_cache, quanto_method  # noqa: E402
 
 
 @pytest.mark.parametrize("nbits", [2, 4])

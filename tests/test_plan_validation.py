@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 
 from hnfverify.cli import run
-from hnfverify.plan import dumps, loads, plan_sha256
-from hnfverify.planner import PlanRequest, plan_from_report
+from hnfverify.core.plan import dumps, loads, plan_sha256
+from hnfverify.planning.planner import PlanRequest, plan_from_report
 
 
 @pytest.fixture(scope="module")

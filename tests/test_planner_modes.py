@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hnfverify.errors import HnfError, InvalidArgument
-from hnfverify.plan import claim_float, dumps, loads
-from hnfverify.planner import PlanRequest, claim_up, parse_uniform, plan_from_report, uniform_format
-from hnfverify.verify.obligations import check_plan
+from hnfverify.core.plan import claim_float, dumps, loads
+from hnfverify.planning.planner import PlanRequest, claim_up, parse_uniform, plan_from_report, uniform_format
+from hnfverify.core.verify.obligations import check_plan
 from tests.strategies import reports
 from tests.test_planner import _fixed_report
 

@@ -40,7 +40,7 @@ def test_corpus_is_reproducible():
     spec = importlib.util.spec_from_file_location("make_planted", CORPUS.parent / "make_planted.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from hnfverify.plan import dumps
+    from hnfverify.core.plan import dumps
 
     items = mod.planted()
     assert [f"{n}.json" for n, _, _ in items] == [m["file"] for m in MANIFEST]

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from hnfverify import recheck
-from hnfverify.formats import by_name
-from hnfverify.numbers import fmt_number
-from hnfverify.plan import dumps
-from hnfverify.planner import PlanRequest, plan_from_report
-from hnfverify.verify import certificate
-from hnfverify.verify.obligations import CheckOptions, check_plan
+from hnfverify.core import recheck
+from hnfverify.core.formats import by_name
+from hnfverify.core.numbers import fmt_number
+from hnfverify.core.plan import dumps
+from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.core.verify import certificate
+from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
 HERE = Path(__file__).resolve().parent
 
@@ -796,12 +796,17 @@ def test_recheck_stays_standard_library_only():
     import ast
     import sys
 
-    tree = ast.parse(Path(recheck.__file__).read_text())
-    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
-    assert "hnfverify" not in mods
-    assert mods <= set(sys.stdlib_module_names), mods
+    package = Path(recheck.__file__).parent
+    siblings = {p.stem for p in package.glob("*.py")}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+        assert all(n.level == 1 and n.module in siblings for n in relative), path.name
+        assert "hnfverify" not in mods
+        assert mods <= set(sys.stdlib_module_names), (path.name, mods)
 
 
 def test_genuine_certificate_with_a_bound_above_1e300_is_confirmed():

@@ -1,9 +1,9 @@
-"""hnfverify.semantics: every state a cache driven by any chunk schedule reads is among the states the
+"""hnfverify.core.semantics: every state a cache driven by any chunk schedule reads is among the states the
 obligations cover (docs/design.md §4-5), and the accounting follows the layout. Torch-free."""
 
 from hypothesis import given, strategies as st
 
-from hnfverify.semantics import READER, State, StreamRule, layout, read_intervals, read_state, reachable
+from hnfverify.core.semantics import READER, State, StreamRule, layout, read_intervals, read_state, reachable
 
 
 class _F:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hnfverify.analyzer import AnalysisOptions, analyze
-from hnfverify.instrument import instrument
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+from hnfverify.analysis.instrument import instrument
 from hnfverify.texts import token_windows
 from tests.helpers import independent_qkv, naive_kappa
 
@@ -80,10 +80,10 @@ def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smoll
     from fractions import Fraction
 
     from hnfverify.cli import run
-    from hnfverify.formats import by_name, format_table
-    from hnfverify.plan import dumps
-    from hnfverify.planner import PlanRequest, plan_from_report
-    from hnfverify.report import load, save
+    from hnfverify.core.formats import by_name, format_table
+    from hnfverify.core.plan import dumps
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
     res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=16))
@@ -138,8 +138,8 @@ def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
     from fractions import Fraction  # noqa: F401
 
     from hnfverify.kv.cache import MixedPrecisionCache
-    from hnfverify.planner import PlanRequest, plan_from_report
-    from hnfverify.report import load, save
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=128, window=128)
     res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from hnfverify.cli import run
-from hnfverify.numbers import fmt_number
-from hnfverify.plan import dumps
+from hnfverify.core.numbers import fmt_number
+from hnfverify.core.plan import dumps
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,7 +26,7 @@ def _synthetic():
 
 
 def _plan(**kw):
-    from hnfverify.planner import PlanRequest, plan_from_report
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
 
     summary, arrays = _synthetic()
     kw.setdefault("sink", 4)
@@ -44,7 +44,7 @@ def _check(tmp_path, plan, name="plan.json"):
 
 
 def _set_format(plan, kv, seg, name, layer=0, head=0):
-    from hnfverify.formats import by_name
+    from hnfverify.core.formats import by_name
 
     plan["formats"][name] = by_name(name).to_json()
     plan["layers"][layer]["heads"][head][kv][seg]["format"] = name
@@ -87,7 +87,7 @@ def test_recent_zero_has_no_recent_stage(tmp_path):
     with an FP32 rest is stored as FP32 once (docs/design.md §4), so the plan's rest bound is the FP32
     error alone. Failed before the fix in the cache (tests/test_cache_semantics.py); here the check
     must not use the recent format's error for rest at R = 0, and must not demand anything of it."""
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     plan = _plan(uniform="fp32", recent=0)
     _set_format(plan, "K", "recent", "int2_t16")
@@ -132,7 +132,7 @@ def test_channel_group_must_be_the_analysis_group(tmp_path):
             h["K"]["rest"]["format"] = "int4_c32"
     plan["formats"]["int4_c32"] = plan["formats"].pop("int4_c8")
     plan["formats"]["int4_c32"]["group"] = 32
-    from hnfverify.formats import by_name
+    from hnfverify.core.formats import by_name
 
     plan["formats"]["int4_c32"] = by_name("int4_c32").to_json()
     code, out = _check(tmp_path, plan)
@@ -203,7 +203,7 @@ def test_blocks_are_bounded_with_their_own_inputs(tmp_path, eps_plan):
     inputs["d_token"] = ["0", "8000"]
     inputs["d_channel"] = ["0", "8000"]
     _set_format(plan, "V", "rest", rule["rest"]["format"])
-    from hnfverify.formats import by_name
+    from hnfverify.core.formats import by_name
 
     plan["formats"]["int2_t16"] = by_name("int2_t16").to_json()
     rule["blocks"] = [{"start": 20, "end": 21, "format": "int2_t16", "inputs": inputs}]
@@ -215,7 +215,7 @@ def test_blocks_are_bounded_with_their_own_inputs(tmp_path, eps_plan):
 def test_composition_includes_the_rest_of_the_block(tmp_path):
     """e_l <= L_l e_(l-1) + sqrt(T) L'_l b_l (docs/design.md §2.5). Failed before the fix: the plan's
     mlp_lipschitz was not part of the law (the schema refused the field: exit 2)."""
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     plan = _plan(eps=Fraction(50))
     e1 = check_plan(plan, CheckOptions(smt=False)).end_to_end_bound
@@ -240,7 +240,7 @@ def test_huge_max_seq_len_is_decided_per_group(tmp_path):
     """Every position of a state has the same inputs: one decision per state. Failed before the fix:
     memory grew with max_seq_len (8 bytes x 4 arrays per position and group: the process was killed for
     memory at 10^8) and the exact fallback ran once per position."""
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     plan = _plan(eps=Fraction(50))
     plan["max_seq_len"] = 10 ** 8

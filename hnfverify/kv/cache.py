@@ -1,6 +1,6 @@
 """MixedPrecisionCache: a transformers ``Cache`` that stores exactly what a plan says.
 
-Per layer, KV head and K|V the stream is laid out as docs/design.md §4 defines (``hnfverify.semantics``,
+Per layer, KV head and K|V the stream is laid out as docs/design.md §4 defines (``hnfverify.core.semantics``,
 the definition the checker's obligations cover): positions t < S in the sink format; the recent
 window in the recent format; older positions re-quantized from their recent value into the rest
 format when they leave the window relative to the oldest query of a chunk — per token, or per
@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import InvalidArgument
-from ..semantics import StreamRule, channel_groups, layout
+from ..core.semantics import StreamRule, channel_groups, layout
 from .quant import Packed, dequantize, quantize
 
 
@@ -56,7 +56,7 @@ def _select(p: Packed | None, idx: torch.Tensor) -> Packed | None:
 
 
 class _Stream:
-    """One (layer, KV head, K|V), stored as docs/design.md §4 lays it out (``hnfverify.semantics``).
+    """One (layer, KV head, K|V), stored as docs/design.md §4 lays it out (``hnfverify.core.semantics``).
 
     Storage, in position order, all (B, n, d): ``sink`` packed chunks [0, S); ``rest`` packed (one
     per-token tensor, or one entry per channel group) [S, rest_end); ``pending`` FP32 [rest_end,
@@ -322,7 +322,7 @@ class MixedPrecisionCache(Cache):
     def from_plan(cls, plan: dict, model=None, on_overflow: str = "error") -> "MixedPrecisionCache":
         """The cache of a validated plan. ``model``: the model it will run in; the plan must have been
         made for it (weights, config, shape, tau: ``models.check_plan_matches_model``)."""
-        from ..planview import view
+        from ..core.planview import view
 
         if model is not None:
             if not hasattr(model, "state_dict"):

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import Format
-from ..formats.floating import FloatFormat
-from ..formats.fp8 import Fp8Format
+from ..core.formats import Format
+from ..core.formats.floating import FloatFormat
+from ..core.formats.fp8 import Fp8Format
 
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -23,11 +23,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from hnfverify.formats import by_name  # noqa: E402
-from hnfverify.planview import segment_stats  # noqa: E402
-from hnfverify.verify.obligations import precision_terms  # noqa: E402
-from hnfverify.numbers import fmt_number  # noqa: E402
-from hnfverify.plan import dumps  # noqa: E402
+from hnfverify.core.formats import by_name  # noqa: E402
+from hnfverify.core.planview import segment_stats  # noqa: E402
+from hnfverify.core.verify.obligations import precision_terms  # noqa: E402
+from hnfverify.core.numbers import fmt_number  # noqa: E402
+from hnfverify.core.plan import dumps  # noqa: E402
 
 
 def synthetic_report(seed: int = 0):
@@ -68,8 +68,8 @@ def synthetic_report(seed: int = 0):
 
 
 def base_plan():
-    from hnfverify.planner import PlanRequest, plan_from_report
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     summary, arrays = synthetic_report()
     plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(50), sink=4, recent=8))
@@ -79,7 +79,7 @@ def base_plan():
 
 
 def planted(n_each: int = 6, seed: int = 7):
-    from hnfverify.verify.obligations import CheckOptions, check_plan
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     rng = random.Random(seed)
     base = base_plan()

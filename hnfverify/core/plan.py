@@ -20,11 +20,13 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import InputError
-from .io import canonical_json, lone_surrogate_path, parse_json_int, write_bytes_atomic
+from ..errors import InputError
+from ..io import canonical_json, lone_surrogate_path, parse_json_int, write_bytes_atomic
 
 MAX_BYTES = 64 * 1024 * 1024
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "specs" / "plan.schema.json"
+SCHEMA_VERSION = 1                     # $.schema_version of the plans this code writes and reads
+# shipped as package data (a byte-identical copy of specs/plan.schema.json; a test compares them)
+SCHEMA_PATH = Path(__file__).resolve().parent / "plan.schema.json"
 
 
 class PlanError(InputError):
@@ -57,10 +59,8 @@ def save_plan(plan: dict, path) -> str:
 
 @lru_cache(maxsize=1)
 def _schema() -> dict:
-    candidates = [SCHEMA_PATH, Path(__file__).resolve().parent / "plan.schema.json"]
-    for c in candidates:
-        if c.is_file():
-            return json.loads(c.read_text())
+    if SCHEMA_PATH.is_file():
+        return json.loads(SCHEMA_PATH.read_text())
     raise InputError(f"JSON Schema not found at {SCHEMA_PATH}")
 
 

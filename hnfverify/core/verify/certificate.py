@@ -16,7 +16,7 @@ import os
 import platform
 from pathlib import Path
 
-from ..io import canonical_json, write_bytes_atomic
+from ...io import canonical_json, write_bytes_atomic
 
 SCHEMA_VERSION = 1
 KIND = "hnfverify-certificate"

@@ -130,7 +130,7 @@ _NOT_LLAMA = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "post_a
 def rest_of_block(block):
     """The map h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) of a Llama-family decoder layer.
     Raises UnsupportedModel, naming the layer's class, where the layer does not have that structure."""
-    from .errors import UnsupportedModel
+    from ..errors import UnsupportedModel
 
     cls = type(block).__name__
     ln, mlp = getattr(block, "post_attention_layernorm", None), getattr(block, "mlp", None)
@@ -199,7 +199,7 @@ def mlp_lipschitz(block, point: MidPoint, iters: int = 8, seed: int = 0) -> Lips
     h_mid + mlp(post_attention_layernorm(h_mid)); raises UnsupportedModel otherwise."""
     import torch
 
-    from .errors import UnsupportedModel
+    from ..errors import UnsupportedModel
 
     fn = rest_of_block(block)
     cls = type(block).__name__

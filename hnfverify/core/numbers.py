@@ -11,7 +11,7 @@ import math
 import re
 from fractions import Fraction
 
-from .errors import InputError
+from ..errors import InputError
 
 # used with fullmatch: ``$`` would also match before a final newline, so "1\n" would pass
 _DEC = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")

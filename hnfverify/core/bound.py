@@ -179,7 +179,7 @@ def stream_errors(stream) -> dict:
 
 
 def plan_bounds(pv) -> PlanBounds:
-    """The bounds of a :class:`hnfverify.planview.PlanView`, used by check, the planner's claims and eval."""
+    """The bounds of a :class:`hnfverify.core.planview.PlanView`, used by check, the planner's claims and eval."""
     head_e, dks, dvs, layer_b, lips, mlps = {}, {}, {}, [], [], []
     for layer in pv.layers:
         errs, norms = [], []

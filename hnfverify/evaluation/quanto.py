@@ -28,7 +28,7 @@ def _packed_nbytes(t) -> int:
 
 def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling, bias):
     """The model's attention (additive mask ``bias`` (B|1, Hq|1, T, T), see
-    :func:`hnfverify.analyzer.attention_bias`) where queries in [starts[k], starts[k+1]) see keys_of(k) /
+    :func:`hnfverify.analysis.analyzer.attention_bias`) where queries in [starts[k], starts[k+1]) see keys_of(k) /
     values_of(k) (each (B, Hkv, T, D)). Returns (B, T, Hq, D)."""
     import torch
 
@@ -57,7 +57,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
     def context(model, prefix, st: WindowStats):
         from transformers.cache_utils import get_layer_types_and_kwargs
 
-        from .errors import UnsupportedModel
+        from ..errors import UnsupportedModel
 
         # transformers' QuantizedCache refuses models with other than full-attention layers: nothing to emulate
         layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
@@ -71,7 +71,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
         def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             import torch
 
-            from .analyzer import attention_bias, refuse_unimplemented_attention
+            from ..analysis.analyzer import attention_bias, refuse_unimplemented_attention
 
             refuse_unimplemented_attention(module, dropout, kwargs, "the quanto peer's teacher-forced attention")
             bias = attention_bias(attention_mask, query, key, module)     # the model's own mask
@@ -119,7 +119,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
 
     return Method(name or f"quanto-int{nbits}", context, nbytes,
                   protocol=f"teacher-forced emulation of transformers QuantizedCache(backend='quanto', nbits={nbits}, "
-                           f"residual_length={residual}, q_group_size={group}) (hnfverify.peers)")
+                           f"residual_length={residual}, q_group_size={group}) (hnfverify.evaluation.quanto)")
 
 
 def quanto_cache(config, nbits: int, residual: int = 128, group: int = 64):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import InputError
+from ...errors import InputError
 from .base import GRANULARITIES, Format, SegmentStats
 from .floating import BF16, FP16, FP32, FloatFormat
 from .fp8 import Fp8Format, e4m3, e5m2

@@ -11,11 +11,11 @@ increases any bound.
 
 * Theorem 5.7 (exact rationals): a key format is admissible where eps >= c kappa_hi D_hi^2 u;
   values have kappa = 0, so every value format is. ``thm_min`` is the first admissible chain index.
-* The end-to-end bound (``hnfverify.bound``) is lowered by one deterministic greedy sequence:
+* The end-to-end bound (``hnfverify.core.bound``) is lowered by one deterministic greedy sequence:
   from a start state, repeatedly take the move (a unit to any higher chain entry) with the
   largest bound reduction per added cache bit. The sequence does not depend on the budget.
 * ``--eps``: eps is both Theorem 5.7's tolerance and the budget of every (layer, KV head)'s
-  first-order attention-output error E_h (``hnfverify.bound``) — which is what limits values,
+  first-order attention-output error E_h (``hnfverify.core.bound``) — which is what limits values,
   whose curvature is 0. Per head, the shortest prefix of that head's own greedy sequence with
   E_h <= eps. ``--eps-target`` adds the end-to-end budget: the shortest prefix of the global
   sequence (from the chain bottoms) with bound <= eps_target. Every unit takes the highest of
@@ -42,11 +42,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from fractions import Fraction
 
-from .bound import (SEGMENTS, FloatHead, HeadInputs, exact_end_to_end, exact_head_error, exact_layer_bound,
+from ..core.bound import (SEGMENTS, FloatHead, HeadInputs, exact_end_to_end, exact_head_error, exact_layer_bound,
                     float_head_error, float_head_linear)
-from .errors import HnfError, InvalidArgument
-from .formats import Format, SegmentStats, by_name, format_table
-from .numbers import dec_down, dec_up, fmt_number, parse_number, round_up, sqrt_up
+from ..errors import HnfError, InvalidArgument
+from ..core.formats import Format, SegmentStats, by_name, format_table
+from ..core.numbers import dec_down, dec_up, fmt_number, parse_number, round_up, sqrt_up
+from ..core.plan import SCHEMA_VERSION
 
 BUDGET_SPLIT = {
     "end_to_end": "greedy: largest reduction of the end-to-end bound per added cache bit, over all "
@@ -163,7 +164,7 @@ def unit_bits(u: Unit, f: Format, d: int = 1) -> Fraction:
 
 @lru_cache(maxsize=None)
 def _segment_bits(f: Format, seg: str, sink: int, recent: int, t: int, d: int) -> Fraction:
-    from .semantics import StreamRule, segment_bits, stored_counts
+    from ..core.semantics import StreamRule, segment_bits, stored_counts
 
     rule = StreamRule(sink, recent, {"sink": f, "recent": f, "rest": f})
     return segment_bits(f, seg, stored_counts(rule, t), d)
@@ -604,8 +605,8 @@ def stored_form_terms(units, state, c) -> list:
     """[(units whose formats the form passed through, rhs c kappa sum u D^2, domain problems)] for every
     stored form a query can read (docs/design.md §4), by the checker's own definition
     (``semantics.reachable``, ``verify.obligations.precision_terms``): what the plan must satisfy."""
-    from .semantics import READER, State, StreamRule, reachable
-    from .verify.obligations import precision_terms
+    from ..core.semantics import READER, State, StreamRule, reachable
+    from ..core.verify.obligations import precision_terms
 
     streams: dict = {}
     for u in units:
@@ -656,7 +657,7 @@ def _theorem_fixup(units, state, req) -> list:
 
 def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps, mlp_meas, onorm, qmax, layer_b,
               e_l, mode, report_name) -> dict:
-    from . import __version__
+    from .. import __version__
 
     shape = summary["shape"]
     n_l, n_h = shape["layers"], shape["kv_heads"]
@@ -729,7 +730,7 @@ def _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlp
          "provenance": {"window": summary["shape"]["positions"]}},
     ]
     plan = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "kind": "hnfverify-plan",
         "tool": {"name": "hnfverify", "version": __version__},
         "model": {k: str(v) for k, v in summary["model"].items()},

@@ -1,7 +1,7 @@
 """The plan parsed once into typed values (docs/design.md §3, §4): per layer, KV head and K|V the
 stream rule (lengths, formats), the segments' interval inputs as exact upper ends, and the blocks.
 The checker, the bounds, the planner's claims, the cache and the evaluation read a plan through this
-view; only ``hnfverify.recheck`` keeps its own reading. Assumes a plan that ``plan.validate_plan``
+view; only ``hnfverify.core.recheck`` keeps its own reading. Assumes a plan that ``plan.validate_plan``
 accepted. No torch.
 """
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .errors import ModelError, UnsupportedModel
+from ..errors import ModelError, UnsupportedModel
 
 _counter = itertools.count()
 

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stats, seed_curvature
-from .errors import InvalidArgument, ModelError
+from ..errors import InvalidArgument, ModelError
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
-from .texts import TokenWindows
+from ..texts import TokenWindows
 
 CURVATURES = ("exact", "seed")
 
@@ -78,7 +78,7 @@ def refuse_unimplemented_attention(module, dropout, kwargs: dict, who: str) -> N
     """Raise UnsupportedModel if an attention call carries an argument that changes its result and that
     ``who`` (a re-implementation of the model's attention from q, K, V, mask and scaling) does not
     implement: dropout > 0, logit soft-capping, learned attention sinks (``s_aux``), or anything unknown."""
-    from .errors import UnsupportedModel
+    from ..errors import UnsupportedModel
 
     bad = []
     if dropout is not None and float(dropout) > 0:
@@ -103,7 +103,7 @@ def attention_bias(attention_mask, query, key, module=None):
     A call without a mask is refused: what the model would compute then depends on its implementation."""
     import torch
 
-    from .errors import UnsupportedModel
+    from ..errors import UnsupportedModel
 
     layer = getattr(module, "layer_idx", "?")
     if attention_mask is None:
@@ -231,7 +231,7 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     attn = attention_modules(model)
     if not attn:
         raise ModelError(f"model {lm.name!r} ({type(model).__name__}) has no attention layers hnfverify can analyze")
-    from .models import model_shape, weights_sha256
+    from ..models import model_shape, weights_sha256
 
     shape = model_shape(model)
     n_layers, hkv, hq, d = shape["layers"], shape["kv_heads"], shape["query_heads"], shape["head_dim"]

@@ -1,7 +1,7 @@
 """What a rule plan means at run time: which stored form of position t a query reads.
 
 This module is the one definition (docs/design.md, section 4) used by the planner, the checker's
-obligations, the runtime cache and the teacher-forced evaluation. ``hnfverify.recheck`` keeps its
+obligations, the runtime cache and the teacher-forced evaluation. ``hnfverify.core.recheck`` keeps its
 own, separately written copy (a test cross-checks the two). No torch, no numpy.
 
 One stream = one (layer, KV head, K|V) of a rule plan: sink length S, recent length R, formats for
@@ -54,7 +54,7 @@ SEGMENTS = ("sink", "recent", "rest")
 @dataclass(frozen=True)
 class StreamRule:
     """sink: S, recent: R, formats: segment name -> format object (anything with ``granularity`` and
-    ``group``; ``hnfverify.formats.Format`` in practice)."""
+    ``group``; ``hnfverify.core.formats.Format`` in practice)."""
 
     sink: int
     recent: int

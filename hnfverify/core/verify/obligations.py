@@ -1,6 +1,6 @@
 """Enumerate and decide every obligation of a plan (docs/design.md §5). Nothing the plan *claims*
 is trusted: all numbers are recomputed from the plan's inputs and the formats' definitions, through
-the one run-time meaning of a rule plan (``hnfverify.semantics``).
+the one run-time meaning of a rule plan (``hnfverify.core.semantics``).
 """
 
 from __future__ import annotations

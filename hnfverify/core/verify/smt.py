@@ -2,7 +2,7 @@
 
 Queries are plain SMT-LIB 2.6 (QF_NRA / NRA / QF_LRA) with ``(set-info :status unsat)``, so any
 solver can replay them. ``run_queries`` solves them in a *subprocess* (``python -m
-hnfverify.verify.smt``) so a hung solver is killed at the deadline: every query without an
+hnfverify.core.verify.smt``) so a hung solver is killed at the deadline: every query without an
 answer is then ``unknown``, which fails closed.
 """
 
@@ -138,7 +138,7 @@ def run_queries(queries: list[str], solver: str = "z3", timeout_ms: int = 10000,
     payload = json.dumps({"solver": solver, "timeout_ms": timeout_ms, "queries": queries})
     env = dict(os.environ)
     try:
-        proc = subprocess.run([sys.executable, "-m", "hnfverify.verify.smt"], input=payload, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "hnfverify.core.verify.smt"], input=payload, capture_output=True,
                               text=True, timeout=wall_timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
         done = _parse_partial(e.stdout)

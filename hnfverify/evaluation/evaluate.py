@@ -3,7 +3,7 @@
 Protocol (per window of prefix + scored tokens from the *evaluation* split): the reference is the
 model's plain forward pass. The plan's run is a teacher-forced pass in which every scored query
 i >= prefix attends to each earlier position t in exactly the form a plan cache holds it at that
-moment, by the one definition of docs/design.md §4 (``hnfverify.semantics``; each scored query is
+moment, by the one definition of docs/design.md §4 (``hnfverify.core.semantics``; each scored query is
 its own one-token chunk); its own K/V exact. Prefix queries attend exactly (prefill).
 ``tests/test_kv_cache.py`` checks this pass against token-by-token decoding with
 :class:`hnfverify.kv.cache.MixedPrecisionCache`.
@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 _counter = itertools.count()
 
 
 def plan_rules(plan: dict) -> dict:
     """(layer, KV head) -> (StreamRule of K, StreamRule of V), read through the typed plan view."""
-    from .planview import view
+    from ..core.planview import view
 
     out = {}
     for h in view(plan).heads():
@@ -44,8 +44,8 @@ def plan_rules(plan: dict) -> dict:
 def head_bounds(plan: dict) -> tuple[dict, float, list]:
     """(layer, head) -> certified attention-output bound E_h (float, rounded up); e_L; b_l — the same
     exact bounds ``hnfverify check`` decides (``bound.plan_bounds``)."""
-    from .bound import plan_bounds
-    from .planview import view
+    from ..core.bound import plan_bounds
+    from ..core.planview import view
 
     pb = plan_bounds(view(plan))
     return ({k: _float_up(e) for k, e in pb.head_errors.items()}, _float_up(pb.end_to_end),
@@ -69,8 +69,8 @@ EXACT, SINK, RECENT, REST = 0, 1, 2, 3          # codes of what a query reads (s
 def versions(x, rule) -> tuple:
     """x: (T, d) exact values of one stream. Returns (exact, sink, recent, rest): each stored form's
     value at every position (docs/design.md §4; rows where a form cannot occur hold anything)."""
-    from .kv.quant import dequantize, quantize, roundtrip
-    from .semantics import channel_groups
+    from ..kv.quant import dequantize, quantize, roundtrip
+    from ..core.semantics import channel_groups
 
     t = x.shape[0]
     s = min(rule.sink, t)
@@ -98,7 +98,7 @@ def selector(rule, t_len: int, prefix: int):
     then one token per step (each scored query is its own chunk), per ``semantics.read_intervals``."""
     import torch
 
-    from .semantics import State, layout, read_intervals
+    from ..core.semantics import State, layout, read_intervals
 
     code = {State.SINK: SINK, State.RECENT: RECENT, State.REST: REST,
             State.RECENT_FAR: RECENT if rule.recent > 0 else EXACT, None: EXACT}
@@ -136,7 +136,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
     sel_cache: dict = {}
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from .analyzer import attention_bias, refuse_unimplemented_attention
+        from ..analysis.analyzer import attention_bias, refuse_unimplemented_attention
 
         # the model's own attention: its mask (causal, sliding window, padding) and scaling; anything else refused
         refuse_unimplemented_attention(module, dropout, kwargs, "the plan's teacher-forced attention")
@@ -212,8 +212,8 @@ def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
     """Bytes of the packed cache holding the window's K/V at length t_len, as a plan cache stores them
     after one-token steps (``semantics.stored_counts``), quantized for real: values, scales,
     zero-points, FP32 pending positions."""
-    from .kv.quant import quantize
-    from .semantics import stored_counts
+    from ..kv.quant import quantize
+    from ..core.semantics import stored_counts
 
     rules = plan_rules(plan)
     total = 0
@@ -249,7 +249,7 @@ class Method:
     nbytes: object
     bounds: dict | None = None
     e_l: float | None = None
-    protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluate)"
+    protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluation.evaluate)"
     accounted: object = None      # (stats, n) -> bytes by the formats' accounting (cheap; at every length)
 
 
@@ -272,7 +272,7 @@ def _accounting_units(plan: dict) -> list:
 def accounted_bytes(units: list, d: int, n: int) -> int:
     """Bytes of a plan cache holding n positions by the accounting of docs/design.md §4 (the planner's
     claims use the same; the cache's real packed bytes agree, tests/test_cache_semantics.py)."""
-    from .semantics import SEGMENTS, segment_bits, stored_counts
+    from ..core.semantics import SEGMENTS, segment_bits, stored_counts
 
     bits = 0
     for rule in units:
@@ -301,7 +301,7 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
     import numpy as np
     import torch
 
-    from .texts import token_windows
+    from ..texts import token_windows
 
     t_len = prefix + scored
     wins = token_windows(lm.tokenizer, corpus, split="eval", max_tokens=windows * t_len, window=t_len)
@@ -403,7 +403,7 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
 
 def evaluate(lm, plan: dict, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
              progress: bool = False) -> dict:
-    from .models import check_plan_matches_model
+    from ..models import check_plan_matches_model
 
     check_plan_matches_model(plan, lm.model)            # weights, config, shape and tau: before any long work
     t_len = prefix + scored

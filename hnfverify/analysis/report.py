@@ -5,7 +5,7 @@ per-layer summary and the sha256 of ``report.safetensors``; the arrays file hold
 (layer, kv_head, position) interval. Both are written atomically (arrays first).
 
 Array fields, shape (layers, kv_heads, positions) unless noted; ``_lo``/``_hi`` enclose the exact
-maximum over all calibration queries that attend to the position (see ``hnfverify.curvature``):
+maximum over all calibration queries that attend to the position (see ``hnfverify.analysis.curvature``):
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import platform
 from pathlib import Path
 
-from .errors import InputError, InvalidArgument
+from ..errors import InputError, InvalidArgument
 
 SCHEMA_VERSION = 1
 KIND = "hnfverify-analysis"
@@ -154,7 +154,7 @@ def save(analysis, model_identity: dict, calib_identity: dict, out: str | Path) 
     """Write ``out`` (JSON) and its ``.safetensors`` sibling atomically. Returns the summary."""
     from safetensors.numpy import save_file
 
-    from .io import atomic_path, sha256_file, write_json_atomic
+    from ..io import atomic_path, sha256_file, write_json_atomic
 
     out = Path(out)
     apath = arrays_path_for(out)
@@ -170,7 +170,7 @@ def load(path: str | Path) -> tuple[dict, dict]:
     """Load (summary, arrays) and check the arrays file's hash. Raises InputError on any problem."""
     from safetensors.numpy import load_file
 
-    from .io import sha256_file
+    from ..io import sha256_file
 
     p = Path(path)
     if not p.is_file():

@@ -15,7 +15,7 @@ import time
 from fractions import Fraction
 from typing import TextIO
 
-from .errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, HnfError, InvalidArgument
+from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, HnfError, InvalidArgument
 
 
 def _positive_int(name: str):
@@ -74,8 +74,8 @@ def print_analysis(summary: dict, out: TextIO, paths: tuple[str, str] | None = N
 
 
 def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
-    from .analyzer import AnalysisOptions
-    from .report import arrays_path_for
+    from ..analysis.analyzer import AnalysisOptions
+    from ..analysis.report import arrays_path_for
 
     if args.max_tokens <= 0:
         raise InvalidArgument(f"--max-tokens must be a positive integer, got {args.max_tokens}")
@@ -90,23 +90,23 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
         _plan_request(args).validate()
     # cheap checks first: the calibration source must exist before the model is loaded
     if args.calib not in ("prose", "code") and not os.path.isfile(args.calib):
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"--calib {args.calib!r}: no such file (built-in corpora: prose, code)")
 
     _set_threads(args.threads)
     _quiet_transformers()
-    from .analyzer import analyze
-    from .models import load_model
-    from .report import save
-    from .texts import token_windows
+    from ..analysis.analyzer import analyze
+    from ..models import load_model
+    from ..analysis.report import save
+    from ..texts import token_windows
 
     t0 = time.perf_counter()
     lm = load_model(args.model, verbose=not args.quiet)
-    from .instrument import attention_modules
+    from ..analysis.instrument import attention_modules
 
     if not attention_modules(lm.model):
-        from .errors import ModelError
+        from ..errors import ModelError
 
         raise ModelError(f"model {args.model!r} ({type(lm.model).__name__}) has no attention layers "
                          "hnfverify can analyze")
@@ -115,8 +115,8 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
     result = analyze(lm, windows, options, progress=not args.quiet and err.isatty())
     result.timings["load_s"] = t_load
     if args.plan:
-        from .planner import plan_from_report
-        from .report import load
+        from ..planning.planner import plan_from_report
+        from ..analysis.report import load
 
         req = _plan_request(args)
         stem = args.out[:-5] if args.out.endswith(".json") else args.out
@@ -140,7 +140,7 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
 def _fraction_arg(name: str, value: str | None):
     if value is None:
         return None
-    from .numbers import parse_number
+    from ..core.numbers import parse_number
 
     try:
         return parse_number(value.strip(), name)
@@ -151,7 +151,7 @@ def _fraction_arg(name: str, value: str | None):
 def _plan_request(args):
     from fractions import Fraction
 
-    from .planner import PlanRequest
+    from ..planning.planner import PlanRequest
 
     return PlanRequest(
         eps=_fraction_arg("--eps", args.eps), eps_target=_fraction_arg("--eps-target", args.eps_target),
@@ -163,7 +163,7 @@ def _plan_request(args):
 
 
 def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bool = False) -> None:
-    from .plan import save_plan
+    from ..core.plan import save_plan
 
     sha = save_plan(plan, out_path)
     if as_json:
@@ -175,8 +175,8 @@ def _write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bo
 
 
 def cmd_plan(args, out: TextIO, err: TextIO) -> int:
-    from .planner import plan_from_report
-    from .report import load
+    from ..planning.planner import plan_from_report
+    from ..analysis.report import load
 
     req = _plan_request(args)
     req.validate()
@@ -205,10 +205,10 @@ def print_plan(plan: dict, out: TextIO, sha: str, brief: bool = False) -> None:
 def _plan_table(plan: dict, out: TextIO, segs) -> None:
     from fractions import Fraction
 
-    from .numbers import parse_number
+    from ..core.numbers import parse_number
 
-    from .formats import by_name
-    from .plan import claim_float
+    from ..core.formats import by_name
+    from ..core.plan import claim_float
 
     c = plan["claims"]
     print(f"{'layer':>5}  {'K formats (sink / recent / rest), per KV head':<58} {'V formats':<44} "
@@ -220,7 +220,7 @@ def _plan_table(plan: dict, out: TextIO, segs) -> None:
     def short(n):
         return n.replace("fp8_", "").replace("_t" + str(d), "t").replace("_c", "c")
 
-    from .semantics import StreamRule, segment_bits, stored_counts
+    from ..core.semantics import StreamRule, segment_bits, stored_counts
 
     for li, layer in enumerate(plan["layers"]):
         kcol, vcol, bits, n = [], [], Fraction(0), 0
@@ -239,7 +239,7 @@ def _plan_table(plan: dict, out: TextIO, segs) -> None:
 
 def _claim_at(values, i: int) -> str:
     """One per-layer claim for the table; "n/a" where the plan's claims list has no entry."""
-    from .plan import claim_float
+    from ..core.plan import claim_float
 
     if not isinstance(values, list) or not 0 <= i < len(values):
         return "n/a"
@@ -249,9 +249,9 @@ def _claim_at(values, i: int) -> str:
 def _plan_footer(plan: dict, out: TextIO, segs) -> None:
     from collections import Counter
 
-    from .numbers import parse_number
+    from ..core.numbers import parse_number
 
-    from .plan import claim_float
+    from ..core.plan import claim_float
 
     c = plan["claims"]
     use = Counter(h[kv][s]["format"] for layer in plan["layers"] for h in layer["heads"] for kv in "KV" for s in segs)
@@ -270,7 +270,7 @@ def _plan_footer(plan: dict, out: TextIO, segs) -> None:
 
 
 def cmd_show(args, out: TextIO, err: TextIO) -> int:
-    from .plan import load_plan, plan_sha256
+    from ..core.plan import load_plan, plan_sha256
 
     plan = load_plan(args.plan)
     if args.json:
@@ -283,8 +283,8 @@ def cmd_show(args, out: TextIO, err: TextIO) -> int:
 def cmd_report(args, out: TextIO, err: TextIO) -> int:
     from pathlib import Path
 
-    from . import plots
-    from .plan import load_plan
+    from .. import plots
+    from ..core.plan import load_plan
 
     plan = load_plan(args.plan)
     if args.eval_windows < 0:
@@ -306,8 +306,8 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
     if args.eval_windows:
         _set_threads(args.threads)
         _quiet_transformers()
-        from .evaluate import evaluate
-        from .models import load_model
+        from ..evaluation.evaluate import evaluate
+        from ..models import load_model
 
         lm = load_model(args.model, verbose=False)
         r = evaluate(lm, plan, args.text, windows=args.eval_windows)
@@ -420,13 +420,13 @@ def _output_target(option: str, path: str, *, directory: bool, example: str) -> 
 
 
 def cmd_check(args, out: TextIO, err: TextIO) -> int:
-    from . import __version__
-    from .errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
-    from .io import write_bytes_atomic
-    from .plan import load_plan, plan_sha256
-    from .verify import PROVED, REFUTED
-    from .verify import certificate, outputs
-    from .verify.obligations import CheckOptions, check_plan
+    from .. import __version__
+    from ..errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
+    from ..io import write_bytes_atomic
+    from ..core.plan import load_plan, plan_sha256
+    from ..core.verify import PROVED, REFUTED
+    from ..core.verify import certificate, outputs
+    from ..core.verify.obligations import CheckOptions, check_plan
 
     _check_timeouts(args)
     try:
@@ -492,7 +492,7 @@ def _positions(plan):
 
 
 def cmd_recheck(args, out: TextIO, err: TextIO) -> int:
-    from . import recheck
+    from ..core import recheck
 
     argv = [args.certificate] + (["--plan", args.plan] if args.plan else [])
     import contextlib
@@ -504,10 +504,10 @@ def cmd_recheck(args, out: TextIO, err: TextIO) -> int:
 def cmd_replay(args, out: TextIO, err: TextIO) -> int:
     from pathlib import Path
 
-    from .errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
-    from .verify.smt import run_queries
+    from ..errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
+    from ..core.verify.smt import run_queries
 
-    from .verify.outputs import printable
+    from ..core.verify.outputs import printable
 
     _check_timeouts(args)
     if args.dump is not None:
@@ -552,8 +552,8 @@ def cmd_replay(args, out: TextIO, err: TextIO) -> int:
 def _certificate_queries(f) -> list[tuple[str, str]]:
     """The (obligation id, SMT-LIB2 text) pairs of a certificate file; InputError if it has none or
     is not a certificate (bad UTF-8 or JSON, overlong integers, lone surrogates, wrong types)."""
-    from .errors import InputError
-    from .io import lone_surrogate_path, parse_json_int
+    from ..errors import InputError
+    from ..io import lone_surrogate_path, parse_json_int
 
     def bad(why: str):
         return InputError(f"{_shown(f)}: not a readable certificate ({why})")
@@ -590,8 +590,8 @@ def _certificate_queries(f) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------- eval, generate
 def cmd_eval(args, out: TextIO, err: TextIO) -> int:
-    from .errors import EXIT_VIOLATED
-    from .plan import load_plan
+    from ..errors import EXIT_VIOLATED
+    from ..core.plan import load_plan
 
     if args.windows <= 0 or args.prefix <= 0 or args.scored <= 0:
         raise InvalidArgument("--windows, --prefix and --scored must be positive")
@@ -602,8 +602,8 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
     plan = load_plan(args.plan)
     _set_threads(args.threads)
     _quiet_transformers()
-    from .evaluate import evaluate
-    from .models import check_plan_matches_model, load_model
+    from ..evaluation.evaluate import evaluate
+    from ..models import check_plan_matches_model, load_model
 
     lm = load_model(args.model, verbose=not args.quiet)
     check_plan_matches_model(plan, lm.model)            # before the evaluation's long passes
@@ -645,7 +645,7 @@ def print_eval(rows: list, plan: dict, out: TextIO) -> None:
 
 
 def cmd_generate(args, out: TextIO, err: TextIO) -> int:
-    from .plan import load_plan
+    from ..core.plan import load_plan
 
     plan = load_plan(args.plan)
     if args.max_new_tokens <= 0:
@@ -654,8 +654,8 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
     _quiet_transformers()
     import torch
 
-    from .kv.cache import MixedPrecisionCache
-    from .models import load_model
+    from ..kv.cache import MixedPrecisionCache
+    from ..models import load_model
 
     lm = load_model(args.model, verbose=False)
     cache = MixedPrecisionCache.from_plan(plan, lm.model, on_overflow=args.on_overflow)  # weights, config, shape, tau
@@ -687,7 +687,7 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
 
 # --------------------------------------------------------------------------- inspect
 def cmd_inspect(args, out: TextIO, err: TextIO) -> int:
-    from .report import load, lookup
+    from ..analysis.report import load, lookup
 
     summary, arrays = load(args.report)
     if args.layer is None:
@@ -713,7 +713,7 @@ def cmd_inspect(args, out: TextIO, err: TextIO) -> int:
 # --------------------------------------------------------------------------- fetch-model, splits
 def cmd_fetch_model(args, out: TextIO, err: TextIO) -> int:
     _quiet_transformers()
-    from .models import load_model
+    from ..models import load_model
 
     lm = load_model(args.model, verbose=True)
     ident = lm.identity()
@@ -723,7 +723,7 @@ def cmd_fetch_model(args, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_splits(args, out: TextIO, err: TextIO) -> int:
-    from .texts import split_table
+    from ..texts import split_table
 
     print(f"{'corpus':8} {'split':6} {'documents':>9} {'characters':>11}", file=out)
     for corpus, split, n, chars in split_table():

@@ -1,0 +1,84 @@
+"""The storage formats and their error models (docs/design.md §2.2, §2.3)."""
+
+import re
+from fractions import Fraction as F
+
+from .numbers import fmt, round_up, sqrt_up
+
+
+# ---------------------------------------------------------------- formats (docs/design.md §2.2, §2.3)
+def fmt_def(name):
+    """The format a name denotes, or None: unit roundoff u, grid, domain, bits, table entry."""
+    floats = {"fp32": (23, -126, (2 - F(1, 2 ** 23)) * F(2) ** 127, 32), "fp16": (10, -14, F(65504), 16),
+              "bf16": (7, -126, (2 - F(1, 2 ** 7)) * F(2) ** 127, 16)}
+    if not isinstance(name, str):
+        return None
+    if name in floats:
+        mant, emin, mx, bits = floats[name]
+        f = {"family": "float", "gran": "none", "group": 0, "bits": bits, "over": 0, "max": mx, "domain": mx}
+    elif re.fullmatch(r"fp8_(e4m3|e5m2)_t[1-9][0-9]*", name):
+        mant, emin, mx = (3, -6, F(448)) if "e4m3" in name else (2, -14, F(57344))
+        f = {"family": "fp8", "gran": "token", "group": int(name.rsplit("_t", 1)[1]), "bits": 8, "over": 16,
+             "max": mx, "domain": F(65504)}
+    else:
+        m = re.fullmatch(r"int(8|4|2)_(t|c)([1-9][0-9]*)", name)
+        if not m or not 1 <= int(m.group(3)) <= 4096:
+            return None
+        b = int(m.group(1))
+        return {"name": name, "family": "int", "gran": "token" if m.group(2) == "t" else "channel",
+                "group": int(m.group(3)), "bits": b, "over": 32, "u": F(1, 2 * (2 ** b - 1)), "domain": F(65504)}
+    f.update(name=name, u=F(1, 2 ** (mant + 1)), sub=F(2) ** (emin - mant - 1))
+    return f
+
+
+def fmt_json(f):
+    """The format's entry in a plan's formats table."""
+    if f["family"] == "float":
+        em = (f"round-to-nearest; |dx| <= u|x| (normal), <= {fmt(f['sub'])} (subnormal); "
+              f"overflow above {fmt(f['max'])}")
+    elif f["family"] == "fp8":
+        em = (f"per-token FP16 scale s >= amax/{fmt(f['max'])}, clamp, round-to-nearest-even; "
+              f"|dx| <= (u + 2^-21)|x| + (1 + 2^-21) {fmt(f['sub'])} s")
+    else:
+        em = ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
+              "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
+    bpe = F(f["bits"]) + (F(f["over"], f["group"]) if f["over"] else 0)
+    return {"family": f["family"], "granularity": f["gran"], "group": f["group"], "value_bits": f["bits"],
+            "overhead_bits": f["over"], "bits_per_element": fmt(bpe), "u": fmt(f["u"]), "error_model": em}
+
+
+def diam(f, st):
+    """D of Theorem 5.7: the l2 diameter of the box the format quantizes a vector over."""
+    return st["dc"] if f["gran"] == "channel" else st["dt"]
+
+
+def l2_error(f, st):
+    """||x - dequant(quant(x))||_2 for one cached d-vector within the ranges st (the lemmas of §2.3)."""
+    sd = sqrt_up(F(st["d"]))
+    norm = sd * st["amax"]
+    if f["family"] == "float":
+        return f["u"] * norm + sd * f["sub"]
+    if f["family"] == "fp8":
+        scale = max(st["amax"] * (1 + F(1, 2 ** 9)) / f["max"], F(1, 2 ** 14))
+        return (f["u"] + F(1, 2 ** 21)) * norm + sd * f["sub"] * (1 + F(1, 2 ** 21)) * scale
+    sl = F(1, 2 ** 9)
+    return f["u"] * (1 + sl) * diam(f, st) + (f["u"] * sl + F(1, 2 ** 20)) * norm + sd * F(1, 2 ** 23)
+
+
+def widen(st, e):
+    """Ranges of values moved by at most e in l2 (so by at most e per element), §2.3."""
+    if e == 0:
+        return st
+    g = 2 * sqrt_up(F(st["d"])) * e
+    return {"d": st["d"], "dt": st["dt"] + g, "dc": st["dc"] + g, "amax": st["amax"] + e}
+
+
+def chain_stages(chain, st):
+    """[(format, its widened ranges, the error so far)]: e_1 = err(f_1), e_k = up(e_(k-1) + err(f_k))."""
+    out, e = [], F(0)
+    for k, f in enumerate(chain):
+        s = widen(st, e)
+        step = l2_error(f, s)
+        e = step if k == 0 else round_up(e + step)
+        out.append((f, s, e))
+    return out
