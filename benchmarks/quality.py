@@ -57,15 +57,15 @@ def _keys_by_score(summary, arrays, signal: str, target_key_bits: float):
     score * D_f^2 * u_f <= theta for 'exact' (kappa) and 'seed' (the seed's heuristic kappa); the
     original proposal's attention-only score uses alpha_max * u_f <= theta."""
     from hnfverify.core.formats import format_table
-    from hnfverify.planning.planner import PlanRequest, _build_chain, _units_from_report
+    from hnfverify.planning import PlanRequest, build_chain, units_from_report
     from hnfverify.core.numbers import parse_number
 
     req = PlanRequest(avg_bits=Fraction(16), curvature="seed" if signal == "seed" else "exact")
     table = format_table(summary["shape"]["head_dim"], summary["analysis"]["channel_group"])
-    units, meta = _units_from_report(summary, arrays, req, table)
+    units, meta = units_from_report(summary, arrays, req, table)
     keys = [u for u in units if u.kv == "K"]
     for u in keys:
-        _build_chain(u, table, req.c)
+        build_chain(u, table, req.c)
 
     def need(u, f):
         if signal == "attention":
@@ -100,7 +100,7 @@ def _keys_by_score(summary, arrays, signal: str, target_key_bits: float):
 def build_plans(rep: Path, out: Path) -> list:
     """[(name, group, plan path, plan, note)]"""
     from hnfverify.core.plan import save_plan
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
     from hnfverify.analysis.report import load
 
     summary, arrays = load(rep)

@@ -32,3 +32,7 @@ class ModelError(HnfError):
 
 class UnsupportedModel(ModelError):
     """The model uses an attention variant the exact analysis does not cover."""
+
+
+class PlanInfeasible(HnfError):
+    """No plan satisfies the request (exit code 2): the message says what the best achievable is."""

@@ -78,7 +78,7 @@ def _synthetic():
 
 def base_plan() -> dict:
     """The 3-layer, 2-head plan the random mutators start from (as before)."""
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
 
     summary, arrays = _synthetic()
     plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(50), sink=4, recent=8, max_seq_len=24))
@@ -117,7 +117,7 @@ def trim(plan: dict, n_layers: int, n_heads: int) -> dict:
 
 
 def small_plans() -> list:
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
 
     summary, arrays = _synthetic()
     out = []

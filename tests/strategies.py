@@ -90,7 +90,7 @@ def plans(draw, **kw):
     """Plans made by the planner from synthetic reports (eps mode), or None where infeasible."""
     from fractions import Fraction
 
-    from hnfverify.planning.planner import PlanInfeasible, PlanRequest, plan_from_report
+    from hnfverify.planning import PlanInfeasible, PlanRequest, plan_from_report
 
     summary, arrays = draw(reports())
     eps = draw(st.sampled_from([Fraction(5), Fraction(50), Fraction(1000), Fraction(10**6)]))

@@ -23,7 +23,7 @@ G = 8           # its analysis channel group
 
 
 def synthetic_plan(**kw):
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
 
     spec = importlib.util.spec_from_file_location("mp", HERE / "data" / "make_planted.py")
     mod = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ import pytest
 from hnfverify.cli import run
 from hnfverify.core.numbers import fmt_number
 from hnfverify.core.plan import dumps
-from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.planning import PlanRequest, plan_from_report
 
 
 def _run(argv):
@@ -158,7 +158,7 @@ def test_check_imports_no_torch(tmp_path, plan_pair):
     p = _write(tmp_path, plan_pair[0])
     code = ("import sys, io\nfrom hnfverify.cli import run\n"
             f"rc = run(['check', {str(p)!r}, '--cert-dir', {str(tmp_path / 'c')!r}], io.StringIO(), io.StringIO())\n"
-            "import hnfverify.core.recheck, hnfverify.core.verify.obligations, hnfverify.core.plan, hnfverify.planning.planner\n"
+            "import hnfverify.core.recheck, hnfverify.core.verify.obligations, hnfverify.core.plan, hnfverify.planning\n"
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
             "print(rc, bad); sys.exit(1 if bad or rc else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

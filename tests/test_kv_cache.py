@@ -9,7 +9,7 @@ from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.evaluation.evaluate import WindowStats, head_bounds, plan_attention
 from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.models import tiny_model
-from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.texts import TokenWindows
 
 T = 64

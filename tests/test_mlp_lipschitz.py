@@ -19,7 +19,7 @@ from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.errors import UnsupportedModel
 from hnfverify.models import ByteTokenizer, LoadedModel, tiny_model
 from hnfverify.core.numbers import dec_up, fmt_number, parse_number, round_up
-from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.analysis.report import load, save
 from hnfverify.texts import TokenWindows
 

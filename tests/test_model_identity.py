@@ -20,7 +20,7 @@ from hnfverify.cli import run
 from hnfverify.errors import InvalidArgument
 from hnfverify.evaluation.evaluate import evaluate
 from hnfverify.models import tiny_model
-from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.analysis.report import load, save
 from hnfverify.texts import TokenWindows
 

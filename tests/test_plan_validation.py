@@ -9,7 +9,7 @@ import pytest
 
 from hnfverify.cli import run
 from hnfverify.core.plan import dumps, loads, plan_sha256
-from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.planning import PlanRequest, plan_from_report
 
 
 @pytest.fixture(scope="module")

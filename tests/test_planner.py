@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings, strategies as st
 from hnfverify.errors import InvalidArgument
 from hnfverify.core.formats import by_name
 from hnfverify.core.plan import dumps, loads
-from hnfverify.planning.planner import PlanInfeasible, PlanRequest, plan_from_report
+from hnfverify.planning import PlanInfeasible, PlanRequest, plan_from_report
 from tests.strategies import reports
 
 SEG = ("sink", "recent", "rest")

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from hnfverify.errors import HnfError, InvalidArgument
 from hnfverify.core.plan import claim_float, dumps, loads
-from hnfverify.planning.planner import PlanRequest, claim_up, parse_uniform, plan_from_report, uniform_format
+from hnfverify.planning import PlanRequest, claim_up, parse_uniform, plan_from_report, uniform_format
 from hnfverify.core.verify.obligations import check_plan
 from tests.strategies import reports
 from tests.test_planner import _fixed_report

@@ -26,7 +26,7 @@ from hnfverify.core import recheck
 from hnfverify.core.formats import by_name
 from hnfverify.core.numbers import fmt_number
 from hnfverify.core.plan import dumps
-from hnfverify.planning.planner import PlanRequest, plan_from_report
+from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.core.verify import certificate
 from hnfverify.core.verify.obligations import CheckOptions, check_plan
 

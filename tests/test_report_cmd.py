@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from hnfverify.core.plan import save_plan  # noqa: E402
-from hnfverify.planning.planner import PlanRequest, plan_from_report  # noqa: E402
+from hnfverify.planning import PlanRequest, plan_from_report  # noqa: E402
 from hnfverify.plots import plan_bits_grid  # noqa: E402
 from tests.test_cli import _no_traceback, _run  # noqa: E402
 from tests.test_planner import _fixed_report  # noqa: E402

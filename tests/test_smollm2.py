@@ -82,7 +82,7 @@ def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smoll
     from hnfverify.cli import run
     from hnfverify.core.formats import by_name, format_table
     from hnfverify.core.plan import dumps
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
     from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
@@ -138,7 +138,7 @@ def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
     from fractions import Fraction  # noqa: F401
 
     from hnfverify.kv.cache import MixedPrecisionCache
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
     from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=128, window=128)

@@ -26,7 +26,7 @@ def _synthetic():
 
 
 def _plan(**kw):
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
 
     summary, arrays = _synthetic()
     kw.setdefault("sink", 4)

@@ -21,14 +21,12 @@ twins are for the planner's search only and decide nothing.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .formats import Format, SegmentStats
+from .formats import SegmentStats
 from .numbers import exp_up, round_up, sqrt_up
-
-SEGMENTS = ("sink", "recent", "rest")
+from .semantics import READER, STATES
 
 
 @dataclass(frozen=True)
@@ -120,35 +118,6 @@ def exact_end_to_end(layer_bounds: list, lipschitz: list, seq_len: int, mlp_gain
     return round_up(sqrt_up(Fraction(seq_len)) * s)
 
 
-# ---------------------------------------------------------------------------- float twins (search only)
-@dataclass(frozen=True)
-class FloatHead:
-    tau: float
-    q_max: float
-    segs: tuple
-    mass_alpha: tuple
-    mass_avo: tuple
-
-
-def float_head_error(fh: FloatHead, dk: tuple, dv: tuple) -> float:
-    """dk, dv: per-segment error bounds (floats) in fh.segs order."""
-    m = [fh.tau * fh.q_max * x for x in dk]
-    big = max(m) if m else 0.0
-    total = 0.0
-    for i in range(len(fh.segs)):
-        e = math.exp(min(m[i] + big, 700.0))
-        total += e * dv[i] * fh.mass_alpha[i] + (e - 1.0) * fh.mass_avo[i]
-    return total
-
-
-def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
-    """The bound's first-order Taylor term in the errors (exp(x) -> 1 + x, dV * dK dropped):
-    sum dV A + (m + M) B. Not a bound; the planner's ``--objective linear`` ranks moves by it."""
-    m = [fh.tau * fh.q_max * x for x in dk]
-    big = max(m) if m else 0.0
-    return sum(dv[i] * fh.mass_alpha[i] + (m[i] + big) * fh.mass_avo[i] for i in range(len(fh.segs)))
-
-
 # ---------------------------------------------------------------------------- a whole plan
 @dataclass(frozen=True)
 class PlanBounds:
@@ -165,8 +134,6 @@ class PlanBounds:
 def stream_errors(stream) -> dict:
     """Per segment the largest error of any stored form read as that segment (docs/design.md §2.4, §4):
     the chains of the states whose reader it is, and every block overlapping it (its own inputs)."""
-    from .semantics import READER, STATES
-
     rule = stream.rule
     out = {}
     for seg in stream.stats:

@@ -48,7 +48,7 @@ _SUMMARY = None
 def planner(n_layers=1, n_heads=1, **kw):
     """A planner plan trimmed to the first layers and KV heads (its claims stay upper bounds)."""
     global _SUMMARY
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
 
     if _SUMMARY is None:
         _SUMMARY = _synthetic()

@@ -68,7 +68,7 @@ def synthetic_report(seed: int = 0):
 
 
 def base_plan():
-    from hnfverify.planning.planner import PlanRequest, plan_from_report
+    from hnfverify.planning import PlanRequest, plan_from_report
     from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     summary, arrays = synthetic_report()

@@ -1,0 +1,179 @@
+"""The plan's last steps: Theorem 5.7 for every stored form (``raise_to_theorem``), the claims, and the
+JSON document (``assemble``, docs/design.md §3)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from ..core.numbers import dec_down, dec_up, fmt_number, parse_number
+from ..core.plan import SCHEMA_VERSION
+from ..core.semantics import READER, SEGMENTS, State, StreamRule, reachable
+from ..core.verify.obligations import precision_terms
+from ..errors import PlanInfeasible
+from .request import ASSIGNED, BUDGET_SPLIT, EPS_SPLIT
+from .search import average_bits
+from .units import theorem_term, unit_bits
+
+
+def claim_up(x: Fraction) -> str | None:
+    """A bound for the plan's claims, rounded up to 6 digits; None (JSON null) above 1e300, beyond the
+    range of plan numbers — such a bound is vacuous anyway (INT2 keys make exp(tau q dK) huge)."""
+    return None if x > 10 ** 300 else dec_up(float(x), 6)
+
+
+def stored_form_terms(units, state, c) -> list:
+    """[(units whose formats the form passed through, rhs c kappa sum u D^2, domain problems)] for every
+    stored form a query can read (docs/design.md §4), by the checker's own definition
+    (``semantics.reachable``, ``verify.obligations.precision_terms``): what the plan must satisfy."""
+    streams: dict = {}
+    for u in units:
+        streams.setdefault((u.layer, u.head, u.kv), {})[u.seg] = u
+    out = []
+    for segs in streams.values():
+        one = next(iter(segs.values()))
+        fmts = {seg: u.chain[state[u.idx]] for seg, u in segs.items()}
+        fill = fmts.get("rest") or next(iter(fmts.values()))
+        rule = StreamRule(one.sink, one.recent, {seg: fmts.get(seg, fill) for seg in SEGMENTS})
+        for st, _, _ in reachable(rule, one.t):
+            chain = rule.chain(st)
+            if not chain:
+                continue
+            reader = segs[READER[st]]
+            through = [segs[s] for s in ((["recent"] if one.recent > 0 else []) + ["rest"] if st is State.REST
+                                         else ["recent"] if st is State.RECENT_FAR else [READER[st]])]
+            _, rhs, domain = precision_terms(Fraction(0), c, chain, reader.stats, reader.kappa[1])
+            out.append((through, rhs, domain))
+    return out
+
+
+def implied_eps(units, state, c) -> Fraction:
+    """The smallest eps for which Theorem 5.7 holds for every stored key form of the plan."""
+    return max((rhs for us, rhs, _ in stored_form_terms(units, state, c) if us[0].kv == "K"), default=Fraction(0))
+
+
+def raise_to_theorem(units, state, req) -> list:
+    """Raise formats along their chains until every stored form is in its formats' domains and, with a
+    user eps, satisfies Theorem 5.7 in its chain form. Moving up a chain never raises any bound."""
+    state = list(state)
+    while True:
+        bad = [(us, rhs, dom) for us, rhs, dom in stored_form_terms(units, state, req.c)
+               if dom or (req.eps is not None and us[0].kv == "K" and rhs > req.eps)]
+        if not bad:
+            return state
+        for us, rhs, dom in bad:
+            up = [u for u in us if state[u.idx] + 1 < len(u.chain)]
+            if not up:
+                u = us[-1]
+                raise PlanInfeasible(f"layer {u.layer} head {u.head} {u.kv} {u.seg}: "
+                                     + (f"values outside every format's domain ({dom[0]})" if dom else
+                                        f"Theorem 5.7 needs eps >= {dec_up(float(rhs), 4)} even with the finest "
+                                        "formats of the chain"))
+            u = up[-1] if dom else max(up, key=lambda u: theorem_term(u.chain[state[u.idx]], u, req.c))
+            state[u.idx] += 1
+
+
+def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps, mlp_meas, onorm, qmax, layer_b,
+              e_l, mode, report_name) -> dict:
+    from .. import __version__
+
+    shape = summary["shape"]
+    n_l, n_h = shape["layers"], shape["kv_heads"]
+    used = sorted({u.chain[s].name for u, s in zip(units, state)})
+    if req.eps is not None:
+        eps, eps_source = req.eps, "user"
+    else:
+        eps, eps_source = parse_number(dec_up(float(implied_eps(units, state, req.c)) * (1 + 1e-12) + 1e-300, 6)), \
+            "implied"
+        while eps < implied_eps(units, state, req.c):
+            eps *= 2
+    layers = []
+    by_lh: dict = {}
+    for u, s in zip(units, state):
+        by_lh.setdefault((u.layer, u.head), {}).setdefault(u.kv, {})[u.seg] = (u, s)
+    for li in range(n_l):
+        heads = []
+        for h in range(n_h):
+            entry = {"kv_head": h, "o_proj_norm": fmt_number(onorm[li][h]), "q_max": fmt_number(qmax[li][h])}
+            for kv in ("K", "V"):
+                segs = by_lh[(li, h)][kv]
+                rule = {"blocks": []}
+                for seg in SEGMENTS:
+                    if seg in segs:
+                        u, si = segs[seg]
+                        item = {"format": u.chain[si].name, "inputs": u.inputs}
+                    else:
+                        rest_u, rest_s = segs.get("rest") or next(iter(segs.values()))
+                        item = {"format": rest_u.chain[rest_s].name, "inputs": None}
+                    if seg != "rest":
+                        item["length"] = meta["lengths"][seg]
+                    rule[seg] = item
+                entry[kv] = rule
+            heads.append(entry)
+        layers.append({
+            "layer": li, "tau": fmt_number(tau[li]),
+            "lipschitz": {"measured": dec_up(float(lips_meas[li])), "margin": fmt_number(req.lipschitz_margin),
+                          "value": fmt_number(lips[li])},
+            "mlp_lipschitz": {"measured": dec_up(float(mlp_meas[li])), "margin": fmt_number(req.lipschitz_margin),
+                              "value": fmt_number(mlps[li])},
+            "heads": heads,
+        })
+    calib = summary["calibration"]
+    avg = average_bits(units, state)
+    total_bits = sum((unit_bits(u, u.chain[s], meta["head_dim"]) for u, s in zip(units, state)),
+                     Fraction(0))
+    assumptions = [
+        {"name": "curvature", "statement": "for every deployment query, kappa_t <= the plan's kappa upper end "
+         "(the sup over calibration queries, split by query distance for recent/rest)",
+         "value": max((u.inputs["kappa"][1] for u in units), key=parse_number), "margin": "1",
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"],
+                        "tokens": calib["n_tokens"], "curvature": meta["curvature"],
+                        "queries": int(calib["n_tokens"]) * int(summary["shape"]["query_heads"])}},
+        {"name": "ranges", "statement": "every cached key/value lies within the plan's amax, d_token and d_channel "
+         "upper ends", "margin": "1", "value": max((u.inputs["amax"][1] for u in units), key=parse_number),
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"]}},
+        {"name": "attention mass", "statement": "every deployment query puts at most mass_alpha (and mass_avo) on "
+         "each segment, and ||q|| <= q_max", "margin": "1",
+         "value": max((u.inputs["mass_alpha"][1] for u in units), key=parse_number),
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"]}},
+        {"name": "lipschitz", "statement": "each decoder block is L-Lipschitz on deployment hidden states with L = "
+         "measured x margin (the measurement is a power-iteration lower bound of the local Jacobian norm)",
+         "margin": fmt_number(req.lipschitz_margin), "value": max((x["lipschitz"]["value"] for x in layers),
+                                                                   key=parse_number),
+         "provenance": {"calibration_sha256": calib["token_ids_sha256"],
+                        "tokens": summary["analysis"]["lipschitz_tokens"],
+                        "iterations": summary["analysis"]["lipschitz_iters"]}},
+        {"name": "sequence length", "statement": f"sequences are at most max_seq_len = {meta['max_seq_len']} "
+         "tokens (the analyzed window)", "margin": "1", "value": str(meta["max_seq_len"]),
+         "provenance": {"window": summary["shape"]["positions"]}},
+    ]
+    plan = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "hnfverify-plan",
+        "tool": {"name": "hnfverify", "version": __version__},
+        "model": {k: str(v) for k, v in summary["model"].items()},
+        "calibration": {k: str(v) for k, v in calib.items()},
+        "analysis": {"report": report_name, "arrays_sha256": summary["arrays"]["sha256"],
+                     "curvature": meta["curvature"], "channel_group": summary["analysis"]["channel_group"]},
+        "shape": {k: shape[k] for k in ("layers", "kv_heads", "query_heads", "head_dim")},
+        "max_seq_len": meta["max_seq_len"],
+        "eps": fmt_number(eps), "eps_source": eps_source,
+        "eps_target": fmt_number(req.eps_target) if req.eps_target is not None else None,
+        "c": fmt_number(req.c),
+        "mode": {**mode, "budget_split": ASSIGNED if mode["kind"] in ("uniform", "assigned")
+                 else BUDGET_SPLIT[req.objective] if mode["kind"] == "avg_bits" else EPS_SPLIT
+                 + (" " + BUDGET_SPLIT["end_to_end"] if req.eps_target is not None else "")},
+        "rule": {"sink": meta["lengths"]["sink"], "recent": meta["lengths"]["recent"]},
+        "formats": {n: table[n].to_json() for n in used},
+        "layers": layers,
+        "assumptions": assumptions,
+        "claims": {
+            "avg_bits": fmt_number(avg),
+            "compression_vs_fp16": dec_down(float(Fraction(16) / avg), 6),
+            "cache_bits_at_max_seq_len": fmt_number(total_bits),
+            "layer_bounds": [claim_up(b) for b in layer_b],
+            "end_to_end_bound": claim_up(e_l),
+            "theorem_5_7_violations": sum(1 for us, rhs, dom in stored_form_terms(units, state, req.c)
+                                          if dom or (us[0].kv == "K" and eps < rhs)),
+        },
+    }
+    return plan

@@ -1,0 +1,170 @@
+"""One function per planning mode: each returns the chain index of every unit and the plan's ``mode``.
+
+* fixed formats (``--uniform``, ``assign``): the formats given, checked against the format table;
+* ``--avg-bits B``: the longest prefix of the greedy sequence whose average bits are <= B;
+* ``--eps`` (and ``--eps-target``): per (layer, KV head) the shortest prefix of its own greedy sequence
+  with E_h <= eps, then the shortest global prefix with e_L <= eps_target; each unit takes the highest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.bound import exact_end_to_end, exact_head_error, exact_layer_bound
+from ..core.formats import by_name
+from ..core.numbers import dec_up, fmt_number
+from ..errors import InvalidArgument, PlanInfeasible
+from .request import PlanRequest, parse_uniform, uniform_format
+from .search import GreedySearch, average_bits
+
+
+@dataclass
+class Planning:
+    """What the modes share: the units, their per-head exact inputs and weights, the layers' gains and
+    the two greedy searches (the objective's and the end-to-end one)."""
+
+    req: PlanRequest
+    units: list
+    meta: dict
+    by_head: dict              # (layer, head) -> [Unit]
+    exact_heads: dict          # (layer, head) -> HeadInputs
+    weights: dict              # (layer, head) -> o_norm sqrt(G) (float)
+    onorm: list
+    lipschitz: list
+    mlp_gains: list
+    query_group: int
+    search: GreedySearch
+    search_end_to_end: GreedySearch
+    amplification_end_to_end: list
+    sqrt_t: float
+
+    def exact_bound(self, state):
+        """(per-layer bounds, e_L) of the plan that gives unit i the format ``chain[state[i]]``."""
+        layer_b = []
+        n_l = len(self.onorm)
+        for li in range(n_l):
+            errs = []
+            for h in range(len(self.onorm[li])):
+                us = self.by_head[(li, h)]
+                fk = {u.seg: u.chain[state[u.idx]] for u in us if u.kv == "K"}
+                fv = {u.seg: u.chain[state[u.idx]] for u in us if u.kv == "V"}
+                errs.append(exact_head_error(self.exact_heads[(li, h)], fk, fv))
+            layer_b.append(exact_layer_bound(errs, self.onorm[li], self.query_group))
+        return layer_b, exact_end_to_end(layer_b, self.lipschitz, self.meta["max_seq_len"], self.mlp_gains)
+
+    def float_bound(self, state) -> float:
+        return self.sqrt_t * sum(self.amplification_end_to_end[lh[0]] * self.weights[lh]
+                                 * self.search_end_to_end.head_error(lh, state) for lh in self.by_head)
+
+
+def fixed_formats(req: PlanRequest, table: dict):
+    """unit -> its format for ``--uniform`` / ``assign`` plans (None for searched plans)."""
+    if req.uniform is not None:
+        sel = parse_uniform(req.uniform)
+        for key, name in sel.items():
+            f = by_name(name)
+            if f.name not in table:
+                raise InvalidArgument(f"--uniform {name!r} is not in this model's format table: {sorted(table)}")
+            if f.granularity == "channel" and not (key == "rest" or key.endswith(".rest")):
+                raise InvalidArgument(f"--uniform {f.name}: channel-grouped formats cannot hold the sink or the recent "
+                                      "window (tokens arrive one at a time); use a per-token or float format, or "
+                                      f"give it for the rest only ({'K.rest' if key in ('*', 'K') else key}={f.name})")
+
+        def uniform(u):
+            return table[by_name(uniform_format(sel, u.kv, u.seg)).name]
+        return uniform
+    if req.assign is not None:
+        given = {}
+        for item in req.assign:
+            layer, head, kv, seg, name = item
+            if name not in table:
+                raise InvalidArgument(f"assign: {name!r} is not in this model's format table: {sorted(table)}")
+            given[(int(layer), int(head), kv, seg)] = table[name]
+
+        def assigned(u):
+            try:
+                f = given[(u.layer, u.head, u.kv, u.seg)]
+            except KeyError:
+                raise InvalidArgument(f"assign: no format for layer {u.layer} head {u.head} {u.kv} {u.seg}") from None
+            if f.granularity == "channel" and u.seg != "rest":
+                raise InvalidArgument(f"assign: channel-grouped {f.name} for {u.seg} (rest only)")
+            return f
+        return assigned
+    return None
+
+
+def fixed_state(ctx: Planning):
+    """``--uniform`` / ``assign``: every chain holds the one given format."""
+    req = ctx.req
+    if req.uniform is not None:
+        return [0] * len(ctx.units), {"kind": "uniform", "value": req.uniform}
+    return [0] * len(ctx.units), {"kind": "assigned", "value": f"{len(req.assign)} units"}
+
+
+def avg_bits_state(ctx: Planning, start: list):
+    """``--avg-bits``: the longest prefix of the objective's greedy sequence from ``start`` (the Theorem
+    5.7 minima) whose average bits are <= the budget."""
+    req, units = ctx.req, ctx.units
+    if average_bits(units, start) > req.avg_bits:
+        raise PlanInfeasible(f"--avg-bits {fmt_number(req.avg_bits)} is below the cheapest plan allowed "
+                             f"({'by Theorem 5.7 at --eps ' + fmt_number(req.eps) if req.eps else 'by the formats'}): "
+                             f"{float(average_bits(units, start)):.4f} bits per element")
+    state = list(start)
+    for i, j in ctx.search.sequence(start):
+        old = state[i]
+        state[i] = j
+        if average_bits(units, state) > req.avg_bits:
+            state[i] = old
+            break
+    return state, {"kind": "avg_bits", "value": fmt_number(req.avg_bits)}
+
+
+def eps_state(ctx: Planning, theorem_minima: list):
+    """``--eps`` (with ``--eps-target``): the Theorem 5.7 minima, raised until every head's E_h <= eps
+    and, with a target, e_L <= eps_target."""
+    req, units = ctx.req, ctx.units
+    search = ctx.search_end_to_end
+    bottom = [0] * len(units)
+    # the first-order attention-output error of every (layer, head) must also be <= eps: this is
+    # what limits values (kappa = 0); per head, the shortest prefix of its own greedy sequence
+    head_budget = list(bottom)
+    for lh, us in ctx.by_head.items():
+        moves = search.head_sequence(lh, bottom)
+        state = list(bottom)
+        k = 0
+        while True:
+            fk = {u.seg: u.chain[state[u.idx]] for u in us if u.kv == "K"}
+            fv = {u.seg: u.chain[state[u.idx]] for u in us if u.kv == "V"}
+            if search.head_error(lh, state) <= float(req.eps) * (1 - 1e-9) or k >= len(moves):
+                e_exact = exact_head_error(ctx.exact_heads[lh], fk, fv)
+                if e_exact <= req.eps:
+                    break
+                if k >= len(moves):
+                    raise PlanInfeasible(
+                        f"--eps {fmt_number(req.eps)}: the attention-output error bound of layer {lh[0]} "
+                        f"KV head {lh[1]} is at least {dec_up(float(e_exact), 4)} with the finest formats")
+            i, j = moves[k]
+            state[i] = j
+            k += 1
+        for u in us:
+            head_budget[u.idx] = state[u.idx]
+    thm = [max(a, b) for a, b in zip(theorem_minima, head_budget)]
+    state = list(thm)
+    if req.eps_target is not None:
+        budget = list(bottom)
+        moves = search.sequence(bottom)
+        k = 0
+        while True:
+            final = [max(a, b) for a, b in zip(thm, budget)]
+            if ctx.float_bound(budget) <= float(req.eps_target) * (1 - 1e-9) or k >= len(moves):
+                if ctx.exact_bound(final)[1] <= req.eps_target:
+                    break
+                if k >= len(moves):
+                    raise PlanInfeasible(
+                        f"--eps-target {fmt_number(req.eps_target)} is below the smallest end-to-end bound "
+                        f"these formats reach: {dec_up(float(ctx.exact_bound(final)[1]), 4)}")
+            i, j = moves[k]
+            budget[i] = j
+            k += 1
+        state = final
+    return state, {"kind": "eps", "value": fmt_number(req.eps)}

@@ -1,0 +1,94 @@
+"""What the user asks for: ``PlanRequest`` (mode, eps, rule, objective) and the ``--uniform`` spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from ..core.numbers import fmt_number
+from ..core.semantics import SEGMENTS
+from ..errors import InvalidArgument
+
+BUDGET_SPLIT = {
+    "end_to_end": "greedy: largest reduction of the end-to-end bound per added cache bit, over all "
+                  "(layer, KV head, K|V, segment) units",
+    "layers": "greedy: largest reduction of the sum of the per-layer first-order attention-output bounds "
+              "(no downstream amplification) per added cache bit, over all (layer, KV head, K|V, segment) units",
+    "linear": "greedy: largest reduction of the sum over layers of the bounds' first-order Taylor terms "
+              "(sum dV A + (m + M) B, no exponential) per added cache bit, over all (layer, KV head, K|V, segment) "
+              "units",
+}
+OBJECTIVES = tuple(BUDGET_SPLIT)
+EPS_SPLIT = ("Theorem 5.7 per key segment; per (layer, KV head) the shortest prefix of its greedy sequence "
+             "(largest reduction of its bound E_h per added bit) with E_h <= eps; each unit takes the highest.")
+ASSIGNED = "explicit per-unit formats given by the caller"
+UNIFORM_KEYS = {"K", "V", "sink", "recent", "rest"} | {f"{kv}.{s}" for kv in "KV" for s in SEGMENTS}
+
+
+
+def parse_uniform(spec: str) -> dict:
+    """``--uniform`` spec -> {selector: format name}. A bare format is the default; ``K=``, ``V=``,
+    ``rest=``, ``K.rest=`` ... override it (most specific wins: K.rest > K > rest > default). Example,
+    KIVI-style: ``fp16,K.rest=int4_c32,V.rest=int4_t64`` with ``--sink 0 --recent 128``."""
+    out: dict = {}
+    for item in (x.strip() for x in str(spec).split(",")):
+        if not item:
+            raise InvalidArgument(f"--uniform {spec!r}: empty item")
+        key, _, name = item.rpartition("=")
+        key = key.strip() or "*"
+        if key != "*" and key not in UNIFORM_KEYS:
+            raise InvalidArgument(f"--uniform {spec!r}: unknown selector {key!r} (use K, V, sink, recent, rest or "
+                                  "K.rest style)")
+        if key in out:
+            raise InvalidArgument(f"--uniform {spec!r}: {key!r} given twice")
+        out[key] = name.strip()
+    if "*" not in out and not all(f"{kv}.{s}" in out or kv in out or s in out for kv in "KV" for s in SEGMENTS):
+        raise InvalidArgument(f"--uniform {spec!r}: give a default format (a bare name) or cover every K/V segment")
+    return out
+
+
+def uniform_format(sel: dict, kv: str, seg: str) -> str:
+    for key in (f"{kv}.{seg}", kv, seg, "*"):
+        if key in sel:
+            return sel[key]
+    raise AssertionError("parse_uniform guarantees a default")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    eps: Fraction | None = None
+    eps_target: Fraction | None = None
+    avg_bits: Fraction | None = None
+    uniform: str | None = None
+    c: Fraction = Fraction(4)
+    sink: int = 4
+    recent: int = 64
+    lipschitz_margin: Fraction = Fraction(11, 10)
+    curvature: str | None = None          # None: the report's choice
+    max_seq_len: int | None = None
+    objective: str = "linear"             # what --avg-bits' greedy sequence lowers
+    assign: tuple | None = None           # ((layer, head, "K"|"V", segment, format), ...): explicit plans
+
+    def validate(self) -> None:
+        modes = [x is not None for x in (self.eps, self.avg_bits, self.uniform, self.assign)]
+        if not any(modes):
+            raise InvalidArgument("give --eps, --avg-bits or --uniform")
+        fixed = self.uniform is not None or self.assign is not None
+        if fixed and (self.avg_bits is not None or self.eps_target is not None):
+            raise InvalidArgument("--uniform cannot be combined with --avg-bits or --eps-target")
+        if self.uniform is not None and self.assign is not None:
+            raise InvalidArgument("uniform and assign are exclusive")
+        if self.objective not in OBJECTIVES:
+            raise InvalidArgument(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.eps is not None and self.eps <= 0:
+            raise InvalidArgument(f"--eps must be > 0, got {fmt_number(self.eps)}")
+        if self.eps_target is not None and self.eps_target <= 0:
+            raise InvalidArgument(f"--eps-target must be > 0, got {fmt_number(self.eps_target)}")
+        if self.avg_bits is not None and self.avg_bits <= 0:
+            raise InvalidArgument(f"--avg-bits must be > 0, got {fmt_number(self.avg_bits)}")
+        if self.c <= 0:
+            raise InvalidArgument(f"--c must be > 0, got {fmt_number(self.c)}")
+        if self.lipschitz_margin < 1:
+            raise InvalidArgument(f"--lipschitz-margin must be >= 1, got {fmt_number(self.lipschitz_margin)}")
+        if self.curvature not in (None, "exact", "seed"):
+            raise InvalidArgument(f"--curvature must be exact or seed, got {self.curvature!r}")

@@ -1,0 +1,127 @@
+"""The greedy search's float twins of the exact bounds (docs/design.md §2.4): they only order the
+moves; every decision the planner keeps is re-checked with the exact bound (``hnfverify.core.bound``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .units import unit_bits
+
+
+@dataclass(frozen=True)
+class FloatHead:
+    tau: float
+    q_max: float
+    segs: tuple
+    mass_alpha: tuple
+    mass_avo: tuple
+
+
+def float_head_error(fh: FloatHead, dk: tuple, dv: tuple) -> float:
+    """dk, dv: per-segment error bounds (floats) in fh.segs order."""
+    m = [fh.tau * fh.q_max * x for x in dk]
+    big = max(m) if m else 0.0
+    total = 0.0
+    for i in range(len(fh.segs)):
+        e = math.exp(min(m[i] + big, 700.0))
+        total += e * dv[i] * fh.mass_alpha[i] + (e - 1.0) * fh.mass_avo[i]
+    return total
+
+
+def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
+    """The bound's first-order Taylor term in the errors (exp(x) -> 1 + x, dV * dK dropped):
+    sum dV A + (m + M) B. Not a bound; the planner's ``--objective linear`` ranks moves by it."""
+    m = [fh.tau * fh.q_max * x for x in dk]
+    big = max(m) if m else 0.0
+    return sum(dv[i] * fh.mass_alpha[i] + (m[i] + big) * fh.mass_avo[i] for i in range(len(fh.segs)))
+
+
+class GreedySearch:
+    """Float twin of the exact bound for the greedy sequence."""
+
+    def __init__(self, units, heads, weights, amp, linear=False):
+        self.units = units
+        self.err_fn = float_head_linear if linear else float_head_error
+        self.by_lh: dict = {}
+        for i, u in enumerate(units):
+            self.by_lh.setdefault((u.layer, u.head), []).append(i)
+        self.heads = heads                  # (l, h) -> FloatHead
+        self.w = weights                    # (l, h) -> o_norm sqrt(G) (float)
+        self.amp = amp                      # layer -> P_l (float)
+        self.errf = [[float(e) for e in u.errors] for u in units]
+        self.slope = [u.slopes for u in units]
+        self.bits = [[float(unit_bits(u, f)) for f in u.chain] for u in units]
+        self.length = [1 for u in units]          # bits above are already per segment
+
+    def head_error(self, lh, state) -> float:
+        fh = self.heads[lh]
+        idx = self.by_lh[lh]
+        out = []
+        for kv in ("K", "V"):
+            e = {}
+            for i in idx:
+                u = self.units[i]
+                if u.kv == kv:
+                    e[u.seg] = (self.errf[i][state[i]], self.slope[i][state[i]])
+            err = {sg: v[0] for sg, v in e.items() if sg != "rest"}
+            if "rest" in e:
+                prior = err.get("recent", 0.0)
+                err["rest"] = e["rest"][0] + e["rest"][1] * prior
+            out.append(tuple(err[sg] for sg in fh.segs))
+        return self.err_fn(fh, out[0], out[1])
+
+    def best_move(self, lh, state, cur_err):
+        best = None
+        scale = self.amp[lh[0]] * self.w[lh]
+        for i in self.by_lh[lh]:
+            for j in range(state[i] + 1, len(self.units[i].chain)):
+                old = state[i]
+                state[i] = j
+                e = self.head_error(lh, state)
+                state[i] = old
+                gain = scale * (cur_err - e)
+                cost = (self.bits[i][j] - self.bits[i][old]) * self.length[i]
+                if gain <= 0 or cost <= 0:
+                    continue
+                score = gain / cost
+                if best is None or score > best[0]:
+                    best = (score, i, j, e)
+        return best
+
+    def head_sequence(self, lh, start):
+        """Greedy moves within one (layer, head) from ``start`` until none lowers its error."""
+        state = list(start)
+        err = self.head_error(lh, state)
+        moves = []
+        while True:
+            c = self.best_move(lh, state, err)
+            if c is None:
+                return moves
+            _, i, j, err = c
+            state[i] = j
+            moves.append((i, j))
+
+    def sequence(self, start):
+        """Greedy moves from ``start`` until no move lowers the bound: [(unit, new index)]."""
+        state = list(start)
+        errs = {lh: self.head_error(lh, state) for lh in self.by_lh}
+        cand = {lh: self.best_move(lh, state, errs[lh]) for lh in self.by_lh}
+        moves = []
+        while True:
+            live = [(c[0], lh) for lh, c in cand.items() if c is not None]
+            if not live:
+                break
+            _, lh = max(live, key=lambda x: (x[0], -x[1][0], -x[1][1]))
+            _, i, j, e = cand[lh]
+            state[i] = j
+            errs[lh] = e
+            moves.append((i, j))
+            cand[lh] = self.best_move(lh, state, errs[lh])
+        return moves
+
+
+def average_bits(units, state) -> Fraction:
+    tot = sum(u.length for u in units)
+    return sum((unit_bits(u, u.chain[s]) for u, s in zip(units, state)), Fraction(0)) / tot
