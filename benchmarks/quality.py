@@ -193,7 +193,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from hnfverify.evaluation.evaluate import evaluate_methods, plan_method
+    from hnfverify.evaluation import evaluate_methods, plan_method
     from hnfverify.kv.cache import MixedPrecisionCache
     from hnfverify.models import load_model
     from hnfverify.evaluation.quanto import quanto_cache, quanto_method

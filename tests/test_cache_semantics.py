@@ -183,7 +183,7 @@ def test_sequences_past_max_seq_len_are_refused_or_marked():
 
 def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
     """The planner's claim, the accounting and the cache's real bytes agree (docs/design.md §4)."""
-    from hnfverify.evaluation.evaluate import accounted_bytes, _accounting_units
+    from hnfverify.evaluation import accounted_bytes, accounting_units
 
     for spec, s, r in (("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16)):
         plan = synthetic_plan(uniform=spec, sink=s, recent=r)
@@ -191,7 +191,7 @@ def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
         cache = MixedPrecisionCache.from_plan(plan)
         for li in range(n_l):
             cache.update(X[:, :, :30], X[:, :, :30], li)
-        units = _accounting_units(plan)
+        units = accounting_units(plan)
         assert cache.nbytes() == accounted_bytes(units, D, 30), spec
         for i in range(30, 64):
             for li in range(n_l):

@@ -18,7 +18,7 @@ import torch
 
 from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.errors import UnsupportedModel
-from hnfverify.evaluation.evaluate import WindowStats, evaluate, head_bounds, plan_attention
+from hnfverify.evaluation import WindowStats, evaluate, head_bounds, plan_attention
 from hnfverify.models import ByteTokenizer, LoadedModel
 from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.analysis.report import load, save

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hnfverify.analysis.analyzer import AnalysisOptions, analyze
-from hnfverify.evaluation.evaluate import WindowStats, head_bounds, plan_attention
+from hnfverify.evaluation import WindowStats, head_bounds, plan_attention
 from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.models import tiny_model
 from hnfverify.planning import PlanRequest, plan_from_report
@@ -140,10 +140,10 @@ def test_eval_and_generate_commands(tiny, tmp_path):
 
 
 def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):
-    from hnfverify.evaluation.evaluate import _accounting_units, accounted_bytes
+    from hnfverify.evaluation import accounting_units, accounted_bytes
 
     plan = _plan(tiny, avg_bits=Fraction(6))
-    units = _accounting_units(plan)
+    units = accounting_units(plan)
     t = plan["max_seq_len"]
     assert accounted_bytes(units, plan["shape"]["head_dim"], t) == \
         int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])) // 8

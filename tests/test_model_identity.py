@@ -18,7 +18,7 @@ import torch
 from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.cli import run
 from hnfverify.errors import InvalidArgument
-from hnfverify.evaluation.evaluate import evaluate
+from hnfverify.evaluation import evaluate
 from hnfverify.models import tiny_model
 from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.analysis.report import load, save

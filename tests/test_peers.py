@@ -5,9 +5,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.quanto")
 
-from hnfverify.evaluation.evaluate import WindowStats  # noqa: E402
+from hnfverify.evaluation import WindowStats  # noqa: E402
 from hnfverify.models import tiny_model  # noqa: E402
-from hnfverify.evaluation.quanto import _packed_nbytes, quanto_cache, quanto_method  # noqa: E402
+from hnfverify.evaluation.quanto import packed_nbytes, quanto_cache, quanto_method  # noqa: E402
 
 
 @pytest.mark.parametrize("nbits", [2, 4])
@@ -37,6 +37,6 @@ def test_quanto_emulation_equals_real_quantized_cache_decoding(nbits):
     # real bytes: the cache's quantized tensors and its residual, as the emulation counts them
     real = 0
     for layer in cache.layers:
-        real += _packed_nbytes(layer._quantized_keys) + _packed_nbytes(layer._quantized_values)
+        real += packed_nbytes(layer._quantized_keys) + packed_nbytes(layer._quantized_values)
         real += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
     assert m.nbytes(st, t_len) == real

@@ -13,15 +13,12 @@ registries are restored in ``finally``. Importing this module changes nothing.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..errors import ModelError, UnsupportedModel
-
-_counter = itertools.count()
-
+from .routing import routed_attention
 
 @dataclass
 class AttentionCall:
@@ -78,8 +75,8 @@ def instrument(model, sink: Callable[[AttentionCall], None]) -> Iterator[None]:
 
     The model computes exactly what it computes without instrumentation (same function, same mask).
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     mods = attention_modules(model)
     if not mods:
@@ -96,8 +93,6 @@ def instrument(model, sink: Callable[[AttentionCall], None]) -> Iterator[None]:
         raise UnsupportedModel(f"attention implementation {orig_name!r} is not a registered attention function")
     if orig_name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         raise UnsupportedModel(f"attention implementation {orig_name!r} has no mask function to mirror")
-    name = f"hnfverify_capture_{next(_counter)}"
-
     def target(module):
         if orig_name == "eager":
             fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -119,12 +114,5 @@ def instrument(model, sink: Callable[[AttentionCall], None]) -> Iterator[None]:
         sink(AttentionCall(int(module.layer_idx), module, query, key, value, attention_mask, float(scaling), extra))
         return out
 
-    AttentionInterface.register(name, wrapper)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig_name])
-    config._attn_implementation = name
-    try:
+    with routed_attention(model, wrapper, mask=orig_name, prefix="hnfverify_capture"):
         yield
-    finally:
-        config._attn_implementation = orig_name
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from .routing import routed_attention
+
 
 @dataclass(frozen=True)
 class LipschitzEstimate:
@@ -73,7 +75,6 @@ def capture_block_inputs(model, blocks: dict):
     """
     captured: dict = {}
     handles = []
-    orig_impl = model.config._attn_implementation
 
     def make(idx):
         def hook(module, args, kwargs):
@@ -81,15 +82,14 @@ def capture_block_inputs(model, blocks: dict):
                 captured[idx] = (tuple(a.detach() if hasattr(a, "detach") else a for a in args), dict(kwargs))
         return hook
 
-    try:
-        model.config._attn_implementation = "eager"
-        for idx, mod in blocks.items():
-            handles.append(mod.register_forward_pre_hook(make(idx), with_kwargs=True))
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-        model.config._attn_implementation = orig_impl
+    with routed_attention(model, "eager"):
+        try:
+            for idx, mod in blocks.items():
+                handles.append(mod.register_forward_pre_hook(make(idx), with_kwargs=True))
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
@@ -112,15 +112,9 @@ def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int 
 
     config = getattr(block, "config", None) or next((m.config for m in block.modules()
                                                      if getattr(m, "config", None) is not None), None)
-    orig_impl = config._attn_implementation if config is not None else None
-    try:
-        if config is not None:
-            config._attn_implementation = "eager"
-        with torch.enable_grad():
-            return jacobian_norm(fn, x0.detach().to(torch.float32), iters=iters, seed=seed)
-    finally:
-        if config is not None:
-            config._attn_implementation = orig_impl
+    eager = routed_attention(None, "eager", config=config) if config is not None else contextlib.nullcontext()
+    with eager, torch.enable_grad():
+        return jacobian_norm(fn, x0.detach().to(torch.float32), iters=iters, seed=seed)
 
 
 # --------------------------------------------------------------------------- the rest of the block (its MLP)

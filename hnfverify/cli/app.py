@@ -306,7 +306,7 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
     if args.eval_windows:
         _set_threads(args.threads)
         _quiet_transformers()
-        from ..evaluation.evaluate import evaluate
+        from ..evaluation import evaluate
         from ..models import load_model
 
         lm = load_model(args.model, verbose=False)
@@ -602,7 +602,7 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
     plan = load_plan(args.plan)
     _set_threads(args.threads)
     _quiet_transformers()
-    from ..evaluation.evaluate import evaluate
+    from ..evaluation import evaluate
     from ..models import check_plan_matches_model, load_model
 
     lm = load_model(args.model, verbose=not args.quiet)

@@ -15,18 +15,20 @@ token-by-token decoding through a real ``QuantizedCache``.
 
 from __future__ import annotations
 
-from .evaluate import Method, WindowStats, route_attention
+from ..analysis.routing import routed_attention
+from .attention import WindowStats
+from .method import Method
 
 
-def _packed_nbytes(t) -> int:
+def packed_nbytes(t) -> int:
     """Real bytes of a (possibly nested quanto) tensor subclass: the sum over its inner plain tensors."""
     flat = getattr(t, "__tensor_flatten__", None)
     if flat is None:
         return t.numel() * t.element_size()
-    return sum(_packed_nbytes(getattr(t, n)) for n in flat()[0])
+    return sum(packed_nbytes(getattr(t, n)) for n in flat()[0])
 
 
-def _epoch_attention(query, keys_of, values_of, starts, t_len, scaling, bias):
+def epoch_attention(query, keys_of, values_of, starts, t_len, scaling, bias):
     """The model's attention (additive mask ``bias`` (B|1, Hq|1, T, T), see
     :func:`hnfverify.analysis.analyzer.attention_bias`) where queries in [starts[k], starts[k+1]) see keys_of(k) /
     values_of(k) (each (B, Hkv, T, D)). Returns (B, T, Hq, D)."""
@@ -95,11 +97,11 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
                     b = e
             # for nbytes at any length n: the layer (its quantizer), the shape and the prefill length
             st.kv[int(module.layer_idx)] = (layer, tuple(key.shape[:2]) + (key.shape[3],), key.dtype, prefix)
-            out = _epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau,
+            out = epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau,
                                    bias)
             return out, None
 
-        return route_attention(model, attn, "hnfverify_peer")
+        return routed_attention(model, attn, prefix="hnfverify_peer")
 
     def nbytes(st: WindowStats, n: int) -> int:
         import torch
@@ -110,8 +112,8 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
             key = (b, h, d, dtype, n_q)
             if key not in qbytes:                           # the byte count does not depend on the values
                 z = torch.ones(b, h, n_q, d, dtype=dtype)
-                qbytes[key] = _packed_nbytes(layer._quantize(z, axis=axis_key)) + \
-                    _packed_nbytes(layer._quantize(z, axis=axis_value))
+                qbytes[key] = packed_nbytes(layer._quantize(z, axis=axis_key)) + \
+                    packed_nbytes(layer._quantize(z, axis=axis_value))
             total += qbytes[key] + 2 * b * h * d * (n - n_q) * torch.empty((), dtype=dtype).element_size()
         return total
 
@@ -119,7 +121,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
 
     return Method(name or f"quanto-int{nbits}", context, nbytes,
                   protocol=f"teacher-forced emulation of transformers QuantizedCache(backend='quanto', nbits={nbits}, "
-                           f"residual_length={residual}, q_group_size={group}) (hnfverify.evaluation.quanto)")
+                           f"residual_length={residual}, q_group_size={group}) (hnfverify.peers)")
 
 
 def quanto_cache(config, nbits: int, residual: int = 128, group: int = 64):

@@ -1,0 +1,53 @@
+"""Bytes of a plan cache: the real packed bytes of a window's K/V, and the accounting of docs/design.md §4."""
+
+from __future__ import annotations
+
+from .attention import plan_rules
+
+
+def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
+    """Bytes of the packed cache holding the window's K/V at length t_len, as a plan cache stores them
+    after one-token steps (``semantics.stored_counts``), quantized for real: values, scales,
+    zero-points, FP32 pending positions."""
+    from ..kv.quant import quantize
+    from ..core.semantics import stored_counts
+
+    rules = plan_rules(plan)
+    total = 0
+    for li, (k, v) in kv.items():
+        for h in range(k.shape[1]):
+            for x, rule in zip((k[0, h].float(), v[0, h].float()), rules[(li, h)]):
+                c = stored_counts(rule, t_len)
+                f = rule.formats
+                s, n_rest = c["sink"], c["rest"]
+                if s:
+                    total += quantize(x[:s], f["sink"]).nbytes
+                if rule.channel_group is None:
+                    if n_rest:
+                        total += quantize(x[s:s + n_rest], f["rest"]).nbytes
+                else:
+                    lo = s
+                    for m in c["rest_groups"]:
+                        total += quantize(x[lo:lo + m], f["rest"], group_tokens=m).nbytes
+                        lo += m
+                total += c["pending"] * x.shape[1] * 4
+                if c["recent"]:
+                    total += quantize(x[t_len - c["recent"]:t_len], f["recent"]).nbytes
+    return total
+
+
+def accounting_units(plan: dict) -> list:
+    """The StreamRule of every (layer, KV head, K|V) of a rule plan."""
+    return [r for rules in plan_rules(plan).values() for r in rules]
+
+
+def accounted_bytes(units: list, d: int, n: int) -> int:
+    """Bytes of a plan cache holding n positions by the accounting of docs/design.md §4 (the planner's
+    claims use the same; the cache's real packed bytes agree, tests/test_cache_semantics.py)."""
+    from ..core.semantics import SEGMENTS, segment_bits, stored_counts
+
+    bits = 0
+    for rule in units:
+        c = stored_counts(rule, n)
+        bits += sum(segment_bits(rule.formats[seg], seg, c, d) for seg in SEGMENTS)
+    return int(bits) // 8
