@@ -106,3 +106,9 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and atomically move the result onto ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def shown_path(path) -> str:
+    """A path for a message: repr (control characters and surrogates escaped), long ones shortened."""
+    path = str(path)
+    return repr(path) if len(path) <= 200 else repr(path[:120] + "..." + path[-40:]) + f" ({len(path)} characters)"

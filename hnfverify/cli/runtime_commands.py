@@ -1,0 +1,85 @@
+"""``hnfverify eval`` and ``generate``: the plan's cache on a real model."""
+
+from __future__ import annotations
+
+import json
+import time
+from fractions import Fraction
+from typing import TextIO
+
+from ..errors import EXIT_OK, InvalidArgument
+from .options import quiet_transformers, set_threads
+from .render import print_eval
+
+
+def cmd_eval(args, out: TextIO, err: TextIO) -> int:
+    from ..errors import EXIT_VIOLATED
+    from ..core.plan import load_plan
+
+    if args.windows <= 0 or args.prefix <= 0 or args.scored <= 0:
+        raise InvalidArgument("--windows, --prefix and --scored must be positive")
+    texts = args.text or ["prose", "code"]
+    for t in texts:
+        if t not in ("prose", "code"):
+            raise InvalidArgument(f"--text must be prose or code (the evaluation splits), got {t!r}")
+    plan = load_plan(args.plan)
+    set_threads(args.threads)
+    quiet_transformers()
+    from ..evaluation import evaluate
+    from ..models import check_plan_matches_model, load_model
+
+    lm = load_model(args.model, verbose=not args.quiet)
+    check_plan_matches_model(plan, lm.model)            # before the evaluation's long passes
+    rows = [evaluate(lm, plan, t, windows=args.windows, prefix=args.prefix, scored=args.scored,
+                     progress=not args.quiet and err.isatty()) for t in texts]
+    if args.format == "json":
+        for r in rows:
+            out.write(json.dumps(r, sort_keys=True) + "\n")
+    else:
+        print_eval(rows, plan, out)
+    bad = sum(r["bound_violations"] + r["end_to_end_violations"] for r in rows)
+    if bad:
+        print(f"hnfverify eval: {bad} CERTIFIED BOUND(S) EXCEEDED - the plan's claim does not stand", file=err)
+        return EXIT_VIOLATED
+    return EXIT_OK
+
+
+def cmd_generate(args, out: TextIO, err: TextIO) -> int:
+    from ..core.plan import load_plan
+
+    plan = load_plan(args.plan)
+    if args.max_new_tokens <= 0:
+        raise InvalidArgument(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    set_threads(args.threads)
+    quiet_transformers()
+    import torch
+
+    from ..kv.cache import MixedPrecisionCache
+    from ..models import load_model
+
+    lm = load_model(args.model, verbose=False)
+    cache = MixedPrecisionCache.from_plan(plan, lm.model, on_overflow=args.on_overflow)  # weights, config, shape, tau
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None) and not args.raw:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = args.prompt
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seq = lm.model.generate(**enc, cache=cache, max_new_tokens=args.max_new_tokens,
+                                do_sample=args.sample, pad_token_id=tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = seq[0, enc["input_ids"].shape[1]:]
+    out.write(tok.decode(new, skip_special_tokens=True).strip() + "\n")
+    n_pos = cache.get_seq_length()
+    print(f"[{len(new)} tokens in {dt:.1f} s; cache {cache.nbytes() / 1024:.1f} KiB for {n_pos} positions = "
+          f"{cache.nbytes() * 8 / max(1, 2 * plan['shape']['layers'] * plan['shape']['kv_heads'] * n_pos * plan['shape']['head_dim']):.2f} "
+          f"bits per element; plan avg {float(Fraction(plan['claims']['avg_bits'])):.2f} at {plan['max_seq_len']}]",
+          file=err)
+    if not cache.certified:
+        print(f"UNCERTIFIED: the sequence grew to {n_pos} positions, past the plan's max_seq_len "
+              f"{plan['max_seq_len']}; the plan's bounds do not cover this output", file=err)
+    return EXIT_OK
