@@ -36,3 +36,16 @@ class UnsupportedModel(ModelError):
 
 class PlanInfeasible(HnfError):
     """No plan satisfies the request (exit code 2): the message says what the best achievable is."""
+
+
+class PlanError(InputError):
+    """An invalid plan file. ``problems`` lists every (json path, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.problems = problems
+        head = f"plan {source!r} is invalid ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"
+        shown = problems[:50]
+        lines = [f"  {p}: {m}" for p, m in shown]
+        if len(problems) > len(shown):
+            lines.append(f"  ... and {len(problems) - len(shown)} more")
+        super().__init__("\n".join([head] + lines))

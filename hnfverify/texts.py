@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .core.vocabulary import Corpus
 from .errors import InputError, InvalidArgument
 
-CORPORA = ("prose", "code")
+CORPORA = Corpus.values()
 SPLITS = ("calib", "eval")
 
 

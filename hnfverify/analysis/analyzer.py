@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 
 from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stats, seed_curvature
+from ..core.vocabulary import Curvature
 from ..errors import InvalidArgument, ModelError
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
 from ..texts import TokenWindows
 
-CURVATURES = ("exact", "seed")
+CURVATURES = Curvature.values()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import os
 import time
 from typing import TextIO
 
+from ..core.vocabulary import Corpus
 from ..errors import EXIT_OK, InvalidArgument
 from .options import quiet_transformers, set_threads
 from .render import print_analysis
@@ -29,7 +30,7 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
     if args.plan:
         plan_request(args).validate()
     # cheap checks first: the calibration source must exist before the model is loaded
-    if args.calib not in ("prose", "code") and not os.path.isfile(args.calib):
+    if args.calib not in Corpus.values() and not os.path.isfile(args.calib):
         from ..errors import InputError
 
         raise InputError(f"--calib {args.calib!r}: no such file (built-in corpora: prose, code)")

@@ -12,10 +12,10 @@ from .options import check_output_target, check_timeouts
 
 def cmd_check(args, out: TextIO, err: TextIO) -> int:
     from .. import __version__
-    from ..errors import EXIT_UNDECIDED, EXIT_VIOLATED, InputError
+    from ..errors import InputError
     from ..io import write_bytes_atomic
     from ..core.plan import load_plan, plan_sha256
-    from ..core.verify import PROVED, REFUTED
+    from ..core.verify import PROVED, Verdict
     from ..core.verify import certificate, outputs
     from ..core.verify.obligations import CheckOptions, check_plan
 
@@ -71,9 +71,7 @@ def cmd_check(args, out: TextIO, err: TextIO) -> int:
         out.write(outputs.text(result, args.plan, sha, cert_path).splitlines()[-1 if cert_path is None else -2] + "\n")
     else:
         out.write(render)
-    if verdict == PROVED:
-        return EXIT_OK
-    return EXIT_VIOLATED if verdict == REFUTED else EXIT_UNDECIDED
+    return Verdict(verdict).exit_code
 
 
 def key_positions(plan):

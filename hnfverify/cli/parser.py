@@ -11,6 +11,7 @@ import os
 import sys
 from typing import TextIO
 
+from ..core.vocabulary import Corpus, Curvature, Objective, Solver
 from ..errors import EXIT_INTERNAL, EXIT_USAGE, HnfError, InvalidArgument
 from .options import MAX_TIMEOUT_MS, MAX_WALL_TIMEOUT_S, milliseconds_arg, positive_int_arg, seconds_arg
 from .analysis_commands import cmd_analyze, cmd_fetch_model, cmd_inspect, cmd_splits
@@ -26,14 +27,14 @@ def add_plan_options(p) -> None:
     g.add_argument("--avg-bits", help="memory budget: average bits per element, overhead included")
     g.add_argument("--uniform", help="fixed formats (baselines): one format, e.g. int4_t64, or per K/V/segment "
                    "overrides, e.g. fp16,K.rest=int4_c32,V.rest=int4_t64 (KIVI-style with --sink 0 --recent 128)")
-    g.add_argument("--objective", choices=("linear", "layers", "end_to_end"), default="linear",
+    g.add_argument("--objective", choices=Objective.values(), default=Objective.LINEAR.value,
                    help="what --avg-bits' greedy lowers: the first-order terms of the per-layer attention bounds "
                         "(default), the per-layer bounds themselves, or the end-to-end composition bound")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=positive_int_arg("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=positive_int_arg("--recent"), default=64, help="recent window length")
     g.add_argument("--lipschitz-margin", default="1.1", help="factor applied to the measured block Lipschitz estimates")
-    g.add_argument("--plan-curvature", choices=("exact", "seed"), default=None,
+    g.add_argument("--plan-curvature", choices=Curvature.values(), default=None,
                    help="override the report's curvature for planning (ablation)")
     g.add_argument("--max-seq-len", type=positive_int_arg("--max-seq-len"), default=None)
 
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="plan.json")
     pl.add_argument("--json", action="store_true", help="print the plan's sha256 and claims as JSON")
     pl.add_argument("--brief", action="store_true", help="no per-layer table")
-    pl.add_argument("--curvature", dest="plan_curvature", choices=("exact", "seed"),
+    pl.add_argument("--curvature", dest="plan_curvature", choices=Curvature.values(),
                     help="same as --plan-curvature: which curvature the planner uses (ablation)")
     add_plan_options(pl)
     pl.set_defaults(func=cmd_plan)
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cert-dir", default="certs", help="where certificates of PROVED plans are written")
     c.add_argument("--format", choices=("text", "json", "sarif", "junit"), default="text")
     c.add_argument("--output", help="write the report here (atomically) instead of stdout")
-    c.add_argument("--solver", choices=("z3", "cvc5"), default="z3")
+    c.add_argument("--solver", choices=Solver.values(), default=Solver.Z3.value)
     c.add_argument("--timeout-ms", type=milliseconds_arg("--timeout-ms"), default=10000,
                    help=f"per solver query, in [1, {MAX_TIMEOUT_MS}]")
     c.add_argument("--wall-timeout", type=seconds_arg("--wall-timeout"), default=300.0,
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="replay the SMT-LIB2 queries of certificates with z3 or cvc5")
     rp.add_argument("certs", help="a certificate or a directory of *.cert.json")
-    rp.add_argument("--solver", choices=("z3", "cvc5"), default="z3")
+    rp.add_argument("--solver", choices=Solver.values(), default=Solver.Z3.value)
     rp.add_argument("--timeout-ms", type=milliseconds_arg("--timeout-ms"), default=10000,
                     help=f"per solver query, in [1, {MAX_TIMEOUT_MS}]")
     rp.add_argument("--wall-timeout", type=seconds_arg("--wall-timeout"), default=300.0,
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     rpt.add_argument("--bench", help="benchmarks/quality.py's quality.json: adds the Pareto plots")
     rpt.add_argument("--eval-windows", type=int, default=1,
                      help="evaluation windows for the bound-vs-actual scatter (0: skip; needs the model)")
-    rpt.add_argument("--text", choices=("prose", "code"), default="prose")
+    rpt.add_argument("--text", choices=Corpus.values(), default=Corpus.PROSE.value)
     rpt.add_argument("--model", default="smollm2")
     rpt.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     rpt.set_defaults(func=cmd_report)

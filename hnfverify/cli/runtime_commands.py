@@ -7,6 +7,7 @@ import time
 from fractions import Fraction
 from typing import TextIO
 
+from ..core.vocabulary import Corpus
 from ..errors import EXIT_OK, InvalidArgument
 from .options import quiet_transformers, set_threads
 from .render import print_eval
@@ -20,7 +21,7 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument("--windows, --prefix and --scored must be positive")
     texts = args.text or ["prose", "code"]
     for t in texts:
-        if t not in ("prose", "code"):
+        if t not in Corpus.values():
             raise InvalidArgument(f"--text must be prose or code (the evaluation splits), got {t!r}")
     plan = load_plan(args.plan)
     set_threads(args.threads)

@@ -20,26 +20,13 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, PlanError
 from ..io import canonical_json, lone_surrogate_path, parse_json_int, write_bytes_atomic
 
 MAX_BYTES = 64 * 1024 * 1024
 SCHEMA_VERSION = 1                     # $.schema_version of the plans this code writes and reads
 # shipped as package data (a byte-identical copy of specs/plan.schema.json; a test compares them)
 SCHEMA_PATH = Path(__file__).resolve().parent / "plan.schema.json"
-
-
-class PlanError(InputError):
-    """An invalid plan file. ``problems`` lists every (json path, message)."""
-
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
-        self.problems = problems
-        head = f"plan {source!r} is invalid ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"
-        shown = problems[:50]
-        lines = [f"  {p}: {m}" for p, m in shown]
-        if len(problems) > len(shown):
-            lines.append(f"  ... and {len(problems) - len(shown)} more")
-        super().__init__("\n".join([head] + lines))
 
 
 def dumps(plan: dict) -> bytes:
@@ -169,8 +156,6 @@ def _float_literals(obj, path="$"):
 
 
 def validate_plan(obj, source: str = "<plan>") -> None:
-    import jsonschema
-
     try:
         floats = list(_float_literals(obj))
     except RecursionError:

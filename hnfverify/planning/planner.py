@@ -43,6 +43,7 @@ from ..core.bound import exact_head_error
 from ..core.formats import format_table
 from ..core.numbers import dec_up, fmt_number, parse_number, round_up
 from ..core.semantics import SEGMENTS
+from ..core.vocabulary import Objective
 from ..errors import InvalidArgument, PlanInfeasible
 from .assemble import assemble, claim_up, raise_to_theorem
 from .modes import Planning, avg_bits_state, eps_state, fixed_formats, fixed_state
@@ -122,7 +123,7 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
         acc *= float(lips[li])
     amp_f = [a * float(m) for a, m in zip(amp_f[::-1], mlps)]      # A_l L'_l (docs/design.md §2.5)
     amp_e2e = amp_f
-    if req.objective in ("layers", "linear"):
+    if req.objective in (Objective.LAYERS, Objective.LINEAR):
         amp_f = [1.0] * n_l
     float_heads = {}
     for lh, us in by_head.items():
@@ -131,8 +132,8 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
         float_heads[lh] = FloatHead(float(inputs.tau), float(inputs.q_max), segs,
                                     tuple(float(inputs.mass_alpha[s]) for s in segs),
                                     tuple(float(inputs.mass_avo[s]) for s in segs))
-    search = GreedySearch(units, float_heads, weights, amp_f, linear=req.objective == "linear")
-    search_e2e = search if req.objective == "end_to_end" else GreedySearch(units, float_heads, weights, amp_e2e)
+    search = GreedySearch(units, float_heads, weights, amp_f, linear=req.objective == Objective.LINEAR)
+    search_e2e = search if req.objective == Objective.END_TO_END else GreedySearch(units, float_heads, weights, amp_e2e)
     return Planning(req, units, meta, by_head, exact_heads, weights, onorm, lips, mlps, g_q, search, search_e2e,
                     amp_e2e, math.sqrt(meta["max_seq_len"]))
 

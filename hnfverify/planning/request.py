@@ -7,14 +7,15 @@ from fractions import Fraction
 
 from ..core.numbers import fmt_number
 from ..core.semantics import SEGMENTS
+from ..core.vocabulary import Curvature, Objective
 from ..errors import InvalidArgument
 
 BUDGET_SPLIT = {
-    "end_to_end": "greedy: largest reduction of the end-to-end bound per added cache bit, over all "
+    Objective.END_TO_END.value: "greedy: largest reduction of the end-to-end bound per added cache bit, over all "
                   "(layer, KV head, K|V, segment) units",
-    "layers": "greedy: largest reduction of the sum of the per-layer first-order attention-output bounds "
+    Objective.LAYERS.value: "greedy: largest reduction of the sum of the per-layer first-order attention-output bounds "
               "(no downstream amplification) per added cache bit, over all (layer, KV head, K|V, segment) units",
-    "linear": "greedy: largest reduction of the sum over layers of the bounds' first-order Taylor terms "
+    Objective.LINEAR.value: "greedy: largest reduction of the sum over layers of the bounds' first-order Taylor terms "
               "(sum dV A + (m + M) B, no exponential) per added cache bit, over all (layer, KV head, K|V, segment) "
               "units",
 }
@@ -66,7 +67,7 @@ class PlanRequest:
     lipschitz_margin: Fraction = Fraction(11, 10)
     curvature: str | None = None          # None: the report's choice
     max_seq_len: int | None = None
-    objective: str = "linear"             # what --avg-bits' greedy sequence lowers
+    objective: str = Objective.LINEAR.value           # what --avg-bits' greedy sequence lowers
     assign: tuple | None = None           # ((layer, head, "K"|"V", segment, format), ...): explicit plans
 
     def validate(self) -> None:
@@ -90,5 +91,5 @@ class PlanRequest:
             raise InvalidArgument(f"--c must be > 0, got {fmt_number(self.c)}")
         if self.lipschitz_margin < 1:
             raise InvalidArgument(f"--lipschitz-margin must be >= 1, got {fmt_number(self.lipschitz_margin)}")
-        if self.curvature not in (None, "exact", "seed"):
+        if self.curvature not in (None, *Curvature.values()):
             raise InvalidArgument(f"--curvature must be exact or seed, got {self.curvature!r}")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from ..numbers import fmt_number, sqrt_up
+from ..vocabulary import Granularity
 
-GRANULARITIES = ("none", "token", "channel")
+GRANULARITIES = Granularity.values()
 
 
 @dataclass(frozen=True)

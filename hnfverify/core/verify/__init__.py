@@ -9,6 +9,6 @@ Obligations (``obligations.py``):
 Verdicts are three-valued (PROVED / REFUTED / UNKNOWN); UNKNOWN fails the gate.
 """
 
-PROVED = "PROVED"
-REFUTED = "REFUTED"
-UNKNOWN = "UNKNOWN"
+from ..vocabulary import Verdict
+
+PROVED, UNKNOWN, REFUTED = Verdict.PROVED, Verdict.UNKNOWN, Verdict.REFUTED
