@@ -217,7 +217,7 @@ def main() -> int:
         "- Protocol: a teacher-forced pass in which each scored query sees the past K/V exactly as the method's "
         "cache holds it at that step (hnfverify plans: tested equal to token-by-token decoding with "
         "`MixedPrecisionCache`; transformers `QuantizedCache` (quanto): emulated with quanto's own quantizer, "
-        "tested equal to decoding with the real cache, `tests/test_peers.py`).",
+        "tested equal to decoding with the real cache, `tests/evaluation/test_peers.py`).",
         "- Bits/element (`bits/el`, used for every equal-bytes comparison and the Pareto plots): real bytes of the "
         "packed cache (scales, zero-points, FP16/FP32 residual windows and incomplete channel groups included) × 8 / "
         "(2 × layers × KV heads × length × head_dim), averaged over 8 lengths through the scored tokens "

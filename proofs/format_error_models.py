@@ -12,9 +12,9 @@ values are float32):
   differences rounded toward +inf and -inf, and the bound u|x| + SUB is rounded toward -inf.
 Pipelines (nonlinear real arithmetic, every float32/float64 rounding as a (1 + d), |d| <= 2^-23
 resp. 2^-52; the casts above as assumptions):
-  INT-b asymmetric, b = 2, 4, 8 (hnfverify/formats/integer.py):
+  INT-b asymmetric, b = 2, 4, 8 (hnfverify/core/formats/integer.py):
     |x - (q s + z)| <= u (1 + 2^-9) R + (u 2^-9 + 2^-20) A + 2^-23
-  FP8 with a per-token FP16 scale (hnfverify/formats/fp8.py):
+  FP8 with a per-token FP16 scale (hnfverify/core/formats/fp8.py):
     |x - q s| <= (u + 2^-21) |x| + (1 + 2^-21) SUB s
 """
 

@@ -19,3 +19,33 @@ try:
     torch.set_num_threads(int(os.environ.get("HNFVERIFY_TEST_THREADS", "2")))
 except ImportError:  # the trusted core's tests run without torch
     pass
+
+
+# ---------------------------------------------------------------- shared fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(argv) -> (exit code, stdout, stderr)``: the CLI in-process."""
+    import io
+
+    from hnfverify.cli import run
+
+    def run_in_process(argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(argv, out, err)
+        return code, out.getvalue(), err.getvalue()
+    return run_in_process
+
+
+@pytest.fixture
+def no_traceback():
+    """``no_traceback(err)``: the CLI's error output is one named error, never a traceback."""
+    def check(err):
+        assert "Traceback" not in err
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert lines and lines[-1].startswith(("hnfverify: error:", "usage:", "hnfverify analyze: error:")) \
+            or "error:" in err, err
+    return check
+

@@ -98,3 +98,12 @@ def plans(draw, **kw):
         return plan_from_report(summary, arrays, PlanRequest(eps=eps, sink=1, recent=4))
     except PlanInfeasible:
         return None
+
+
+def fixed_report():
+    """One small report with two layers and a large curvature, found deterministically."""
+    import numpy as np
+    from hypothesis import find
+
+    return find(reports(), lambda r: r[0]["shape"]["layers"] == 2 and np.max(r[1]["kappa_exact_hi"]) > 1)
+

@@ -43,7 +43,7 @@ def accounting_units(plan: dict) -> list:
 
 def accounted_bytes(units: list, d: int, n: int) -> int:
     """Bytes of a plan cache holding n positions by the accounting of docs/design.md §4 (the planner's
-    claims use the same; the cache's real packed bytes agree, tests/test_cache_semantics.py)."""
+    claims use the same; the cache's real packed bytes agree, tests/kv/test_cache_semantics.py)."""
     from ..core.semantics import SEGMENTS, segment_bits, stored_counts
 
     bits = 0

@@ -5,7 +5,7 @@ model's plain forward pass. The plan's run is a teacher-forced pass in which eve
 i >= prefix attends to each earlier position t in exactly the form a plan cache holds it at that
 moment, by the one definition of docs/design.md §4 (``hnfverify.core.semantics``; each scored query is
 its own one-token chunk); its own K/V exact. Prefix queries attend exactly (prefill).
-``tests/test_kv_cache.py`` checks this pass against token-by-token decoding with
+``tests/kv/test_kv_cache.py`` checks this pass against token-by-token decoding with
 :class:`hnfverify.kv.cache.MixedPrecisionCache`.
 
 Soundness: inside the same pass, every scored query's attention output with the plan's K/V is

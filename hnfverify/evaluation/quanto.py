@@ -9,7 +9,7 @@ sees the states *before* that flush. So with prefill length P and residual R, th
 into epochs [P + kR, P + (k+1)R): inside epoch k every query sees dequant(Q_k) for positions < P + kR
 and exact states after, where Q_0 = quantize(K[:P]) and Q_{k+1} = quantize(cat(dequant(Q_k),
 K[P + kR : P + (k+1)R])). :func:`quanto_method` reproduces exactly that, calling the layer's own
-``_quantize``/``_dequantize`` on the same tensors; ``tests/test_peers.py`` compares it with
+``_quantize``/``_dequantize`` on the same tensors; ``tests/evaluation/test_peers.py`` compares it with
 token-by-token decoding through a real ``QuantizedCache``.
 """
 

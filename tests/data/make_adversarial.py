@@ -2,7 +2,7 @@
 §4 (run-time states), and per class of the gate fuzzer (tests/fuzz_gate.py), each with the
 `hnfverify check` exit code the document implies and the independent oracle's verdict
 (tests/oracle.py). `python tests/data/make_adversarial.py` rewrites tests/data/adversarial/ byte for
-byte; tests/test_adversarial.py checks every file against the gate and the oracle.
+byte; tests/core/verify/test_adversarial.py checks every file against the gate and the oracle.
 
 Plans start from the synthetic report of tests/data/make_planted.py (one or two layers, one KV head,
 short max_seq_len). A class whose expected exit code is what the document implies but not (yet) what

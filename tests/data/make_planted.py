@@ -1,6 +1,6 @@
 """Generate the planted-violation corpus: plans that each violate exactly one obligation by the
 smallest margin, with a manifest of where. `hnfverify check` must REFUTE every one (exit 1) and
-name the spot (tests/test_planted.py). Deterministic: `python tests/data/make_planted.py` rewrites
+name the spot (tests/core/verify/test_planted.py). Deterministic: `python tests/data/make_planted.py` rewrites
 tests/data/planted/ byte for byte.
 
 Kinds (each at a random layer, KV head and segment/position):

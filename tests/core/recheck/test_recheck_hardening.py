@@ -30,7 +30,7 @@ from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.core.verify import certificate
 from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- helpers

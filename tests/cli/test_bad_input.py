@@ -30,7 +30,7 @@ BAD = "one-step-0"          # one format step too cheap: REFUTED
 @functools.lru_cache(maxsize=1)
 def _corpus() -> dict:
     spec = importlib.util.spec_from_file_location(
-        "make_planted", Path(__file__).resolve().parent / "data" / "make_planted.py")
+        "make_planted", Path(__file__).resolve().parents[1] / "data" / "make_planted.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return {name: P.dumps(plan) for name, plan, _ in mod.planted()}

@@ -116,7 +116,7 @@ def test_synthetic_report_provides_the_array():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent / "data" / "make_planted.py"
+    path = Path(__file__).resolve().parents[1] / "data" / "make_planted.py"
     spec = importlib.util.spec_from_file_location("make_planted", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -23,9 +23,9 @@ def _run(argv):
 
 @pytest.fixture(scope="module")
 def plan_pair():
-    from tests.test_planner import _fixed_report
+    from tests.strategies import fixed_report
 
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     base = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(10**6), sink=1, recent=4))
     tgt = Fraction(base["claims"]["end_to_end_bound"]) * 2
     withtarget = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(10**6), eps_target=tgt, sink=1, recent=4))
@@ -197,7 +197,7 @@ def test_certificate_matches_its_schema(tmp_path, plan_pair):
 
     import jsonschema
 
-    schema = json.loads((pathlib.Path(__file__).resolve().parent.parent / "specs" / "certificate.schema.json").read_text())
+    schema = json.loads((pathlib.Path(__file__).resolve().parents[3] / "specs" / "certificate.schema.json").read_text())
     p = _write(tmp_path, plan_pair[1])
     assert _run(["check", str(p), "--cert-dir", str(tmp_path / "c")])[0] == 0
     cert = json.loads(next((tmp_path / "c").glob("*.cert.json")).read_text())
@@ -220,7 +220,7 @@ def test_fuzz_regressions_exit_cleanly_with_bounded_memory():
     """Inputs the fuzzer once broke the gate with (a d_token of 4e18 made exp(1.4e17) fill memory)."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent / "data" / "regressions"
+    root = Path(__file__).resolve().parents[2] / "data" / "regressions"
     code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
             "from hnfverify.cli import main\nmain()\n")
     for f in sorted(root.glob("*.json")):

@@ -10,7 +10,7 @@ from hnfverify.core.plan import claim_float, dumps, loads
 from hnfverify.planning import PlanRequest, claim_up, parse_uniform, plan_from_report, uniform_format
 from hnfverify.core.verify.obligations import check_plan
 from tests.strategies import reports
-from tests.test_planner import _fixed_report
+from tests.strategies import fixed_report
 
 SEG = ("sink", "recent", "rest")
 
@@ -40,7 +40,7 @@ def test_parse_uniform_rejects(spec, msg):
 
 
 def test_kivi_style_spec_and_errors():
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     d, cg = summary["shape"]["head_dim"], summary["analysis"]["channel_group"]
     spec = f"fp16,K.rest=int4_c{cg},V.rest=int4_t{d}"
     plan = plan_from_report(summary, arrays, PlanRequest(uniform=spec, sink=0, recent=4))
@@ -66,7 +66,7 @@ def test_kivi_style_spec_and_errors():
 
 
 def test_explicit_assignment_is_reproduced_exactly():
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     d = summary["shape"]["head_dim"]
     base = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(16), sink=1, recent=4))
     fm = _formats(base)
@@ -105,7 +105,7 @@ def test_claims_above_the_number_range_are_null():
     assert claim_up(Fraction(10) ** 301) is None
     assert claim_up(Fraction(10) ** 299) is not None
     assert claim_float(None) == float("inf")
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(16), sink=1, recent=4))
     plan["claims"]["end_to_end_bound"] = None
     plan["claims"]["layer_bounds"][0] = None

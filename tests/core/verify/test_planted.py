@@ -9,7 +9,7 @@ import pytest
 
 from hnfverify.cli import run
 
-CORPUS = Path(__file__).resolve().parent / "data" / "planted"
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "planted"
 MANIFEST = json.loads((CORPUS / "MANIFEST.json").read_text())
 
 

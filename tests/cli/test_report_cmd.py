@@ -10,12 +10,11 @@ pytest.importorskip("matplotlib")
 from hnfverify.core.plan import save_plan  # noqa: E402
 from hnfverify.planning import PlanRequest, plan_from_report  # noqa: E402
 from hnfverify.plots import plan_bits_grid  # noqa: E402
-from tests.test_cli import _no_traceback, _run  # noqa: E402
-from tests.test_planner import _fixed_report  # noqa: E402
+from tests.strategies import fixed_report  # noqa: E402
 
 
 def _kivi_plan():
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     d, cg = summary["shape"]["head_dim"], summary["analysis"]["channel_group"]
     return plan_from_report(summary, arrays, PlanRequest(uniform=f"fp16,K.rest=int4_c{cg},V.rest=int8_t{d}",
                                                          sink=0, recent=4)), d, cg
@@ -32,7 +31,7 @@ def test_heatmap_grid_follows_the_plan_segments():
     assert (v[:, :t - 4] == float(Fraction(8) + Fraction(32, d))).all()
 
 
-def test_report_writes_pngs_and_rejects_bad_input(tmp_path):
+def test_report_writes_pngs_and_rejects_bad_input(tmp_path, run_cli, no_traceback):
     plan, _, _ = _kivi_plan()
     p = tmp_path / "plan.json"
     save_plan(plan, p)
@@ -40,7 +39,7 @@ def test_report_writes_pngs_and_rejects_bad_input(tmp_path):
             for m, g, b, k in (("a", "peer", 4.5, 0.1), ("b", "hnfverify", 4.0, 0.05), ("c", "ablation", 16, 0.0))]
     bench = tmp_path / "quality.json"
     bench.write_text(json.dumps({"rows": rows}))
-    code, out, err = _run(["report", str(p), "--out", str(tmp_path / "r"), "--eval-windows", "0",
+    code, out, err = run_cli(["report", str(p), "--out", str(tmp_path / "r"), "--eval-windows", "0",
                            "--bench", str(bench)])
     assert code == 0, err
     for name in ("heatmap.png", "pareto-prose.png"):
@@ -51,6 +50,6 @@ def test_report_writes_pngs_and_rejects_bad_input(tmp_path):
     for argv, msg in ((["--bench", str(bench)], "not a benchmarks/quality.py result"),
                       (["--bench", str(tmp_path / "missing.json")], "--bench"),
                       (["--eval-windows", "-1"], "--eval-windows")):
-        code, _, err = _run(["report", str(p), "--out", str(tmp_path / "r2")] + argv)
+        code, _, err = run_cli(["report", str(p), "--out", str(tmp_path / "r2")] + argv)
         assert code == 2 and msg in err, err
-        _no_traceback(err)
+        no_traceback(err)

@@ -9,7 +9,7 @@ from hnfverify.errors import InvalidArgument
 from hnfverify.core.formats import by_name
 from hnfverify.core.plan import dumps, loads
 from hnfverify.planning import PlanInfeasible, PlanRequest, plan_from_report
-from tests.strategies import reports
+from tests.strategies import fixed_report, reports
 
 SEG = ("sink", "recent", "rest")
 
@@ -117,7 +117,7 @@ def test_eps_target_is_met_and_uniform_uses_one_format(rep):
 
 
 def test_bad_requests(tmp_path):
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     with pytest.raises(InvalidArgument, match="--sink"):
         plan_from_report(summary, arrays, _req(eps=Fraction(1), sink=3))
     with pytest.raises(InvalidArgument, match="give --eps"):
@@ -134,10 +134,3 @@ def _req(**kw):
     kw.setdefault("sink", 1)
     kw.setdefault("recent", 4)
     return PlanRequest(**kw)
-
-
-def _fixed_report():
-    import numpy as np
-    from hypothesis import find
-
-    return find(reports(), lambda r: r[0]["shape"]["layers"] == 2 and np.max(r[1]["kappa_exact_hi"]) > 1)

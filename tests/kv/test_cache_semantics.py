@@ -17,7 +17,7 @@ from hnfverify.core.formats import by_name
 from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.kv.quant import quantize, dequantize, roundtrip
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 D = 16          # head_dim of the synthetic report
 G = 8           # its analysis channel group
 

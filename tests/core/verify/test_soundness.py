@@ -15,7 +15,7 @@ from hnfverify.cli import run
 from hnfverify.core.numbers import fmt_number
 from hnfverify.core.plan import dumps
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2]
 
 
 def _synthetic():
@@ -85,7 +85,7 @@ def test_values_outside_the_format_domain_are_refuted(tmp_path, fmt):
 def test_recent_zero_has_no_recent_stage(tmp_path):
     """With --recent 0 nothing is ever read in the recent format: a hand-written INT2 recent format
     with an FP32 rest is stored as FP32 once (docs/design.md §4), so the plan's rest bound is the FP32
-    error alone. Failed before the fix in the cache (tests/test_cache_semantics.py); here the check
+    error alone. Failed before the fix in the cache (tests/kv/test_cache_semantics.py); here the check
     must not use the recent format's error for rest at R = 0, and must not demand anything of it."""
     from hnfverify.core.verify.obligations import CheckOptions, check_plan
 

@@ -14,9 +14,9 @@ from hnfverify.planning import PlanRequest, plan_from_report
 
 @pytest.fixture(scope="module")
 def good_plan():
-    from tests.test_planner import _fixed_report
+    from tests.strategies import fixed_report
 
-    summary, arrays = _fixed_report()
+    summary, arrays = fixed_report()
     return plan_from_report(summary, arrays, PlanRequest(eps=Fraction(10**6), sink=1, recent=4))
 
 

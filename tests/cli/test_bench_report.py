@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("write_report", Path(__file__).parent.parent / "benchmarks" / "write_report.py")
+spec = importlib.util.spec_from_file_location("write_report", Path(__file__).parents[2] / "benchmarks" / "write_report.py")
 wr = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wr)
 
