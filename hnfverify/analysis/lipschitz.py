@@ -143,12 +143,12 @@ def rest_of_block(block):
 
 @dataclass
 class MidPoint:
-    """One decoder layer's first call: its input x, its attention output a, the input h_mid of its
-    post-attention norm and its output y (each (1, T, D))."""
-    x: object = None
-    a: object = None
-    h: object = None
-    y: object = None
+    """One decoder layer's first call: its input, its attention output, the input of its
+    post-attention norm (h_mid) and its output (each (1, T, D))."""
+    layer_input: object = None
+    attention_output: object = None
+    norm_input: object = None
+    layer_output: object = None
 
 
 @contextlib.contextmanager
@@ -169,7 +169,8 @@ def capture_mid_states(blocks: dict):
 
     try:
         for idx, blk in blocks.items():
-            put_x, put_a, put_h, put_y = (first(idx, w) for w in ("x", "a", "h", "y"))
+            put_x, put_a, put_h, put_y = (first(idx, w) for w in ("layer_input", "attention_output", "norm_input",
+                                                                      "layer_output"))
             handles.append(blk.register_forward_pre_hook(
                 lambda m, args, kwargs, put=put_x: put(args[0] if args else kwargs.get("hidden_states")),
                 with_kwargs=True))
@@ -197,10 +198,11 @@ def mlp_lipschitz(block, point: MidPoint, iters: int = 8, seed: int = 0) -> Lips
 
     fn = rest_of_block(block)
     cls = type(block).__name__
-    if point is None or any(v is None for v in (point.x, point.a, point.h, point.y)):
+    parts = None if point is None else (point.layer_input, point.attention_output, point.norm_input, point.layer_output)
+    if parts is None or any(v is None for v in parts):
         raise UnsupportedModel(f"decoder layer {cls}: its attention output and post-attention hidden state were "
                                "not observed during the calibration pass")
-    x, a, h, y = (t.to(torch.float32) for t in (point.x, point.a, point.h, point.y))
+    x, a, h, y = (t.to(torch.float32) for t in parts)
 
     def close(u, v):
         return u.shape == v.shape and float((u - v).abs().max()) <= 1e-5 * (1.0 + float(v.abs().max()))

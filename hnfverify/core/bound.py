@@ -31,13 +31,13 @@ from .semantics import READER, STATES
 
 @dataclass(frozen=True)
 class HeadInputs:
-    """Inputs of one (layer, KV head): ``k``/``v`` map segment -> SegmentStats, ``mass_alpha`` /
+    """Inputs of one (layer, KV head): ``keys``/``values`` map segment -> SegmentStats, ``mass_alpha`` /
     ``mass_avo`` map segment -> Fraction (upper ends). Only segments present in the rule appear."""
 
     tau: Fraction
     q_max: Fraction
-    k: dict
-    v: dict
+    keys: dict
+    values: dict
     mass_alpha: dict
     mass_avo: dict
 
@@ -84,7 +84,7 @@ def head_error(tau: Fraction, q_max: Fraction, dk: dict, dv: dict, mass_alpha: d
 
 
 def exact_head_error(inp: HeadInputs, fk: dict, fv: dict) -> Fraction:
-    return head_error(inp.tau, inp.q_max, segment_errors(inp.k, fk), segment_errors(inp.v, fv), inp.mass_alpha,
+    return head_error(inp.tau, inp.q_max, segment_errors(inp.keys, fk), segment_errors(inp.values, fv), inp.mass_alpha,
                       inp.mass_avo)
 
 

@@ -151,8 +151,8 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
 
 
 def head_inputs(units_lh: list, tau: Fraction, q_max: Fraction) -> HeadInputs:
-    k = {u.seg: u.stats for u in units_lh if u.kv == "K"}
-    v = {u.seg: u.stats for u in units_lh if u.kv == "V"}
-    ma = {u.seg: parse_number(u.inputs["mass_alpha"][1]) for u in units_lh if u.kv == "K"}
-    mv = {u.seg: parse_number(u.inputs["mass_avo"][1]) for u in units_lh if u.kv == "K"}
-    return HeadInputs(tau, q_max, k, v, ma, mv)
+    keys = {u.seg: u.stats for u in units_lh if u.kv == "K"}
+    values = {u.seg: u.stats for u in units_lh if u.kv == "V"}
+    mass_alpha = {u.seg: parse_number(u.inputs["mass_alpha"][1]) for u in units_lh if u.kv == "K"}
+    mass_avo = {u.seg: parse_number(u.inputs["mass_avo"][1]) for u in units_lh if u.kv == "K"}
+    return HeadInputs(tau, q_max, keys, values, mass_alpha, mass_avo)
