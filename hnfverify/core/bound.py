@@ -151,7 +151,7 @@ def plan_bounds(pv) -> PlanBounds:
     for layer in pv.layers:
         errs, norms = [], []
         for h in layer.heads:
-            dk, dv = stream_errors(h.k), stream_errors(h.v)
+            dk, dv = stream_errors(h.keys), stream_errors(h.values)
             e = head_error(layer.tau, h.q_max, dk, {s: dv.get(s, Fraction(0)) for s in dk}, h.mass_alpha, h.mass_avo)
             head_e[(layer.index, h.head)] = e
             dks[(layer.index, h.head)], dvs[(layer.index, h.head)] = dk, dv

@@ -172,13 +172,6 @@ def exp_up(x: Fraction, bits: int = 64) -> Fraction:
     return r
 
 
-def to_fraction_up(x: float) -> Fraction:
-    """The exact value of a finite float (floats are dyadic rationals)."""
-    if not math.isfinite(x):
-        raise ValueError(f"non-finite {x!r}")
-    return Fraction(x)
-
-
 BOUND_LIMIT = Fraction(10) ** 300
 
 

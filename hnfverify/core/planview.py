@@ -45,8 +45,8 @@ class HeadView:
     head: int
     q_max: Fraction
     o_proj_norm: Fraction
-    k: StreamView
-    v: StreamView
+    keys: StreamView
+    values: StreamView
     mass_alpha: dict          # segment -> upper end (the larger of the K and the V rule's)
     mass_avo: dict
 
@@ -77,8 +77,8 @@ class PlanView:
 
     def streams(self):
         for h in self.heads():
-            yield h.k
-            yield h.v
+            yield h.keys
+            yield h.values
 
 
 def _hi(interval) -> Fraction:

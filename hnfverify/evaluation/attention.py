@@ -31,9 +31,9 @@ def plan_rules(plan: dict) -> dict:
 
     out = {}
     for h in view(plan).heads():
-        if h.k.blocks or h.v.blocks:
+        if h.keys.blocks or h.values.blocks:
             raise InvalidArgument("evaluation of plans with explicit per-position blocks is not supported")
-        out[(h.layer, h.head)] = (h.k.rule, h.v.rule)
+        out[(h.layer, h.head)] = (h.keys.rule, h.values.rule)
     return out
 
 
@@ -100,8 +100,8 @@ def selector(rule, t_len: int, prefix: int):
             State.RECENT_FAR: RECENT if rule.recent > 0 else EXACT, None: EXACT}
     sel = torch.zeros((t_len, t_len), dtype=torch.int8)
     for i in range(prefix, t_len):
-        for lo, hi, st in read_intervals(rule, layout(rule, i), i):
-            sel[i, lo:hi] = code[st]
+        for lo, hi, state in read_intervals(rule, layout(rule, i), i):
+            sel[i, lo:hi] = code[state]
     return sel
 
 

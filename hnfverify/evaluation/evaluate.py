@@ -57,20 +57,20 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
         nll_ref.append(-lr.gather(1, tgt[:, None])[:, 0])
         for m in methods:
             a = acc[m.name]
-            st = WindowStats()
+            window_stats = WindowStats()
             t0 = time.perf_counter()
-            with torch.no_grad(), m.context(lm.model, prefix, st):
+            with torch.no_grad(), m.context(lm.model, prefix, window_stats):
                 q = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
             a.seconds += time.perf_counter() - t0
             lq = torch.log_softmax(q.logits[0, prefix - 1:t_len - 1].double(), -1)
             a.nll_q.append(-lq.gather(1, tgt[:, None])[:, 0])
             a.klds.append((lr.exp() * (lr - lq)).sum(-1))
             a.top1.append((lr.argmax(-1) == lq.argmax(-1)).double())
-            a.viol += st.violations
-            a.checked += st.checked
-            a.worst_rel = max(a.worst_rel, st.max_err_over_bound)
-            a.ratios += st.ratios
-            for k, v in st.head_max.items():
+            a.viol += window_stats.violations
+            a.checked += window_stats.checked
+            a.worst_rel = max(a.worst_rel, window_stats.max_err_over_bound)
+            a.ratios += window_stats.ratios
+            for k, v in window_stats.head_max.items():
                 a.head_max[k] = max(a.head_max.get(k, 0.0), v)
             if m.e_l is not None:
                 h_err = float((q.hidden_states[-1][0].double() - h_ref).norm())
@@ -79,12 +79,12 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
                 if h_err > 0:
                     a.e2e_ratio.append(m.e_l / h_err)
             if a.cache_bytes is None:
-                a.cache_bytes = m.nbytes(st, t_len)
+                a.cache_bytes = m.nbytes(window_stats, t_len)
                 acc_fn = m.accounted or m.nbytes
-                a.bytes_curve = [(n, acc_fn(st, n)) for n in range(prefix + 1, t_len + 1)]
+                a.bytes_curve = [(n, acc_fn(window_stats, n)) for n in range(prefix + 1, t_len + 1)]
                 if m.accounted is not None:          # the accounting against real packed bytes at 8 lengths
                     curve = dict(a.bytes_curve)
-                    a.accounting_dev = max(abs(curve[n] / m.nbytes(st, n) - 1) for n in curve_lengths)
+                    a.accounting_dev = max(abs(curve[n] / m.nbytes(window_stats, n) - 1) for n in curve_lengths)
             del q
     nr = torch.cat(nll_ref)
     cfg = lm.model.config

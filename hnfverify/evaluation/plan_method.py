@@ -11,8 +11,12 @@ def plan_method(name: str, plan: dict) -> Method:
     bounds, e_l, _ = head_bounds(plan)
     units = accounting_units(plan)
 
-    def nbytes(st, t_len):
-        return real_cache_bytes(plan, {li: (k[:, :, :t_len], v[:, :, :t_len]) for li, (k, v) in st.kv.items()}, t_len)
+    def nbytes(window_stats, t_len):
+        kv = {li: (k[:, :, :t_len], v[:, :, :t_len]) for li, (k, v) in window_stats.kv.items()}
+        return real_cache_bytes(plan, kv, t_len)
 
-    return Method(name, lambda model, prefix, st: plan_attention(model, plan, prefix, bounds, st), nbytes,
-                  bounds, e_l, accounted=lambda st, n: accounted_bytes(units, plan["shape"]["head_dim"], n))
+    def context(model, prefix, window_stats):
+        return plan_attention(model, plan, prefix, bounds, window_stats)
+
+    return Method(name, context, nbytes, bounds, e_l,
+                  accounted=lambda window_stats, n: accounted_bytes(units, plan["shape"]["head_dim"], n))

@@ -56,7 +56,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
     """transformers' QuantizedCache(backend="quanto") as a teacher-forced method (see the module doc)."""
     from transformers.cache_utils import QuantoQuantizedLayer
 
-    def context(model, prefix, st: WindowStats):
+    def context(model, prefix, window_stats: WindowStats):
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         from ..errors import UnsupportedModel
@@ -96,18 +96,18 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
                                              axis=axis_value)
                     b = e
             # for nbytes at any length n: the layer (its quantizer), the shape and the prefill length
-            st.kv[int(module.layer_idx)] = (layer, tuple(key.shape[:2]) + (key.shape[3],), key.dtype, prefix)
+            window_stats.kv[int(module.layer_idx)] = (layer, tuple(key.shape[:2]) + (key.shape[3],), key.dtype, prefix)
             out = epoch_attention(query, lambda k: versions[k][0], lambda k: versions[k][1], starts, t_len, tau,
                                    bias)
             return out, None
 
         return routed_attention(model, attn, prefix="hnfverify_peer")
 
-    def nbytes(st: WindowStats, n: int) -> int:
+    def nbytes(window_stats: WindowStats, n: int) -> int:
         import torch
 
         total = 0
-        for layer, (b, h, d), dtype, prefix in st.kv.values():
+        for layer, (b, h, d), dtype, prefix in window_stats.kv.values():
             n_q = n if n <= prefix else prefix + (n - prefix) // residual * residual
             key = (b, h, d, dtype, n_q)
             if key not in qbytes:                           # the byte count does not depend on the values

@@ -336,7 +336,7 @@ class MixedPrecisionCache(Cache):
             if st.blocks:
                 raise InvalidArgument(f"layer {st.layer} head {st.head} {st.kv}: the cache cannot hold a plan's "
                                       "per-position blocks")
-        rules = [[(h.k.rule, h.v.rule) for h in layer.heads] for layer in pv.layers]
+        rules = [[(h.keys.rule, h.values.rule) for h in layer.heads] for layer in pv.layers]
         return cls(rules, pv.max_seq_len, on_overflow)
 
     def nbytes(self) -> int:

@@ -34,13 +34,16 @@ def stored_form_terms(units, state, c) -> list:
         fmts = {seg: u.chain[state[u.idx]] for seg, u in segs.items()}
         fill = fmts.get("rest") or next(iter(fmts.values()))
         rule = StreamRule(one.sink, one.recent, {seg: fmts.get(seg, fill) for seg in SEGMENTS})
-        for st, _, _ in reachable(rule, one.t):
-            chain = rule.chain(st)
+        for stored_state, _, _ in reachable(rule, one.t):
+            chain = rule.chain(stored_state)
             if not chain:
                 continue
-            reader = segs[READER[st]]
-            through = [segs[s] for s in ((["recent"] if one.recent > 0 else []) + ["rest"] if st is State.REST
-                                         else ["recent"] if st is State.RECENT_FAR else [READER[st]])]
+            reader = segs[READER[stored_state]]
+            if stored_state is State.REST:
+                passed = (["recent"] if one.recent > 0 else []) + ["rest"]
+            else:
+                passed = ["recent"] if stored_state is State.RECENT_FAR else [READER[stored_state]]
+            through = [segs[s] for s in passed]
             _, rhs, domain = precision_terms(Fraction(0), c, chain, reader.stats, reader.kappa[1])
             out.append((through, rhs, domain))
     return out

@@ -73,8 +73,8 @@ def test_real_bytes_equal_the_plan_accounting(name, n):
 
 
 def test_packing_is_lossless_for_codes():
-    from hnfverify.kv.quant import _pack, _unpack
+    from hnfverify.kv.quant import pack_bits, unpack_bits
 
     for bits in (2, 4, 8):
         q = torch.randint(0, 2**bits, (3, 64), dtype=torch.uint8)
-        assert torch.equal(_unpack(_pack(q, bits), bits, 64), q)
+        assert torch.equal(unpack_bits(pack_bits(q, bits), bits, 64), q)

@@ -1,0 +1,77 @@
+"""One codec per format family, behind the stream mechanics of ``storage.py``: floats (a cast),
+FP8 (per-token FP16 scale, torch's float8 dtypes), integers (FP16 scale and zero-point, bit-packed).
+Each does exactly what the format's reference semantics say (``hnfverify/core/formats``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.formats import Format
+from ..core.formats.floating import FloatFormat
+from ..core.formats.fp8 import Fp8Format
+from .storage import Packed, fp16_down, fp16_up_from64, grouped, pack_bits, ungrouped, unpack_bits
+
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class FloatCodec:
+    """fp32, fp16, bf16: stored as such."""
+
+    @staticmethod
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None) -> Packed:
+        return Packed(fmt, shape, x.to(FLOAT_DTYPES[fmt.name]))
+
+    @staticmethod
+    def dequantize(p: Packed) -> torch.Tensor:
+        return p.data.to(torch.float32)
+
+
+class Fp8Codec:
+    """FP8 E4M3 / E5M2 with a per-token FP16 scale (rounded up, at least 2^-14)."""
+
+    @staticmethod
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None) -> Packed:
+        dt = FP8_DTYPES[fmt.name.rsplit("_", 1)[0]]
+        g = grouped(x, fmt)
+        mx = float(fmt.max_finite)
+        amax = g.abs().amax(dim=-1, keepdim=True).to(torch.float64)
+        s = torch.clamp(fp16_up_from64(amax / mx), min=2.0 ** -14)
+        y = (g / s.to(torch.float32)).clamp(-mx, mx).to(dt)
+        return Packed(fmt, shape, y, scale=s)
+
+    @staticmethod
+    def dequantize(p: Packed) -> torch.Tensor:
+        y = p.data.to(torch.float32) * p.scale.to(torch.float32)
+        return ungrouped(y, p.fmt, p.shape)
+
+
+class IntCodec:
+    """INT8 / INT4 / INT2, asymmetric: FP16 zero-point rounded down, scale rounded up; packed codes."""
+
+    @staticmethod
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None) -> Packed:
+        n_levels = 2 ** fmt.value_bits - 1
+        g = grouped(x, fmt, group_tokens)
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        z = fp16_down(lo)
+        s = torch.clamp(fp16_up_from64((hi.to(torch.float64) - z.to(torch.float64)) / n_levels), min=2.0 ** -24)
+        q = torch.round((g - z.to(torch.float32)) / s.to(torch.float32)).clamp(0, n_levels).to(torch.uint8)
+        return Packed(fmt, shape, pack_bits(q, fmt.value_bits), scale=s, zero=z)
+
+    @staticmethod
+    def dequantize(p: Packed) -> torch.Tensor:
+        fmt = p.fmt
+        gshape_last = fmt.group if fmt.granularity != "channel" else p.shape[-2] // p.data.shape[-3]
+        q = unpack_bits(p.data, fmt.value_bits, gshape_last).to(torch.float32)
+        y = q * p.scale.to(torch.float32) + p.zero.to(torch.float32)
+        return ungrouped(y, fmt, p.shape)
+
+
+def codec_for(fmt: Format):
+    """The codec of a format's family (FP8 formats are float formats too: they are tested first)."""
+    if isinstance(fmt, Fp8Format):
+        return Fp8Codec
+    if isinstance(fmt, FloatFormat):
+        return FloatCodec
+    return IntCodec

@@ -1,0 +1,88 @@
+"""The stream mechanics every codec shares: the packed storage (``Packed``, bit packing), FP16
+scales rounded the safe way, and the grouping of (..., n, d) tensors by a format's granularity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.formats import Format
+
+
+@dataclass
+class Packed:
+    fmt: Format
+    shape: tuple            # (..., n, d) of the original
+    data: torch.Tensor      # packed values
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        for t in (self.scale, self.zero):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+
+def fp16_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest FP16 <= x (x float32)."""
+    h = x.to(torch.float16)
+    lower = torch.nextafter(h, torch.full_like(h, float("-inf")))
+    return torch.where(h.to(torch.float32) > x, lower, h)
+
+
+def fp16_up_from64(x: torch.Tensor) -> torch.Tensor:
+    """Smallest FP16 >= x (x float64)."""
+    h = x.to(torch.float16)
+    upper = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where(h.to(torch.float64) < x, upper, h)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q: uint8 values < 2^bits, last dim divisible by 8 // bits -> packed uint8."""
+    if bits == 8:
+        return q
+    per = 8 // bits
+    if q.shape[-1] % per:                       # a short channel group: pad to whole bytes
+        q = torch.nn.functional.pad(q, (0, per - q.shape[-1] % per))
+    q = q.reshape(*q.shape[:-1], q.shape[-1] // per, per)
+    out = q[..., 0].clone()
+    for i in range(1, per):
+        out |= q[..., i] << (bits * i)
+    return out
+
+
+def unpack_bits(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if bits == 8:
+        return p
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(p >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).reshape(*p.shape[:-1], p.shape[-1] * per)[..., :n]
+
+
+def grouped(x: torch.Tensor, fmt: Format, group_tokens: int | None = None) -> torch.Tensor:
+    """View (..., n, d) as (..., groups, group_size) along the format's grouping. ``group_tokens``:
+    for a channel format, the tokens of one group when it is not the format's full group (the rest's
+    first group, which starts at the sink boundary, docs/design.md §4); then n must equal it."""
+    if fmt.granularity == "channel":
+        n, d = x.shape[-2], x.shape[-1]
+        g = fmt.group if group_tokens is None else group_tokens
+        if group_tokens is not None and not 1 <= group_tokens <= fmt.group:
+            raise ValueError(f"{fmt.name}: a group of {group_tokens} tokens exceeds the format's {fmt.group}")
+        if n % g:
+            raise ValueError(f"{fmt.name}: {n} tokens is not a multiple of the channel group {g}")
+        # (..., n/g, g, d) -> (..., n/g, d, g): each row is one channel over g tokens
+        return x.reshape(*x.shape[:-2], n // g, g, d).transpose(-1, -2)
+    if fmt.group != x.shape[-1]:
+        raise ValueError(f"{fmt.name}: per-token group {fmt.group} must equal head_dim {x.shape[-1]}")
+    return x
+
+
+def ungrouped(y: torch.Tensor, fmt: Format, shape) -> torch.Tensor:
+    if fmt.granularity == "channel":
+        return y.transpose(-1, -2).reshape(shape)
+    return y.reshape(shape)
