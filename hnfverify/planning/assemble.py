@@ -34,7 +34,7 @@ def stored_form_terms(units, state, c) -> list:
         fmts = {seg: u.chain[state[u.idx]] for seg, u in segs.items()}
         fill = fmts.get("rest") or next(iter(fmts.values()))
         rule = StreamRule(one.sink, one.recent, {seg: fmts.get(seg, fill) for seg in SEGMENTS})
-        for stored_state, _, _ in reachable(rule, one.t):
+        for stored_state, _, _ in reachable(rule, one.max_seq_len):
             chain = rule.chain(stored_state)
             if not chain:
                 continue

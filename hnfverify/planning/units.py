@@ -32,12 +32,12 @@ class Unit:
     idx: int = 0
     sink: int = 0                # the stream's rule and max_seq_len, for its exact byte accounting
     recent: int = 0
-    t: int = 0
+    max_seq_len: int = 0
 
 
 def unit_bits(u: Unit, f: Format, d: int = 1) -> Fraction:
     """Bits the unit's segment occupies at max_seq_len in format f (docs/design.md §4, accounting)."""
-    return stored_segment_bits(f, u.seg, u.sink, u.recent, u.t, d)
+    return stored_segment_bits(f, u.seg, u.sink, u.recent, u.max_seq_len, d)
 
 
 @lru_cache(maxsize=None)
@@ -145,7 +145,7 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
                                          parse_number(inputs["amax"][1]))
                     kap = (parse_number(inputs["kappa"][0]), parse_number(inputs["kappa"][1]))
                     units.append(Unit(li, h, kv, seg, lengths[seg], stats, kap, inputs, sink=req.sink,
-                                      recent=req.recent, t=t))
+                                      recent=req.recent, max_seq_len=t))
     meta = {"max_seq_len": t, "lengths": lengths, "curvature": curvature, "head_dim": d}
     return units, meta
 
