@@ -188,7 +188,3 @@ def fmt_bound(x: Fraction) -> str | None:
     than 4300 digits). Every obligation decides with the exact value; only the witness is null."""
     return None if x > BOUND_LIMIT else fmt_number(x)
 
-
-def bound_float(x: Fraction) -> float:
-    """A bound for display: the float nearest to it, inf above the float range."""
-    return float("inf") if x > BOUND_LIMIT else float(x)

@@ -463,7 +463,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         raise PlanInfeasible(
             f"Theorem 5.7 cannot hold at --eps {fmt_number(req.eps)}: at {len(infeasible)} of "
             f"{sum(u.kv == 'K' for u in units)} key segments even {worst.chain[-1].name} is too coarse "
-            f"(worst: layer {worst.layer} head {worst.head} K {worst.seg}, needs eps >= {dec_up(float(need), 4)})")
+            f"(worst: layer {worst.layer} head {worst.head} K {worst.seg}, needs eps >= {_show(need)})")
 
     lh_units: dict = {}
     for i, u in enumerate(units):
@@ -548,7 +548,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
                     if k >= len(moves):
                         raise PlanInfeasible(
                             f"--eps {fmt_number(req.eps)}: the attention-output error bound of layer {lh[0]} "
-                            f"KV head {lh[1]} is at least {dec_up(float(e_exact), 4)} with the finest formats")
+                            f"KV head {lh[1]} is at least {_show(e_exact)} with the finest formats")
                 i, j = moves[k]
                 st[i] = j
                 k += 1
@@ -568,7 +568,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
                     if k >= len(moves):
                         raise PlanInfeasible(
                             f"--eps-target {fmt_number(req.eps_target)} is below the smallest end-to-end bound "
-                            f"these formats reach: {dec_up(float(exact_bound(final)[1]), 4)}")
+                            f"these formats reach: {_show(exact_bound(final)[1])}")
                 i, j = moves[k]
                 budget[i] = j
                 k += 1
@@ -587,11 +587,16 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
                  for h in range(n_h)] for li in range(n_l)]
     if req.avg_bits is not None and req.eps_target is not None and e_l > req.eps_target:
         raise PlanInfeasible(f"at --avg-bits {fmt_number(req.avg_bits)} the end-to-end bound is "
-                             f"{dec_up(float(e_l), 4)} > --eps-target {fmt_number(req.eps_target)}")
+                             f"{_show(e_l)} > --eps-target {fmt_number(req.eps_target)}")
     plan = _assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps, mlp_meas, onorm, qmax,
                      layer_b, e_l, mode, report_name)
     plan["claims"]["attention_error_max"] = [claim_up(max(row)) for row in head_err]
     return plan
+
+
+def _show(x) -> str:
+    """A bound in a message: 4 significant digits, or "more than 1E+300" (beyond floats and plan numbers)."""
+    return "more than 1E+300" if x > 10 ** 300 else dec_up(float(x), 4)
 
 
 def claim_up(x: Fraction) -> str | None:
@@ -648,7 +653,7 @@ def _theorem_fixup(units, state, req) -> list:
                 u = us[-1]
                 raise PlanInfeasible(f"layer {u.layer} head {u.head} {u.kv} {u.seg}: "
                                      + (f"values outside every format's domain ({dom[0]})" if dom else
-                                        f"Theorem 5.7 needs eps >= {dec_up(float(rhs), 4)} even with the finest "
+                                        f"Theorem 5.7 needs eps >= {_show(rhs)} even with the finest "
                                         "formats of the chain"))
             u = up[-1] if dom else max(up, key=lambda u: theorem_term(u.chain[state[u.idx]], u, req.c))
             state[u.idx] += 1
