@@ -885,20 +885,11 @@ class _Cache:
         self._merge()
 
     def can_crop(self, k, rule="doc"):
-        """§4: "crop(k) is allowed only while every position >= k is still in the recent window (or,
-        with R = 0 and a per-token rest format, individually stored)" (rule "doc"); the cache
-        (hnfverify/kv/cache.py) allows k >= the query its layout was made for (rule "cache")."""
-        if rule == "cache":
-            return k >= self.oldest
-        for lo, hi, st, ch in self.runs:
-            if hi <= k:
-                continue
-            if st == "recent" and lo >= self.s:
-                continue
-            if self.r == 0 and self.g is None and st in ("rest", "raw") and lo >= self.s:
-                continue
-            return False
-        return True
+        """§4: "crop(k) is allowed only for k >= the oldest query the current layout was made for"
+        (rule "doc"); the cache (hnfverify/kv/cache.py) implements the same rule (rule "cache"). The old
+        wording ("while every position >= k is still recent") allowed k down to a - R + 1, after which a
+        query read rest-format positions at distance < R: the test below keeps that schedule in view."""
+        return k >= self.oldest
 
     def crop(self, k):
         self._split(k)

@@ -128,7 +128,9 @@ def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smoll
                     q.write_bytes(dumps(bad))
                     code, out = cli("check", str(q), "--cert-dir", str(tmp_path / "c2"))
                     assert code == 1, out
-                    assert f"layer {layer['layer']} head {head['kv_head']} K {seg} positions 4-255" in out, out
+                    t, r = plan["max_seq_len"], plan["rule"]["recent"]
+                    last = t - r - 1 if seg == "rest" else t - 2        # REST: [S, T-R); RECENT: [S, T-1)
+                    assert f"layer {layer['layer']} head {head['kv_head']} K {seg} positions 4-{last}" in out, out
                     assert "first violation at position 4" in out
                     return
     raise AssertionError("no key segment sits one format step above the theorem's limit")
@@ -150,6 +152,6 @@ def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
     kw = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True,
               pad_token_id=smollm2.tokenizer.eos_token_id)
     ref = smollm2.model.generate(**enc, **kw)
-    got = smollm2.model.generate(**enc, cache=MixedPrecisionCache.from_plan(plan, smollm2.model.config), **kw)
+    got = smollm2.model.generate(**enc, cache=MixedPrecisionCache.from_plan(plan, smollm2.model), **kw)
     assert torch.equal(ref.sequences, got.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ref.logits, got.logits))

@@ -21,12 +21,17 @@ twins are for the planner's search only and decide nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 from .formats import SegmentStats
-from .numbers import exp_up, round_up, sqrt_up
+from .numbers import EXP_MAX_ARG, exp_up, round_up, sqrt_up
 from .semantics import READER, STATES
+
+#: an upper bound too large to compute exactly (it needs exp of more than EXP_MAX_ARG): +infinity.
+#: Every comparison with a plan number (<= 1e300) then fails, as it must; witnesses write it as null.
+UNBOUNDED = math.inf
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ def head_error(tau: Fraction, q_max: Fraction, dk: dict, dv: dict, mass_alpha: d
     segs = list(dk)
     m = {s: round_up(tau * q_max * dk[s]) for s in segs}
     big_m = max(m.values()) if m else Fraction(0)
+    if any(m[s] + big_m > EXP_MAX_ARG for s in segs):
+        return UNBOUNDED
     total = Fraction(0)
     for s in segs:
         e = exp_up(m[s] + big_m)
@@ -89,6 +96,8 @@ def exact_head_error(inp: HeadInputs, fk: dict, fv: dict) -> Fraction:
 
 
 def exact_layer_bound(head_errors: list, o_norms: list, group: int) -> Fraction:
+    if UNBOUNDED in head_errors:
+        return UNBOUNDED
     sg = sqrt_up(Fraction(group))
     return round_up(sum((round_up(o * sg * e) for o, e in zip(o_norms, head_errors)), Fraction(0)))
 
@@ -108,13 +117,16 @@ def injected(layer_bounds: list, mlp_gains: list | None) -> list:
     """b'_l = round_up(L'_l b_l): the layer's injected error after the rest of its own block."""
     if mlp_gains is None:
         return list(layer_bounds)
-    return [round_up(g * b) for g, b in zip(mlp_gains, layer_bounds)]
+    return [UNBOUNDED if b == UNBOUNDED else round_up(g * b) for g, b in zip(mlp_gains, layer_bounds)]
 
 
 def exact_end_to_end(layer_bounds: list, lipschitz: list, seq_len: int, mlp_gains: list | None = None) -> Fraction:
     """e_L of docs/design.md §2.5: round_up(sqrt(T) sum_l round_up(A_l b'_l))."""
     amp = amplification(lipschitz)
-    s = sum((round_up(a * b) for a, b in zip(amp, injected(layer_bounds, mlp_gains))), Fraction(0))
+    inj = injected(layer_bounds, mlp_gains)
+    if UNBOUNDED in inj:
+        return UNBOUNDED
+    s = sum((round_up(a * b) for a, b in zip(amp, inj)), Fraction(0))
     return round_up(sqrt_up(Fraction(seq_len)) * s)
 
 

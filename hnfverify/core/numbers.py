@@ -182,6 +182,6 @@ def fmt_bound(x: Fraction) -> str | None:
     return None if x > BOUND_LIMIT else fmt_number(x)
 
 
-def bound_float(x: Fraction) -> float:
-    """A bound for display: the float nearest to it, inf above the float range."""
-    return float("inf") if x > BOUND_LIMIT else float(x)
+def show_bound(x) -> str:
+    """A bound in a message: 4 significant digits, or "more than 1E+300" (beyond floats and plan numbers)."""
+    return "more than 1E+300" if x > BOUND_LIMIT else dec_up(float(x), 4)

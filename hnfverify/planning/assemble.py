@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from ..core.numbers import dec_down, dec_up, fmt_number, parse_number
+from ..core.numbers import dec_down, dec_up, fmt_number, parse_number, show_bound
 from ..core.plan import SCHEMA_VERSION
 from ..core.semantics import READER, SEGMENTS, State, StreamRule, reachable
 from ..core.verify.obligations import precision_terms
@@ -69,7 +69,7 @@ def raise_to_theorem(units, state, req) -> list:
                 u = us[-1]
                 raise PlanInfeasible(f"layer {u.layer} head {u.head} {u.kv} {u.seg}: "
                                      + (f"values outside every format's domain ({dom[0]})" if dom else
-                                        f"Theorem 5.7 needs eps >= {dec_up(float(rhs), 4)} even with the finest "
+                                        f"Theorem 5.7 needs eps >= {show_bound(rhs)} even with the finest "
                                         "formats of the chain"))
             u = up[-1] if dom else max(up, key=lambda u: theorem_term(u.chain[state[u.idx]], u, req.c))
             state[u.idx] += 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..core.bound import exact_end_to_end, exact_head_error, exact_layer_bound
 from ..core.formats import by_name
-from ..core.numbers import dec_up, fmt_number
+from ..core.numbers import fmt_number, show_bound
 from ..errors import InvalidArgument, PlanInfeasible
 from .request import PlanRequest, parse_uniform, uniform_format
 from .search import GreedySearch, average_bits
@@ -142,7 +142,7 @@ def eps_state(ctx: Planning, theorem_minima: list):
                 if k >= len(moves):
                     raise PlanInfeasible(
                         f"--eps {fmt_number(req.eps)}: the attention-output error bound of layer {lh[0]} "
-                        f"KV head {lh[1]} is at least {dec_up(float(e_exact), 4)} with the finest formats")
+                        f"KV head {lh[1]} is at least {show_bound(e_exact)} with the finest formats")
             i, j = moves[k]
             state[i] = j
             k += 1
@@ -162,7 +162,7 @@ def eps_state(ctx: Planning, theorem_minima: list):
                 if k >= len(moves):
                     raise PlanInfeasible(
                         f"--eps-target {fmt_number(req.eps_target)} is below the smallest end-to-end bound "
-                        f"these formats reach: {dec_up(float(ctx.exact_bound(final)[1]), 4)}")
+                        f"these formats reach: {show_bound(ctx.exact_bound(final)[1])}")
             i, j = moves[k]
             budget[i] = j
             k += 1

@@ -41,7 +41,7 @@ import math
 
 from ..core.bound import exact_head_error
 from ..core.formats import format_table
-from ..core.numbers import dec_up, fmt_number, parse_number, round_up
+from ..core.numbers import dec_up, fmt_number, parse_number, round_up, show_bound
 from ..core.semantics import SEGMENTS
 from ..core.vocabulary import Objective
 from ..errors import InvalidArgument, PlanInfeasible
@@ -104,7 +104,7 @@ def set_chains(units: list, fixed, table: dict, req: PlanRequest) -> None:
         raise PlanInfeasible(
             f"Theorem 5.7 cannot hold at --eps {fmt_number(req.eps)}: at {len(infeasible)} of "
             f"{sum(u.kv == 'K' for u in units)} key segments even {worst.chain[-1].name} is too coarse "
-            f"(worst: layer {worst.layer} head {worst.head} K {worst.seg}, needs eps >= {dec_up(float(need), 4)})")
+            f"(worst: layer {worst.layer} head {worst.head} K {worst.seg}, needs eps >= {show_bound(need)})")
 
 
 def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l: int, g_q: int) -> Planning:
@@ -172,7 +172,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
                  for h in range(n_h)] for li in range(n_l)]
     if req.avg_bits is not None and req.eps_target is not None and e_l > req.eps_target:
         raise PlanInfeasible(f"at --avg-bits {fmt_number(req.avg_bits)} the end-to-end bound is "
-                             f"{dec_up(float(e_l), 4)} > --eps-target {fmt_number(req.eps_target)}")
+                             f"{show_bound(e_l)} > --eps-target {fmt_number(req.eps_target)}")
     plan = assemble(summary, req, units, state, meta, table, gains["tau"], gains["lips"], gains["lips_meas"],
                     gains["mlps"], gains["mlp_meas"], gains["onorm"], gains["qmax"], layer_b, e_l, mode, report_name)
     plan["claims"]["attention_error_max"] = [claim_up(max(row)) for row in head_err]

@@ -653,10 +653,21 @@ def _t15b():
     return p
 
 
+@case("exp-beyond-cap-unused", "§2.4", 0, "avg-bits plan (eps implied), claims null, no eps_target; K rest "
+      "int2 with amax 32752 and diameters 262016: m + M about 1.3e5, yet no obligation needs E_h and every precision "
+      "obligation holds (kappa 0, in the domain); the gate takes the uncomputable bound as +infinity")
+def _t15d():
+    p = planner(avg_bits=Fraction(6))
+    inp = head(p)["K"]["rest"]["inputs"]
+    inp["amax"], inp["d_token"], inp["d_channel"] = ["0", "32752"], ["0", "262016"], ["0", "262016"]
+    head(p)["K"]["rest"]["format"] = fmt(p, "int2_t16")
+    kappa0(p)
+    p["eps_target"] = None
+    return null_claims(p)
+
+
 @case("exp-far-beyond-cap", "§2.4", 1, "int8 keys with amax 1e300 (eps the user's): out of the domain, and "
-      "E_h (exp of about 1e296) > eps: REFUTED",
-      gate_differs="exit 2: 'a bound needs exp(2.86e+296); arguments above 65536 are refused' although the plan "
-                   "is valid (§3); the domain and e^x >= 1 + x refute it")
+      "E_h (exp of about 1e296) > eps: REFUTED")
 def _t15c():
     p = planner()
     rule = head(p)["K"]

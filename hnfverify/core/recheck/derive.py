@@ -1,11 +1,19 @@
 """Every obligation a plan implies, re-derived (docs/design.md §5)."""
 
+import math
 from fractions import Fraction as F
 
 from .base import expect
 from .numbers import bound, exp_up, fmt, num, round_up, show, sqrt_up
 from .formats import chain_stages, diam
 from .semantics import (READER, chain, minus_blocks, reachable, seg_errors, smt_composition, smt_monotonicity, smt_precision, stream)
+
+
+INF = math.inf          # a bound too large to compute exactly (exp of more than 65536): +infinity, §2.4
+
+
+def up(x):
+    return x if x == INF else round_up(x)
 
 
 # ---------------------------------------------------------------- obligations (§5)
@@ -54,6 +62,8 @@ def head_error(tau, q, k, v):
     dk, dv = seg_errors(k), seg_errors(v)
     m = {s: round_up(tau * q * dk[s]) for s in dk}
     big, total = max(m.values(), default=F(0)), F(0)
+    if any(m[s] + big > 65536 for s in dk):        # too large to compute: +infinity (fails every budget)
+        return INF, dk, dv
     for s in dk:
         ma = max(num(x[s]["mass_alpha"][1]) for x in (k["inputs"], v["inputs"]) if s in x)
         mv = max(num(x[s]["mass_avo"][1]) for x in (k["inputs"], v["inputs"]) if s in x)
@@ -76,23 +86,23 @@ def derive(plan):
                 obs, n = precision(eps, c, t, li, hi, sts[kv])
                 out, positions = out + obs, positions + n
             e_h, dk, dv = head_error(tau, num(head["q_max"]), sts["K"], sts["V"])
-            b_l, worst = b_l + round_up(num(head["o_proj_norm"]) * sg * e_h), max(worst, e_h)
+            b_l, worst = b_l + up(num(head["o_proj_norm"]) * sg * e_h), max(worst, e_h)
             if plan["eps_source"] == "user":                        # §5.3
                 expect(e_h <= eps, f"attention/L{li}/H{hi}: does not hold: E_h = {show(e_h)} exceeds eps = "
                                    f"{fmt(eps)}, the plan violates it")
                 out.append(ob(f"attention/L{li}/H{hi}", "attention-error-budget", {"layer": li, "kv_head": hi},
                               {"eps": fmt(eps), "error_bound": bound(e_h), "dK": {s: bound(x) for s, x in dk.items()},
                                "dV": {s: bound(x) for s, x in dv.items()}}))
-        bl.append(round_up(b_l))
+        bl.append(up(b_l))
         att.append(worst)
     lips = [num(la["lipschitz"]["value"]) for la in plan["layers"]]     # §2.5, §5.4
     mlps = [num(la["mlp_lipschitz"]["value"]) for la in plan["layers"]]
-    inj = [round_up(a * b) for a, b in zip(mlps, bl)]
+    inj = [INF if b == INF else round_up(a * b) for a, b in zip(mlps, bl)]
     amp, acc = [F(1)] * len(lips), F(1)
     for i in range(len(lips) - 1, -1, -1):
         amp[i], acc = acc, round_up(acc * lips[i])
     sq = sqrt_up(F(t))
-    e_l = round_up(sq * sum((round_up(a * b) for a, b in zip(amp, inj)), F(0)))
+    e_l = INF if INF in inj else round_up(sq * sum((round_up(a * b) for a, b in zip(amp, inj)), F(0)))
     if plan["eps_target"] is not None:
         tgt = num(plan["eps_target"])
         expect(e_l <= tgt, f"composition: does not hold: e_L = {show(e_l)} exceeds eps_target = {fmt(tgt)}, "

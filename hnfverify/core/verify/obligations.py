@@ -202,7 +202,8 @@ def _claims(plan: dict, pv, pb) -> Obligation:
 
     def cmp(path, claimed, exact):
         if claimed is not None and parse_number(claimed) < exact:
-            bad.append(f"{path} = {claimed} < {fmt_bound(round_up(exact, 20)) or 'more than 1E+300'}")
+            bad.append(f"{path} = {claimed} < " + ("more than 1E+300" if fmt_bound(exact) is None
+                                                  else fmt_number(round_up(exact, 20))))
 
     for i, b in enumerate(pb.layer_bounds):
         cmp(f"$.claims.layer_bounds[{i}]", claims["layer_bounds"][i], b)

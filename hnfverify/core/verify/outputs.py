@@ -8,7 +8,7 @@ import re
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
-from ..numbers import bound_float
+from ..numbers import fmt_bound
 from . import PROVED, REFUTED, UNKNOWN
 
 RULES = {
@@ -91,7 +91,7 @@ def text(result, plan_path: str, sha: str, cert_path) -> str:
     n_unk = sum(o.verdict == UNKNOWN for o in result.obligations)
     lines.append(f"hnfverify check: {v} {plan_path} (sha256 {sha[:16]}): {len(result.obligations)} obligations, "
                  f"{n_ref} violated, {n_unk} undecided; {result.entries} cached positions checked "
-                 f"({result.entries_exact} by exact fallback); end-to-end bound {bound_float(result.end_to_end_bound):.6g}")
+                 f"({result.entries_exact} by exact fallback); end-to-end bound {_f(fmt_bound(result.end_to_end_bound))}")
     if cert_path:
         lines.append(f"certificate {cert_path}")
     return "\n".join(printable(line) for line in lines) + "\n"

@@ -107,12 +107,9 @@ def test_simulated_cache_reads_only_listed_states(s, r, g, t):
         assert st["doc"], name
 
 
-@pytest.mark.xfail(strict=True, reason="docs/design.md §4 allows crop(k) while every position >= k is still "
-                   "recent, i.e. k as low as a - R + 1; after such a crop the next query reads positions that "
-                   "already left the window (REST, recent-then-rest chain) at distance < R with the near "
-                   "queries' inputs, a state §4's list and the obligations miss. The cache is stricter "
-                   "(k >= the layout's query) and safe.")
 def test_the_documented_crop_rule_reads_only_listed_states():
+    """docs/design.md §4's crop rule (k >= the oldest query of the layout) leaves only listed states. The
+    earlier wording ("while every position >= k is still recent") failed this test (strict xfail)."""
     bad = [f for s, r, g, t in ((4, 8, None, 24), (1, 2, None, 10), (0, 3, 8, 24))
            for f in oracle.stream_states(s, r, g, t, crop="doc")["findings"] if "SOUNDNESS" in f]
     assert not bad, bad
