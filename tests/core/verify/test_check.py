@@ -181,7 +181,7 @@ def test_recheck_module_uses_only_the_standard_library():
         # within the package only relative imports of sibling modules (``from .numbers import ...``)
         relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
         assert all(n.level == 1 and n.module in siblings for n in relative), path.name
-        assert mods <= {"hashlib", "json", "math", "re", "sys", "fractions", "pathlib", "importlib"}, (path.name, mods)
+        assert mods <= {"hashlib", "json", "math", "re", "sys", "fractions", "pathlib", "importlib", "platform"}, (path.name, mods)
 
 
 def test_smt_per_position_audit(tmp_path, plan_pair):
