@@ -166,3 +166,49 @@ def test_left_padded_batches_are_refused(tiny):
     out = lm.model.generate(input_ids=ids[1:], cache=MixedPrecisionCache.from_plan(plan, lm.model), max_new_tokens=2,
                             do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+def test_the_real_cache_stays_inside_the_certified_bound(tiny):
+    """Decode through MixedPrecisionCache itself (not the teacher-forced pass): at every step, layer and
+    query head, the attention output computed from what the cache returned differs from the output on
+    the exact K/V of the same pass (what was written into the cache) by at most the certified E_h."""
+    from hnfverify.analysis.analyzer import attention_bias
+    from hnfverify.analysis.routing import routed_attention
+
+    lm = tiny[0]
+    plan = _plan(tiny, avg_bits=Fraction(4))
+    bounds, _, _ = head_bounds(plan)
+    cache = MixedPrecisionCache.from_plan(plan, lm.model)
+    exact, worst, checked = {}, {}, [0]
+    for li, layer in enumerate(cache.layers):
+        def update(k, v, *a, _orig=layer.update, _li=li, **kw):
+            prev = exact.get(_li)
+            exact[_li] = (k, v) if prev is None else (torch.cat([prev[0], k], -2), torch.cat([prev[1], v], -2))
+            return _orig(k, v, *a, **kw)
+        layer.update = update
+
+    def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        li = int(module.layer_idx)
+        g = query.shape[1] // key.shape[1]
+        bias = attention_bias(attention_mask, query, key, module).double()
+        tau = float(scaling if scaling is not None else module.scaling)
+
+        def out(k, v):
+            k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+            return torch.softmax(tau * query.double() @ k.transpose(-1, -2) + bias, -1) @ v
+
+        o_cache = out(key, value)
+        if query.shape[-2] == 1 and key.shape[-2] > 1:            # decode steps read stored K/V
+            err = (o_cache - out(*exact[li])).norm(dim=-1)[0, :, 0]          # (Hq,)
+            for qh in range(err.shape[0]):
+                h = qh // g
+                worst[(li, h)] = max(worst.get((li, h), 0.0), float(err[qh]))
+                checked[0] += 1
+        return o_cache.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), routed_attention(lm.model, attn):
+        lm.model.generate(ids, cache=cache, max_new_tokens=T - 24, do_sample=False, pad_token_id=0)
+    assert checked[0] > 0 and any(w > 0 for w in worst.values())
+    over = {k: (w, bounds[k]) for k, w in worst.items() if w > bounds[k]}
+    assert not over, over
