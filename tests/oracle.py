@@ -1285,21 +1285,50 @@ def decide(plan, crop=False) -> Result:
     return res
 
 
+def rmin(a: R, b: R) -> R:
+    lo = min(a.lo, b.lo)
+    hi = a.hi if b.hi is None else b.hi if a.hi is None else min(a.hi, b.hi)
+    return R(lo, hi, a.exact and b.exact and (a.lo == b.lo or hi == lo))
+
+
+def _tanh_half(x: R) -> R:
+    """tanh(x/2) = 1 - 2/(e^x + 1), and at most x/2; 1 above the exponent cap 128 (§2.4)."""
+    if x.lo > 128:
+        return R.of(1)
+    e = rexp(x)
+    lo = 1 - 2 / (e.lo + 1)
+    hi = Q(1) if e.hi is None else 1 - 2 / (e.hi + 1)
+    half = R(x.lo / 2, None if x.hi is None else x.hi / 2, x.exact)
+    return rmin(R(lo, hi, e.exact), half)
+
+
 def _head_error(h, tau, qmax, lens, dk, dv) -> R:
     """E_h (§2.4) over the segments a query reads (those of non-zero length), with dK/dV the largest
-    errors of the stored forms read as each segment (0 when every such form is exact)."""
+    errors of the stored forms read as each segment (0 when every such form is exact):
+    min(max dV, sum min(1, e^(m+M) A) dV) + min(sum (e^(m+M) - 1) B, 2 tanh(M/2) max W)."""
     segs = [s for s in ("sink", "recent", "rest") if lens[s] > 0]
     zero = R.of(0)
+    if not segs:
+        return zero
     m = {s: (R.of(tau * qmax)) * dk.get(s, zero) for s in segs}
-    big = rmax(*m.values()) if m else zero
-    total = R.of(0)
+    big = rmax(*m.values())
+
+    def inp(s, key):
+        return R.of(max(parse(h["K"][s]["inputs"][key][1]), parse(h["V"][s]["inputs"][key][1])))
+
+    first, order1, capped = zero, zero, False
     for s in segs:
-        ki, vi = h["K"][s]["inputs"], h["V"][s]["inputs"]
-        a = max(parse(ki["mass_alpha"][1]), parse(vi["mass_alpha"][1]))
-        b = max(parse(ki["mass_avo"][1]), parse(vi["mass_avo"][1]))
-        e = rexp(m[s] + big)
-        total = total + e * dv.get(s, zero) * a + e.minus_one() * b
-    return total.inexact()
+        x = m[s] + big
+        if x.lo > 128:
+            capped, share = True, R.of(1)
+        else:
+            share = rmin(R.of(1), rexp(x) * inp(s, "mass_alpha"))
+            order1 = order1 + rexp(x).minus_one() * inp(s, "mass_avo")
+        first = first + share * dv.get(s, zero)
+    first = rmin(first, rmax(*(dv.get(s, zero) for s in segs)))
+    tv = R.of(2) * _tanh_half(big) * rmax(*(inp(s, "vo") for s in segs))
+    second = tv if capped else rmin(order1, tv)
+    return (first + second).inexact()
 
 
 # ============================================================================ certificates (§6)

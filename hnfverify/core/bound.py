@@ -3,13 +3,15 @@
 For one KV head h of layer l, a rule plan splits the cache into segments sigma (sink, recent,
 rest), each stored in its own format for K and for V. With, per segment,
   dK_sigma >= ||dK_t|| and dV_sigma >= ||dV_t|| for every t in sigma   (the formats' error models),
-  m_sigma = tau Q dK_sigma  (Q >= ||q|| for every query),  M = max_sigma m_sigma,
+  m_sigma = tau Q dK_sigma  (Q >= ||q|| for every query),  M = max_sigma m_sigma  (r <= 2M, Lemma L4),
   A_sigma >= max_q sum_{t in sigma} alpha_t,  B_sigma >= max_q sum_{t in sigma} alpha_t ||V_t - o||,
-every query's attention output moves by at most
+  W_sigma >= max_q max_{t in sigma} ||V_t - o||,
+every query's attention output moves by at most (docs/design.md §2.4, Lemmas L1-L4)
 
-  E_h = sum_sigma e^(m_sigma + M) dV_sigma A_sigma + sum_sigma (e^(m_sigma + M) - 1) B_sigma
+  E_h = min(max dV, sum_sigma min(1, e^(m_sigma + M) A_sigma) dV_sigma)
+        + min(sum_sigma (e^(m_sigma + M) - 1) B_sigma,  2 tanh(M/2) max_sigma W_sigma)
 
-(alpha~_t / alpha_t lies in [e^-(m_t + M), e^(m_t + M)]; no Taylor truncation). The layer injects
+— finite for every plan: the total-variation branch stays below twice the values' spread. The layer injects
 b_l = sum_h ||W_o[:, group h]|| sqrt(G) E_h into every token's hidden state, and through blocks with
 Lipschitz constants L_j the final hidden states (all T tokens, Frobenius norm) move by at most
 
@@ -26,18 +28,29 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .formats import SegmentStats
-from .numbers import EXP_MAX_ARG, exp_up, round_up, sqrt_up
+from .numbers import exp_up, round_up, sqrt_up
 from .semantics import READER, STATES
 
-#: an upper bound too large to compute exactly (it needs exp of more than EXP_MAX_ARG): +infinity.
-#: Every comparison with a plan number (<= 1e300) then fails, as it must; witnesses write it as null.
+#: an upper bound that is not computed: +infinity. Every comparison with a plan number (<= 1e300) then
+#: fails, as it must; witnesses write it as null. E_h itself is always finite now (§2.4).
 UNBOUNDED = math.inf
+
+#: exponents above this are not evaluated (docs/design.md §2.4): a first-order term e^x - 1 with x > FO_MAX_ARG
+#: is +infinity (its branch of the min is not taken), a mass factor min(1, e^x A) is 1, tanh(x/2) is 1.
+FO_MAX_ARG = 128
+
+
+def tanh_half_up(x: Fraction) -> Fraction:
+    """An upper bound of tanh(x/2) for x >= 0: min(x/2, 1 - 2/(e^x + 1)), and 1 for x > FO_MAX_ARG."""
+    if x > FO_MAX_ARG:
+        return Fraction(1)
+    return min(round_up(x / 2), round_up(1 - 2 / (exp_up(x) + 1)))
 
 
 @dataclass(frozen=True)
 class HeadInputs:
     """Inputs of one (layer, KV head): ``keys``/``values`` map segment -> SegmentStats, ``mass_alpha`` /
-    ``mass_avo`` map segment -> Fraction (upper ends). Only segments present in the rule appear."""
+    ``mass_avo``, ``spread`` (max ||V_t - o||) map segment -> Fraction (upper ends). Only segments present in the rule appear."""
 
     tau: Fraction
     q_max: Fraction
@@ -45,6 +58,7 @@ class HeadInputs:
     values: dict
     mass_alpha: dict
     mass_avo: dict
+    spread: dict
 
 
 def chain_stages(chain: tuple, stats: SegmentStats) -> list:
@@ -76,23 +90,32 @@ def segment_errors(stats: dict, fmts: dict) -> dict:
     return err
 
 
-def head_error(tau: Fraction, q_max: Fraction, dk: dict, dv: dict, mass_alpha: dict, mass_avo: dict) -> Fraction:
-    """E_h of docs/design.md §2.4 from per-segment error bounds and attention masses."""
+def head_error(tau: Fraction, q_max: Fraction, dk: dict, dv: dict, mass_alpha: dict, mass_avo: dict,
+               spread: dict) -> Fraction:
+    """E_h of docs/design.md §2.4 from per-segment error bounds, attention masses (A: mass_alpha, B: mass_avo)
+    and value spreads (W: spread, the larger end of max ||V_t - o||)."""
     segs = list(dk)
+    if not segs:
+        return Fraction(0)
     m = {s: round_up(tau * q_max * dk[s]) for s in segs}
-    big_m = max(m.values()) if m else Fraction(0)
-    if any(m[s] + big_m > EXP_MAX_ARG for s in segs):
-        return UNBOUNDED
-    total = Fraction(0)
+    big = max(m.values())
+    first = Fraction(0)
     for s in segs:
-        e = exp_up(m[s] + big_m)
-        total += round_up(e * dv[s] * mass_alpha[s]) + round_up((e - 1) * mass_avo[s])
-    return round_up(total)
+        x = m[s] + big
+        share = Fraction(1) if x > FO_MAX_ARG else min(Fraction(1), round_up(exp_up(x) * mass_alpha[s]))
+        first += round_up(share * dv[s])
+    first = min(first, max(dv[s] for s in segs))
+    if any(m[s] + big > FO_MAX_ARG for s in segs):
+        order1 = UNBOUNDED
+    else:
+        order1 = round_up(sum((round_up((exp_up(m[s] + big) - 1) * mass_avo[s]) for s in segs), Fraction(0)))
+    tv = round_up(2 * tanh_half_up(big) * max(spread[s] for s in segs))
+    return round_up(first + min(order1, tv))
 
 
 def exact_head_error(inp: HeadInputs, fk: dict, fv: dict) -> Fraction:
     return head_error(inp.tau, inp.q_max, segment_errors(inp.keys, fk), segment_errors(inp.values, fv), inp.mass_alpha,
-                      inp.mass_avo)
+                      inp.mass_avo, inp.spread)
 
 
 def exact_layer_bound(head_errors: list, o_norms: list, group: int) -> Fraction:
@@ -164,7 +187,8 @@ def plan_bounds(pv) -> PlanBounds:
         errs, norms = [], []
         for h in layer.heads:
             dk, dv = stream_errors(h.keys), stream_errors(h.values)
-            e = head_error(layer.tau, h.q_max, dk, {s: dv.get(s, Fraction(0)) for s in dk}, h.mass_alpha, h.mass_avo)
+            e = head_error(layer.tau, h.q_max, dk, {s: dv.get(s, Fraction(0)) for s in dk}, h.mass_alpha, h.mass_avo,
+                           h.spread)
             head_e[(layer.index, h.head)] = e
             dks[(layer.index, h.head)], dvs[(layer.index, h.head)] = dk, dv
             errs.append(e)

@@ -49,6 +49,7 @@ class HeadView:
     values: StreamView
     mass_alpha: dict          # segment -> upper end (the larger of the K and the V rule's)
     mass_avo: dict
+    spread: dict              # segment -> upper end of max ||V_t - o|| ("vo"), the larger of the K and the V rule's
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,14 @@ def view(plan: dict) -> PlanView:
         for head in layer["heads"]:
             k = _stream(li, head["kv_head"], "K", head["K"], t, d)
             v = _stream(li, head["kv_head"], "V", head["V"], t, d)
-            ma, mv = {}, {}
+            ma, mv, sp = {}, {}, {}
             for seg in k.inputs:
                 both = [k.inputs[seg]] + ([v.inputs[seg]] if seg in v.inputs else [])
                 ma[seg] = max(_hi(x["mass_alpha"]) for x in both)
                 mv[seg] = max(_hi(x["mass_avo"]) for x in both)
+                sp[seg] = max(_hi(x["vo"]) for x in both)
             heads.append(HeadView(li, head["kv_head"], parse_number(head["q_max"]), parse_number(head["o_proj_norm"]),
-                                  k, v, ma, mv))
+                                  k, v, ma, mv, sp))
         layers.append(LayerView(li, parse_number(layer["tau"]), parse_number(layer["lipschitz"]["value"]),
                                 parse_number(layer["mlp_lipschitz"]["value"]), tuple(heads)))
     eps_t = plan["eps_target"]

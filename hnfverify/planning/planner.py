@@ -131,7 +131,8 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
         inputs = exact_heads[lh]
         float_heads[lh] = FloatHead(float(inputs.tau), float(inputs.q_max), segs,
                                     tuple(float(inputs.mass_alpha[s]) for s in segs),
-                                    tuple(float(inputs.mass_avo[s]) for s in segs))
+                                    tuple(float(inputs.mass_avo[s]) for s in segs),
+                                    tuple(float(inputs.spread[s]) for s in segs))
     search = GreedySearch(units, float_heads, weights, amp_f, linear=req.objective == Objective.LINEAR)
     search_e2e = search if req.objective == Objective.END_TO_END else GreedySearch(units, float_heads, weights, amp_e2e)
     return Planning(req, units, meta, by_head, exact_heads, weights, onorm, lips, mlps, g_q, search, search_e2e,

@@ -17,17 +17,21 @@ class FloatHead:
     segs: tuple
     mass_alpha: tuple
     mass_avo: tuple
+    spread: tuple
 
 
 def float_head_error(fh: FloatHead, dk: tuple, dv: tuple) -> float:
-    """dk, dv: per-segment error bounds (floats) in fh.segs order."""
+    """E_h of docs/design.md §2.4 in floats; dk, dv: per-segment error bounds in fh.segs order."""
+    n = len(fh.segs)
+    if not n:
+        return 0.0
     m = [fh.tau * fh.q_max * x for x in dk]
-    big = max(m) if m else 0.0
-    total = 0.0
-    for i in range(len(fh.segs)):
-        e = math.exp(min(m[i] + big, 700.0))
-        total += e * dv[i] * fh.mass_alpha[i] + (e - 1.0) * fh.mass_avo[i]
-    return total
+    big = max(m)
+    e = [math.exp(min(m[i] + big, 700.0)) for i in range(n)]
+    first = min(sum(min(1.0, e[i] * fh.mass_alpha[i]) * dv[i] for i in range(n)), max(dv))
+    order1 = sum((e[i] - 1.0) * fh.mass_avo[i] for i in range(n))
+    tv = 2.0 * math.tanh(min(big, 700.0) / 2) * max(fh.spread)
+    return first + min(order1, tv)
 
 
 def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:

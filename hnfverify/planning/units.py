@@ -155,4 +155,5 @@ def head_inputs(units_lh: list, tau: Fraction, q_max: Fraction) -> HeadInputs:
     values = {u.seg: u.stats for u in units_lh if u.kv == "V"}
     mass_alpha = {u.seg: parse_number(u.inputs["mass_alpha"][1]) for u in units_lh if u.kv == "K"}
     mass_avo = {u.seg: parse_number(u.inputs["mass_avo"][1]) for u in units_lh if u.kv == "K"}
-    return HeadInputs(tau, q_max, keys, values, mass_alpha, mass_avo)
+    spread = {u.seg: parse_number(u.inputs["vo"][1]) for u in units_lh if u.kv == "K"}
+    return HeadInputs(tau, q_max, keys, values, mass_alpha, mass_avo, spread)

@@ -504,7 +504,7 @@ case("domain-widened-chain", "§2.3", 1, "INT4 recent then FP16 rest: amax just 
 # ---- thresholds (§2.2, §2.4, §2.5, §5.5)
 def _precision_threshold(step):
     def build():
-        p = planner()
+        p = planner(recent=0)              # one-stage chains only: every rhs is an exact rational
         p["eps_source"], p["mode"]["kind"], p["eps_target"] = "implied", "assigned", None
         null_claims(p)
         res = oracle.decide(p)

@@ -58,18 +58,29 @@ def precision(eps, c, t, layer, head, st):
 
 
 def head_error(tau, q, k, v):
-    """E_h of §2.4 with the per-segment dK, dV; masses: the larger of the K and the V rule's."""
+    """E_h of §2.4 with the per-segment dK, dV; masses and spreads: the larger of the K and the V rule's."""
     dk, dv = seg_errors(k), seg_errors(v)
+    if not dk:
+        return F(0), dk, dv
     m = {s: round_up(tau * q * dk[s]) for s in dk}
-    big, total = max(m.values(), default=F(0)), F(0)
-    if any(m[s] + big > 65536 for s in dk):        # too large to compute: +infinity (fails every budget)
-        return INF, dk, dv
-    for s in dk:
-        ma = max(num(x[s]["mass_alpha"][1]) for x in (k["inputs"], v["inputs"]) if s in x)
-        mv = max(num(x[s]["mass_avo"][1]) for x in (k["inputs"], v["inputs"]) if s in x)
-        e = exp_up(m[s] + big)
-        total += round_up(e * dv.get(s, F(0)) * ma) + round_up((e - 1) * mv)
-    return round_up(total), dk, dv
+    big = max(m.values())
+
+    def inp(s, key):
+        return max(num(x[s][key][1]) for x in (k["inputs"], v["inputs"]) if s in x)
+
+    def e(s):                      # e^(m_s + M), None above 128 (not evaluated, §2.4)
+        return None if m[s] + big > 128 else exp_up(m[s] + big)
+
+    first = sum((round_up((F(1) if e(s) is None else min(F(1), round_up(e(s) * inp(s, "mass_alpha"))))
+                          * dv.get(s, F(0))) for s in dk), F(0))
+    first = min(first, max(dv.get(s, F(0)) for s in dk))
+    if any(e(s) is None for s in dk):
+        order1 = INF
+    else:
+        order1 = round_up(sum((round_up((e(s) - 1) * inp(s, "mass_avo")) for s in dk), F(0)))
+    th = F(1) if big > 128 else min(round_up(big / 2), round_up(1 - 2 / (exp_up(big) + 1)))
+    tv = round_up(2 * th * max(inp(s, "vo") for s in dk))
+    return round_up(first + min(order1, tv)), dk, dv
 
 
 def derive(plan):

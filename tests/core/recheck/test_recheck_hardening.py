@@ -519,7 +519,8 @@ def test_attention_family_required_when_eps_source_is_user():
     keyed it on mode.kind. Failed before the fix."""
     plan = make_plan("avg-bits")
     plan["eps_source"] = "user"
-    plan["eps"] = fmt_number(2 * max(Fraction(x) for x in plan["claims"]["attention_error_max"]))  # E_h <= eps holds
+    plan["eps"] = fmt_number(max(Fraction(plan["eps"]),       # the precision bounds and E_h <= eps hold
+                                 2 * max(Fraction(x) for x in plan["claims"]["attention_error_max"])))
     cert = forge(plan)
     cert["obligations"] = [o for o in cert["obligations"] if o["family"] != "attention-error-budget"]
     assert "missing" in rejected(reseal(recount(cert)), plan)
@@ -654,7 +655,8 @@ def test_per_head_bound_uses_the_larger_of_the_k_and_v_masses():
     Failed before the fix."""
     plan = null_claims(make_plan("eps"))
     for seg in ("sink", "recent", "rest"):
-        plan["layers"][0]["heads"][0]["V"][seg]["inputs"]["mass_avo"] = ["0", "1000"]
+        for key in ("mass_avo", "vo"):        # both branches of the output term (§2.4) grow
+            plan["layers"][0]["heads"][0]["V"][seg]["inputs"][key] = ["0", "1000"]
     rejected(forge(plan), plan)
 
 
@@ -823,7 +825,9 @@ def test_recheck_stays_standard_library_only():
 def test_genuine_certificate_with_a_bound_above_1e300_is_confirmed():
     """Bounds above 1e300 are null in witnesses and the summary (as check writes them)."""
     plan = null_claims(make_plan("avg-bits"))
-    plan["layers"][0]["heads"][0]["q_max"] = "20000"         # E_h ~ exp(thousands)
+    big = fmt_number(Fraction(10) ** 200)                     # amplification prod L_j ~ 10^(200 (L - 1))
+    for layer in plan["layers"]:
+        layer["lipschitz"] = {"measured": big, "margin": "1", "value": big}
     cert = certify(plan)
     assert cert["summary"]["end_to_end_bound"] is None
     code, msg = decide(cert, plan)

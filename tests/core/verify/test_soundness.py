@@ -187,7 +187,8 @@ def test_mode_label_cannot_remove_the_attention_budget(tmp_path, eps_plan):
     relabelling an eps plan whose heads exceed eps as "assigned" gave exit 0."""
     plan = copy.deepcopy(eps_plan)
     for seg in ("recent", "rest"):                          # pushes E_h of L0 H0 above eps
-        plan["layers"][0]["heads"][0]["K"][seg]["inputs"]["mass_avo"] = ["0", "1000000"]
+        for key in ("mass_avo", "vo"):
+            plan["layers"][0]["heads"][0]["K"][seg]["inputs"][key] = ["0", "1000000"]
     plan["mode"]["kind"] = "assigned"
     code, out = _check(tmp_path, plan)
     assert code == 1 and "attention" in out, out
