@@ -563,7 +563,9 @@ def _schema(p):
         raise _Bad("$.mode.kind", "unknown mode")
     _str(m["value"], "$.mode.value")
     _str(m["budget_split"], "$.mode.budget_split")
-    r = _obj(p["rule"], "$.rule", ["sink", "recent"])
+    r = _obj(p["rule"], "$.rule", ["sink", "recent"], optional=["error_norms"])
+    if "error_norms" in r and r["error_norms"] != "u8log":
+        raise _Bad("$.rule.error_norms", "must be u8log")
     for k in ("sink", "recent"):
         _int(r[k], f"$.rule.{k}", 0, 100000000)
     f = p["formats"]

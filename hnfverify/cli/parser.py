@@ -37,6 +37,9 @@ def add_plan_options(p) -> None:
     g.add_argument("--plan-curvature", choices=Curvature.values(), default=None,
                    help="override the report's curvature for planning (ablation)")
     g.add_argument("--max-seq-len", type=positive_int_arg("--max-seq-len"), default=None)
+    g.add_argument("--no-error-norms", action="store_true",
+                   help="do not record each stored vector's error norm (1 byte per position and K|V stream, counted "
+                        "in --avg-bits); without them the cache cannot certify its attention at run time")
 
 
 class Parser(argparse.ArgumentParser):

@@ -22,7 +22,8 @@ def plan_request(args):
         c=fraction_arg("--c", args.c) if args.c is not None else Fraction(4),
         sink=args.sink, recent=args.recent,
         lipschitz_margin=fraction_arg("--lipschitz-margin", args.lipschitz_margin),
-        curvature=args.plan_curvature, max_seq_len=args.max_seq_len, objective=args.objective)
+        curvature=args.plan_curvature, max_seq_len=args.max_seq_len, objective=args.objective,
+        error_norms=not args.no_error_norms)
 
 
 def write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bool = False) -> None:

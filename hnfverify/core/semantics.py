@@ -192,6 +192,16 @@ def channel_groups(rule: StreamRule, lo: int, hi: int) -> list:
     return out
 
 
+#: bits the cache spends per stored position and stream on the recorded error norm when the plan's rule has
+#: ``error_norms`` (docs/design.md §4.1): one byte, a code of an upper bound of ||x~_t - x_t||.
+NORM_BITS = 8
+
+
+def norm_bits(plan_rule: dict) -> int:
+    """NORM_BITS if the plan's ``rule`` records error norms, else 0."""
+    return NORM_BITS if plan_rule.get("error_norms") == "u8log" else 0
+
+
 def segment_bits(fmt, seg: str, counts: dict, d: int):
     """Bits one segment of a stream occupies for ``counts`` (from :func:`stored_counts`): packed values,
     scales and zero-points (one set per channel group, whatever its size), FP32 pending copies."""

@@ -10,7 +10,7 @@ def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
     after one-token steps (``semantics.stored_counts``), quantized for real: values, scales,
     zero-points, FP32 pending positions."""
     from ..kv.quant import quantize
-    from ..core.semantics import stored_counts
+    from ..core.semantics import norm_bits, stored_counts
 
     rules = plan_rules(plan)
     total = 0
@@ -33,6 +33,7 @@ def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
                 total += c["pending"] * x.shape[1] * 4
                 if c["recent"]:
                     total += quantize(x[t_len - c["recent"]:t_len], f["recent"]).nbytes
+                total += norm_bits(plan["rule"]) * t_len // 8          # one code per stored position
     return total
 
 
@@ -41,12 +42,13 @@ def accounting_units(plan: dict) -> list:
     return [r for rules in plan_rules(plan).values() for r in rules]
 
 
-def accounted_bytes(units: list, d: int, n: int) -> int:
+def accounted_bytes(units: list, d: int, n: int, norm_bits: int = 0) -> int:
     """Bytes of a plan cache holding n positions by the accounting of docs/design.md §4 (the planner's
-    claims use the same; the cache's real packed bytes agree, tests/kv/test_cache_semantics.py)."""
+    claims use the same; the cache's real packed bytes agree, tests/kv/test_cache_semantics.py);
+    ``norm_bits``: per position and stream for the recorded error norms (``semantics.norm_bits``)."""
     from ..core.semantics import SEGMENTS, segment_bits, stored_counts
 
-    bits = 0
+    bits = norm_bits * n * len(units)
     for rule in units:
         c = stored_counts(rule, n)
         bits += sum(segment_bits(rule.formats[seg], seg, c, d) for seg in SEGMENTS)

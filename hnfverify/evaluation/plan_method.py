@@ -18,5 +18,8 @@ def plan_method(name: str, plan: dict) -> Method:
     def context(model, prefix, window_stats):
         return plan_attention(model, plan, prefix, bounds, window_stats)
 
+    from ..core.semantics import norm_bits
+
+    nb = norm_bits(plan["rule"])
     return Method(name, context, nbytes, bounds, e_l,
-                  accounted=lambda window_stats, n: accounted_bytes(units, plan["shape"]["head_dim"], n))
+                  accounted=lambda window_stats, n: accounted_bytes(units, plan["shape"]["head_dim"], n, nb))

@@ -8,6 +8,9 @@ complete channel group (aligned at multiples of G, as the analysis groups them),
 group kept as the FP32 copy of its recent values. With R = 0 positions go straight to the rest.
 Storage is packed (``hnfverify.kv.quant``); ``nbytes()`` counts it all. Each ``update`` returns the
 dequantized past (float32) with the chunk's own K/V exact; the prefill returns its K/V exact.
+With the plan's ``error_norms`` each stream also records, per position, a one-byte upper bound of its
+stored value's error norm (``hnfverify.kv.norms``, docs/design.md §4.1), counted in ``nbytes()``;
+``hnfverify.kv.certify`` turns them into a certified attention-error bound at every step.
 
     cache = MixedPrecisionCache.from_plan(plan, model)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
@@ -20,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import InvalidArgument
 from ..core.semantics import StreamRule, channel_groups, layout
+from . import norms
 from .quant import Packed, dequantize, quantize
 
 
@@ -62,10 +66,14 @@ class _Stream:
     per-token tensor, or one entry per channel group) [S, rest_end); ``pending`` FP32 [rest_end,
     recent_start) (recent values whose channel group is incomplete; exact values when R = 0);
     ``recent`` packed [recent_start, length). ``oldest`` is the query the layout was made for.
+    ``codes`` (B, length) uint8:
+    the recorded error norms in position order (None when the plan records none).
     """
 
-    def __init__(self, rule: StreamRule):
+    def __init__(self, rule: StreamRule, record: bool = False):
         self.rule = rule
+        self.record = record
+        self.codes: torch.Tensor | None = None
         self.sink: list = []
         self.rest: list = []
         self.rest_end = 0
@@ -80,21 +88,46 @@ class _Stream:
         """x: (B, n, d), positions length .. length + n - 1 (a chunk; its queries read it exactly)."""
         n, start, r = x.shape[-2], self.length, self.rule
         n_sink = max(0, min(n, r.sink - start))
+        codes = []
         if n_sink:
-            self.sink.append(quantize(x[:, :n_sink], r.formats["sink"]))
+            p = quantize(x[:, :n_sink], r.formats["sink"])
+            self.sink.append(p)
+            codes.append(self._codes_of(p, x[:, :n_sink]))
         tail = x[:, n_sink:]
         if tail.shape[-2]:
             if self.recent is None and self.pending is None and not self.rest:
                 self.rest_end = self.recent_start = start + n_sink
             if r.recent > 0:
-                self.recent = _cat_packed([self.recent, quantize(tail, r.formats["recent"])])
+                p = quantize(tail, r.formats["recent"])
+                self.recent = _cat_packed([self.recent, p])
+                codes.append(self._codes_of(p, tail))
             elif r.channel_group is None:          # R = 0: straight to the per-token rest format
-                self._add_rest(quantize(tail, r.formats["rest"]))
+                p = quantize(tail, r.formats["rest"])
+                self._add_rest(p)
                 self.rest_end = self.recent_start = start + n
+                codes.append(self._codes_of(p, tail))
             else:                                  # R = 0: exact until the channel group is complete
                 self.pending = tail.clone() if self.pending is None else torch.cat([self.pending, tail], dim=-2)
                 self.recent_start = start + n
+                codes.append(self._codes_of(None, tail))
+        if self.record:
+            self.codes = torch.cat(([self.codes] if self.codes is not None else []) + codes, dim=-1)
         self.length += n
+
+    def _codes_of(self, p: Packed | None, x: torch.Tensor) -> torch.Tensor | None:
+        """Codes of the error norms of x stored as p (None: kept exact)."""
+        if not self.record:
+            return None
+        if p is None:
+            return torch.zeros(x.shape[:-1], dtype=torch.uint8)
+        return norms.encode_up(norms.error_norm(dequantize(p), x))
+
+    def _requantized(self, p: Packed, before: torch.Tensor, lo: int) -> None:
+        """Positions lo.. (as many as ``before`` holds) re-stored as p from their stored values ``before``."""
+        if self.record:
+            n = before.shape[-2]
+            stage = norms.error_norm(dequantize(p), before)
+            self.codes[:, lo:lo + n] = norms.chained(self.codes[:, lo:lo + n], stage)
 
     def relayout(self, oldest: int) -> None:
         """Lay the stream out for queries >= ``oldest`` (docs/design.md §4): positions with
@@ -114,12 +147,16 @@ class _Stream:
             return
         f = r.formats["rest"]
         if r.channel_group is None:
-            self._add_rest(quantize(self.pending, f))
+            p = quantize(self.pending, f)
+            self._add_rest(p)
+            self._requantized(p, self.pending, self.rest_end)
             self.rest_end += self.pending.shape[-2]
             self.pending = None
             return
         for size in channel_groups(r, self.rest_end, lay.rest_end):
-            self.rest.append(quantize(self.pending[:, :size], f, group_tokens=size))
+            p = quantize(self.pending[:, :size], f, group_tokens=size)
+            self.rest.append(p)
+            self._requantized(p, self.pending[:, :size], self.rest_end)
             self.pending = self.pending[:, size:]
             self.rest_end += size
         if self.pending.shape[-2] == 0:
@@ -162,6 +199,8 @@ class _Stream:
             n = keep - r.sink
             self.rest = [_slice_packed(self.rest[0], 0, n)] if self.rest and n > 0 else []
             self.rest_end = self.recent_start = max(keep, r.sink)
+        if self.codes is not None:
+            self.codes = self.codes[:, :keep]
         self.length = keep
 
     # ---- reading
@@ -180,7 +219,13 @@ class _Stream:
             n += self.recent.nbytes
         if self.pending is not None:
             n += self.pending.numel() * 4
+        if self.codes is not None:
+            n += self.codes.numel()
         return n
+
+    def error_bounds(self) -> torch.Tensor:
+        """(B, length) float64: upper bounds of ||x~_t - x_t|| as recorded (docs/design.md §4.1)."""
+        return norms.decode(self.codes)
 
     def reorder(self, idx: torch.Tensor) -> None:
         self.sink = [_select(p, idx) for p in self.sink]
@@ -188,6 +233,8 @@ class _Stream:
         self.recent = _select(self.recent, idx)
         if self.pending is not None:
             self.pending = self.pending.index_select(0, idx.to(self.pending.device))
+        if self.codes is not None:
+            self.codes = self.codes.index_select(0, idx.to(self.codes.device))
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
@@ -207,13 +254,15 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.k_streams: list = []
         self.v_streams: list = []
         self.cumulative_length = 0
+        self.exact_tail = 0           # positions the last update returned exact (its chunk; all of a prefill)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[1] != len(self.rules):
             raise InvalidArgument(f"the plan has {len(self.rules)} KV heads per layer, the model {key_states.shape[1]}")
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k_streams = [_Stream(k) for k, _ in self.rules]
-        self.v_streams = [_Stream(v) for _, v in self.rules]
+        rec = self.owner.error_norms
+        self.k_streams = [_Stream(k, rec) for k, _ in self.rules]
+        self.v_streams = [_Stream(v, rec) for _, v in self.rules]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -231,11 +280,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
         for h in range(len(self.rules)):
             self.k_streams[h].append(key_states[:, h].float())
             self.v_streams[h].append(value_states[:, h].float())
+        self.owner._monitor_stored(self, key_states, value_states)
         self.cumulative_length += n
         if first:
             for s in streams:
                 s.relayout(a + n - 1)
+            self.exact_tail = self.cumulative_length
             return key_states, value_states
+        self.exact_tail = n
         keys = torch.stack([s.materialize() for s in self.k_streams], dim=1).to(key_states.dtype)
         values = torch.stack([s.materialize() for s in self.v_streams], dim=1).to(value_states.dtype)
         keys[..., -n:, :] = key_states           # the chunk's own K/V exact
@@ -274,6 +326,25 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.k_streams + self.v_streams)
 
+    def error_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dk, dv), each (B, Hkv, length) float64: upper bounds of ||K~_t - K_t||, ||V~_t - V_t|| for the K/V
+        the last ``update`` returned (its chunk's own positions exact: 0), from the recorded codes alone."""
+        if not self.owner.error_norms:
+            raise InvalidArgument("this plan records no error norms (its rule has no error_norms): the cache "
+                                  "cannot certify its attention at run time; plan without --no-error-norms")
+        out = []
+        for streams in (self.k_streams, self.v_streams):
+            e = torch.stack([s.error_bounds() for s in streams], dim=1)
+            if self.exact_tail:
+                e[..., -self.exact_tail:] = 0.0
+            out.append(e)
+        return out[0], out[1]
+
+
+def _amax(stream) -> float:
+    """The largest measured |x| over a stream's segments (the plan's amax upper ends)."""
+    return max((float(st.amax) for st in stream.stats.values()), default=float("inf"))
+
 
 def _refuse_padding(position_ids, past: int, n: int) -> None:
     """A plan's positions are those of one unpadded sequence (docs/design.md §4): with left padding the
@@ -299,11 +370,29 @@ class MixedPrecisionCache(Cache):
     ``certified`` to False.
     """
 
-    def __init__(self, rules_by_layer: list, max_seq_len: int | None = None, on_overflow: str = "error"):
+    def __init__(self, rules_by_layer: list, max_seq_len: int | None = None, on_overflow: str = "error",
+                 error_norms: bool = False, limits: dict | None = None):
         if on_overflow not in ON_OVERFLOW:
             raise InvalidArgument(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         self.max_seq_len, self.on_overflow, self.certified = max_seq_len, on_overflow, True
+        self.error_norms = error_norms
+        #: the plan's measured assumptions the cache watches (docs/design.md §4.1): (layer, KV head) ->
+        #: {"q_max": float, "K": amax, "V": amax}; ``monitor`` counts what falls outside them
+        self.limits = limits or {}
+        self.monitor = {"queries_above_q_max": 0, "keys_above_amax": 0, "values_above_amax": 0}
         super().__init__(layers=[MixedPrecisionLayer(r, self) for r in rules_by_layer])
+
+    def _monitor_stored(self, layer: "MixedPrecisionLayer", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Count stored vectors with an entry beyond the plan's measured |x| maximum (any segment)."""
+        if not self.limits:
+            return
+        li = self.layers.index(layer)
+        for h in range(k.shape[1]):
+            lim = self.limits.get((li, h))
+            if lim is None:
+                continue
+            self.monitor["keys_above_amax"] += int((k[:, h].abs().amax(-1) > lim["K"]).sum())
+            self.monitor["values_above_amax"] += int((v[:, h].abs().amax(-1) > lim["V"]).sum())
 
     def _admit(self, length: int) -> None:
         if self.max_seq_len is None or length <= self.max_seq_len:
@@ -337,7 +426,10 @@ class MixedPrecisionCache(Cache):
                 raise InvalidArgument(f"layer {st.layer} head {st.head} {st.kv}: the cache cannot hold a plan's "
                                       "per-position blocks")
         rules = [[(h.keys.rule, h.values.rule) for h in layer.heads] for layer in pv.layers]
-        return cls(rules, pv.max_seq_len, on_overflow)
+        limits = {(h.layer, h.head): {"q_max": float(h.q_max), "K": _amax(h.keys), "V": _amax(h.values)}
+                  for h in pv.heads()}
+        return cls(rules, pv.max_seq_len, on_overflow, error_norms=plan["rule"].get("error_norms") == "u8log",
+                   limits=limits)
 
     def nbytes(self) -> int:
         """Bytes held by the packed cache: values, scales, zero-points and FP32 pending groups."""

@@ -11,7 +11,7 @@ from ..core.semantics import READER, SEGMENTS, State, StreamRule, reachable
 from ..core.verify.obligations import precision_terms
 from ..errors import PlanInfeasible
 from .request import ASSIGNED, BUDGET_SPLIT, EPS_SPLIT
-from .search import average_bits
+from .search import average_bits, norm_overhead
 from .units import theorem_term, unit_bits
 
 
@@ -121,9 +121,11 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
             "heads": heads,
         })
     calib = summary["calibration"]
-    avg = average_bits(units, state)
+    ov = norm_overhead(req, meta["head_dim"])
+    avg = average_bits(units, state, ov)
+    n_streams = 2 * shape["layers"] * shape["kv_heads"]
     total_bits = sum((unit_bits(u, u.chain[s], meta["head_dim"]) for u, s in zip(units, state)),
-                     Fraction(0))
+                     Fraction(0)) + ov * meta["head_dim"] * meta["max_seq_len"] * n_streams
     assumptions = [
         {"name": "curvature", "statement": "for every deployment query, kappa_t <= the plan's kappa upper end "
          "(the sup over calibration queries, split by query distance for recent/rest)",
@@ -165,7 +167,8 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
         "mode": {**mode, "budget_split": ASSIGNED if mode["kind"] in ("uniform", "assigned")
                  else BUDGET_SPLIT[req.objective] if mode["kind"] == "avg_bits" else EPS_SPLIT
                  + (" " + BUDGET_SPLIT["end_to_end"] if req.eps_target is not None else "")},
-        "rule": {"sink": meta["lengths"]["sink"], "recent": meta["lengths"]["recent"]},
+        "rule": {"sink": meta["lengths"]["sink"], "recent": meta["lengths"]["recent"],
+                 **({"error_norms": "u8log"} if req.error_norms else {})},
         "formats": {n: table[n].to_json() for n in used},
         "layers": layers,
         "assumptions": assumptions,

@@ -15,7 +15,7 @@ from ..core.formats import by_name
 from ..core.numbers import fmt_number, show_bound
 from ..errors import InvalidArgument, PlanInfeasible
 from .request import PlanRequest, parse_uniform, uniform_format
-from .search import GreedySearch, average_bits
+from .search import GreedySearch, average_bits, norm_overhead
 
 
 @dataclass
@@ -105,15 +105,17 @@ def avg_bits_state(ctx: Planning, start: list):
     """``--avg-bits``: the longest prefix of the objective's greedy sequence from ``start`` (the Theorem
     5.7 minima) whose average bits are <= the budget."""
     req, units = ctx.req, ctx.units
-    if average_bits(units, start) > req.avg_bits:
+    ov = norm_overhead(req, ctx.meta["head_dim"])
+    if average_bits(units, start, ov) > req.avg_bits:
         raise PlanInfeasible(f"--avg-bits {fmt_number(req.avg_bits)} is below the cheapest plan allowed "
-                             f"({'by Theorem 5.7 at --eps ' + fmt_number(req.eps) if req.eps else 'by the formats'}): "
-                             f"{float(average_bits(units, start)):.4f} bits per element")
+                             f"({'by Theorem 5.7 at --eps ' + fmt_number(req.eps) if req.eps else 'by the formats'}"
+                             f"{', error norms included' if ov else ''}): "
+                             f"{float(average_bits(units, start, ov)):.4f} bits per element")
     state = list(start)
     for i, j in ctx.search.sequence(start):
         old = state[i]
         state[i] = j
-        if average_bits(units, state) > req.avg_bits:
+        if average_bits(units, state, ov) > req.avg_bits:
             state[i] = old
             break
     return state, {"kind": "avg_bits", "value": fmt_number(req.avg_bits)}

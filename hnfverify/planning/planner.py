@@ -48,7 +48,7 @@ from ..errors import InvalidArgument, PlanInfeasible
 from .assemble import assemble, claim_up, raise_to_theorem
 from .modes import Planning, avg_bits_state, eps_state, fixed_formats, fixed_state
 from .request import PlanRequest
-from .search import FloatHead, GreedySearch, average_bits
+from .search import FloatHead, GreedySearch, average_bits, norm_overhead
 from .units import build_chain, head_inputs, set_errors, theorem_term, units_from_report
 
 
@@ -163,9 +163,10 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
 
     if fixed is None:
         state = raise_to_theorem(units, state, req)
-        if req.avg_bits is not None and average_bits(units, state) > req.avg_bits:
+        ov = norm_overhead(req, meta["head_dim"])
+        if req.avg_bits is not None and average_bits(units, state, ov) > req.avg_bits:
             raise PlanInfeasible(f"--avg-bits {fmt_number(req.avg_bits)}: Theorem 5.7 at --eps {fmt_number(req.eps)} "
-                                 f"for the re-quantized forms needs {float(average_bits(units, state)):.4f} bits")
+                                 f"for the re-quantized forms needs {float(average_bits(units, state, ov)):.4f} bits")
     layer_b, e_l = ctx.exact_bound(state)
     head_err = [[exact_head_error(ctx.exact_heads[(li, h)],
                                   {u.seg: u.chain[state[u.idx]] for u in ctx.by_head[(li, h)] if u.kv == "K"},

@@ -69,6 +69,7 @@ class PlanRequest:
     max_seq_len: int | None = None
     objective: str = Objective.LINEAR.value           # what --avg-bits' greedy sequence lowers
     assign: tuple | None = None           # ((layer, head, "K"|"V", segment, format), ...): explicit plans
+    error_norms: bool = True              # the cache records each stored vector's error norm (docs/design.md §4.1)
 
     def validate(self) -> None:
         modes = [x is not None for x in (self.eps, self.avg_bits, self.uniform, self.assign)]

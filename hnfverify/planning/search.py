@@ -126,6 +126,14 @@ class GreedySearch:
         return moves
 
 
-def average_bits(units, state) -> Fraction:
+def norm_overhead(req, d: int) -> Fraction:
+    """Per-element bits of the recorded error norms (docs/design.md §4.1) when the request keeps them."""
+    from ..core.semantics import NORM_BITS
+
+    return Fraction(NORM_BITS, d) if req.error_norms else Fraction(0)
+
+
+def average_bits(units, state, overhead: Fraction = Fraction(0)) -> Fraction:
+    """Bits per element of the cache at max_seq_len; ``overhead``: per-element bits on top (the error norms)."""
     tot = sum(u.length for u in units)
-    return sum((unit_bits(u, u.chain[s]) for u, s in zip(units, state)), Fraction(0)) / tot
+    return sum((unit_bits(u, u.chain[s]) for u, s in zip(units, state)), Fraction(0)) / tot + overhead

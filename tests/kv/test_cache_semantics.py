@@ -183,6 +183,7 @@ def test_sequences_past_max_seq_len_are_refused_or_marked():
 
 def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
     """The planner's claim, the accounting and the cache's real bytes agree (docs/design.md §4)."""
+    from hnfverify.core.semantics import norm_bits
     from hnfverify.evaluation import accounted_bytes, accounting_units
 
     for spec, s, r in (("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16)):
@@ -191,12 +192,12 @@ def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
         cache = MixedPrecisionCache.from_plan(plan)
         for li in range(n_l):
             cache.update(X[:, :, :30], X[:, :, :30], li)
-        units = accounting_units(plan)
-        assert cache.nbytes() == accounted_bytes(units, D, 30), spec
+        units, nb = accounting_units(plan), norm_bits(plan["rule"])
+        assert cache.nbytes() == accounted_bytes(units, D, 30, nb), spec
         for i in range(30, 64):
             for li in range(n_l):
                 cache.update(X[:, :, i:i + 1], X[:, :, i:i + 1], li)
-            assert cache.nbytes() == accounted_bytes(units, D, i + 1), (spec, i)
+            assert cache.nbytes() == accounted_bytes(units, D, i + 1, nb), (spec, i)
         assert cache.nbytes() * 8 == int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])), spec
 
 

@@ -145,7 +145,10 @@ def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):
     plan = _plan(tiny, avg_bits=Fraction(6))
     units = accounting_units(plan)
     t = plan["max_seq_len"]
-    assert accounted_bytes(units, plan["shape"]["head_dim"], t) == \
+    from hnfverify.core.semantics import norm_bits
+
+    assert plan["rule"]["error_norms"] == "u8log"            # on by default, and counted
+    assert accounted_bytes(units, plan["shape"]["head_dim"], t, norm_bits(plan["rule"])) == \
         int(Fraction(plan["claims"]["cache_bits_at_max_seq_len"])) // 8
     # shorter caches hold fewer bytes
     assert accounted_bytes(units, plan["shape"]["head_dim"], t // 2) < accounted_bytes(units, plan["shape"]["head_dim"], t)

@@ -88,7 +88,7 @@ PLAN = O({
     "shape": O({k: I(1, 100000) for k in ("layers", "kv_heads", "query_heads", "head_dim")}),
     "max_seq_len": I(1, LENGTH), "eps": NN, "eps_source": E("user", "implied"), "eps_target": ("null", NN), "c": NN,
     "mode": O({"kind": E("eps", "avg_bits", "uniform", "assigned"), "value": S, "budget_split": S}),
-    "rule": O({"sink": I(0, LENGTH), "recent": I(0, LENGTH)}), "formats": ("map", FORMAT, FORMAT_NAME, 1, ()),
+    "rule": O({"sink": I(0, LENGTH), "recent": I(0, LENGTH)}, {"error_norms": E("u8log")}), "formats": ("map", FORMAT, FORMAT_NAME, 1, ()),
     "layers": ("list", LAYER, 1),
     "assumptions": ("list", O({"name": S, "statement": S, "value": SN, "margin": SN,
                                "provenance": ("map", None, None, 0, ())}), 0),

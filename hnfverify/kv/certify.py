@@ -1,0 +1,177 @@
+"""Run-time certification (docs/design.md §2.4b): the attention error a plan cache makes at each step,
+bounded from what the cache stores alone — the stored K~, V~ it returns, the recorded error norms
+(``hnfverify.kv.norms``) and the step's real queries.
+
+For one query q over the visible positions t, with dk_t >= ||K~_t - K_t||, dv_t >= ||V~_t - V_t||,
+alpha~ = softmax(tau q.K~ + mask), o~ = sum alpha~_t V~_t, r = 2 tau ||q|| max_t dk_t (Lemma L4) and
+w_t = ||V~_t - o~|| + dv_t (>= ||V_t - o~||), the exact attention o over the true K, V satisfies
+(Lemma L3')
+
+    ||o~ - o|| <= sum_t alpha~_t dv_t + min((e^r - 1) sum_t alpha~_t w_t,  2 tanh(r/4) max_t w_t).
+
+Everything is computed in float64 from the float32 stored values: alpha~, o~ and the distances to the
+float64 o~ (any centre is allowed, so o~'s own rounding costs nothing), ||V~_t - o~||^2 expanded with a
+rounding margin, and a final relative margin of 1e-9 for the float64 sums. The bound is that of exact
+attention over the stored data; the model's float32 kernel rounds both runs alike and is not counted.
+
+    with certify(model, cache) as cert:
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cert.layer_max()        # (layers, KV heads): the largest certified ||o~ - o|| of any step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from ..errors import InvalidArgument
+
+SUM_MARGIN = 1e-9
+_EPS64 = 2.0 ** -53
+
+
+def bound_from_parts(alpha, dist, dk, dv, qn, tau: float, vis):
+    """The bound of L3' per query. alpha, dist (upper bounds of ||V~_t - c||), vis: (..., n, L); dk, dv:
+    (..., n, L) or broadcastable; qn: (..., n) query norms. All float64 (vis bool). Returns (..., n)."""
+    zero = torch.zeros((), dtype=torch.float64)
+    dkv = torch.where(vis, dk, zero)
+    r = 2.0 * tau * qn * dkv.amax(-1)
+    first = (alpha * dv).sum(-1)
+    w = dist + dv
+    fo = torch.expm1(r) * (alpha * w).sum(-1)
+    tv = 2.0 * torch.tanh(r / 4) * torch.where(vis, w, zero).amax(-1)
+    # an infinite recorded norm (code 255) makes the bound infinite; 0 * inf terms are nan: inf
+    out = (first + torch.minimum(fo, tv)) * (1 + SUM_MARGIN)
+    return torch.nan_to_num(out, nan=float("inf"))
+
+
+def distances_up(v: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of ||v_t - o_i||: v (..., L, d), o (..., n, d) float64 -> (..., n, L). Expanded as
+    ||v||^2 - 2 o.v + ||o||^2 with a margin covering float64 rounding of the three dot products."""
+    d = v.shape[-1]
+    vn2 = (v * v).sum(-1)
+    on2 = (o * o).sum(-1)
+    sq = vn2.unsqueeze(-2) - 2.0 * (o @ v.transpose(-1, -2)) + on2.unsqueeze(-1)
+    margin = 4.0 * (d + 2) * _EPS64 * (vn2.unsqueeze(-2) + on2.unsqueeze(-1))
+    return torch.sqrt(torch.clamp(sq, min=0.0) + margin)
+
+
+def runtime_bounds(query, key, value, bias, tau: float, dk, dv):
+    """query (B, Hq, n, d); key, value (B, Hkv, L, d) as the cache returned them; bias (B|1, Hq|1, n, L) the
+    model's additive mask; dk, dv (B, Hkv, L) recorded error bounds. Returns (B, Hq, n) float64 bounds."""
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    if not bool((dk > 0).any() or (dv > 0).any()):
+        return torch.zeros(b, hq, n, dtype=torch.float64)
+    q = query.double()
+    k = key.double().repeat_interleave(g, dim=1)
+    v = value.double().repeat_interleave(g, dim=1)
+    bias = bias.double()
+    vis = (bias > torch.finfo(torch.float32).min / 2).expand(b, hq, n, k.shape[-2])
+    scores = tau * (q @ k.transpose(-1, -2)) + bias
+    alpha = torch.softmax(scores, dim=-1)
+    o = alpha @ v
+    dist = distances_up(v, o)
+    dke = dk.repeat_interleave(g, dim=1).unsqueeze(-2)
+    dve = dv.repeat_interleave(g, dim=1).unsqueeze(-2)
+    return bound_from_parts(alpha, dist, dke, dve, q.norm(dim=-1), tau, vis)
+
+
+def _original_attention(name: str, module):
+    """The attention function the model would call (its configured implementation, or its eager one)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise InvalidArgument(f"{type(module).__name__}: no eager attention function to certify around")
+    return fn
+
+
+class Certifier:
+    """Per-step certified attention-error bounds of a :class:`MixedPrecisionCache` (docs/design.md §2.4b).
+
+    ``steps``: one (layers, KV heads) float64 tensor per forward pass (max over the batch, the pass's
+    queries and each KV head's query heads); ``queries`` (with ``keep_queries``): per forward pass a dict
+    layer -> (B, Hq, n) bounds; ``monitor``: queries with ||q|| above the plan's q_max (plus the cache's own
+    counts of stored vectors beyond the measured amax)."""
+
+    def __init__(self, cache, n_layers: int, n_kv: int, keep_queries: bool = False):
+        self.cache, self.n_layers, self.n_kv, self.keep_queries = cache, n_layers, n_kv, keep_queries
+        self.steps: list = []
+        self.queries: list = []
+        self.q_above = 0
+
+    def _record(self, li: int, bounds: torch.Tensor, g: int) -> None:
+        if li == 0 or not self.steps:
+            self.steps.append(torch.zeros(self.n_layers, self.n_kv, dtype=torch.float64))
+            self.queries.append({})
+        per_kv = bounds.amax(dim=(0, 2)).reshape(self.n_kv, g).amax(-1) if bounds.numel() else \
+            torch.zeros(self.n_kv, dtype=torch.float64)
+        self.steps[-1][li] = torch.maximum(self.steps[-1][li], per_kv)
+        if self.keep_queries:
+            self.queries[-1][li] = bounds
+
+    def layer_max(self) -> torch.Tensor:
+        """(layers, KV heads): the largest certified bound over every recorded step."""
+        if not self.steps:
+            return torch.zeros(self.n_layers, self.n_kv, dtype=torch.float64)
+        return torch.stack(self.steps).amax(0)
+
+    @property
+    def monitor(self) -> dict:
+        return dict(self.cache.monitor, queries_above_q_max=self.q_above)
+
+
+@contextlib.contextmanager
+def certify(model, cache, keep_queries: bool = False, observer=None):
+    """Route ``model``'s attention through the cache-paired certifying function inside the block: the output
+    is the model's own attention (its implementation, mask, sliding window and scaling); on the side each
+    call's bound is computed from the cache's stored K/V and recorded norms. Yields a :class:`Certifier`.
+    ``observer(layer, query, key, value, bias, tau, bounds)``, if given, sees every call (tests, evaluation)."""
+    from ..analysis.analyzer import attention_bias, refuse_unimplemented_attention
+    from ..analysis.routing import routed_attention
+
+    if not cache.error_norms:
+        raise InvalidArgument("the plan records no error norms (its rule has no error_norms): nothing to certify at "
+                              "run time; make the plan without --no-error-norms")
+    if getattr(model, "dtype", torch.float32) != torch.float32:
+        raise InvalidArgument(f"run-time certification needs a float32 model (got {model.dtype}): the recorded norms "
+                              "bound the float32 values the cache returns")
+    cert = Certifier(cache, len(cache.layers), len(cache.layers[0].rules))
+    cert.keep_queries = keep_queries
+    orig: dict = {}
+    impl = model.config._attn_implementation or "eager"          # what the model runs outside the block
+
+    def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        refuse_unimplemented_attention(module, dropout, kwargs, "the certifying attention")
+        li = int(module.layer_idx)
+        if li not in orig:
+            orig[li] = _original_attention(impl, module)
+        out = orig[li](module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        layer = cache.layers[li]
+        if key.shape[-2] != layer.get_seq_length():
+            raise InvalidArgument(f"layer {li}: the attention reads {key.shape[-2]} positions, the cache holds "
+                                  f"{layer.get_seq_length()}: certification needs the cache in use")
+        d = query.shape[-1]
+        tau = float(scaling if scaling is not None else getattr(module, "scaling", d ** -0.5))
+        dk, dv = layer.error_bounds()
+        bias = attention_bias(attention_mask, query, key, module)
+        bounds = runtime_bounds(query.detach(), key.detach(), value.detach(), bias, tau, dk, dv)
+        g = query.shape[1] // key.shape[1]
+        cert._record(li, bounds, g)
+        if observer is not None:
+            observer(li, query.detach(), key.detach(), value.detach(), bias, tau, bounds)
+        lim = cache.limits
+        if lim:
+            qn = query.detach().double().norm(dim=-1)                 # (B, Hq, n)
+            qmax = torch.tensor([lim[(li, h // g)]["q_max"] for h in range(query.shape[1])], dtype=torch.float64)
+            cert.q_above += int((qn > qmax.view(1, -1, 1)).sum())
+        return out
+
+    with routed_attention(model, attn, prefix="hnfverify_certify"):
+        yield cert

@@ -1,0 +1,166 @@
+"""Run-time certification (docs/design.md §2.4b, §4.1): the recorded error norms bound the true errors, and
+the certified bound computed from what the cache stores bounds the real attention error at every step."""
+
+import importlib.util
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from hnfverify.errors import InvalidArgument
+from hnfverify.kv import norms
+from hnfverify.kv.cache import MixedPrecisionCache
+from hnfverify.kv.certify import certify, runtime_bounds
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def _cache_semantics():
+    spec = importlib.util.spec_from_file_location("cs", HERE / "kv" / "test_cache_semantics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=0.0, max_value=600.0, allow_nan=False))
+def test_codes_decode_at_or_above_the_norm_and_within_one_step(x):
+    c = norms.encode_up(torch.tensor([x], dtype=torch.float64))
+    y = float(norms.decode(c)[0])
+    assert y >= x
+    if x >= 2.0 ** -22:
+        assert y <= x * 2 ** (1 / 8) * (1 + 1e-12)
+    if x == 0:
+        assert int(c[0]) == 0 and y == 0
+
+
+def test_codes_beyond_the_range_are_infinite_and_chains_add():
+    big = norms.encode_up(torch.tensor([1e4, float("nan")], dtype=torch.float64))
+    assert big.tolist() == [255, 255] and torch.isinf(norms.decode(big)).all()
+    c = norms.encode_up(torch.tensor([0.5], dtype=torch.float64))
+    ch = norms.chained(c, torch.tensor([0.25], dtype=torch.float64))
+    assert float(norms.decode(ch)[0]) >= float(norms.decode(c)[0]) + 0.25
+
+
+@pytest.mark.parametrize("spec,s,r", [("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16),
+                                      ("int2_t16", 1, 8), ("int4_t16,rest=int2_c8", 4, 16)])
+def test_recorded_norms_bound_the_true_errors_at_every_step(spec, s, r):
+    """After a prefill and every one-token step, for every layer, head, K|V and position: the decoded code
+    >= ||what the cache returns - what was written||, through sink, recent, rest chains and channel groups."""
+    cs = _cache_semantics()
+    plan = cs.synthetic_plan(uniform=spec, sink=s, recent=r)
+    assert plan["rule"]["error_norms"] == "u8log"
+    cache = MixedPrecisionCache.from_plan(plan)
+    x = cs.X
+    n_l = len(plan["layers"])
+    tight = []
+    for li in range(n_l):
+        cache.update(x[:, :, :20], x[:, :, :20], li)
+    for i in range(20, 60):
+        for li in range(n_l):
+            k, v = cache.update(x[:, :, i:i + 1], x[:, :, i:i + 1], li)
+            dk, dv = cache.layers[li].error_bounds()
+            true = (k.double() - x[:, :, :i + 1].double()).norm(dim=-1)
+            assert bool((dk >= true).all()) and bool((dv >= (v.double() - x[:, :, :i + 1].double()).norm(dim=-1)).all())
+            assert bool((dk[..., -1] == 0).all())                   # the step's own position is exact
+            nz = true > 1e-6
+            if nz.any():
+                tight.append(float((dk[nz] / true[nz]).max()))
+    assert tight and max(tight) < 2.5                           # recorded, not a worst case: within a few steps
+
+
+def test_norm_bytes_are_counted_and_no_norms_means_no_certificate():
+    cs = _cache_semantics()
+    with_n = MixedPrecisionCache.from_plan(cs.synthetic_plan(uniform="int4_t16", sink=4, recent=8))
+    without = MixedPrecisionCache.from_plan(cs.synthetic_plan(uniform="int4_t16", sink=4, recent=8, error_norms=False))
+    for c in (with_n, without):
+        for li in range(len(c.layers)):
+            c.update(cs.X[:, :, :30], cs.X[:, :, :30], li)
+    streams = 2 * len(with_n.layers) * len(with_n.layers[0].rules)
+    assert with_n.nbytes() - without.nbytes() == streams * 30 * cs.X.shape[0]
+    with pytest.raises(InvalidArgument, match="error norms"):
+        without.layers[0].error_bounds()
+
+
+def test_real_decoding_stays_inside_the_runtime_bound(tiny_lm_plan):
+    """Decode through MixedPrecisionCache under ``certify``: at every step, layer and query head the
+    attention output from what the cache returned differs from the output on the exact K/V of the same pass
+    by at most the certified run-time bound; the bound itself is computed from the cache's data alone."""
+    lm, plan = tiny_lm_plan
+    cache = MixedPrecisionCache.from_plan(plan, lm.model)
+    exact, pairs = {}, []
+    for li, layer in enumerate(cache.layers):
+        def update(k, v, *a, _orig=layer.update, _li=li, **kw):
+            prev = exact.get(_li)
+            exact[_li] = (k, v) if prev is None else (torch.cat([prev[0], k], -2), torch.cat([prev[1], v], -2))
+            return _orig(k, v, *a, **kw)
+        layer.update = update
+
+    def observe(li, query, key, value, bias, tau, bounds):
+        g = query.shape[1] // key.shape[1]
+
+        def out(k, v):
+            k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+            return torch.softmax(tau * query.double() @ k.transpose(-1, -2) + bias.double(), -1) @ v
+
+        err = (out(key, value) - out(*exact[li])).norm(dim=-1)
+        pairs.append((err, bounds))
+
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), certify(lm.model, cache, observer=observe) as cert:
+        lm.model.generate(ids, cache=cache, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    err = torch.cat([e.flatten() for e, _ in pairs])
+    bnd = torch.cat([b.flatten() for _, b in pairs])
+    assert int((err > 0).sum()) > 100
+    assert bool((bnd >= err).all()), float((err / bnd).max())
+    ratio = bnd[err > 0] / err[err > 0]
+    print("runtime bound / actual: median", float(ratio.median()), "min", float(ratio.min()))
+    assert float(ratio.median()) < 1000                       # informative, not vacuous
+    assert len(cert.steps) == 40 and cert.layer_max().shape == (len(cache.layers), len(cache.layers[0].rules))
+
+    # from the cache's own state alone (no reference tensor): stored K/V, decoded norms, a fresh query
+    li = 1
+    layer = cache.layers[li]
+    k_st = torch.stack([s.materialize() for s in layer.k_streams], 1)
+    v_st = torch.stack([s.materialize() for s in layer.v_streams], 1)
+    layer.exact_tail = 0                                       # a query at the next step reads everything stored
+    dk, dv = layer.error_bounds()
+    kx, vx = exact[li]
+    del exact
+    hq = lm.model.config.num_attention_heads
+    q = torch.randn(1, hq, 1, k_st.shape[-1], generator=torch.Generator().manual_seed(1)).double() * 4
+    bias = torch.zeros(1, 1, 1, k_st.shape[-2])
+    b = runtime_bounds(q, k_st, v_st, bias, 0.25, dk, dv)
+    g = hq // k_st.shape[1]
+
+    def att(k, v):
+        k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+        return torch.softmax(0.25 * q @ k.transpose(-1, -2), -1) @ v
+
+    assert bool((b >= (att(k_st, v_st) - att(kx, vx)).norm(dim=-1)).all())
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_plan():
+    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+    from hnfverify.models import tiny_model
+    from hnfverify.planning import PlanRequest, plan_from_report
+    from hnfverify.texts import TokenWindows
+
+    lm = tiny_model("tiny-llama")
+    wins = TokenWindows("random", "file", torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).tolist(), 1)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
+               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
+               "arrays": {"sha256": "0" * 64}}
+    return lm, plan_from_report(summary, res.arrays, PlanRequest(avg_bits=Fraction(9, 2), sink=4, recent=16))
+
+
+def test_certify_refuses_a_plan_without_norms(tiny_lm_plan):
+    lm, plan = tiny_lm_plan
+    p = dict(plan, rule={k: v for k, v in plan["rule"].items() if k != "error_norms"})
+    with pytest.raises(InvalidArgument, match="no error norms"):
+        with certify(lm.model, MixedPrecisionCache.from_plan(p, lm.model)):
+            pass
