@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--seed", type=positive_int_arg("--seed"), default=0)
     gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    gen.add_argument("--certify", action="store_true",
+                     help="certify every step's attention error from what the cache stores (the plan's recorded "
+                          "error norms) and print the largest certified bound per layer")
     gen.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     gen.set_defaults(func=cmd_generate)
 

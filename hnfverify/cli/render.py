@@ -117,19 +117,28 @@ def print_eval(rows: list, plan: dict, out: TextIO) -> None:
           f"(eval split; reference = the same model's full-precision cache)", file=out)
     print(f"{'text':6} {'windows':>7} {'scored':>6} {'PPL ref':>8} {'PPL plan':>8} {'dPPL %':>7} {'KLD':>8} "
           f"{'top-1':>6} {'bits/el':>7} {'vs FP16':>7} {'cache KiB':>9} {'s/token':>7} {'viol.':>5} "
-          f"{'bound/actual med':>16} {'min':>7}", file=out)
+          f"{'bound/actual med':>16} {'min':>7} {'run-time med':>12} {'min':>7}", file=out)
     for r in rows:
         d = 100 * (r["ppl"] / r["ppl_ref"] - 1)
         med = r["bound_over_actual_median"]
         mn = r["bound_over_actual_min"]
+        rmed, rmn = r.get("runtime_bound_over_actual_median"), r.get("runtime_bound_over_actual_min")
         print(f"{r['corpus']:6} {r['windows']:>7} {r['tokens_scored']:>6} {r['ppl_ref']:>8.3f} {r['ppl']:>8.3f} "
               f"{d:>+7.2f} {r['kld']:>8.5f} {r['top1']:>6.3f} {r['bits_per_element']:>7.3f} {r['compression']:>6.2f}x "
               f"{r['cache_bytes'] / 1024:>9.1f} {r['seconds_per_scored_token']:>7.4f} "
-              f"{r['bound_violations'] + r['end_to_end_violations']:>5} "
-              f"{(f'{med:.3g}' if med else '-'):>16} {(f'{mn:.3g}' if mn else '-'):>7}", file=out)
+              f"{r['bound_violations'] + r['end_to_end_violations'] + (r.get('runtime_bound_violations') or 0):>5} "
+              f"{(f'{med:.3g}' if med else '-'):>16} {(f'{mn:.3g}' if mn else '-'):>7} "
+              f"{(f'{rmed:.3g}' if rmed else '-'):>12} {(f'{rmn:.3g}' if rmn else '-'):>7}", file=out)
     for r in rows:
         print(f"soundness    {r['corpus']}: {r['attention_outputs_checked']} attention outputs checked against the "
               f"certified per-head bound, {r['bound_violations']} exceeded it; log10(bound/actual) histogram "
               f"{r['bound_over_actual_log10_histogram']}; end-to-end bound {r['end_to_end_bound']:.3g} vs actual: "
               f"median ratio {r['end_to_end_bound_over_actual_median']:.3g}, {r['end_to_end_violations']} exceeded",
               file=out)
+        if r.get("runtime_bound_violations") is not None:
+            print(f"run-time     {r['corpus']}: {r['runtime_attention_outputs_checked']} attention outputs checked "
+                  f"against the run-time bound (docs/design.md §2.4b), {r['runtime_bound_violations']} exceeded it; "
+                  f"bound/actual median {r['runtime_bound_over_actual_median']:.3g}, p10 "
+                  f"{r['runtime_bound_over_actual_p10']:.3g}, min {r['runtime_bound_over_actual_min']:.3g}, max "
+                  f"{r['runtime_bound_over_actual_max']:.3g}; plan-time p10 {r['bound_over_actual_p10']:.3g}, max "
+                  f"{r['bound_over_actual_max']:.3g}", file=out)

@@ -38,11 +38,28 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
             out.write(json.dumps(r, sort_keys=True) + "\n")
     else:
         print_eval(rows, plan, out)
-    bad = sum(r["bound_violations"] + r["end_to_end_violations"] for r in rows)
+    bad = sum(r["bound_violations"] + r["end_to_end_violations"] + (r["runtime_bound_violations"] or 0) for r in rows)
     if bad:
         print(f"hnfverify eval: {bad} CERTIFIED BOUND(S) EXCEEDED - the plan's claim does not stand", file=err)
         return EXIT_VIOLATED
     return EXIT_OK
+
+
+def print_certificate(cert, plan: dict, err: TextIO) -> None:
+    """The run-time certificate of a generation (docs/design.md §2.4b): per layer the largest certified
+    attention-output error over every step and KV head, next to the plan-time bound; the monitor."""
+    from ..evaluation.attention import head_bounds
+
+    plan_b, _, _ = head_bounds(plan)
+    lm_ = cert.layer_max()
+    print(f"run-time certificate: {len(cert.steps)} forward passes; largest certified ||o~ - o|| per layer "
+          "(max over steps, KV heads and query heads) | plan-time E_h max", file=err)
+    for li in range(lm_.shape[0]):
+        pt = max(plan_b[(li, h)] for h in range(lm_.shape[1]))
+        print(f"  layer {li:>3}: {float(lm_[li].max()):.4g} | {pt:.4g}", file=err)
+    mon = cert.monitor
+    print(f"monitor (outside the plan's measured assumptions): {mon['queries_above_q_max']} query norms above q_max, "
+          f"{mon['keys_above_amax']} keys and {mon['values_above_amax']} values above the measured amax", file=err)
 
 
 def cmd_generate(args, out: TextIO, err: TextIO) -> int:
@@ -68,8 +85,12 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
         text = args.prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(args.seed)
+    import contextlib
+
+    from ..kv.certify import certify
+
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), (certify(lm.model, cache) if args.certify else contextlib.nullcontext()) as cert:
         seq = lm.model.generate(**enc, cache=cache, max_new_tokens=args.max_new_tokens,
                                 do_sample=args.sample, pad_token_id=tok.eos_token_id)
     dt = time.perf_counter() - t0
@@ -80,6 +101,8 @@ def cmd_generate(args, out: TextIO, err: TextIO) -> int:
           f"{cache.nbytes() * 8 / max(1, 2 * plan['shape']['layers'] * plan['shape']['kv_heads'] * n_pos * plan['shape']['head_dim']):.2f} "
           f"bits per element; plan avg {float(Fraction(plan['claims']['avg_bits'])):.2f} at {plan['max_seq_len']}]",
           file=err)
+    if cert is not None:
+        print_certificate(cert, plan, err)
     if not cache.certified:
         print(f"UNCERTIFIED: the sequence grew to {n_pos} positions, past the plan's max_seq_len "
               f"{plan['max_seq_len']}; the plan's bounds do not cover this output", file=err)

@@ -11,8 +11,10 @@ its own one-token chunk); its own K/V exact. Prefix queries attend exactly (pref
 Soundness: inside the same pass, every scored query's attention output with the plan's K/V is
 compared with the exact attention output on the same q, K, V; the difference must not exceed the
 certified bound E_h of its (layer, KV head) (docs/design.md §2.4, recomputed exactly from the
-plan). The final hidden states' error over the window (Frobenius) is compared with the
-composition bound e_L. Any excess is a violation: `hnfverify eval` then exits 1.
+plan), nor — when the plan records error norms — the run-time bound of §2.4b, computed for that
+query from the stored forms it reads and the norms a plan cache records for them (§4.1, the same
+codes, chained the same way). The final hidden states' error over the window (Frobenius) is compared
+with the composition bound e_L. Any excess is a violation: `hnfverify eval` then exits 1.
 """
 
 from __future__ import annotations
@@ -89,6 +91,22 @@ def versions(x, rule) -> tuple:
     return x, sink, rec, rest
 
 
+def version_norms(x, vers, rule):
+    """(4, T) float64: the error-norm bound a plan cache records for each stored form of ``versions``
+    (docs/design.md §4.1): exact 0; sink and recent their own stage; rest chained from the recent code
+    (from 0 with R = 0) by the triangle inequality — the codes ``hnfverify.kv.cache`` writes."""
+    import torch
+
+    from ..kv import norms
+
+    zero = torch.zeros(x.shape[0], dtype=torch.uint8)
+    sink = norms.encode_up(norms.error_norm(vers[1], x))
+    rec = norms.encode_up(norms.error_norm(vers[2], x)) if rule.recent > 0 else zero
+    rest = norms.chained(rec, norms.error_norm(vers[3], vers[2])) if rule.recent > 0 else \
+        norms.encode_up(norms.error_norm(vers[3], x))
+    return norms.decode(torch.stack([zero, sink, rec, rest]))
+
+
 def selector(rule, t_len: int, prefix: int):
     """(T, T) int8 codes of what query i (row) reads at position t when the cache holds the prefix and
     then one token per step (each scored query is its own chunk), per ``semantics.read_intervals``."""
@@ -114,6 +132,9 @@ class WindowStats:
     max_err_over_bound: float = 0.0
     kv: dict = field(default_factory=dict)             # layer -> (k, v) exact of this pass, for real bytes
     head_max: dict = field(default_factory=dict)       # (layer, head) -> largest ||o~ - o|| over scored queries
+    rt_ratios: list = field(default_factory=list)      # log10(run-time bound / actual), max over query heads
+    rt_violations: int = 0
+    rt_checked: int = 0
 
 
 def cached_selector(cache: dict, rule, t_len: int, prefix: int):
@@ -128,8 +149,11 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
     """Route the model's attention through the plan's teacher-forced attention inside the block."""
     import torch
 
+    from ..kv.certify import bound_from_parts, distances_up
+
     rules = plan_rules(plan)
     sel_cache: dict = {}
+    runtime = plan["rule"].get("error_norms") == "u8log"
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from ..analysis.analyzer import attention_bias, refuse_unimplemented_attention
@@ -152,6 +176,12 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                 kvers, vvers = versions(kx, krule), versions(vx, vrule)
                 bound = bounds[(li, h)]
                 worst = torch.zeros(max(t_len - prefix, 0), dtype=torch.float64)
+                rt_worst, rt_err = torch.zeros_like(worst), torch.zeros_like(worst)
+                if runtime and t_len > prefix:
+                    ar = torch.arange(t_len)
+                    dk_m = version_norms(kx, kvers, krule)[selk[prefix:].long(), ar]      # (n, T)
+                    dv_m = version_norms(vx, vvers, vrule)[selv[prefix:].long(), ar]
+                    k64, v64 = [kv_.double() for kv_ in kvers], [vv.double() for vv in vvers]
                 for gi in range(g):
                     qh = query[bi, h * g + gi].float()                      # (T, d)
                     mb = bias[bi if bias.shape[0] > 1 else 0, h * g + gi if bias.shape[1] > 1 else 0]
@@ -171,6 +201,27 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         oe = torch.softmax(se, dim=-1) @ vx.double()
                         err = (o[prefix:].double() - oe).norm(dim=-1)
                         worst = torch.maximum(worst, err)
+                        if runtime:
+                            # §2.4b from the stored forms query i reads and their recorded norms, in float64
+                            mb64 = mb[prefix:].double()
+                            s64 = torch.zeros_like(se)
+                            for vi, kv_ in enumerate(k64):
+                                s64 = torch.where(selk[prefix:] == vi, tau * (qs @ kv_.T), s64)
+                            a64 = torch.softmax(s64 + mb64, dim=-1)
+                            o64 = sum(torch.where(selv[prefix:] == vi, a64, torch.zeros((), dtype=torch.float64)) @ vv
+                                      for vi, vv in enumerate(v64))
+                            dist = torch.zeros_like(a64)
+                            for vi, vv in enumerate(v64):
+                                dist = torch.where(selv[prefix:] == vi, distances_up(vv, o64), dist)
+                            vis = mb64 > torch.finfo(torch.float32).min / 2
+                            rb = bound_from_parts(a64, dist, dk_m, dv_m, qs.norm(dim=-1), tau, vis)
+                            # the bound is of exact arithmetic: compare the float64 attention over the stored
+                            # forms, allowing float64 rounding (1e-12 of the values' scale)
+                            err64 = (o64 - oe).norm(dim=-1)
+                            slack = 1e-12 * (1.0 + float(vx.norm(dim=-1).max()))
+                            stats.rt_violations += int((err64 > rb + slack).sum())
+                            rt_worst = torch.maximum(rt_worst, rb)
+                            rt_err = torch.maximum(rt_err, err64)
                 if t_len > prefix:
                     stats.head_max[(li, h)] = max(stats.head_max.get((li, h), 0.0), float(worst.max()))
                     stats.checked += worst.numel()
@@ -179,6 +230,11 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                     nz = worst[worst > 0]
                     if nz.numel():
                         stats.ratios.append((bound / nz).log10())
+                    if runtime:
+                        stats.rt_checked += worst.numel()
+                        pos = rt_err > 1e-12
+                        if pos.any():
+                            stats.rt_ratios.append((rt_worst[pos] / rt_err[pos]).log10())
         return out, None
 
     with routed_attention(model, attn, prefix="hnfverify_plan"):

@@ -12,8 +12,8 @@ from .plan_method import plan_method
 
 class Accumulator:
     def __init__(self):
-        self.nll_q, self.klds, self.top1, self.ratios = [], [], [], []
-        self.viol = self.checked = self.e2e_viol = 0
+        self.nll_q, self.klds, self.top1, self.ratios, self.rt_ratios = [], [], [], [], []
+        self.viol = self.checked = self.e2e_viol = self.rt_viol = self.rt_checked = 0
         self.worst_rel = 0.0
         self.e2e_ratio: list = []
         self.cache_bytes = None
@@ -70,6 +70,9 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             a.checked += window_stats.checked
             a.worst_rel = max(a.worst_rel, window_stats.max_err_over_bound)
             a.ratios += window_stats.ratios
+            a.rt_ratios += window_stats.rt_ratios
+            a.rt_viol += window_stats.rt_violations
+            a.rt_checked += window_stats.rt_checked
             for k, v in window_stats.head_max.items():
                 a.head_max[k] = max(a.head_max.get(k, 0.0), v)
             if m.e_l is not None:
@@ -97,6 +100,7 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
         a = acc[m.name]
         nq = torch.cat(a.nll_q)
         rat = torch.cat(a.ratios).numpy() if a.ratios else np.array([])
+        rt = torch.cat(a.rt_ratios).numpy() if a.rt_ratios else np.array([])
         bpe = a.cache_bytes * 8 / elements
         per_len = [b * 8 / (2 * n_l * n_kv * n * hd) for n, b in a.bytes_curve]
         hist = {}
@@ -120,7 +124,15 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             "bound_over_actual_median": float(10 ** np.median(rat)) if rat.size else None,
             "bound_over_actual_min": float(10 ** rat.min()) if rat.size else None,
             "bound_over_actual_max": float(10 ** min(rat.max(), 300.0)) if rat.size else None,
+            "bound_over_actual_p10": float(10 ** np.percentile(rat, 10)) if rat.size else None,
             "bound_over_actual_log10_histogram": hist,
+            # the run-time bound of docs/design.md §2.4b (None when the plan records no error norms)
+            "runtime_bound_violations": int(a.rt_viol) if a.rt_checked else None,
+            "runtime_attention_outputs_checked": int(a.rt_checked),
+            "runtime_bound_over_actual_median": float(10 ** np.median(rt)) if rt.size else None,
+            "runtime_bound_over_actual_p10": float(10 ** np.percentile(rt, 10)) if rt.size else None,
+            "runtime_bound_over_actual_min": float(10 ** rt.min()) if rt.size else None,
+            "runtime_bound_over_actual_max": float(10 ** min(rt.max(), 300.0)) if rt.size else None,
             "end_to_end_violations": a.e2e_viol, "end_to_end_bound": m.e_l,
             "end_to_end_bound_over_actual_median": float(np.median(a.e2e_ratio)) if a.e2e_ratio else None,
             "seconds_per_scored_token": a.seconds / max(1, int(nq.numel())),
