@@ -138,7 +138,11 @@ def print_eval(rows: list, plan: dict, out: TextIO) -> None:
         if r.get("runtime_bound_violations") is not None:
             print(f"run-time     {r['corpus']}: {r['runtime_attention_outputs_checked']} attention outputs checked "
                   f"against the run-time bound (docs/design.md §2.4b), {r['runtime_bound_violations']} exceeded it; "
-                  f"bound/actual median {r['runtime_bound_over_actual_median']:.3g}, p10 "
-                  f"{r['runtime_bound_over_actual_p10']:.3g}, min {r['runtime_bound_over_actual_min']:.3g}, max "
-                  f"{r['runtime_bound_over_actual_max']:.3g}; plan-time p10 {r['bound_over_actual_p10']:.3g}, max "
-                  f"{r['bound_over_actual_max']:.3g}", file=out)
+                  f"bound/actual median {_g(r['runtime_bound_over_actual_median'])}, p10 "
+                  f"{_g(r['runtime_bound_over_actual_p10'])}, min {_g(r['runtime_bound_over_actual_min'])}, max "
+                  f"{_g(r['runtime_bound_over_actual_max'])}; plan-time p10 {_g(r['bound_over_actual_p10'])}, max "
+                  f"{_g(r['bound_over_actual_max'])}", file=out)
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.3g}"

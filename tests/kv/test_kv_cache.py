@@ -179,7 +179,7 @@ def test_the_real_cache_stays_inside_the_certified_bound(tiny):
     from hnfverify.analysis.routing import routed_attention
 
     lm = tiny[0]
-    plan = _plan(tiny, avg_bits=Fraction(4))
+    plan = _plan(tiny, avg_bits=Fraction(9, 2))
     bounds, _, _ = head_bounds(plan)
     cache = MixedPrecisionCache.from_plan(plan, lm.model)
     exact, worst, checked = {}, {}, [0]

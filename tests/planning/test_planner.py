@@ -113,7 +113,7 @@ def test_eps_target_is_met_and_uniform_uses_one_format(rep):
     u = plan_from_report(summary, arrays, _req(uniform=f"int4_t{d}"))
     assert set(_fmt for _fmt in (hd[kv][s]["format"] for layer in u["layers"] for hd in layer["heads"]
                                  for kv in "KV" for s in SEG)) == {f"int4_t{d}"}
-    assert Fraction(u["claims"]["avg_bits"]) == Fraction(4) + Fraction(32, d)
+    assert Fraction(u["claims"]["avg_bits"]) == Fraction(4) + Fraction(32, d) + Fraction(8, d)          # scale, zero-point, error norm
 
 
 def test_bad_requests(tmp_path):

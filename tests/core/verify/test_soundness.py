@@ -58,7 +58,7 @@ def eps_plan():
 def test_planner_plans_pass_check(tmp_path, eps_plan):
     """Control: plans the planner writes (eps, avg-bits, recent 0, channel rest) are PROVED."""
     assert _check(tmp_path, eps_plan)[0] == 0
-    for kw in (dict(avg_bits=Fraction(5)), dict(avg_bits=Fraction(4), recent=0),
+    for kw in (dict(avg_bits=Fraction(5)), dict(avg_bits=Fraction(9, 2), recent=0),
                dict(uniform="int8_t16,K.rest=int4_c8"), dict(uniform="int4_t16,rest=int2_t16", recent=0)):
         code, out = _check(tmp_path, _plan(**kw))
         assert code == 0, (kw, out)
