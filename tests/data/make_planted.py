@@ -9,6 +9,9 @@ Kinds (each at a random layer, KV head and segment/position):
   one-ulp       a one-position block whose c·kappa·D²·u exceeds eps by a factor 1 + 2^-60
   composition   eps_target one unit in the last place of the exact end-to-end bound below it
   boundary      (control, must be PROVED) a one-position block exactly on the bound
+  attention-over  keys' kappa 0 (every precision obligation holds), eps one part in 2^60 below the largest
+                per-head bound E_h (docs/design.md §2.4): that head's attention budget is REFUTED
+  attention-at  (control, must be PROVED) as attention-over with eps exactly the largest E_h
 """
 
 from __future__ import annotations
@@ -124,6 +127,35 @@ def planted(n_each: int = 6, seed: int = 7):
             exp = ({"family": "precision-lower-bound", "layer": li, "kv_head": h, "kv": "K", "segment": "block0",
                     "position": pos} if kind == "one-ulp" else {"family": None})
             items.append((f"{kind}-{i}", p, exp))
+    from hnfverify.core.bound import plan_bounds
+    from hnfverify.core.planview import view
+
+    for i in range(n_each // 2):                              # attention budget: just over / exactly on E_h
+        p = copy.deepcopy(base)
+        li = i % len(p["layers"])
+        for layer in p["layers"]:
+            for hd in layer["heads"]:
+                for seg in ("sink", "recent", "rest"):
+                    hd["K"][seg]["inputs"]["kappa"] = ["0", "0"]
+                for b in hd["K"]["blocks"]:
+                    b["inputs"]["kappa"] = ["0", "0"]
+        # vary the head that carries the largest bound: scale one head's value spread up
+        hd = p["layers"][li]["heads"][i % p["shape"]["kv_heads"]]
+        for kv in "KV":
+            for seg in ("sink", "recent", "rest"):
+                if hd[kv][seg]["inputs"] is not None:
+                    hd[kv][seg]["inputs"]["vo"][1] = fmt_number(Fraction(hd[kv][seg]["inputs"]["vo"][1]) * 4)
+        n_l = len(p["layers"])
+        p["claims"].update(layer_bounds=[None] * n_l, attention_error_max=[None] * n_l, end_to_end_bound=None)
+        errs = plan_bounds(view(p)).head_errors
+        (top, e_max), = [max(errs.items(), key=lambda kv_: kv_[1])]
+        assert sum(1 for e in errs.values() if e == e_max) == 1
+        for kind, eps_h in (("attention-over", e_max * (1 - Fraction(1, 2 ** 60))), ("attention-at", e_max)):
+            q = copy.deepcopy(p)
+            q["eps"] = fmt_number(eps_h)
+            exp = ({"family": "attention-error-budget", "layer": top[0], "kv_head": top[1]}
+                   if kind == "attention-over" else {"family": None})
+            items.append((f"{kind}-{i}", q, exp))
     for i in range(n_each // 2):                              # composition: one ulp below the exact bound
         p = copy.deepcopy(base)
         e_l = check_plan(p, CheckOptions(smt=False)).end_to_end_bound

@@ -31,6 +31,8 @@ def test_planted_plan_is_refuted_at_its_location(entry, tmp_path):
         assert (loc["layer"], loc["kv_head"], loc["kv"], loc["segment"]) == \
             (exp["layer"], exp["kv_head"], exp["kv"], exp["segment"])
         assert o["witness"]["first_violation_position"] == exp["position"]
+    if exp["family"] == "attention-error-budget":
+        assert (o["location"]["layer"], o["location"]["kv_head"]) == (exp["layer"], exp["kv_head"])
     assert not list(tmp_path.glob("*.cert.json"))
 
 
