@@ -891,6 +891,398 @@ def check_L4_logits(rng, count):
     return T
 
 
+# ---------------------------------------------------------------------------------------------
+# L5  per-position ratio, run-time form
+# ---------------------------------------------------------------------------------------------
+# Exact parametrization (no exponentials): alpha~ positive rationals (normalized), E_u = e^(m_u) >= 1
+# and f_u = e^(-delta_u) in [1/E_u, E_u], both rational; then alpha_t = alpha~_t f_t / sum alpha~ f
+# (identity (a), checked by sympy), e^r = max f / min f, and L, U, kappa are rational.
+
+def l5_quantities(at, E, f):
+    S = sum(a * x for a, x in zip(at, f))
+    alpha = [a * x / S for a, x in zip(at, f)]
+    Lw = sum(a / e for a, e in zip(at, E))
+    Uw = sum(a * e for a, e in zip(at, E))
+    kap = [max(e / Lw - 1, 1 - 1 / (e * Uw)) for e in E]
+    return alpha, S, Lw, Uw, kap
+
+
+def l5_one_E(rng):
+    return rng.choice((F(1), 1 + F(1, 10 ** rng.randint(3, 30)), 1 + F(rng.randint(1, 100), 100),
+                       F(rng.randint(2, 50)), F(rng.randint(101, 999), 100), F(2) ** rng.randint(5, 150)))
+
+
+def l5_rand_E(rng, n):
+    mode = rng.choice(("equal", "zero", "somezero", "mixed", "mixed", "tiny", "huge"))
+    if mode == "equal":                                 # all m equal
+        return [l5_one_E(rng)] * n
+    if mode == "zero":                                  # m = 0 everywhere
+        return [F(1)] * n
+    if mode == "tiny":
+        return [1 + F(rng.randint(0, 1000), 10 ** rng.randint(6, 30)) for _ in range(n)]
+    if mode == "huge":
+        return [F(rng.randint(1, 9)) * F(2) ** rng.randint(10, 150) for _ in range(n)]
+    E = [l5_one_E(rng) for _ in range(n)]
+    if mode == "somezero":                              # m = 0 somewhere
+        for i in rng.sample(range(n), rng.randint(1, n)):
+            E[i] = F(1)
+    return E
+
+
+def l5_between(rng, e):
+    """A rational f in [1/e, e] (half the time in [1, e], half in [1/e, 1])."""
+    x = F(rng.randint(0, 1000), 1000)
+    y = 1 + (e - 1) * x
+    return y if rng.random() < 0.5 else 1 / y
+
+
+def l5_rand_f(rng, E):
+    n = len(E)
+    mode = rng.choice(("extreme", "between", "unit", "onehigh", "onelow", "common", "mixed"))
+    if mode == "extreme":
+        return [e if rng.random() < 0.5 else 1 / e for e in E]
+    if mode == "between":
+        return [l5_between(rng, e) for e in E]
+    if mode == "unit":                                  # delta = 0
+        return [F(1)] * n
+    if mode in ("onehigh", "onelow"):
+        k = rng.randrange(n)
+        hi = mode == "onehigh"
+        return [(e if hi else 1 / e) if i == k else (1 / e if hi else e) for i, e in enumerate(E)]
+    if mode == "common":                                # a constant shift of delta: alpha = alpha~
+        c = l5_between(rng, min(E))
+        return [c] * n
+    return [rng.choice((e, 1 / e, F(1), l5_between(rng, e))) for e in E]
+
+
+def l5_dominant(rng, n, benign):
+    """One dominant position with small m, the others huge m and tiny alpha~ (benign: alpha~_u e^m_u <= 1e-6)."""
+    n = max(n, 2)
+    k = rng.randrange(n)
+    E1 = rng.choice((F(1), 1 + F(1, 100), 1 + F(1, 10 ** 6), 1 + F(rng.randint(1, 50), 1000)))
+    ex = rng.randint(12, 40)
+    jmax = int((ex - 7) * 3.32)                        # 9 * 2^jmax <= 10^(ex - 6)
+    at, E = [], []
+    for i in range(n):
+        if i == k:
+            at.append(F(1))
+            E.append(E1)
+        else:
+            at.append(F(rng.randint(1, 9), 10 ** ex))
+            E.append(F(2) ** (rng.randint(max(10, jmax - 30), jmax) if benign else rng.randint(10, 150)))
+    return normalize(at), E
+
+
+def l5_planted(rng):
+    """(at, E, f, V-pattern): the extremal configurations of (a) and of the TV branch of (b)."""
+    out = []
+    for _ in range(50):
+        # alpha_t/alpha~_t -> e^(m_t)/L: f_t = E_t, f_u = 1/E_u (u != t), alpha~_t -> 0 (incl. m_t = 0)
+        for high in (True, False):
+            n = rng.choice((2, 3, 4))
+            eps = F(1, 10 ** rng.randint(6, 30))
+            E = [rng.choice((F(1), l5_one_E(rng)))] + [l5_one_E(rng) for _ in range(n - 1)]
+            if not high:
+                E[0] = rng.choice((F(rng.randint(2, 50)), 1 + F(rng.randint(1, 100), 100), F(2) ** rng.randint(5, 60)))
+            f = [E[0] if high else 1 / E[0]] + [(1 / e if high else e) for e in E[1:]]
+            at = normalize([eps] + [F(rng.randint(1, 9)) for _ in range(n - 1)])
+            out.append((at, E, f, "far0"))
+        # two groups: mass 1-p with m = 0, mass p with m = ln(1+eta) and delta = +m: 2 TV / sum alpha~ kappa -> 1-p
+        nA, nB = rng.choice((1, 2)), rng.choice((1, 2))
+        p = F(1, rng.choice((100, 1000, 10 ** 4)))
+        eta = F(1, 10 ** rng.randint(3, 8))
+        at = ([(1 - p) * x for x in normalize([F(rng.randint(1, 5)) for _ in range(nA)])]
+              + [p * x for x in normalize([F(rng.randint(1, 5)) for _ in range(nB)])])
+        E = [F(1)] * nA + [1 + eta] * nB
+        f = [F(1)] * nA + [1 / (1 + eta)] * nB
+        out.append((at, E, f, "sign"))
+    return out
+
+
+def l5_value_case(rng, at, E, f, pattern=None):
+    """V, dV, c, dv for (at, E, f): L3's generator (value_case) with alpha and w = e^delta = 1/f, or a planted pattern."""
+    alpha = l5_quantities(at, E, f)[0]
+    if pattern is None:
+        case = value_case(rng, alpha, [1 / x for x in f])
+    else:
+        n, d = len(at), rng.choice((1, 1, 2, 3))
+        c = rand_vec(rng, d, "small")
+        u = rand_vec(rng, d, "small")
+        if sqnorm(u) == 0:
+            u[0] = F(1)
+        if pattern == "far0":                           # V_0 = c + u, V_t = c: tight for the first branch
+            V = [vadd(c, u) if t == 0 else list(c) for t in range(n)]
+        else:                                           # V_t - c = sign(alpha~_t - alpha_t) u: tight for 2 TV max w
+            V = [vadd(c, u) if x > y else vsub(c, u) for x, y in zip(at, alpha)]
+        case = dict(V=V, dV=[[F(0)] * d for _ in range(n)], c=c, dv=[F(0)] * n, d=d)
+    case.update(at=at, E=E, f=f, alpha=alpha)
+    return case
+
+
+def l5_common_error_case(rng):
+    """delta constant (alpha = alpha~) and a common value error e: o~ - o = e, tight for sum alpha~ dv."""
+    n = rng.choice((1, 2, 3))
+    at = rand_alpha(rng, n)
+    E = [l5_one_E(rng) for _ in range(n)]
+    f = [F(1)] * n
+    d = rng.choice((1, 2))
+    e = rand_vec(rng, d, "small")
+    if sqnorm(e) == 0:
+        e[0] = F(1)
+    V = [rand_vec(rng, d, "small") for _ in range(n)]
+    return dict(at=at, E=E, f=f, alpha=at, V=V, dV=[list(e) for _ in range(n)], c=rand_vec(rng, d, "small"),
+                dv=[norm_up(e)] * n, d=d)
+
+
+def l5_ratio_checks(T, at, E, f):
+    T.n_cases += 1
+    alpha, S, Lw, Uw, kap = l5_quantities(at, E, f)
+    EM = max(E)
+    T.holds("L5 sum alpha = 1", sum(alpha) == 1)
+    T.holds("L5 L <= S~ <= U, L <= 1 <= U", Lw <= S <= Uw and Lw <= 1 <= Uw, (at, E, f))
+    T.holds("L5 (c) L >= e^-M, U <= e^M", Lw * EM >= 1 and Uw <= EM, (at, E, f))
+    tv2 = 0
+    for t in range(len(at)):
+        x = alpha[t] / at[t]
+        err = abs(at[t] - alpha[t])
+        tv2 += err
+        T.holds("L5 (a) identity alpha_t/alpha~_t = f_t/S~", x == f[t] / S)
+        T.holds("L5 (a) ratio in [e^-m_t/U, e^m_t/L]", x * E[t] * Uw >= 1 and x * Lw <= E[t], (at, E, f))
+        T.holds("L5 (a) |alpha~-alpha| <= alpha~ kappa, kappa >= 0", err <= at[t] * kap[t] and kap[t] >= 0, (at, E, f))
+        T.holds("L5 (c) kappa_t <= e^(m_t+M) - 1", kap[t] <= E[t] * EM - 1, (at, E, f))
+        T.false_stmt("|alpha~-alpha| <= 0.9 alpha~ kappa", err <= NINE_TENTHS * at[t] * kap[t])
+        T.false_stmt("L -> 1: kappa = e^m - 1", err <= at[t] * (E[t] - 1))
+        T.false_stmt("L -> 1: kappa = max(e^m - 1, 1 - e^-m/U)", err <= at[t] * max(E[t] - 1, 1 - 1 / (E[t] * Uw)))
+        T.false_stmt("kappa = e^m/L - 1 only", err <= at[t] * (E[t] / Lw - 1))
+        T.false_stmt("kappa <= 0.9 (e^(m+M) - 1)", kap[t] <= NINE_TENTHS * (E[t] * EM - 1))
+    T.holds("L5 (b) 2 TV <= sum alpha~ kappa", tv2 <= sum(a * k for a, k in zip(at, kap)), (at, E, f))
+    T.false_stmt("2 TV <= 0.9 sum alpha~ kappa", tv2 <= NINE_TENTHS * sum(a * k for a, k in zip(at, kap)))
+    return alpha, Lw, Uw, kap
+
+
+def l5_output_checks(T, case, stats=None):
+    at, E, f, alpha, V, dV, c, dv, d = (case[k] for k in ("at", "E", "f", "alpha", "V", "dV", "c", "dv", "d"))
+    n = len(at)
+    _, _, Lw, Uw, kap = l5_quantities(at, E, f)
+    EM = max(E)
+    R = max(f) / min(f)                                 # e^r, r = max delta - min delta
+    Es = sorted(E)
+    Rm = Es[-1] * Es[-2] if n > 1 else F(1)             # e^r for the run-time r = max_(s != t) (m_s + m_t) <= 2M
+    Vt = [vadd(v, e) for v, e in zip(V, dV)]
+    o = vsum([vscale(a, v) for a, v in zip(alpha, V)], d)
+    ot = vsum([vscale(a, v) for a, v in zip(at, Vt)], d)
+    ak = [a * k for a, k in zip(at, kap)]
+    s_ak = sum(ak)
+    T.holds("L5 dv >= ||dV||", all(x * x >= sqnorm(e) for x, e in zip(dv, dV)))
+    if d == 1:                                          # exact
+        T.n_cases += 1
+        X = abs(ot[0] - o[0])
+        H0 = sum(a * x for a, x in zip(at, dv))
+        W = [abs(v[0] - c[0]) + x for v, x in zip(Vt, dv)]
+        Wm = max(W)
+        A1 = sum(x * y for x, y in zip(ak, W))
+        D = max(abs(v[0] - u[0]) + x + y for v, x in zip(Vt, dv) for u, y in zip(Vt, dv))
+
+        def bound(R_, k1=1, k2=1, k0=1):                # X <= k0 H0 + min(k1 A1, 2 min(tanh(r/4), k2 s/2) Wm)
+            return (X <= k0 * H0 + k1 * A1 or X <= k0 * H0 + k2 * s_ak * Wm or leq_tanh(X, k0 * H0, 2 * Wm, R_))
+        T.holds("L5 (b) (d=1, exact) output bound", bound(R), case)
+        T.holds("L5 (b) (d=1, exact) output bound, r = max(m_s + m_t)", bound(Rm), case)
+        T.holds("L5 (b') (d=1, exact) diameter form", X <= H0 + s_ak * D / 2 or leq_tanh(X, H0, D, R), case)
+        T.holds("L5 (b) 1/2 sum branch dominated: sum alpha~ kappa w <= (sum alpha~ kappa) max w", A1 <= s_ak * Wm)
+        T.holds("L5 (c) sum alpha~ kappa w <= sum alpha~ (e^(m+M)-1) w",
+                A1 <= sum(a * (e * EM - 1) * w for a, e, w in zip(at, E, W)))
+        T.false_stmt("(b) 0.9 sum alpha~ dv", bound(R, k0=NINE_TENTHS))
+        T.false_stmt("(b) min(0.9 sum alpha~ kappa w, ..)", bound(R, k1=NINE_TENTHS))
+        T.false_stmt("(b) min(.., 2 min(tanh, 0.9 1/2 sum alpha~ kappa) max w)", bound(R, k2=NINE_TENTHS))
+        T.false_stmt("(b') 0.9 1/2 sum alpha~ kappa diam", X <= H0 + NINE_TENTHS * s_ak * D / 2 or leq_tanh(X, H0, D, R))
+    # mpmath, every d
+    T.n_mp += 1
+    X = mp_norm(vsub(ot, o))
+    H0 = sum(M(a) * M(x) for a, x in zip(at, dv))
+    W = [mp_norm(vsub(v, c)) + M(x) for v, x in zip(Vt, dv)]
+    Wm = max(W)
+    A1 = sum(M(x) * y for x, y in zip(ak, W))
+    th = mp_tanh_q(R)
+    D = max(mp_norm(vsub(v, u)) + M(x) + M(y) for v, x in zip(Vt, dv) for u, y in zip(Vt, dv))
+    B2 = 2 * min(th, M(s_ak) / 2) * Wm
+    T.holds("L5 (b) output bound", mp_leq(X, H0 + min(A1, B2)), case)
+    T.holds("L5 (b) output bound, r = max(m_s + m_t)", mp_leq(X, H0 + min(A1, 2 * min(mp_tanh_q(Rm), M(s_ak) / 2) * Wm)), case)
+    T.holds("L5 (b') diameter form", mp_leq(X, H0 + min(th, M(s_ak) / 2) * D), case)
+    T.false_stmt("(b) 0.9 sum alpha~ dv", mp_leq(X, 9 * H0 / 10 + min(A1, B2)))
+    T.false_stmt("(b) min(0.9 sum alpha~ kappa w, ..)", mp_leq(X, H0 + min(9 * A1 / 10, B2)))
+    T.false_stmt("(b) min(.., 2 min(tanh, 0.9 1/2 sum alpha~ kappa) max w)",
+                 mp_leq(X, H0 + min(A1, 2 * min(th, 9 * M(s_ak) / 20) * Wm)))
+    T.false_stmt("(b') 0.9 1/2 sum alpha~ kappa diam", mp_leq(X, H0 + min(th, 9 * M(s_ak) / 20) * D))
+    if stats is not None:                               # L5 against the L1 (m-based, r = 2M) run-time forms
+        EMm = M(EM)
+        l1_first = (EMm * EMm - 1) * sum(M(a) * y for a, y in zip(at, W))
+        l3p = min(l1_first, 2 * (EMm - 1) / (EMm + 1) * Wm)   # L3' with r = 2M: tanh(M/2) = (e^M - 1)/(e^M + 1)
+        if l1_first > 0:
+            stats["first"].append(A1 / l1_first)
+            stats["full"].append(min(A1, 2 * min((EMm - 1) / (EMm + 1), M(s_ak) / 2) * Wm) / l3p)
+
+
+def l5_mp_exp(rng, count, T):
+    """Real exponentials: softmax of real scores, |delta_t| <= m_t (some m_t = 0, some |delta_t| = m_t)."""
+    for i in range(count):
+        T.n_mp += 1
+        n = rand_n(rng)
+        d = rng.choice((1, 2, 3))
+        sc = rng.choice((1e-6, 0.01, 1.0, 10.0, 40.0))
+        s = [mp.mpf(rng.uniform(-8, 8)) for _ in range(n)]
+        m = [mp.mpf(0) if rng.random() < 0.15 else mp.mpf(rng.uniform(0, 1) * sc) for _ in range(n)]
+        if i % 7 == 0:
+            m = [m[0]] * n                              # all m equal
+        delta = [mu * rng.choice((-1, 1, rng.uniform(-1, 1))) for mu in m]
+        alpha, at = mp_softmax(s), mp_softmax([x + y for x, y in zip(s, delta)])
+        Lw = sum(a * mp.exp(-mu) for a, mu in zip(at, m))
+        Uw = sum(a * mp.exp(mu) for a, mu in zip(at, m))
+        kap = [max(mp.exp(mu) / Lw - 1, 1 - mp.exp(-mu) / Uw) for mu in m]
+        for t in range(n):
+            x = alpha[t] / at[t]
+            T.holds("L5 (mp exp) ratio interval", mp_leq(mp.exp(-m[t]) / Uw, x, 1) and mp_leq(x, mp.exp(m[t]) / Lw, 1))
+            T.holds("L5 (mp exp) |alpha~-alpha| <= alpha~ kappa", mp_leq(abs(at[t] - alpha[t]), at[t] * kap[t], at[t]))
+        V = [[mp.mpf(rng.uniform(-5, 5)) for _ in range(d)] for _ in range(n)]
+        dV = [[mp.mpf(rng.uniform(-1, 1) * sc) for _ in range(d)] for _ in range(n)]
+        Vt = [[x + y for x, y in zip(v, e)] for v, e in zip(V, dV)]
+        o = [sum(a * v[j] for a, v in zip(alpha, V)) for j in range(d)]
+        ot = [sum(a * v[j] for a, v in zip(at, Vt)) for j in range(d)]
+        c = ot if i % 2 else [mp.mpf(rng.uniform(-5, 5)) for _ in range(d)]
+        nrm = lambda v: mp.sqrt(sum(x * x for x in v))
+        X = nrm([x - y for x, y in zip(ot, o)])
+        dv = [nrm(e) for e in dV]
+        W = [nrm([x - y for x, y in zip(v, c)]) + z for v, z in zip(Vt, dv)]
+        th = mp.tanh((max(delta) - min(delta)) / 4)
+        bnd = sum(a * z for a, z in zip(at, dv)) + min(sum(a * k * w for a, k, w in zip(at, kap, W)),
+                                                      2 * min(th, sum(a * k for a, k in zip(at, kap)) / 2) * max(W))
+        T.holds("L5 (mp exp) output bound", mp_leq(X, bnd, max(nrm(v) for v in V + dV + [c])))
+
+
+def check_L5_runtime_ratio(rng):
+    T = Tally()
+    # sympy (a): alpha_t / alpha~_t = e^-delta_t / sum alpha~ e^-delta  (n = 3, real exponentials), in both
+    # parametrizations: (s, delta) with alpha~ = softmax(s + delta), and (s~, delta) with alpha = softmax(s~ - delta)
+    n = 3
+    dl = sp.symbols("d0:3", real=True)
+    for name, base, sign in (("s", sp.symbols("s0:3", real=True), 1), ("s~", sp.symbols("st0:3", real=True), -1)):
+        ea = [sp.exp(x) for x in base]
+        eb = [sp.exp(x + sign * y) for x, y in zip(base, dl)]
+        a_ = [x / sum(ea) for x in ea]                  # softmax(base)
+        b_ = [x / sum(eb) for x in eb]                  # softmax(base + sign delta)
+        alpha, at = (a_, b_) if sign == 1 else (b_, a_)
+        St = sum(x * sp.exp(-y) for x, y in zip(at, dl))
+        for t in range(n):
+            T.sympy_zero(f"({name}) alpha_{t}/alpha~_{t} = e^-delta_t / sum alpha~ e^-delta",
+                         alpha[t] / at[t] - sp.exp(-dl[t]) / St)
+    # sympy (c): e^m / e^-M - 1 = e^(m+M) - 1, 1 - e^-m / e^M = 1 - e^-(m+M) <= e^(m+M) - 1 (difference a square)
+    mm, MM, x = sp.symbols("m M x", real=True)
+    T.sympy_zero("e^m / e^-M - 1 = e^(m+M) - 1", sp.exp(mm) / sp.exp(-MM) - 1 - (sp.exp(mm + MM) - 1))
+    T.sympy_zero("(e^x - 1) - (1 - e^-x) = (e^(x/2) - e^(-x/2))^2",
+                 (sp.exp(x) - 1) - (1 - sp.exp(-x)) - (sp.exp(x / 2) - sp.exp(-x / 2)) ** 2)
+    # sympy: first order (m_u = eps mu_u, n = 2): both branches of kappa_t are eps (mu_t + sum alpha~ mu) + O(eps^2)
+    eps = sp.symbols("epsilon", positive=True)
+    mu = sp.symbols("mu0:2", positive=True)
+    p = sp.symbols("p", positive=True)
+    a2 = [p, 1 - p]
+    Ls = sum(a * sp.exp(-eps * u) for a, u in zip(a2, mu))
+    Us = sum(a * sp.exp(eps * u) for a, u in zip(a2, mu))
+    mbar = sum(a * u for a, u in zip(a2, mu))
+    for t in range(2):
+        for bname, br in (("e^m/L - 1", sp.exp(eps * mu[t]) / Ls - 1), ("1 - e^-m/U", 1 - sp.exp(-eps * mu[t]) / Us)):
+            T.sympy_zero(f"first order of {bname} (t={t}) = eps (mu_t + sum alpha~ mu)",
+                         sp.series(br, eps, 0, 2).removeO() - eps * (mu[t] + mbar))
+
+    # z3 (a): S~ in [L, U], L <= 1 <= U (n = 2, 3); g_u = 1/E_u = e^-m_u
+    for n in (2, 3):
+        a, E, f, g = zreals("a", n), zreals("E", n), zreals("f", n), zreals("g", n)
+        Lz, Uz, Sz = z3.Reals("L U S")
+        base = ([v > 0 for v in a] + [sum(a) == 1] + [e >= 1 for e in E] + [u * e == 1 for u, e in zip(g, E)]
+                + [z3.And(v >= u, v <= e) for v, u, e in zip(f, g, E)]
+                + [Lz == sum(v * u for v, u in zip(a, g)), Uz == sum(v * e for v, e in zip(a, E)),
+                   Sz == sum(v * u for v, u in zip(a, f))])
+        T.z3_proves(f"n={n}: L <= S~ <= U, L <= 1 <= U", base, z3.And(Lz <= Sz, Sz <= Uz, Lz <= 1, 1 <= Uz))
+        EM = z3.Real("EM")
+        T.z3_proves(f"n={n}: (c) m_u <= M  =>  L >= e^-M, U <= e^M", base + [EM >= e for e in E],
+                    z3.And(Lz * EM >= 1, Uz <= EM))
+        if n == 2:                                      # the complete (a) per position
+            al, k1, k2 = zreals("al", n), zreals("k1_", n), zreals("k2_", n)
+            full = (base + [al[t] * Sz == a[t] * f[t] for t in range(n)]
+                    + [k1[t] * Lz == E[t] for t in range(n)] + [k2[t] * E[t] * Uz == 1 for t in range(n)])
+            kap = [z3.If(k1[t] - 1 >= 1 - k2[t], k1[t] - 1, 1 - k2[t]) for t in range(n)]
+            T.z3_proves("n=2: complete (a): |alpha~_t - alpha_t| <= alpha~_t kappa_t, kappa_t >= 0", full,
+                        z3.And(*[z3.And(zabs(a[t] - al[t]) <= a[t] * kap[t], kap[t] >= 0) for t in range(n)]))
+            T.z3_refutes("n=2 (a) with 0.9 kappa", full, zabs(a[0] - al[0]) <= Q(NINE_TENTHS) * a[0] * kap[0])
+            T.z3_refutes("n=2 (a) with L -> 1", full,
+                         zabs(a[0] - al[0]) <= a[0] * z3.If(E[0] - 1 >= 1 - k2[0], E[0] - 1, 1 - k2[0]))
+            T.z3_refutes("n=2 (a) with kappa = e^m/L - 1 only", full, zabs(a[0] - al[0]) <= a[0] * (k1[0] - 1))
+    # z3 (a) second step, and (c): x = f_t/S~ with S~ in [L, U]
+    Sv, ft, Et, Lz, Uz, xv, k1, k2, EM = z3.Reals("S ft Et L U x k1 k2 EM")
+    step = [Et >= 1, ft * Et >= 1, ft <= Et, Lz > 0, Lz <= Sv, Sv <= Uz, Lz <= 1, 1 <= Uz,
+            xv * Sv == ft, k1 * Lz == Et, k2 * Et * Uz == 1]
+    kap = z3.If(k1 - 1 >= 1 - k2, k1 - 1, 1 - k2)
+    T.z3_proves("x = f_t/S~ in [e^-m_t/U, e^m_t/L]", step, z3.And(k2 <= xv, xv <= k1))
+    T.z3_proves("|1 - x| <= kappa_t, kappa_t >= 0", step, z3.And(zabs(1 - xv) <= kap, kap >= 0))
+    cst = step + [EM >= Et, Lz * EM >= 1, Uz <= EM]
+    T.z3_proves("(c) kappa_t <= e^(m_t+M) - 1", cst, kap <= Et * EM - 1)
+    T.z3_refutes("(c) kappa_t <= 0.9 (e^(m_t+M) - 1)", cst, kap <= Q(NINE_TENTHS) * (Et * EM - 1))
+    # z3 (b): 2 TV <= sum alpha~ kappa; sum alpha~ kappa w <= (sum alpha~ kappa) max w, hence the 1/2-sum
+    # sub-branch never beats the first branch: min(A, 2 min(th, s/2) W) = min(A, 2 th W)
+    a, al, kz, w = zreals("a", 3), zreals("al", 3), zreals("k", 3), zreals("w", 3)
+    Wm, th, A1, s_ = z3.Reals("Wm th A1 s")
+    T.z3_proves("n=3: |alpha~_t - alpha_t| <= alpha~_t kappa_t  =>  sum |alpha~ - alpha| <= sum alpha~ kappa",
+                [zabs(x - y) <= x * k for x, y, k in zip(a, al, kz)],
+                sum(zabs(x - y) for x, y in zip(a, al)) <= sum(x * k for x, k in zip(a, kz)))
+    red = ([x > 0 for x in a] + [k >= 0 for k in kz] + [z3.And(v >= 0, v <= Wm) for v in w] + [th >= 0]
+           + [A1 == sum(x * k * v for x, k, v in zip(a, kz, w)), s_ == sum(x * k for x, k in zip(a, kz))])
+    zmin = lambda u, v: z3.If(u <= v, u, v)
+    T.z3_proves("n=3: sum alpha~ kappa w <= (sum alpha~ kappa) max w, so min(A, 2 min(th, s/2) W) = min(A, 2 th W)",
+                red, z3.And(A1 <= s_ * Wm, zmin(A1, 2 * zmin(th, s_ / 2) * Wm) == zmin(A1, 2 * th * Wm)))
+    # ||V - c|| <= ||V~ - c|| + dv (d = 2): x = V~ - c, y = -dV
+    xx, yy = zreals("x", 2), zreals("y", 2)
+    nx, ny, nz, dvz = z3.Reals("nx ny nz dv")
+    T.z3_proves("||V - c|| <= ||V~ - c|| + dv when dv >= ||dV|| (d=2)",
+                [nx >= 0, ny >= 0, nz >= 0, nx * nx == xx[0] ** 2 + xx[1] ** 2, ny * ny == yy[0] ** 2 + yy[1] ** 2,
+                 dvz >= ny, nz * nz == (xx[0] + yy[0]) ** 2 + (xx[1] + yy[1]) ** 2], nz <= nx + dvz)
+
+    # exact search: (a), (c) on (alpha~, E, f) cases; (b) on value cases built on them
+    cases = []
+    for c0 in (F(1), F(7, 3), F(2) ** 200):                                  # n = 1
+        for f0 in (F(1), c0, 1 / c0):
+            cases.append(([F(1)], [c0], [f0]))
+    for n in (2, 3, 5):                                                      # all m equal, m = 0
+        for E0 in (F(1), 1 + F(1, 10 ** 40), F(3), F(2) ** 100):
+            for f in ([E0] * n, [E0] + [1 / E0] * (n - 1), [1 / E0] + [E0] * (n - 1), [F(1)] * n):
+                cases.append(([F(1, n)] * n, [E0] * n, f))
+                cases.append((normalize([F(1)] + [F(1, 10 ** 25)] * (n - 1)), [E0] * n, f))
+                cases.append((normalize([F(1, 10 ** 25)] + [F(1)] * (n - 1)), [F(1)] + [E0 + 1] * (n - 1), [F(1)] + f[1:]))
+    planted = l5_planted(rng)
+    for at, E, f, _ in planted:
+        cases.append((at, E, f))
+    dominant = []
+    for i in range(300):
+        at, E = l5_dominant(rng, rng.choice((2, 3, 5, 8)), benign=i % 3 != 0)
+        dominant.append((at, E, l5_rand_f(rng, E), i % 3 != 0))
+        cases.append(dominant[-1][:3])
+    while len(cases) < 4000:
+        n = rand_n(rng)
+        E = l5_rand_E(rng, n)
+        cases.append((rand_alpha(rng, n), E, l5_rand_f(rng, E)))
+    for at, E, f in cases:
+        l5_ratio_checks(T, at, E, f)
+    # (b): planted, dominant (with the comparison to the L1 forms), random
+    stats = {"first": [], "full": []}
+    for at, E, f, pat in planted:
+        l5_output_checks(T, l5_value_case(rng, at, E, f, pat))
+    for _ in range(40):
+        l5_output_checks(T, l5_common_error_case(rng))
+    for at, E, f, benign in dominant:
+        l5_output_checks(T, l5_value_case(rng, at, E, f), stats if benign else None)
+    for at, E, f in cases[: 2000]:
+        l5_output_checks(T, l5_value_case(rng, at, E, f))
+    l5_mp_exp(rng, 300, T)
+    return T, stats
+
+
 def main() -> int:
     t0 = time.time()
     rng = random.Random(SEED)
@@ -911,11 +1303,19 @@ def main() -> int:
     T4 = check_L4_logits(rng, 2000)
     print(T4.line("L4 logit perturbation (C-S, block Hölder, shift invariance)", "check_L4_logits"))
     results.append(T4)
+    T5, st = check_L5_runtime_ratio(random.Random(SEED + 5))
+    r1, r2 = (sorted(st[k]) for k in ("first", "full"))
+    print(T5.line("L5 per-position ratio (run time): alpha_t/alpha~_t in [e^-m_t/U, e^m_t/L], |alpha~-alpha| <= "
+                  "alpha~ kappa, output bound, kappa <= e^(m_t+M)-1", "check_L5_runtime_ratio")
+          + f"; dominant position + huge-m tiny-alpha~ ({len(r1)} cases, alpha~_u e^m_u <= 1e-6): L5 term / L1 "
+          f"(e^(2M)-1) term max {mp.nstr(r1[-1], 3)} median {mp.nstr(r1[len(r1) // 2], 3)}, L5 term / L3' (r = 2M) "
+          f"term max {mp.nstr(r2[-1], 3)} median {mp.nstr(r2[len(r2) // 2], 3)}")
+    results.append(T5)
     bad = [f for T in results for f in T.fails]
     for f in bad[:40]:
         print("FAIL:", f)
     ok = all(T.ok() for T in results)
-    print(("attention lemmas L1-L4, L3': all checks passed and all strengthened statements refuted"
+    print(("attention lemmas L1-L5, L3': all checks passed and all strengthened statements refuted"
            if ok else "attention lemmas: NOT all verified") + f" ({time.time() - t0:.1f} s)")
     return 0 if ok else 1
 

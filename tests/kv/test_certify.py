@@ -164,3 +164,40 @@ def test_certify_refuses_a_plan_without_norms(tiny_lm_plan):
     with pytest.raises(InvalidArgument, match="no error norms"):
         with certify(lm.model, MixedPrecisionCache.from_plan(p, lm.model)):
             pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 6), st.sampled_from(["random", "dominant", "equal"]),
+       st.sampled_from([0.0, 1e-9, 1e-3, 0.1, 1.0, 30.0]), st.sampled_from([0.0, 1e-6, 0.1, 1.0]),
+       st.integers(0, 2 ** 31), st.booleans())
+def test_runtime_bound_holds_on_random_instances(n, d, kind, sk, sv, seed, masked):
+    """L5 as implemented: for random q, K, V and stored K~ = K + dK, V~ = V + dV with ||dK_t|| <= dk_t,
+    ||dV_t|| <= dv_t (r -> 0, huge r, one dominant position, all-equal scores, masked positions), the
+    run-time bound from (q, K~, V~, dk, dv) >= ||o~ - o||."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    q = torch.randn(1, 2, 1, d, generator=g, dtype=torch.float64) * 2
+    if kind == "equal":
+        k = k[:, :, :1].expand(1, 1, n, d).clone()
+    if kind == "dominant":
+        k[0, 0, 0] = q[0, 0, 0] * 20
+    dk = torch.rand(1, 1, n, generator=g, dtype=torch.float64) * sk
+    dv = torch.rand(1, 1, n, generator=g, dtype=torch.float64) * sv
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-300)  # noqa: E731
+    ks = k + unit(torch.randn(k.shape, generator=g, dtype=torch.float64)) * (dk * torch.rand(dk.shape, generator=g,
+                                                                                           dtype=torch.float64))[..., None]
+    vs = v + unit(torch.randn(v.shape, generator=g, dtype=torch.float64)) * (dv * torch.rand(dv.shape, generator=g,
+                                                                                           dtype=torch.float64))[..., None]
+    bias = torch.zeros(1, 1, 1, n, dtype=torch.float64)
+    if masked and n > 1:
+        bias[..., : n // 2] = torch.finfo(torch.float32).min          # a sliding window / causal cut
+    tau = 0.25
+    b = runtime_bounds(q, ks, vs, bias, tau, dk, dv)
+
+    def att(kk, vv):
+        kk, vv = kk.repeat_interleave(2, 1), vv.repeat_interleave(2, 1)
+        return torch.softmax(tau * q @ kk.transpose(-1, -2) + bias, -1) @ vv
+
+    err = (att(ks, vs) - att(k, v)).norm(dim=-1)
+    assert bool((b >= err - 1e-12).all()), (b, err)
