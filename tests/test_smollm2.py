@@ -155,3 +155,26 @@ def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
     got = smollm2.model.generate(**enc, cache=MixedPrecisionCache.from_plan(plan, smollm2.model), **kw)
     assert torch.equal(ref.sequences, got.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ref.logits, got.logits))
+
+
+def test_runtime_and_plan_time_bounds_hold_on_a_real_window(smollm2, tmp_path):
+    """SmolLM2, a 4.5-bit plan from 256 prose calibration tokens, one eval-split window it never saw
+    (prefix 128, 128 scored): every scored query of every layer and query head stays inside both the
+    plan-time E_h and the run-time bound from the stored forms and their recorded norms (§2.4, §2.4b)."""
+    from fractions import Fraction
+
+    from hnfverify.analysis.report import load, save
+    from hnfverify.evaluation import evaluate
+    from hnfverify.planning import PlanRequest, plan_from_report
+
+    win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8))
+    save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
+    summary, arrays = load(tmp_path / "r.json")
+    plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(9, 2), sink=4, recent=64), "r.json")
+    r = evaluate(smollm2, plan, "prose", windows=1, prefix=128, scored=128)
+    n = 30 * 9 * 128
+    assert r["attention_outputs_checked"] == r["runtime_attention_outputs_checked"] == n // 3
+    assert r["bound_violations"] == 0 and r["runtime_bound_violations"] == 0, r
+    assert r["runtime_bound_over_actual_min"] >= 1 and r["runtime_bound_over_actual_median"] < 300, r
+    assert r["bound_over_actual_median"] < 1e4
