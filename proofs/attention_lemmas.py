@@ -1,4 +1,5 @@
-"""Machine checks of the attention-error lemmas L1-L4 and L3' (written proofs: docs/lemmas_draft.md).
+"""Machine checks of the attention-error lemmas L1-L5 and L3' (written proofs: docs/design.md §2.4a;
+L5 there is stated with g_t for the factor called kappa_t here).
 Exits non-zero unless every check passes AND every deliberately strengthened (false) variant is refuted.
 
 Notation: positions t = 1..n, scores s_t, perturbations delta_t, alpha = softmax(s),
@@ -17,6 +18,14 @@ alpha~ = softmax(s + delta), r = max delta - min delta, rho_t = alpha~_t / alpha
   L4  delta_t = tau q.dK_t; |delta_t| <= tau ||q|| ||dK_t||; r <= 2 tau ||q|| max ||dK_t||;
       |q.dK_t| <= sum_P ||q_P|| ||dK_t,P|| (<= ||q|| ||dK_t||) for any partition P of the channels;
       softmax(x + C 1) = softmax(x).
+  L5  |delta_t| <= m_t, L = sum alpha~ e^-m, U = sum alpha~ e^m (L <= 1 <= U), M = max m:
+      alpha_t / alpha~_t = e^-delta_t / sum alpha~ e^-delta in [e^-m_t / U, e^m_t / L];
+      |alpha~_t - alpha_t| <= alpha~_t kappa_t, kappa_t = max(e^m_t/L - 1, 1 - e^-m_t/U) <= e^(m_t + M) - 1;
+      w_t = ||V~_t - c|| + dv_t, r >= max delta - min delta:
+      ||o~ - o|| <= sum alpha~ dv + min(sum alpha~ kappa w, 2 min(tanh(r/4), 1/2 sum alpha~ kappa) max w)
+      (the 1/2-sum sub-branch is dominated by the first branch; in the diameter form
+       min(tanh(r/4), 1/2 sum alpha~ kappa) max_{s,t} (||V~_s - V~_t|| + dv_s + dv_t) it is not).
+      Exact search: alpha~, E_u = e^m_u >= 1 and f_u = e^-delta_u in [1/E_u, E_u] chosen as rationals.
 
 Three kinds of check per lemma:
   sympy  the algebraic identities (symbolic, exact);
@@ -1204,17 +1213,23 @@ def check_L5_runtime_ratio(rng):
         EM = z3.Real("EM")
         T.z3_proves(f"n={n}: (c) m_u <= M  =>  L >= e^-M, U <= e^M", base + [EM >= e for e in E],
                     z3.And(Lz * EM >= 1, Uz <= EM))
-        if n == 2:                                      # the complete (a) per position
-            al, k1, k2 = zreals("al", n), zreals("k1_", n), zreals("k2_", n)
-            full = (base + [al[t] * Sz == a[t] * f[t] for t in range(n)]
+        if n == 2:                                      # (a) per position, from L <= S~ <= U, L <= 1 <= U (just
+                                                        # proved); |1 - x_t| <= kappa_t then by the step below
+            k1, k2, xr = zreals("k1_", n), zreals("k2_", n), zreals("x", n)
+            full = (base + [Lz <= Sz, Sz <= Uz, Lz <= 1, 1 <= Uz] + [xr[t] * Sz == f[t] for t in range(n)]
                     + [k1[t] * Lz == E[t] for t in range(n)] + [k2[t] * E[t] * Uz == 1 for t in range(n)])
             kap = [z3.If(k1[t] - 1 >= 1 - k2[t], k1[t] - 1, 1 - k2[t]) for t in range(n)]
-            T.z3_proves("n=2: complete (a): |alpha~_t - alpha_t| <= alpha~_t kappa_t, kappa_t >= 0", full,
-                        z3.And(*[z3.And(zabs(a[t] - al[t]) <= a[t] * kap[t], kap[t] >= 0) for t in range(n)]))
-            T.z3_refutes("n=2 (a) with 0.9 kappa", full, zabs(a[0] - al[0]) <= Q(NINE_TENTHS) * a[0] * kap[0])
+            for t in range(n):
+                T.z3_proves(f"n=2, t={t}: x_t = alpha_t/alpha~_t = f_t/S~ in [e^-m_t/U, e^m_t/L]", full,
+                            z3.And(k2[t] <= xr[t], xr[t] <= k1[t]))
+                T.z3_proves(f"n=2, t={t}: 0 < e^-m_t/U <= 1 <= e^m_t/L", full, z3.And(k2[t] > 0, k2[t] <= 1, k1[t] >= 1))
+            T.z3_refutes("n=2 (a) with 0.9 kappa", full, zabs(1 - xr[0]) <= Q(NINE_TENTHS) * kap[0])
             T.z3_refutes("n=2 (a) with L -> 1", full,
-                         zabs(a[0] - al[0]) <= a[0] * z3.If(E[0] - 1 >= 1 - k2[0], E[0] - 1, 1 - k2[0]))
-            T.z3_refutes("n=2 (a) with kappa = e^m/L - 1 only", full, zabs(a[0] - al[0]) <= a[0] * (k1[0] - 1))
+                         zabs(1 - xr[0]) <= z3.If(E[0] - 1 >= 1 - k2[0], E[0] - 1, 1 - k2[0]))
+            T.z3_refutes("n=2 (a) with kappa = e^m/L - 1 only", full, zabs(1 - xr[0]) <= k1[0] - 1)
+    a0, x0, k0 = z3.Reals("a0 x0 k0")
+    T.z3_proves("|alpha~ - alpha| = alpha~ |1 - alpha/alpha~| <= alpha~ kappa", [a0 > 0, zabs(1 - x0) <= k0],
+                zabs(a0 - a0 * x0) <= a0 * k0)
     # z3 (a) second step, and (c): x = f_t/S~ with S~ in [L, U]
     Sv, ft, Et, Lz, Uz, xv, k1, k2, EM = z3.Reals("S ft Et L U x k1 k2 EM")
     step = [Et >= 1, ft * Et >= 1, ft <= Et, Lz > 0, Lz <= Sv, Sv <= Uz, Lz <= 1, 1 <= Uz,
@@ -1222,6 +1237,8 @@ def check_L5_runtime_ratio(rng):
     kap = z3.If(k1 - 1 >= 1 - k2, k1 - 1, 1 - k2)
     T.z3_proves("x = f_t/S~ in [e^-m_t/U, e^m_t/L]", step, z3.And(k2 <= xv, xv <= k1))
     T.z3_proves("|1 - x| <= kappa_t, kappa_t >= 0", step, z3.And(zabs(1 - xv) <= kap, kap >= 0))
+    T.z3_proves("x in [k2, k1], k2 <= 1 <= k1  =>  |1 - x| <= max(k1 - 1, 1 - k2) (closes the n=2 chain)",
+                [k2 <= xv, xv <= k1, k2 <= 1, 1 <= k1], z3.And(zabs(1 - xv) <= kap, kap >= 0))
     cst = step + [EM >= Et, Lz * EM >= 1, Uz <= EM]
     T.z3_proves("(c) kappa_t <= e^(m_t+M) - 1", cst, kap <= Et * EM - 1)
     T.z3_refutes("(c) kappa_t <= 0.9 (e^(m_t+M) - 1)", cst, kap <= Q(NINE_TENTHS) * (Et * EM - 1))

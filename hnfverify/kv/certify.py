@@ -5,11 +5,10 @@ bounded from what the cache stores alone — the stored K~, V~ it returns, the r
 For one query q over the visible positions t, with dk_t >= ||K~_t - K_t||, dv_t >= ||V~_t - V_t||,
 alpha~ = softmax(tau q.K~ + mask), o~ = sum alpha~_t V~_t, m_t = tau ||q|| dk_t >= |delta_t| and
 r = 2 max_t m_t (Lemma L4), w_t = ||V~_t - o~|| + dv_t (>= ||V_t - o~||), L = sum alpha~_t e^-m_t,
-U = sum alpha~_t e^m_t and kappa_t = max(e^m_t / L - 1, 1 - e^-m_t / U), the exact attention o over the
-true K, V satisfies (Lemmas L5, L2, L3')
+U = sum alpha~_t e^m_t and g_t = max(e^m_t / L - 1, 1 - e^-m_t / U), the exact attention o over the
+true K, V satisfies (Lemma L5 (b), with L2 and L3')
 
-    ||o~ - o|| <= sum_t alpha~_t dv_t + min(sum_t alpha~_t kappa_t w_t,
-                                             2 min(tanh(r/4), 1/2 sum_t alpha~_t kappa_t) max_t w_t).
+    ||o~ - o|| <= sum_t alpha~_t dv_t + min(sum_t alpha~_t g_t w_t,  2 tanh(r/4) max_t w_t).
 
 Each position pays for its own key error: a large error on positions the query hardly attends to
 costs little.
@@ -38,7 +37,7 @@ _EPS64 = 2.0 ** -53
 
 
 def bound_from_parts(alpha, dist, dk, dv, qn, tau: float, vis):
-    """The bound of L5 (with L2, L3', L4) per query. alpha, dist (upper bounds of ||V~_t - c||), vis:
+    """The bound of L5 (b) (with L2, L3', L4) per query. alpha, dist (upper bounds of ||V~_t - c||), vis:
     (..., n, L); dk, dv: (..., n, L) or broadcastable; qn: (..., n) query norms. All float64 (vis bool).
     Returns (..., n)."""
     zero = torch.zeros((), dtype=torch.float64)
@@ -49,10 +48,9 @@ def bound_from_parts(alpha, dist, dk, dv, qn, tau: float, vis):
     # L5: alpha_t / alpha~_t in [e^-m_t / U, e^m_t / L], L, U from alpha~ (rounded outward)
     lo = (alpha * torch.exp(-m)).sum(-1, keepdim=True) * (1 - SUM_MARGIN)
     hi = (alpha * torch.exp(m)).sum(-1, keepdim=True) * (1 + SUM_MARGIN)
-    kappa = torch.maximum(torch.exp(m) / lo - 1, 1 - torch.exp(-m) / hi).clamp(min=0.0)
-    ak = (alpha * kappa).sum(-1)
-    per_pos = (alpha * kappa * w).sum(-1)
-    tv = 2.0 * torch.minimum(torch.tanh(r / 4), ak / 2) * w.amax(-1)
+    g = torch.maximum(torch.exp(m) / lo - 1, 1 - torch.exp(-m) / hi).clamp(min=0.0)
+    per_pos = (alpha * g * w).sum(-1)
+    tv = 2.0 * torch.tanh(r / 4) * w.amax(-1)
     # an infinite recorded norm (code 255) makes the bound infinite; 0 * inf terms are nan: inf
     out = (first + torch.minimum(per_pos, tv)) * (1 + SUM_MARGIN)
     return torch.nan_to_num(out, nan=float("inf"))

@@ -127,11 +127,12 @@ def eps_state(ctx: Planning, theorem_minima: list):
     req, units = ctx.req, ctx.units
     search = ctx.search_end_to_end
     bottom = [0] * len(units)
-    # the first-order attention-output error of every (layer, head) must also be <= eps: this is
-    # what limits values (kappa = 0); per head, the shortest prefix of its own greedy sequence
+    # every (layer, head)'s certified E_h must be <= eps (this is what limits values, kappa = 0): per head,
+    # the shortest prefix of the objective's greedy sequence (its ranking; `linear` by default, which plans
+    # better than the bound's own plateaus, BENCHMARKS.md) whose exact E_h is <= eps
     head_budget = list(bottom)
     for lh, us in ctx.by_head.items():
-        moves = search.head_sequence(lh, bottom)
+        moves = ctx.search.head_sequence(lh, bottom)
         state = list(bottom)
         k = 0
         while True:

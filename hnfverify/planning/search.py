@@ -77,21 +77,31 @@ class GreedySearch:
         return self.err_fn(fh, out[0], out[1])
 
     def best_move(self, lh, state, cur_err):
-        best = None
+        """The upgrade with the largest bound decrease per bit; where none decreases the bound (its mins and
+        maxima have plateaus, docs/design.md §2.4), the one with the largest decrease of the unit's own error
+        per bit, scored below every real decrease, so a greedy sequence always reaches the finest formats."""
+        best, plateau = None, None
         scale = self.amp[lh[0]] * self.w[lh]
         for i in self.by_lh[lh]:
             for j in range(state[i] + 1, len(self.units[i].chain)):
                 old = state[i]
+                cost = (self.bits[i][j] - self.bits[i][old]) * self.length[i]
+                if cost <= 0:
+                    continue
                 state[i] = j
                 e = self.head_error(lh, state)
                 state[i] = old
                 gain = scale * (cur_err - e)
-                cost = (self.bits[i][j] - self.bits[i][old]) * self.length[i]
-                if gain <= 0 or cost <= 0:
+                if gain <= 0:
+                    own = (self.errf[i][old] - self.errf[i][j]) / cost
+                    if own > 0 and (plateau is None or own > plateau[0]):
+                        plateau = (own, i, j, e)
                     continue
                 score = gain / cost
                 if best is None or score > best[0]:
                     best = (score, i, j, e)
+        if best is None and plateau is not None:
+            return (0.0, plateau[1], plateau[2], plateau[3])
         return best
 
     def head_sequence(self, lh, start):
