@@ -41,7 +41,7 @@ demo: venv
 	$(BIN)/hnfverify recheck $(OUT)/certs/$$($(BIN)/hnfverify show $(OUT)/plan.json --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["sha256"][:16])').cert.json --plan $(OUT)/plan.json
 	$(BIN)/hnfverify replay $(OUT)/certs --solver z3
 	$(BIN)/hnfverify replay $(OUT)/certs --solver cvc5
-	$(BIN)/hnfverify generate $(OUT)/plan-4.5bits.json --prompt "Explain what a Python dictionary is, with a short example." --max-new-tokens 80
+	$(BIN)/hnfverify generate $(OUT)/plan-4.5bits.json --prompt "Explain what a Python dictionary is, with a short example." --max-new-tokens 80 --certify
 	$(BIN)/hnfverify report $(OUT)/plan-4.5bits.json --out $(OUT)/report-4.5bits --eval-windows 0
 	$(BIN)/hnfverify eval $(OUT)/plan-4.5bits.json --text prose --text code --windows 8 --prefix 512 --scored 512 --quiet
 	$(BIN)/hnfverify eval $(OUT)/plan.json --text prose --text code --windows 8 --prefix 512 --scored 512 --quiet

@@ -123,15 +123,21 @@ def test_eval_and_generate_commands(tiny, tmp_path):
     code, out, err = cli("generate", str(p), "--model", "tiny-llama", "--prompt", "hello", "--max-new-tokens", "8")
     assert code == 0, err
     assert "bits per element" in err
+    code, out, err = cli("generate", str(p), "--model", "tiny-llama", "--prompt", "hello", "--max-new-tokens", "8",
+                         "--certify")
+    assert code == 0, err
+    assert "run-time certificate: 8 forward passes" in err and "layer   0:" in err and "monitor" in err, err
     # the tiny model's byte tokenizer: windows of prefix + scored = T positions, as the plan covers
     code, out, err = cli("eval", str(p), "--model", "tiny-llama", "--text", "prose", "--windows", "2",
                          "--prefix", "32", "--scored", "32", "--format", "json", "--quiet")
     assert code == 0, err
     row = json.loads(out.splitlines()[0])
     for k in ("ppl_ref", "ppl", "kld", "top1", "bits_per_element", "compression", "cache_bytes", "bound_violations",
-              "bound_over_actual_median", "windows", "tokens_scored"):
+              "bound_over_actual_median", "bound_over_actual_min", "windows", "tokens_scored",
+              "runtime_bound_over_actual_median", "runtime_bound_violations"):
         assert k in row
     assert row["windows"] == 2 and row["tokens_scored"] == 64 and row["bound_violations"] == 0
+    assert row["runtime_bound_violations"] == 0 and row["runtime_bound_over_actual_median"] >= 1
     assert abs(row["bits_per_element"] - float(Fraction(plan["claims"]["avg_bits"]))) < 0.01 * row["bits_per_element"]
     code, _, err = cli("eval", str(p), "--model", "tiny-llama", "--prefix", "64", "--scored", "64", "--quiet")
     assert code == 2 and "covers 64 positions" in err
