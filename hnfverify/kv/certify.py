@@ -43,7 +43,7 @@ def bound_from_parts(alpha, dist, dk, dv, qn, tau: float, vis):
     zero = torch.zeros((), dtype=torch.float64)
     m = torch.where(vis, tau * qn.unsqueeze(-1) * dk, zero)           # m_t >= |delta_t| (L4)
     r = 2.0 * m.amax(-1)
-    first = (alpha * dv).sum(-1)
+    first = torch.where(vis, alpha * dv, zero).sum(-1)        # masked positions (alpha 0) cost nothing
     w = torch.where(vis, dist + dv, zero)
     # L5: alpha_t / alpha~_t in [e^-m_t / U, e^m_t / L], L, U from alpha~ (rounded outward)
     lo = (alpha * torch.exp(-m)).sum(-1, keepdim=True) * (1 - SUM_MARGIN)
