@@ -618,9 +618,9 @@ def _t13():
     return p
 
 
-@case("huge-bound", "§2.4", 0, "fp16 keys with amax 60000, q_max 60: m + M about 14000, E_h near 1e6000 "
-      "(eps implied, claims null, no eps_target): every obligation holds; the bound must be printable "
-      "(found by the fuzzer: exit 4 from fmt_number before the fix)")
+@case("huge-bound", "§2.4", 0, "fp16 keys with amax 60000, q_max 60: m + M about 14000 (the old E_h was near 1e6000; "
+      "§2.4's is finite, the first-order branch is not evaluated) (eps implied, claims null, no eps_target): every "
+      "obligation holds (found by the fuzzer: exit 4 from fmt_number before the fix)")
 def _t14():
     p = planner(uniform="fp16", eps=None)
     p["eps_source"], p["mode"]["kind"], p["eps_target"] = "implied", "uniform", None
@@ -633,8 +633,9 @@ def _t14():
     return null_claims(p)
 
 
-@case("exp-beyond-cap", "§2.4", 1, "bf16 keys with amax 1e6 and eps the user's: E_h > e^65536 > eps, so the "
-      "attention budget is REFUTED (found by the fuzzer: exit 2, exp argument refused, before the fix)")
+@case("exp-beyond-cap", "§2.4", 1, "bf16 keys with amax 1e6 and eps the user's: m + M far above 128, E_h "
+      "(its value-error and total-variation terms) > eps, so the attention budget is REFUTED (found by the fuzzer: "
+      "exit 2, exp argument refused, before the fix)")
 def _t15():
     p = planner(uniform="bf16", eps=None)
     p["eps"], p["eps_source"], p["mode"]["kind"], p["eps_target"] = "50", "user", "uniform", None
@@ -655,7 +656,7 @@ def _t15b():
 
 @case("exp-beyond-cap-unused", "§2.4", 0, "avg-bits plan (eps implied), claims null, no eps_target; K rest "
       "int2 with amax 32752 and diameters 262016: m + M about 1.3e5, yet no obligation needs E_h and every precision "
-      "obligation holds (kappa 0, in the domain); the gate takes the uncomputable bound as +infinity")
+      "obligation holds (kappa 0, in the domain); E_h's first-order branch is not evaluated (§2.4)")
 def _t15d():
     p = planner(avg_bits=Fraction(6))
     inp = head(p)["K"]["rest"]["inputs"]
@@ -667,7 +668,7 @@ def _t15d():
 
 
 @case("exp-far-beyond-cap", "§2.4", 1, "int8 keys with amax 1e300 (eps the user's): out of the domain, and "
-      "E_h (exp of about 1e296) > eps: REFUTED")
+      "E_h (its value-error and total-variation terms) > eps: REFUTED")
 def _t15c():
     p = planner()
     rule = head(p)["K"]

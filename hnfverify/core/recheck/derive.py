@@ -9,7 +9,7 @@ from .formats import chain_stages, diam
 from .semantics import (READER, chain, minus_blocks, reachable, seg_errors, smt_composition, smt_monotonicity, smt_precision, stream)
 
 
-INF = math.inf          # a bound too large to compute exactly (exp of more than 65536): +infinity, §2.4
+INF = math.inf          # a branch not evaluated (an exponent above 128, §2.4), or e_L of such: +infinity
 
 
 def up(x):
