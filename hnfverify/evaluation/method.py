@@ -15,5 +15,5 @@ class Method:
     nbytes: object
     bounds: dict | None = None
     e_l: float | None = None
-    protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluate)"
+    protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluation.attention)"
     accounted: object = None      # (stats, n) -> bytes by the formats' accounting (cheap; at every length)

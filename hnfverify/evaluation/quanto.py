@@ -121,7 +121,7 @@ def quanto_method(nbits: int, residual: int = 128, group: int = 64, axis_key: in
 
     return Method(name or f"quanto-int{nbits}", context, nbytes,
                   protocol=f"teacher-forced emulation of transformers QuantizedCache(backend='quanto', nbits={nbits}, "
-                           f"residual_length={residual}, q_group_size={group}) (hnfverify.peers)")
+                           f"residual_length={residual}, q_group_size={group}) (hnfverify.evaluation.quanto)")
 
 
 def quanto_cache(config, nbits: int, residual: int = 128, group: int = 64):
