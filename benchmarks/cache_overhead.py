@@ -55,7 +55,7 @@ def main() -> int:
     for _ in range(args.repeats):
         res["DynamicCache"].append(decode_ms(lm, ids, DynamicCache(), args.steps))
         for p, plan in plans:
-            res[p].append(decode_ms(lm, ids, MixedPrecisionCache.from_plan(plan, lm.model.config), args.steps))
+            res[p].append(decode_ms(lm, ids, MixedPrecisionCache.from_plan(plan, lm.model), args.steps))
     base = statistics.median(res["DynamicCache"])
     print(f"decode ms/token after a 512-token prefill, median of {args.steps} steps x {args.repeats} interleaved "
           f"repeats, {args.threads} threads")

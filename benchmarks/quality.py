@@ -218,7 +218,7 @@ def main() -> int:
     by_name = {name: plan for name, _, _, plan, _ in plans}
     cfg = lm.model.config
     makers = {"full": lambda: DynamicCache(config=cfg)}
-    makers.update({n: (lambda p=by_name[n]: MixedPrecisionCache.from_plan(p, cfg)) for n in timed})
+    makers.update({n: (lambda p=by_name[n]: MixedPrecisionCache.from_plan(p, lm.model)) for n in timed})
     makers["quanto-int4"] = lambda: quanto_cache(cfg, 4)
     makers["quanto-int2"] = lambda: quanto_cache(cfg, 2)
     t = time.perf_counter()
