@@ -247,10 +247,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, rules: list, owner: "MixedPrecisionCache"):
+    def __init__(self, rules: list, owner: "MixedPrecisionCache", index: int = 0):
         super().__init__()
         self.rules = rules            # per KV head: (StreamRule for K, StreamRule for V)
         self.owner = owner
+        self.index = index
         self.k_streams: list = []
         self.v_streams: list = []
         self.cumulative_length = 0
@@ -280,7 +281,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         for h in range(len(self.rules)):
             self.k_streams[h].append(key_states[:, h].float())
             self.v_streams[h].append(value_states[:, h].float())
-        self.owner._monitor_stored(self, key_states, value_states)
+        self.owner._monitor_stored(self.index, key_states, value_states)
         self.cumulative_length += n
         if first:
             for s in streams:
@@ -380,19 +381,23 @@ class MixedPrecisionCache(Cache):
         #: {"q_max": float, "K": amax, "V": amax}; ``monitor`` counts what falls outside them
         self.limits = limits or {}
         self.monitor = {"queries_above_q_max": 0, "keys_above_amax": 0, "values_above_amax": 0}
-        super().__init__(layers=[MixedPrecisionLayer(r, self) for r in rules_by_layer])
+        super().__init__(layers=[MixedPrecisionLayer(r, self, i) for i, r in enumerate(rules_by_layer)])
+        # per layer, (Hkv,) tensors of the measured amax of K and V: one comparison per update
+        self._amax = {}
+        for (li, h), lim in self.limits.items():
+            self._amax.setdefault(li, {"K": [], "V": []})
+            self._amax[li]["K"].append(lim["K"])
+            self._amax[li]["V"].append(lim["V"])
+        self._amax = {li: {kv: torch.tensor(x, dtype=torch.float32) for kv, x in d.items()}
+                      for li, d in self._amax.items()}
 
-    def _monitor_stored(self, layer: "MixedPrecisionLayer", k: torch.Tensor, v: torch.Tensor) -> None:
+    def _monitor_stored(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Count stored vectors with an entry beyond the plan's measured |x| maximum (any segment)."""
-        if not self.limits:
+        lim = self._amax.get(li)
+        if lim is None:
             return
-        li = self.layers.index(layer)
-        for h in range(k.shape[1]):
-            lim = self.limits.get((li, h))
-            if lim is None:
-                continue
-            self.monitor["keys_above_amax"] += int((k[:, h].abs().amax(-1) > lim["K"]).sum())
-            self.monitor["values_above_amax"] += int((v[:, h].abs().amax(-1) > lim["V"]).sum())
+        self.monitor["keys_above_amax"] += int((k.abs().amax(-1).float() > lim["K"].view(1, -1, 1)).sum())
+        self.monitor["values_above_amax"] += int((v.abs().amax(-1).float() > lim["V"].view(1, -1, 1)).sum())
 
     def _admit(self, length: int) -> None:
         if self.max_seq_len is None or length <= self.max_seq_len:
