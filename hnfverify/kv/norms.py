@@ -16,12 +16,19 @@ INF_CODE = 255
 NORM_MARGIN = 1e-12
 
 
+def _table() -> torch.Tensor:
+    t = torch.exp2((torch.arange(256, dtype=torch.float64) - OFFSET) / STEP)
+    t[0], t[INF_CODE] = 0.0, float("inf")
+    return t
+
+
+#: the decoded value of every code, computed once: every reader (and ``encode_up``'s check) sees the same bits
+TABLE = _table()
+
+
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> float64 upper bounds (0 for code 0, +inf for code 255)."""
-    c = codes.to(torch.float64)
-    out = torch.exp2((c - OFFSET) / STEP)
-    out = torch.where(codes == 0, torch.zeros_like(out), out)
-    return torch.where(codes == INF_CODE, torch.full_like(out, float("inf")), out)
+    return TABLE[codes.long()]
 
 
 def encode_up(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +42,7 @@ def encode_up(x: torch.Tensor) -> torch.Tensor:
     for _ in range(2):
         short = (decode(c) < x) & (c < INF_CODE)
         c = torch.where(short, c + 1, c)
-    return torch.where(torch.isnan(x) | (x > decode(torch.tensor(254, dtype=torch.uint8))),
-                       torch.full_like(c, INF_CODE), c)
+    return torch.where(torch.isnan(x) | (x > TABLE[254]), torch.full_like(c, INF_CODE), c)
 
 
 def error_norm(stored: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:

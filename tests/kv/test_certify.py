@@ -201,3 +201,37 @@ def test_runtime_bound_holds_on_random_instances(n, d, kind, sk, sv, seed, maske
 
     err = (att(ks, vs) - att(k, v)).norm(dim=-1)
     assert bool((b >= err - 1e-12).all()), (b, err)
+
+
+@pytest.mark.parametrize("spec,s,r", [("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16),
+                                      ("int4_t16,rest=int2_c8", 4, 16)])
+def test_evaluation_reads_the_norms_the_cache_records(spec, s, r):
+    """One reading of a plan: the teacher-forced evaluation's error-norm bound of every (query, position)
+    (``version_norms`` through the selector) equals what the cache's ``error_bounds`` returns for that
+    query, after a prefill and every one-token step (empty windows, incomplete channel groups included)."""
+    from hnfverify.evaluation.attention import plan_rules, selector, version_norms, versions
+
+    cs = _cache_semantics()
+    plan = cs.synthetic_plan(uniform=spec, sink=s, recent=r)
+    cache = MixedPrecisionCache.from_plan(plan)
+    x, prefix, t_len = cs.X, 20, 60
+    n_l = len(plan["layers"])
+    rules = plan_rules(plan)
+    expect = {}
+    for li in range(n_l):
+        for h in range(x.shape[1]):
+            for kv, rule in zip("KV", rules[(li, h)]):
+                xs = x[0, h, :t_len].float()
+                vn = version_norms(xs, versions(xs, rule), rule)
+                sel = selector(rule, t_len, prefix)
+                expect[(li, h, kv)] = vn[sel.long(), torch.arange(t_len)]          # (T, T): row i = query i
+    for li in range(n_l):
+        cache.update(x[:, :, :prefix], x[:, :, :prefix], li)
+    for i in range(prefix, t_len):
+        for li in range(n_l):
+            cache.update(x[:, :, i:i + 1], x[:, :, i:i + 1], li)
+            dk, dv = cache.layers[li].error_bounds()
+            for h in range(x.shape[1]):
+                for kv, got in zip("KV", (dk, dv)):
+                    want = expect[(li, h, kv)][i, :i + 1]
+                    assert torch.equal(got[0, h], want), (spec, li, h, kv, i, float((got[0, h] - want).abs().max()))
