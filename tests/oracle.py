@@ -12,8 +12,10 @@ hold the gate to. Given a parsed plan it decides
       eps >= c kappa_hi sum_k u_k D_k^2 on the widened ranges (§2.2, §2.3) and every stage in its
       domain (|x| <= 65504 for fp16, int*, fp8*; the largest finite number for bf16, fp32);
   (c) E_h <= eps for every head when eps_source is "user" (§2.4);
-  (d) the composition law e_L <= eps_target (§2.5, with mlp_lipschitz);
-  (e) the claims are upper bounds of the recomputed bounds (§5.5).
+  (d) the composition law (§2.5): the product form e_L <= eps_target (with mlp_lipschitz), or the suffix form
+      Phi = sum_l S_l sqrt(T) b_l + (K/2) sum_l T b_l^2 <= eps_target inside the remainder's radius;
+  (e) the KL budget (§2.6): (Gamma Phi)^2 / 8 <= max_kl;
+  (f) the claims are upper bounds of the recomputed bounds (§5.5).
 
 Real numbers are intervals of Fractions with outward rounding written here (sqrt by isqrt, exp by a
 Taylor sum with a remainder bound and squaring). A comparison is decided exactly when both sides are
@@ -527,8 +529,8 @@ LIP_KEYS = ("lipschitz", "mlp_lipschitz")
 def _schema(p):
     """The structure of specs/plan.schema.json (types, required keys, closed objects, grammars)."""
     _obj(p, "$", ["schema_version", "kind", "tool", "model", "calibration", "analysis", "shape", "max_seq_len",
-                  "eps", "eps_source", "eps_target", "c", "mode", "rule", "formats", "layers", "assumptions",
-                  "claims"])
+                  "eps", "eps_source", "eps_target", "max_kl", "composition", "c", "mode", "rule", "formats", "layers",
+                  "assumptions", "claims"])
     if p["schema_version"] != 1 or not _is_int(p["schema_version"]):
         raise _Bad("$.schema_version", "must be 1")
     if p["kind"] != "hnfverify-plan":
@@ -557,6 +559,16 @@ def _schema(p):
         raise _Bad("$.eps_source", "must be user or implied")
     if p["eps_target"] is not None:
         _numstr(p["eps_target"], "$.eps_target")
+    if p["max_kl"] is not None:
+        _numstr(p["max_kl"], "$.max_kl")
+    comp = _obj(p["composition"], "$.composition", ["form", "remainder", "logit_gain"])
+    if comp["form"] not in ("suffix", "product"):
+        raise _Bad("$.composition.form", "must be suffix or product")
+    for ck, keys in (("remainder", ["measured", "margin", "value", "radius"]), ("logit_gain", ["measured", "margin", "value"])):
+        if comp[ck] is not None:
+            g = _obj(comp[ck], f"$.composition.{ck}", keys)
+            for k in keys:
+                _numstr(g[k], f"$.composition.{ck}.{k}")
     _numstr(p["c"], "$.c")
     m = _obj(p["mode"], "$.mode", ["kind", "value", "budget_split"])
     if m["kind"] not in ("eps", "avg_bits", "uniform", "assigned"):
@@ -592,10 +604,10 @@ def _schema(p):
         raise _Bad("$.layers", "must be a non-empty array")
     for li, la in enumerate(layers):
         lp = f"$.layers[{li}]"
-        _obj(la, lp, ["layer", "tau", "lipschitz", "mlp_lipschitz", "heads"])
+        _obj(la, lp, ["layer", "tau", "lipschitz", "mlp_lipschitz", "suffix", "heads"])
         _int(la["layer"], f"{lp}.layer", 0)
         _numstr(la["tau"], f"{lp}.tau")
-        for lk in LIP_KEYS:
+        for lk in LIP_KEYS + (("suffix",) if la["suffix"] is not None else ()):
             lip = _obj(la[lk], f"{lp}.{lk}", ["measured", "margin", "value"])
             for k in ("measured", "margin", "value"):
                 _numstr(lip[k], f"{lp}.{lk}.{k}")
@@ -642,7 +654,8 @@ def _schema(p):
         if not isinstance(asm["provenance"], dict):
             raise _Bad(f"{ap}.provenance", "must be an object")
     c = _obj(p["claims"], "$.claims", ["avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len", "layer_bounds",
-                                       "end_to_end_bound", "theorem_5_7_violations", "attention_error_max"])
+                                       "end_to_end_bound", "theorem_5_7_violations", "attention_error_max",
+                                       "logit_bound", "kl_bound"])
     for k in ("avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len"):
         _numstr(c[k], f"$.claims.{k}", nonneg=False)
     for k in ("layer_bounds", "attention_error_max"):
@@ -651,8 +664,9 @@ def _schema(p):
         for i, x in enumerate(c[k]):
             if x is not None:
                 _numstr(x, f"$.claims.{k}[{i}]", nonneg=False)
-    if c["end_to_end_bound"] is not None:
-        _numstr(c["end_to_end_bound"], "$.claims.end_to_end_bound", nonneg=False)
+    for k in ("end_to_end_bound", "logit_bound", "kl_bound"):
+        if c[k] is not None:
+            _numstr(c[k], f"$.claims.{k}", nonneg=False)
     _int(c["theorem_5_7_violations"], "$.claims.theorem_5_7_violations", 0)
 
 
@@ -685,8 +699,24 @@ def _semantics(p):
         for i, x in enumerate(p["claims"][k]):
             if x is not None:
                 num(x, f"$.claims.{k}[{i}]")
-    if p["claims"]["end_to_end_bound"] is not None:
-        num(p["claims"]["end_to_end_bound"], "$.claims.end_to_end_bound")
+    for k in ("end_to_end_bound", "logit_bound", "kl_bound"):
+        if p["claims"][k] is not None:
+            num(p["claims"][k], f"$.claims.{k}")
+    if p["max_kl"] is not None and num(p["max_kl"], "$.max_kl") <= 0:
+        bad("$.max_kl", "must be > 0")
+    comp = p["composition"]
+    suffix = comp["form"] == "suffix"
+    for ck in ("remainder", "logit_gain"):
+        if (comp[ck] is not None) != suffix:
+            bad(f"$.composition.{ck}", "present iff the form is suffix")
+        if comp[ck] is not None:
+            meas, marg, val = (num(comp[ck][k], f"$.composition.{ck}.{k}") for k in ("measured", "margin", "value"))
+            if marg < 1:
+                bad(f"$.composition.{ck}.margin", "margin < 1")
+            if val < meas * marg:
+                bad(f"$.composition.{ck}.value", "value < measured x margin")
+            if ck == "remainder":
+                num(comp[ck]["radius"], "$.composition.remainder.radius")
     for name, spec in p["formats"].items():
         num(spec["bits_per_element"], f"$.formats.{name}.bits_per_element")
         num(spec["u"], f"$.formats.{name}.u")
@@ -728,7 +758,9 @@ def _semantics(p):
             bad(f"{lp}.layer", "layers missing or out of order")
         if num(la["tau"], f"{lp}.tau") <= 0:
             bad(f"{lp}.tau", "must be > 0")
-        for lk in LIP_KEYS:
+        if (la["suffix"] is not None) != suffix:
+            bad(f"{lp}.suffix", "present iff the composition form is suffix")
+        for lk in LIP_KEYS + (("suffix",) if la["suffix"] is not None else ()):
             lip = la[lk]
             meas, marg, val = (num(lip[k], f"{lp}.{lk}.{k}") for k in ("measured", "margin", "value"))
             if marg < 1:
@@ -1251,7 +1283,41 @@ def decide(plan, crop=False) -> Result:
                 amp *= lips[j]
             tot = tot + (R.of(amp * mlps[li]) * b_layers[li][0][w])
         e_l[w] = (rsqrt(Q(t)) * tot).inexact()
-    res.values = {"E": e_heads, "b": [x[0] for x in b_layers], "E_max": [x[1] for x in b_layers], "e_L": e_l}
+    comp = plan["composition"]
+    never = R(Q(10) ** 400, None)               # no bound at all: every "<= target" is False
+    z_osc, kl = {"sim": never, "doc": never}, {"sim": never, "doc": never}
+    if comp["form"] == "suffix":                # §2.5 suffix form and §2.6
+        sfx = [parse(la["suffix"]["value"]) for la in plan["layers"]]
+        k_rem, rho = parse(comp["remainder"]["value"]), parse(comp["remainder"]["radius"])
+        gain = parse(comp["logit_gain"]["value"])
+        for w in ("sim", "doc"):
+            eps_l = [rsqrt(Q(t)) * b_layers[li][0][w] for li in range(len(plan["layers"]))]
+            ss = R.of(0)
+            for e in eps_l:
+                ss = ss + e * e
+            inside = le(ss.inexact(), R.of(rho * rho))
+            if inside is False:
+                e_l[w] = never
+            elif inside is None:
+                e_l[w] = R(0, None, False)             # undecidable by oracle
+            else:
+                tot = R.of(0)
+                for s_l, e in zip(sfx, eps_l):
+                    tot = tot + R.of(s_l) * e
+                e_l[w] = (tot + R.of(k_rem / 2) * ss).inexact()
+            if e_l[w] is not never and e_l[w].hi is not None:
+                z_osc[w] = R.of(gain) * e_l[w]
+                kl[w] = (z_osc[w] * z_osc[w] * R.of(Q(1, 8))).inexact()
+            elif e_l[w] is not never:
+                z_osc[w] = kl[w] = R(0, None, False)
+    res.values = {"E": e_heads, "b": [x[0] for x in b_layers], "E_max": [x[1] for x in b_layers], "e_L": e_l,
+                  "Z": z_osc, "KL": kl}
+    if plan["max_kl"] is not None:
+        mk = R.of(parse(plan["max_kl"]))
+        hs, hd = le(kl["sim"], mk), le(kl["doc"], mk)
+        obs["kl"] = Ob("kl", "kl-budget", hs, doc=(hs == hd), detail={"KL": kl["doc"], "Z": z_osc["doc"]})
+        if hs != hd:
+            obs["kl#doc"] = Ob("kl", "kl-budget", hd, sim=False, detail={"KL": kl["doc"], "Z": z_osc["doc"]})
     if plan["eps_target"] is not None:
         tgt = R.of(parse(plan["eps_target"]))
         hs, hd = le(e_l["sim"], tgt), le(e_l["doc"], tgt)
@@ -1270,11 +1336,12 @@ def decide(plan, crop=False) -> Result:
                     verdicts.append(v)
                     if v is not True:
                         why.append(f"{key}[{li}] {x} vs {val.approx():.9g}")
-        if cl["end_to_end_bound"] is not None:
-            v = le(e_l[w], R.of(parse(cl["end_to_end_bound"])))
-            verdicts.append(v)
-            if v is not True:
-                why.append(f"end_to_end_bound {cl['end_to_end_bound']} vs {e_l[w].approx():.9g}")
+        for key, val in (("end_to_end_bound", e_l[w]), ("logit_bound", z_osc[w]), ("kl_bound", kl[w])):
+            if cl[key] is not None:
+                v = le(val, R.of(parse(cl[key])))
+                verdicts.append(v)
+                if v is not True:
+                    why.append(f"{key} {cl[key]} vs {val.approx():.9g}")
         holds = False if False in verdicts else None if None in verdicts else True
         if w == "sim":
             obs["claims"] = Ob("claims", "claims", holds, detail={"why": why})
@@ -1377,8 +1444,9 @@ def check_certificate(cert, plan, res: Result | None = None) -> list:
     for oid, ob in res.obligations.items():
         if ob.family == "precision-lower-bound" and "/K/" in oid and oid in got and "smt2" not in got[oid]:
             out.append(f"{oid}: a PROVED key obligation without its SMT query")
-    if "composition" in got and "smt2" not in got["composition"]:
-        out.append("composition without its SMT query")
+    for oid in ("composition", "kl"):
+        if oid in got and "smt2" not in got[oid]:
+            out.append(f"{oid} without its SMT query")
     asm = cert.get("assumptions")
     if not isinstance(asm, dict) or asm.get("measured") != plan.get("assumptions"):
         out.append("assumptions are not the plan's verbatim")
@@ -1435,6 +1503,11 @@ def _witness_problems(oid, ob, w, plan) -> list:
         if plan["eps_target"] is not None and _wnum(w, "eps_target") not in (None, parse(plan["eps_target"])):
             out.append(f"{oid}: witness eps_target is not the plan's")
         out += _not_below(oid, "end_to_end_bound", _wnum(w, "end_to_end_bound"), ob.detail["e_L"])
+    if ob.family == "kl-budget":
+        if _wnum(w, "max_kl") not in (None, parse(plan["max_kl"])):
+            out.append(f"{oid}: witness max_kl is not the plan's")
+        out += _not_below(oid, "kl_bound", _wnum(w, "kl_bound"), ob.detail["KL"])
+        out += _not_below(oid, "logit_bound", _wnum(w, "logit_bound"), ob.detail["Z"])
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stats, seed_curvature
 from ..core.vocabulary import Curvature
-from ..errors import InvalidArgument, ModelError
+from ..errors import InvalidArgument, ModelError, UnsupportedModel
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
 from ..texts import TokenWindows
 
@@ -27,6 +27,8 @@ class AnalysisOptions:
     channel_group: int = 32           # tokens per per-channel key/value quantization group (KIVI-style)
     lipschitz_tokens: int = 32        # prefix of the first window used for the block Lipschitz estimate
     lipschitz_iters: int = 6          # power iterations; 0 disables the estimate
+    suffix_tokens: int = 128          # prefix of the first window for the suffix sensitivities (docs/design.md §2.5)
+    suffix_iters: int = 6             # their power iterations; 0 disables them (plans then use --composition product)
     seed: int = 0
 
     def validate(self) -> None:
@@ -38,6 +40,10 @@ class AnalysisOptions:
             raise InvalidArgument(f"--lipschitz-tokens must be >= 2, got {self.lipschitz_tokens}")
         if self.lipschitz_iters < 0:
             raise InvalidArgument(f"--lipschitz-iters must be >= 0, got {self.lipschitz_iters}")
+        if self.suffix_tokens < 2:
+            raise InvalidArgument(f"--suffix-tokens must be >= 2, got {self.suffix_tokens}")
+        if self.suffix_iters < 0:
+            raise InvalidArgument(f"--suffix-iters must be >= 0, got {self.suffix_iters}")
 
 
 @dataclass
@@ -310,6 +316,26 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
             mlp_lips[li], mlp_lips_rel[li] = est.value, est.rel_change
     t_lip = time.perf_counter() - t1
 
+    # measured suffix sensitivities, remainder constant and lm_head gain (docs/design.md §2.5, §2.6)
+    t2 = time.perf_counter()
+    sfx_meta = None
+    if options.suffix_iters > 0:
+        from .suffix import measure
+
+        n_tok = min(options.suffix_tokens, t)
+        ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
+        try:
+            sm = measure(model, ids, iters=options.suffix_iters, seed=options.seed, progress=progress)
+        except UnsupportedModel as e:          # e.g. a soft-capped lm_head: plans compose by products
+            sm, sfx_meta = None, {"unsupported": str(e)}
+    if options.suffix_iters > 0 and sm is not None:
+        arrays_sfx = {"suffix": np.array(sm.suffix, dtype=np.float64),
+                      "suffix_rel_change": np.array(sm.rel_change, dtype=np.float64),
+                      "suffix_remainder": np.array([sm.remainder]), "suffix_radius": np.array([sm.radius]),
+                      "logit_gain": np.array([sm.logit_gain])}
+        sfx_meta = {"tokens": sm.tokens, "iterations": sm.iterations, "probes": sm.probes}
+    t_sfx = time.perf_counter() - t2
+
     n_q = acc.n_queries.clamp_min(1).double()
     alpha_mean = acc.alpha_sum / n_q
     seed_k = seed_curvature(alpha_mean, acc.hi["grad_k"], acc.hi["htrace"])
@@ -337,6 +363,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     arrays["lipschitz_rel_change"] = lips_rel
     arrays["mlp_lipschitz"] = mlp_lips
     arrays["mlp_lipschitz_rel_change"] = mlp_lips_rel
+    if sfx_meta is not None and "tokens" in sfx_meta:
+        arrays.update(arrays_sfx)
     arrays["scaling"] = np.array([s if s is not None else np.nan for s in acc.scaling], dtype=np.float64)
     arrays = {k_: np.ascontiguousarray(v_) for k_, v_ in arrays.items()}
     meta = {
@@ -345,8 +373,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         "rule_grid": {"sinks": list(SINKS), "windows": list(WINDOWS), "segments": ["sink", "recent", "rest"]},
         "options": {"curvature": options.curvature, "channel_group": options.channel_group,
                     "lipschitz_tokens": min(options.lipschitz_tokens, t), "lipschitz_iters": options.lipschitz_iters,
-                    "seed": options.seed},
+                    "seed": options.seed, "suffix": sfx_meta},
         "attn_implementation": model.config._attn_implementation,
         "weights_sha256": weights,
     }
-    return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip})
+    return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip, "suffix_s": t_sfx})

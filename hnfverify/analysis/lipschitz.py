@@ -26,6 +26,7 @@ class LipschitzEstimate:
     value: float          # ||J v|| at the last iterate
     iterations: int
     rel_change: float     # |sigma_k - sigma_{k-1}| / sigma_k
+    vector: object = None  # with keep_vector: the last unit iterate v (the top right singular direction)
 
 
 def _block_output(out):
@@ -34,7 +35,7 @@ def _block_output(out):
     return out
 
 
-def jacobian_norm(fn, x, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
+def jacobian_norm(fn, x, iters: int = 8, seed: int = 0, keep_vector: bool = False) -> LipschitzEstimate:
     """Power iteration for ||J_fn(x)||_2. fn: tensor -> tensor; x: any shape (float32).
 
     One forward pass builds the graph; ``J^T u`` is a reverse-mode product, and ``J v`` is the
@@ -58,11 +59,12 @@ def jacobian_norm(fn, x, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
             (jtjv,) = torch.autograd.grad(y, xg, jv.detach(), retain_graph=True)
             n = float(jtjv.detach().norm())
             if n == 0.0 or sigma == 0.0:
-                return LipschitzEstimate(0.0, k + 1, 0.0)
+                return LipschitzEstimate(0.0, k + 1, 0.0, v if keep_vector else None)
+            v_last = v
             v = jtjv.detach() / n
             rel = abs(sigma - sigma_prev) / sigma
             sigma_prev = sigma
-    return LipschitzEstimate(sigma, iters, rel)
+    return LipschitzEstimate(sigma, iters, rel, v_last if keep_vector else None)
 
 
 @contextlib.contextmanager

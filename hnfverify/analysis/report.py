@@ -52,6 +52,12 @@ ARRAY_FIELDS = {
                      "h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) (power iteration at the same points)",
     "mlp_lipschitz_rel_change": "(layers,) relative change of that estimate in the last power iteration",
     "scaling": "(layers,) attention score scale tau",
+    "suffix": "(layers,) MEASURED suffix sensitivity S_l: power-iteration estimate of the spectral norm of the Jacobian "
+              "from layer l's attention output (all positions) to the lm_head input (all positions), docs/design.md 2.5",
+    "suffix_rel_change": "(layers,) relative change of that estimate in the last power iteration",
+    "suffix_remainder": "(1,) MEASURED second-order constant K: max over probes of 2 ||F(e) - F(0) - J e|| / ||e||^2",
+    "suffix_radius": "(1,) rho: the largest ||e|| the remainder was probed at",
+    "logit_gain": "(1,) Gamma = 2 max_i ||w_i|| over the lm_head rows (osc of a logit change <= Gamma ||dH||)",
     "kappa_far_lo": "(layers, windows, kv_heads, positions) max kappa over queries at distance i - t >= R, "
                     "for R in rule_grid.windows; lower end",
     "kappa_far_hi": "upper end",

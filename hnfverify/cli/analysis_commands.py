@@ -25,7 +25,8 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
     if args.out and os.path.isdir(args.out):
         raise InvalidArgument(f"--out {args.out!r} is a directory; give a file name such as report.json")
     options = AnalysisOptions(curvature=args.curvature, channel_group=args.channel_group,
-                              lipschitz_tokens=args.lipschitz_tokens, lipschitz_iters=args.lipschitz_iters)
+                              lipschitz_tokens=args.lipschitz_tokens, lipschitz_iters=args.lipschitz_iters,
+                              suffix_tokens=args.suffix_tokens, suffix_iters=args.suffix_iters)
     options.validate()
     if args.plan:
         plan_request(args).validate()

@@ -34,6 +34,12 @@ def add_plan_options(p) -> None:
     g.add_argument("--sink", type=positive_int_arg("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=positive_int_arg("--recent"), default=64, help="recent window length")
     g.add_argument("--lipschitz-margin", default="1.1", help="factor applied to the measured block Lipschitz estimates")
+    g.add_argument("--composition", choices=("suffix", "product"), default=None,
+                   help="how layer errors compose to the output (docs/design.md 2.5): measured suffix sensitivities "
+                        "(default where the report has them) or the product of block gains")
+    g.add_argument("--suffix-margin", default="2", help="factor applied to the measured suffix sensitivities and "
+                   "the remainder constant")
+    g.add_argument("--max-kl", help="budget for the certified KL bound of every token (docs/design.md 2.6)")
     g.add_argument("--plan-curvature", choices=Curvature.values(), default=None,
                    help="override the report's curvature for planning (ablation)")
     g.add_argument("--max-seq-len", type=positive_int_arg("--max-seq-len"), default=None)
@@ -65,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--channel-group", type=positive_int_arg("--channel-group"), default=32)
     a.add_argument("--lipschitz-tokens", type=positive_int_arg("--lipschitz-tokens"), default=32)
     a.add_argument("--lipschitz-iters", type=positive_int_arg("--lipschitz-iters"), default=6)
+    a.add_argument("--suffix-tokens", type=positive_int_arg("--suffix-tokens"), default=128,
+                   help="tokens of the first window the suffix sensitivities are measured on")
+    a.add_argument("--suffix-iters", type=positive_int_arg("--suffix-iters"), default=6,
+                   help="power iterations per suffix sensitivity; 0: none (plans then compose by products)")
     a.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--plan", action="store_true", help="also plan: --out is then the plan; the report goes "

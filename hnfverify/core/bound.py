@@ -156,14 +156,18 @@ def exact_end_to_end(layer_bounds: list, lipschitz: list, seq_len: int, mlp_gain
 # ---------------------------------------------------------------------------- a whole plan
 @dataclass(frozen=True)
 class PlanBounds:
-    """Every bound of a plan (docs/design.md §2.4, §2.5), exact: per (layer, head) E_h with its
-    per-segment dK / dV, per layer b_l, and e_L."""
+    """Every bound of a plan (docs/design.md §2.4-§2.6), exact: per (layer, head) E_h with its
+    per-segment dK / dV, per layer b_l, the end-to-end bound (suffix form: Phi on the lm_head input;
+    product form: e_L on the last block's output), and the per-token logit-oscillation and KL bounds
+    (+inf with the product form)."""
 
     head_errors: dict
     dk: dict
     dv: dict
     layer_bounds: list
     end_to_end: Fraction
+    logit: Fraction = UNBOUNDED
+    kl: Fraction = UNBOUNDED
 
 
 def stream_errors(stream) -> dict:
@@ -196,4 +200,50 @@ def plan_bounds(pv) -> PlanBounds:
         layer_b.append(exact_layer_bound(errs, norms, pv.query_group))
         lips.append(layer.lipschitz)
         mlps.append(layer.mlp_lipschitz)
-    return PlanBounds(head_e, dks, dvs, layer_b, exact_end_to_end(layer_b, lips, pv.max_seq_len, mlps))
+    comp = pv.composition
+    if comp.form == "product":
+        return PlanBounds(head_e, dks, dvs, layer_b, exact_end_to_end(layer_b, lips, pv.max_seq_len, mlps))
+    phi = suffix_end_to_end(layer_b, [la.suffix for la in pv.layers], pv.max_seq_len, comp.remainder, comp.radius)
+    z = logit_osc_bound(phi, comp.logit_gain)
+    return PlanBounds(head_e, dks, dvs, layer_b, phi, z, kl_bound(z))
+
+
+# ---------------------------------------------------------------------------- the suffix composition (§2.5)
+def suffix_end_to_end(layer_bounds: list, suffix: list, seq_len: int, remainder: Fraction, radius: Fraction) -> Fraction:
+    """Phi of docs/design.md §2.5 (suffix form): with eps_l = round_up(sqrt_up(T) b_l) >= ||e_l||_F,
+    Phi = round_up(sum_l round_up(S_l eps_l) + round_up(K sum_l eps_l^2 / 2)) bounds the Frobenius norm of
+    the change of the final normed hidden states (the lm_head input) over T tokens, provided
+    sum_l eps_l^2 <= rho^2 (the ball where the remainder constant K was measured); +inf otherwise."""
+    if UNBOUNDED in layer_bounds:
+        return UNBOUNDED
+    sq = sqrt_up(Fraction(seq_len))
+    eps = [round_up(sq * b) for b in layer_bounds]
+    ss = sum((e * e for e in eps), Fraction(0))
+    if ss > radius * radius:
+        return UNBOUNDED
+    first = sum((round_up(s * e) for s, e in zip(suffix, eps)), Fraction(0))
+    return round_up(first + round_up(remainder * ss / 2))
+
+
+def injected_frobenius(layer_bounds: list, seq_len: int) -> list:
+    """eps_l = round_up(sqrt_up(T) b_l) of §2.5 (+inf stays +inf)."""
+    sq = sqrt_up(Fraction(seq_len))
+    return [UNBOUNDED if b == UNBOUNDED else round_up(sq * b) for b in layer_bounds]
+
+
+# ---------------------------------------------------------------------------- claims about the output (§2.6)
+def logit_osc_bound(phi: Fraction, gain: Fraction) -> Fraction:
+    """Z = round_up(Gamma Phi) >= osc(dz_t) = max_i dz_t,i - min_i dz_t,i for every token t, where
+    Gamma >= 2 max_i ||w_i|| (the lm_head rows) and Phi >= ||dH_t|| (docs/design.md §2.6)."""
+    return UNBOUNDED if phi == UNBOUNDED else round_up(gain * phi)
+
+
+def kl_bound(z: Fraction) -> Fraction:
+    """round_up(Z^2 / 8) >= KL(p || p~) and KL(p~ || p) for logits whose change has osc <= Z (Hoeffding's lemma)."""
+    return UNBOUNDED if z == UNBOUNDED else round_up(z * z / 8)
+
+
+def greedy_kept(margin: Fraction, z: Fraction) -> bool:
+    """The greedy-token lemma (§2.6): if one run's logits have a unique argmax with margin (top minus
+    second) > Z >= osc(dz), the other run's argmax is the same token. Symmetric in the two runs."""
+    return z != UNBOUNDED and margin > z

@@ -254,7 +254,7 @@ def _semantic_problems(plan: dict) -> list[tuple[str, str]]:
 
 _NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
                  "bits_per_element", "u", "avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len",
-                 "end_to_end_bound"}
+                 "end_to_end_bound", "max_kl", "radius", "logit_bound", "kl_bound"}
 
 
 def _numeric_fields(obj, path="$"):

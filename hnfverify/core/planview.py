@@ -58,7 +58,18 @@ class LayerView:
     tau: Fraction
     lipschitz: Fraction
     mlp_lipschitz: Fraction
+    suffix: Fraction | None          # S_l (docs/design.md §2.5), None with the product form
     heads: tuple
+
+
+@dataclass(frozen=True)
+class Composition:
+    """docs/design.md §2.5: ``form`` "suffix" (remainder K, its radius rho, the lm_head gain Gamma) or "product"."""
+
+    form: str
+    remainder: Fraction | None
+    radius: Fraction | None
+    logit_gain: Fraction | None
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class PlanView:
     eps_source: str
     c: Fraction
     layers: tuple
+    composition: Composition
+    max_kl: Fraction | None
 
     def heads(self):
         for layer in self.layers:
@@ -124,8 +137,16 @@ def view(plan: dict) -> PlanView:
             heads.append(HeadView(li, head["kv_head"], parse_number(head["q_max"]), parse_number(head["o_proj_norm"]),
                                   k, v, ma, mv, sp))
         layers.append(LayerView(li, parse_number(layer["tau"]), parse_number(layer["lipschitz"]["value"]),
-                                parse_number(layer["mlp_lipschitz"]["value"]), tuple(heads)))
+                                parse_number(layer["mlp_lipschitz"]["value"]), _value(layer["suffix"]), tuple(heads)))
     eps_t = plan["eps_target"]
+    comp = plan["composition"]
+    rem = comp["remainder"]
+    composition = Composition(comp["form"], _value(rem), parse_number(rem["radius"]) if rem else None,
+                              _value(comp["logit_gain"]))
     return PlanView(t, d, plan["shape"]["query_heads"] // plan["shape"]["kv_heads"], parse_number(plan["eps"]),
                     parse_number(eps_t) if eps_t is not None else None, plan["eps_source"], parse_number(plan["c"]),
-                    tuple(layers))
+                    tuple(layers), composition, parse_number(plan["max_kl"]) if plan["max_kl"] is not None else None)
+
+
+def _value(gain) -> Fraction | None:
+    return None if gain is None else parse_number(gain["value"])

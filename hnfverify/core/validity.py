@@ -12,6 +12,17 @@ from .numbers import fmt_number, parse_number
 from .semantics import SEGMENTS
 
 
+def _gain_problems(g: dict, path: str) -> list[tuple[str, str]]:
+    """A measured quantity: margin >= 1 and value >= measured x margin."""
+    meas, margin, value = (parse_number(g[k]) for k in ("measured", "margin", "value"))
+    out = []
+    if margin < 1:
+        out.append((f"{path}.margin", f"must be >= 1, got {g['margin']}"))
+    if value < meas * margin:
+        out.append((f"{path}.value", f"{g['value']} is below measured x margin = {fmt_number(meas * margin)}"))
+    return out
+
+
 def consistency_problems(plan: dict) -> list[tuple[str, str]]:
     probs: list[tuple[str, str]] = []
     add = lambda path, msg: probs.append((path, msg))  # noqa: E731
@@ -23,6 +34,15 @@ def consistency_problems(plan: dict) -> list[tuple[str, str]]:
             add(f"$.{key}", f"must be > 0, got {plan[key]}")
     if plan["eps_target"] is not None and parse_number(plan["eps_target"]) <= 0:
         add("$.eps_target", f"must be > 0 or null, got {plan['eps_target']}")
+    if plan["max_kl"] is not None and parse_number(plan["max_kl"]) <= 0:
+        add("$.max_kl", f"must be > 0 or null, got {plan['max_kl']}")
+    comp = plan["composition"]
+    suffix = comp["form"] == "suffix"              # docs/design.md §2.5: one form, its inputs present iff it is used
+    for key in ("remainder", "logit_gain"):
+        if (comp[key] is not None) != suffix:
+            add(f"$.composition.{key}", "required with the suffix form, null with the product form")
+        elif comp[key] is not None:
+            probs += _gain_problems(comp[key], f"$.composition.{key}")
     if plan["mode"]["kind"] == "eps" and plan["eps_source"] != "user":
         add("$.eps_source", f"an eps plan's eps is the user's budget: must be 'user', got {plan['eps_source']!r}")
     n_l = len(plan["layers"])
@@ -45,15 +65,11 @@ def consistency_problems(plan: dict) -> list[tuple[str, str]]:
         lp = f"$.layers[{li}]"
         if parse_number(layer["tau"]) <= 0:
             add(f"{lp}.tau", f"must be > 0, got {layer['tau']}")
-        for gain in ("lipschitz", "mlp_lipschitz"):
-            g = layer.get(gain)
-            if g is None:
-                continue
-            meas, margin, value = (parse_number(g[k]) for k in ("measured", "margin", "value"))
-            if margin < 1:
-                add(f"{lp}.{gain}.margin", f"must be >= 1, got {g['margin']}")
-            if value < meas * margin:
-                add(f"{lp}.{gain}.value", f"{g['value']} is below measured x margin = {fmt_number(meas * margin)}")
+        if (layer["suffix"] is not None) != suffix:
+            add(f"{lp}.suffix", "required with the suffix form, null with the product form")
+        for gain in ("lipschitz", "mlp_lipschitz", "suffix"):
+            if layer.get(gain) is not None:
+                probs += _gain_problems(layer[gain], f"{lp}.{gain}")
         for hi, head in enumerate(layer["heads"]):
             hp = f"{lp}.heads[{hi}]"
             if parse_number(head["o_proj_norm"]) <= 0:

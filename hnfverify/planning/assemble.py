@@ -75,8 +75,40 @@ def raise_to_theorem(units, state, req) -> list:
             state[u.idx] += 1
 
 
+def composition_entry(comp: dict) -> dict:
+    """$.composition (docs/design.md §2.5)."""
+    if comp["form"] != "suffix":
+        return {"form": "product", "remainder": None, "logit_gain": None}
+    m = fmt_number(comp["margin"])
+    return {"form": "suffix",
+            "remainder": {"measured": fmt_number(comp["remainder_meas"]), "margin": m,
+                          "value": fmt_number(comp["remainder"]), "radius": fmt_number(comp["radius"])},
+            "logit_gain": {"measured": fmt_number(comp["logit_gain_meas"]), "margin": "1",
+                           "value": fmt_number(comp["logit_gain"])}}
+
+
+def composition_assumptions(comp: dict, calib: dict, summary: dict) -> list:
+    """The measured quantities the suffix form rests on (docs/design.md §2.5, §2.6), with provenance."""
+    if comp["form"] != "suffix":
+        return []
+    prov = {"calibration_sha256": calib["token_ids_sha256"], **(summary["analysis"].get("suffix") or {})}
+    m = fmt_number(comp["margin"])
+    return [
+        {"name": "suffix sensitivity", "statement": "for every layer l, the Jacobian from layer l's attention output "
+         "(all positions) to the lm_head input (all positions) has spectral norm <= S_l = measured x margin at "
+         "deployment inputs (the measurement is a power-iteration lower estimate at one calibration window)",
+         "margin": m, "value": max((fmt_number(s) for s in comp["suffix"]), key=parse_number), "provenance": prov},
+        {"name": "remainder", "statement": "for every error e with ||e|| <= radius, ||F(e) - F(0) - J e|| <= (K/2) "
+         "||e||^2 with K = measured x margin (probed along random and top singular directions)", "margin": m,
+         "value": fmt_number(comp["remainder"]), "provenance": {**prov, "radius": fmt_number(comp["radius"])}},
+        {"name": "logit gain", "statement": "logits are lm_head(H) (+ bias), so osc(dz_t) <= Gamma ||dH_t|| with "
+         "Gamma = 2 max_i ||w_i|| computed from the weights", "margin": "1", "value": fmt_number(comp["logit_gain"]),
+         "provenance": {"lm_head": "float64 row norms of the float32 weights, times 1 + 2^-40"}},
+    ]
+
+
 def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps, mlp_meas, onorm, qmax, layer_b,
-              e_l, mode, report_name) -> dict:
+              e_l, mode, report_name, comp) -> dict:
     from .. import __version__
 
     shape = summary["shape"]
@@ -118,6 +150,9 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
                           "value": fmt_number(lips[li])},
             "mlp_lipschitz": {"measured": dec_up(float(mlp_meas[li])), "margin": fmt_number(req.lipschitz_margin),
                               "value": fmt_number(mlps[li])},
+            "suffix": None if comp["form"] != "suffix" else
+            {"measured": fmt_number(comp["suffix_meas"][li]), "margin": fmt_number(comp["margin"]),
+             "value": fmt_number(comp["suffix"][li])},
             "heads": heads,
         })
     calib = summary["calibration"]
@@ -147,6 +182,7 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
          "provenance": {"calibration_sha256": calib["token_ids_sha256"],
                         "tokens": summary["analysis"]["lipschitz_tokens"],
                         "iterations": summary["analysis"]["lipschitz_iters"]}},
+        *composition_assumptions(comp, calib, summary),
         {"name": "sequence length", "statement": f"sequences are at most max_seq_len = {meta['max_seq_len']} "
          "tokens (the analyzed window)", "margin": "1", "value": str(meta["max_seq_len"]),
          "provenance": {"window": summary["shape"]["positions"]}},
@@ -163,6 +199,8 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
         "max_seq_len": meta["max_seq_len"],
         "eps": fmt_number(eps), "eps_source": eps_source,
         "eps_target": fmt_number(req.eps_target) if req.eps_target is not None else None,
+        "max_kl": fmt_number(req.max_kl) if req.max_kl is not None else None,
+        "composition": composition_entry(comp),
         "c": fmt_number(req.c),
         "mode": {**mode, "budget_split": ASSIGNED if mode["kind"] in ("uniform", "assigned")
                  else BUDGET_SPLIT[req.objective] if mode["kind"] == "avg_bits" else EPS_SPLIT

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.bound import exact_end_to_end, exact_head_error, exact_layer_bound
+from ..core.bound import exact_end_to_end, exact_head_error, exact_layer_bound, suffix_end_to_end
 from ..core.formats import by_name
 from ..core.numbers import fmt_number, show_bound
 from ..errors import InvalidArgument, PlanInfeasible
@@ -37,6 +37,8 @@ class Planning:
     search_end_to_end: GreedySearch
     amplification_end_to_end: list
     sqrt_t: float
+    composition: dict          # form, suffix (S_l values), remainder, radius, logit_gain (docs/design.md §2.5)
+    e2e_target: object = None  # the end-to-end budget: eps_target, and with --max-kl the Phi it allows (§2.6)
 
     def exact_bound(self, state):
         """(per-layer bounds, e_L) of the plan that gives unit i the format ``chain[state[i]]``."""
@@ -50,6 +52,10 @@ class Planning:
                 fv = {u.seg: u.chain[state[u.idx]] for u in us if u.kv == "V"}
                 errs.append(exact_head_error(self.exact_heads[(li, h)], fk, fv))
             layer_b.append(exact_layer_bound(errs, self.onorm[li], self.query_group))
+        comp = self.composition
+        if comp["form"] == "suffix":
+            return layer_b, suffix_end_to_end(layer_b, comp["suffix"], self.meta["max_seq_len"], comp["remainder"],
+                                              comp["radius"])
         return layer_b, exact_end_to_end(layer_b, self.lipschitz, self.meta["max_seq_len"], self.mlp_gains)
 
     def float_bound(self, state) -> float:
@@ -153,19 +159,20 @@ def eps_state(ctx: Planning, theorem_minima: list):
             head_budget[u.idx] = state[u.idx]
     thm = [max(a, b) for a, b in zip(theorem_minima, head_budget)]
     state = list(thm)
-    if req.eps_target is not None:
+    if ctx.e2e_target is not None:
         budget = list(bottom)
         moves = search.sequence(bottom)
         k = 0
         while True:
             final = [max(a, b) for a, b in zip(thm, budget)]
-            if ctx.float_bound(budget) <= float(req.eps_target) * (1 - 1e-9) or k >= len(moves):
-                if ctx.exact_bound(final)[1] <= req.eps_target:
+            if ctx.float_bound(budget) <= float(ctx.e2e_target) * (1 - 1e-9) or k >= len(moves):
+                if ctx.exact_bound(final)[1] <= ctx.e2e_target:
                     break
                 if k >= len(moves):
-                    raise PlanInfeasible(
-                        f"--eps-target {fmt_number(req.eps_target)} is below the smallest end-to-end bound "
-                        f"these formats reach: {show_bound(ctx.exact_bound(final)[1])}")
+                    what = (f"--eps-target {fmt_number(req.eps_target)}" if req.eps_target == ctx.e2e_target else
+                            f"--max-kl {fmt_number(req.max_kl)} (end-to-end bound <= {show_bound(ctx.e2e_target)})")
+                    raise PlanInfeasible(f"{what} is below the smallest end-to-end bound these formats reach: "
+                                         f"{show_bound(ctx.exact_bound(final)[1])}")
             i, j = moves[k]
             budget[i] = j
             k += 1

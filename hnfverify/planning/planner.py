@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import math
 
-from ..core.bound import exact_head_error
+from ..core.bound import exact_head_error, kl_bound, logit_osc_bound
 from ..core.formats import format_table
-from ..core.numbers import dec_up, fmt_number, parse_number, round_up, show_bound
+from ..core.numbers import dec_down, dec_up, fmt_number, parse_number, round_up, show_bound
 from ..core.semantics import SEGMENTS
 from ..core.vocabulary import Objective
 from ..errors import InvalidArgument, PlanInfeasible
@@ -72,7 +72,42 @@ def layer_gains(arrays: dict, req: PlanRequest, n_l: int, n_h: int) -> dict:
     qmax = [[parse_number(dec_up(float(arrays["qnorm_max_hi"][li, h].max()))) for h in range(n_h)]
             for li in range(n_l)]
     return {"tau": tau, "lips": lips, "lips_meas": lips_meas, "mlps": mlps, "mlp_meas": mlp_meas,
-            "onorm": onorm, "qmax": qmax}
+            "onorm": onorm, "qmax": qmax, "composition": composition_inputs(arrays, req, n_l)}
+
+
+def composition_inputs(arrays: dict, req: PlanRequest, n_l: int) -> dict:
+    """The composition form and, for the suffix form, S_l, K, rho and Gamma: measured, and the values with
+    the margin (--suffix-margin for S_l and K; Gamma is computed from the weights, margin 1) — §2.5, §2.6."""
+    import numpy as np
+
+    have = "suffix" in arrays and np.all(np.isfinite(arrays["suffix"])) and len(arrays["suffix"]) == n_l
+    form = req.composition or ("suffix" if have else "product")
+    if form == "product":
+        if req.max_kl is not None:
+            raise InvalidArgument("--max-kl needs the suffix composition, and the report has no suffix sensitivities "
+                                  "(analyzed with --suffix-iters 0); re-run analyze")
+        return {"form": "product"}
+    if not have:
+        raise InvalidArgument("--composition suffix: the report has no suffix sensitivities (analyzed with "
+                              "--suffix-iters 0); re-run analyze or plan with --composition product")
+
+    def meas(x):
+        return parse_number(dec_up(float(x)))
+
+    s_meas = [meas(x) for x in arrays["suffix"]]
+    k_meas, g_meas = meas(arrays["suffix_remainder"][0]), meas(arrays["logit_gain"][0])
+    return {"form": "suffix", "suffix_meas": s_meas, "suffix": [round_up(s * req.suffix_margin) for s in s_meas],
+            "remainder_meas": k_meas, "remainder": round_up(k_meas * req.suffix_margin),
+            "radius": parse_number(dec_down(float(arrays["suffix_radius"][0]))), "logit_gain_meas": g_meas,
+            "logit_gain": g_meas, "margin": req.suffix_margin}
+
+
+def phi_for_kl(max_kl, gain):
+    """The largest end-to-end bound Phi whose KL bound (round_up(Gamma Phi))^2 / 8 fits max_kl, rounded down a
+    little (the exact check decides)."""
+    from fractions import Fraction
+
+    return Fraction(dec_down(math.sqrt(8 * float(max_kl)) / float(gain) * (1 - 1e-12), 12))
 
 
 def set_chains(units: list, fixed, table: dict, req: PlanRequest) -> None:
@@ -122,6 +157,9 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
         amp_f.append(acc)
         acc *= float(lips[li])
     amp_f = [a * float(m) for a, m in zip(amp_f[::-1], mlps)]      # A_l L'_l (docs/design.md §2.5)
+    comp = gains["composition"]
+    if comp["form"] == "suffix":
+        amp_f = [float(s) for s in comp["suffix"]]                  # first-order weights of the suffix form
     amp_e2e = amp_f
     if req.objective in (Objective.LAYERS, Objective.LINEAR):
         amp_f = [1.0] * n_l
@@ -135,8 +173,12 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
                                     tuple(float(inputs.spread[s]) for s in segs))
     search = GreedySearch(units, float_heads, weights, amp_f, linear=req.objective == Objective.LINEAR)
     search_e2e = search if req.objective == Objective.END_TO_END else GreedySearch(units, float_heads, weights, amp_e2e)
+    target = req.eps_target
+    if req.max_kl is not None:
+        phi = phi_for_kl(req.max_kl, comp["logit_gain"])
+        target = phi if target is None else min(target, phi)
     return Planning(req, units, meta, by_head, exact_heads, weights, onorm, lips, mlps, g_q, search, search_e2e,
-                    amp_e2e, math.sqrt(meta["max_seq_len"]))
+                    amp_e2e, math.sqrt(meta["max_seq_len"]), comp, target)
 
 
 def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
@@ -175,7 +217,16 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
     if req.avg_bits is not None and req.eps_target is not None and e_l > req.eps_target:
         raise PlanInfeasible(f"at --avg-bits {fmt_number(req.avg_bits)} the end-to-end bound is "
                              f"{show_bound(e_l)} > --eps-target {fmt_number(req.eps_target)}")
+    comp = gains["composition"]
+    z = logit_osc_bound(e_l, comp["logit_gain"]) if comp["form"] == "suffix" else math.inf
+    kl = kl_bound(z)
+    if req.max_kl is not None and kl > req.max_kl:
+        raise PlanInfeasible(f"the certified KL bound of this plan is {show_bound(kl)} > --max-kl "
+                             f"{fmt_number(req.max_kl)} (end-to-end bound {show_bound(e_l)})")
     plan = assemble(summary, req, units, state, meta, table, gains["tau"], gains["lips"], gains["lips_meas"],
-                    gains["mlps"], gains["mlp_meas"], gains["onorm"], gains["qmax"], layer_b, e_l, mode, report_name)
+                    gains["mlps"], gains["mlp_meas"], gains["onorm"], gains["qmax"], layer_b, e_l, mode, report_name,
+                    gains["composition"])
     plan["claims"]["attention_error_max"] = [claim_up(max(row)) for row in head_err]
+    plan["claims"]["logit_bound"] = claim_up(z)
+    plan["claims"]["kl_bound"] = claim_up(kl)
     return plan

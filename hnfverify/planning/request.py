@@ -70,6 +70,9 @@ class PlanRequest:
     objective: str = Objective.LINEAR.value           # what --avg-bits' greedy sequence lowers
     assign: tuple | None = None           # ((layer, head, "K"|"V", segment, format), ...): explicit plans
     error_norms: bool = True              # the cache records each stored vector's error norm (docs/design.md §4.1)
+    composition: str | None = None        # "suffix" | "product" (docs/design.md §2.5); None: suffix where measured
+    suffix_margin: Fraction = Fraction(2)
+    max_kl: Fraction | None = None        # the KL budget of every token (docs/design.md §2.6)
 
     def validate(self) -> None:
         modes = [x is not None for x in (self.eps, self.avg_bits, self.uniform, self.assign)]
@@ -90,6 +93,14 @@ class PlanRequest:
             raise InvalidArgument(f"--avg-bits must be > 0, got {fmt_number(self.avg_bits)}")
         if self.c <= 0:
             raise InvalidArgument(f"--c must be > 0, got {fmt_number(self.c)}")
+        if self.composition not in (None, "suffix", "product"):
+            raise InvalidArgument(f"--composition must be suffix or product, got {self.composition!r}")
+        if self.suffix_margin < 1:
+            raise InvalidArgument(f"--suffix-margin must be >= 1, got {fmt_number(self.suffix_margin)}")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise InvalidArgument(f"--max-kl must be > 0, got {fmt_number(self.max_kl)}")
+        if self.max_kl is not None and self.composition == "product":
+            raise InvalidArgument("--max-kl needs --composition suffix: the product form makes no claim about the logits")
         if self.lipschitz_margin < 1:
             raise InvalidArgument(f"--lipschitz-margin must be >= 1, got {fmt_number(self.lipschitz_margin)}")
         if self.curvature not in (None, *Curvature.values()):

@@ -79,7 +79,7 @@ def fmt(p, name):
 def null_claims(p):
     n = len(p["layers"])
     p["claims"]["layer_bounds"], p["claims"]["attention_error_max"] = [None] * n, [None] * n
-    p["claims"]["end_to_end_bound"] = None
+    p["claims"]["end_to_end_bound"] = p["claims"]["logit_bound"] = p["claims"]["kl_bound"] = None
     return p
 
 
@@ -94,6 +94,9 @@ def up_claims(p):
     p["claims"]["layer_bounds"] = [up(b["doc"]) for b in res.values["b"]]
     p["claims"]["attention_error_max"] = [up(e["doc"]) for e in res.values["E_max"]]
     p["claims"]["end_to_end_bound"] = up(res.values["e_L"]["doc"])
+    for key, val in (("logit_bound", "Z"), ("kl_bound", "KL")):
+        r = res.values[val]["doc"]
+        p["claims"][key] = None if r.hi is None else up(r)
     return p
 
 
@@ -548,7 +551,7 @@ def _t5():
 
 def _composition(step, mlp="1"):
     def build():
-        p = planner(n_layers=2)
+        p = planner(n_layers=2, composition="product")
         for la in p["layers"]:
             la["mlp_lipschitz"] = {"measured": mlp, "margin": "1", "value": mlp}
         null_claims(p)
@@ -570,6 +573,65 @@ def _t8():
     p = _composition(1, "1")()
     for la in p["layers"]:
         la["mlp_lipschitz"] = {"measured": "10", "margin": "1", "value": "10"}
+    return p
+
+
+def _suffix(step, key="e_L", target="eps_target"):
+    def build():
+        p = planner(n_layers=2)
+        null_claims(p)
+        e = oracle.decide(p).values[key]["doc"]
+        p[target] = oracle.canon(oracle.rup(e.hi * (1 + Fraction(1, 10 ** 9)), 60) if step > 0 else
+                                 oracle.rdown(e.lo * (1 - Fraction(1, 10 ** 9)), 60))
+        return p
+    return build
+
+
+case("suffix-composition-above", "§2.5", 0, "suffix form: eps_target one part in 1e9 above Phi")(_suffix(1))
+case("suffix-composition-below", "§2.5", 1, "suffix form: eps_target one part in 1e9 below Phi")(_suffix(-1))
+case("kl-above", "§2.6", 0, "max_kl one part in 1e9 above the KL bound")(_suffix(1, "KL", "max_kl"))
+case("kl-below", "§2.6", 1, "max_kl one part in 1e9 below the KL bound")(_suffix(-1, "KL", "max_kl"))
+
+
+@case("suffix-outside-radius", "§2.5", 1, "suffix form, the injected errors outside the remainder's radius (rho "
+      "1e-6): no end-to-end bound, eps_target 1e9 fails")
+def _t_radius():
+    p = planner(n_layers=2, eps_target=None)
+    null_claims(p)
+    p["composition"]["remainder"]["radius"] = "1E-6"
+    p["eps_target"] = "1E+9"
+    return p
+
+
+@case("kl-with-product-form", "§2.6", 1, "max_kl with the product composition: no claim about the logits")
+def _t_kl_product():
+    p = planner(n_layers=2, composition="product")
+    null_claims(p)
+    p["max_kl"] = "1E+9"
+    return p
+
+
+@case("suffix-missing-layer", "§3", 2, "suffix form with one layer's suffix null")
+def _t_suffix_null():
+    p = planner(n_layers=2)
+    p["layers"][1]["suffix"] = None
+    return p
+
+
+@case("suffix-below-margin", "§3", 2, "a suffix sensitivity below measured x margin")
+def _t_suffix_margin():
+    p = planner(n_layers=2)
+    s = p["layers"][0]["suffix"]
+    s["value"] = s["measured"]
+    return p
+
+
+@case("logit-claim-understated", "§5", 1, "claims.logit_bound one part in 1e6 below the recomputed bound")
+def _t_logit_claim():
+    p = planner(n_layers=2)
+    null_claims(p)
+    z = oracle.decide(p).values["Z"]["doc"]
+    p["claims"]["logit_bound"] = oracle.canon(oracle.rdown(z.lo * (1 - Fraction(1, 10 ** 6)), 60))
     return p
 
 

@@ -7,7 +7,10 @@ Kinds (each at a random layer, KV head and segment/position):
   one-step      a key segment stored one format cheaper than the cheapest admissible one, its
                 curvature set exactly on the admissible format's Theorem 5.7 boundary
   one-ulp       a one-position block whose c·kappa·D²·u exceeds eps by a factor 1 + 2^-60
-  composition   eps_target one unit in the last place of the exact end-to-end bound below it
+  composition   eps_target one unit in the last place of the exact end-to-end bound below it (suffix form,
+                and product-composition-* for the product form)
+  kl-over       max_kl one part in 2^60 below the exact KL bound (docs/design.md §2.6)
+  kl-at         (control, must be PROVED) max_kl exactly the KL bound
   boundary      (control, must be PROVED) a one-position block exactly on the bound
   attention-over  keys' kappa 0 (every precision obligation holds), eps one part in 2^60 below the largest
                 per-head bound E_h (docs/design.md §2.4): that head's attention budget is REFUTED
@@ -55,6 +58,9 @@ def synthetic_report(seed: int = 0):
          "mass_avo_hi": pos(n_l, 3, 3, 3, n_h, hi=2), "o_proj_norm_kvhead": pos(n_l, n_h, lo=1, hi=2),
          "lipschitz": pos(n_l, lo=1, hi=1.5), "scaling": np.full(n_l, d ** -0.5)}
     a["mlp_lipschitz"] = np.linspace(1.0, 1.2, n_l)          # drawn after the rest: the other arrays are unchanged
+    # the suffix composition (docs/design.md §2.5): S_l, K, rho, Gamma — fixed, not drawn
+    a["suffix"] = np.linspace(2.0, 1.0, n_l)
+    a["suffix_remainder"], a["suffix_radius"], a["logit_gain"] = np.array([0.5]), np.array([1e6]), np.array([3.0])
     for f in ("alpha_max", "qnorm_max", "vo_max", "mass_alpha", "mass_avo"):
         a[f + "_lo"] = a[f + "_hi"] * 0.9
     for kv in "kv":
@@ -70,12 +76,12 @@ def synthetic_report(seed: int = 0):
     return summary, a
 
 
-def base_plan():
+def base_plan(composition=None):
     from hnfverify.planning import PlanRequest, plan_from_report
     from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
     summary, arrays = synthetic_report()
-    plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(50), sink=4, recent=8))
+    plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(50), sink=4, recent=8, composition=composition))
     e_l = check_plan(plan, CheckOptions(smt=False)).end_to_end_bound
     plan["eps_target"] = fmt_number(e_l * 2)
     return plan
@@ -146,7 +152,8 @@ def planted(n_each: int = 6, seed: int = 7):
                 if hd[kv][seg]["inputs"] is not None:
                     hd[kv][seg]["inputs"]["vo"][1] = fmt_number(Fraction(hd[kv][seg]["inputs"]["vo"][1]) * 4)
         n_l = len(p["layers"])
-        p["claims"].update(layer_bounds=[None] * n_l, attention_error_max=[None] * n_l, end_to_end_bound=None)
+        p["claims"].update(layer_bounds=[None] * n_l, attention_error_max=[None] * n_l, end_to_end_bound=None,
+                           logit_bound=None, kl_bound=None)
         errs = plan_bounds(view(p)).head_errors
         (top, e_max), = [max(errs.items(), key=lambda kv_: kv_[1])]
         assert sum(1 for e in errs.values() if e == e_max) == 1
@@ -162,6 +169,20 @@ def planted(n_each: int = 6, seed: int = 7):
         p["eps_target"] = fmt_number(Fraction(e_l.numerator - 1, e_l.denominator) if i % 2 == 0
                                      else e_l - Fraction(1, 10 ** 30))
         items.append((f"composition-{i}", p, {"family": "composition-law"}))
+    prod = base_plan(composition="product")
+    for i in range(2):                                        # the product form's composition law, as above
+        p = copy.deepcopy(prod)
+        e_l = check_plan(p, CheckOptions(smt=False)).end_to_end_bound
+        p["eps_target"] = fmt_number(Fraction(e_l.numerator - 1, e_l.denominator) if i % 2 == 0
+                                     else e_l - Fraction(1, 10 ** 30))
+        items.append((f"product-composition-{i}", p, {"family": "composition-law"}))
+    for i in range(2):                                        # the KL budget: just over / exactly on the bound
+        p = copy.deepcopy(base)
+        kl = plan_bounds(view(p)).kl
+        for kind, mk in (("kl-over", kl * (1 - Fraction(1, 2 ** 60))), ("kl-at", kl)):
+            q = copy.deepcopy(p)
+            q["max_kl"] = fmt_number(mk)
+            items.append((f"{kind}-{i}", q, {"family": "kl-budget"} if kind == "kl-over" else {"family": None}))
     return items
 
 

@@ -6,7 +6,8 @@ from fractions import Fraction as F
 from .base import expect
 from .numbers import bound, exp_up, fmt, num, round_up, show, sqrt_up
 from .formats import chain_stages, diam
-from .semantics import (READER, chain, minus_blocks, reachable, seg_errors, smt_composition, smt_monotonicity, smt_precision, stream)
+from .semantics import (READER, chain, minus_blocks, reachable, seg_errors, smt_composition, smt_kl, smt_monotonicity, smt_precision, smt_suffix,
+                        stream)
 
 
 INF = math.inf          # a branch not evaluated (an exponent above 128, §2.4), or e_L of such: +infinity
@@ -113,25 +114,55 @@ def derive(plan):
     for i in range(len(lips) - 1, -1, -1):
         amp[i], acc = acc, round_up(acc * lips[i])
     sq = sqrt_up(F(t))
-    e_l = INF if INF in inj else round_up(sq * sum((round_up(a * b) for a, b in zip(amp, inj)), F(0)))
-    if plan["eps_target"] is not None:
+    comp = plan["composition"]
+    if comp["form"] == "suffix":                                        # §2.5 suffix form, §2.6
+        sfx = [num(la["suffix"]["value"]) for la in plan["layers"]]
+        k, rho, gain = num(comp["remainder"]["value"]), num(comp["remainder"]["radius"]), num(comp["logit_gain"]["value"])
+        eps_f = [up(sq * b) for b in bl]
+        ss = INF if INF in eps_f else sum((x * x for x in eps_f), F(0))
+        e_l = INF if ss > rho * rho else round_up(sum((round_up(s * x) for s, x in zip(sfx, eps_f)), F(0))
+                                                    + round_up(k * ss / 2))
+        z_up = up(gain * e_l)
+        kl = up(z_up * z_up / 8)
+    else:
+        e_l = INF if INF in inj else round_up(sq * sum((round_up(a * b) for a, b in zip(amp, inj)), F(0)))
+        z_up = kl = INF
+    if plan["eps_target"] is not None and comp["form"] == "suffix":
+        tgt = num(plan["eps_target"])
+        expect(e_l <= tgt, f"composition: does not hold: Phi = {show(e_l)} exceeds eps_target = {fmt(tgt)}, "
+                           "the plan violates it")
+        w = {"form": "suffix", "eps_target": fmt(tgt), "end_to_end_bound": bound(e_l),
+             "layer_bounds": [bound(b) for b in bl], "injected": [bound(x) for x in eps_f],
+             "suffix": [fmt(x) for x in sfx], "remainder": fmt(k), "radius": fmt(rho), "sum_sq": bound(ss)}
+        out.append(ob("composition", "composition-law", {"layers": len(bl)}, w,
+                      smt_suffix(eps_f, sfx, k / 2, ss, rho, tgt)))
+    elif plan["eps_target"] is not None:
         tgt = num(plan["eps_target"])
         expect(e_l <= tgt, f"composition: does not hold: e_L = {show(e_l)} exceeds eps_target = {fmt(tgt)}, "
                            "the plan violates it")
-        w = {"eps_target": fmt(tgt), "end_to_end_bound": bound(e_l), "sqrt_T": fmt(sq),
+        w = {"form": "product", "eps_target": fmt(tgt), "end_to_end_bound": bound(e_l), "sqrt_T": fmt(sq),
              "layer_bounds": [bound(b) for b in bl], "lipschitz": [fmt(x) for x in lips],
              "mlp_lipschitz": [fmt(x) for x in mlps], "injected": [bound(x) for x in inj],
              "amplification": [bound(x) for x in amp]}
         out.append(ob("composition", "composition-law", {"layers": len(bl)}, w, smt_composition(inj, lips, sq, tgt)))
+    if plan["max_kl"] is not None:                                      # §5.5
+        mk = num(plan["max_kl"])
+        expect(kl <= mk, f"kl: does not hold: the KL bound {show(kl)} exceeds max_kl = {fmt(mk)}, the plan violates it")
+        out.append(ob("kl", "kl-budget", {}, {"max_kl": fmt(mk), "kl_bound": bound(kl), "logit_bound": bound(z_up),
+                                              "end_to_end_bound": bound(e_l), "logit_gain": fmt(gain), "form": "suffix"},
+                      smt_kl(e_l, gain, mk)))
     cl = plan["claims"]                                                 # §5.5
     claimed = [(f"layer_bounds[{i}]", cl["layer_bounds"][i], b) for i, b in enumerate(bl)]
     claimed += [(f"attention_error_max[{i}]", cl["attention_error_max"][i], a) for i, a in enumerate(att)]
-    for path, x, exact in claimed + [("end_to_end_bound", cl["end_to_end_bound"], e_l)]:
+    claimed += [("end_to_end_bound", cl["end_to_end_bound"], e_l), ("logit_bound", cl["logit_bound"], z_up),
+                ("kl_bound", cl["kl_bound"], kl)]
+    for path, x, exact in claimed:
         expect(x is None or num(x) >= exact, f"claims: does not hold: $.claims.{path} = {x} is below the "
                                              f"recomputed {show(exact)}, the plan understates it")
     out.append(ob("claims", "claims", {}, {"layer_bounds": [bound(b) for b in bl],
                                           "attention_error_max": [bound(a) for a in att],
-                                          "end_to_end_bound": bound(e_l), "understated": []}))
+                                          "end_to_end_bound": bound(e_l), "logit_bound": bound(z_up),
+                                          "kl_bound": bound(kl), "understated": []}))
     return out, positions, e_l, bl
 
 

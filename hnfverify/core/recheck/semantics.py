@@ -118,6 +118,25 @@ def smt_monotonicity():
             + "      (<= (* c k D D u) (* c k2 D2 D2 u))))))\n(check-sat)\n")
 
 
+def smt_suffix(eps, suffix, half_k, ss, rho, target):
+    n = len(eps)
+    out = [header("QF_LRA", "suffix composition across layers (docs/design.md 2.5)")]
+    out += [f"(declare-const z{i} Real)\n" for i in range(n + 1)] + ["(declare-const phi Real)\n", "(assert (= z0 0.0))\n"]
+    out += [f"(assert (<= z{i + 1} (+ z{i} (* {lit(suffix[i])} {lit(eps[i])}))))\n" for i in range(n)]
+    out.append(f"(assert (<= {lit(ss)} (* {lit(rho)} {lit(rho)})))\n")
+    out.append(f"(assert (<= phi (+ z{n} (* {lit(half_k)} {lit(ss)}))))\n")
+    out.append(f"(assert (> phi {lit(target)}))\n(check-sat)\n")
+    return "".join(out)
+
+
+def smt_kl(phi, gain, max_kl):
+    return (header("QF_NRA", "KL budget of every token (docs/design.md 2.6)")
+            + "(declare-const h Real)\n(declare-const z Real)\n"
+            + f"(assert (and (<= 0.0 h) (<= h {lit(phi)})))\n"
+            + f"(assert (and (<= 0.0 z) (<= z (* {lit(gain)} h))))\n"
+            + f"(assert (> (/ (* z z) 8.0) {lit(max_kl)}))\n(check-sat)\n")
+
+
 def smt_composition(inj, ls, st, target):
     n = len(inj)
     out = [header("QF_LRA", "composition law across layers (docs/design.md 2.5)")]

@@ -50,7 +50,7 @@ FORMAT_NAME = r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|int(8
 INPUTS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
 NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
                 "bits_per_element", "u", "avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len",
-                "end_to_end_bound"}
+                "end_to_end_bound", "max_kl", "radius", "logit_bound", "kl_bound"}
 LENGTH = 10 ** 8
 
 
@@ -77,7 +77,10 @@ GAIN = O({"measured": NN, "margin": NN, "value": NN})
 RULE = O({"sink": O({**SEG, **LEN}), "recent": O({**SEG, **LEN}), "rest": O(SEG, LEN), "blocks": (
     "list", O({"start": I(0, LENGTH), "end": I(0, LENGTH), "format": NAME, "inputs": INPUTS_SPEC}), 0)})
 HEAD = O({"kv_head": I(), "o_proj_norm": NN, "q_max": NN, "K": RULE, "V": RULE})
-LAYER = O({"layer": I(), "tau": NN, "lipschitz": GAIN, "mlp_lipschitz": GAIN, "heads": ("list", HEAD, 1)})
+LAYER = O({"layer": I(), "tau": NN, "lipschitz": GAIN, "mlp_lipschitz": GAIN, "suffix": ("null", GAIN),
+           "heads": ("list", HEAD, 1)})
+COMPOSITION = O({"form": E("suffix", "product"), "logit_gain": ("null", GAIN),
+                 "remainder": ("null", O({"measured": NN, "margin": NN, "value": NN, "radius": NN}))})
 FORMAT = O({"family": E("float", "fp8", "int"), "granularity": E("none", "token", "channel"), "group": I(),
             "value_bits": I(1, 64), "overhead_bits": I(), "bits_per_element": NN, "u": NN, "error_model": S})
 PLAN = O({
@@ -87,6 +90,7 @@ PLAN = O({
                    "channel_group": I(1)}),
     "shape": O({k: I(1, 100000) for k in ("layers", "kv_heads", "query_heads", "head_dim")}),
     "max_seq_len": I(1, LENGTH), "eps": NN, "eps_source": E("user", "implied"), "eps_target": ("null", NN), "c": NN,
+    "max_kl": ("null", NN), "composition": COMPOSITION,
     "mode": O({"kind": E("eps", "avg_bits", "uniform", "assigned"), "value": S, "budget_split": S}),
     "rule": O({"sink": I(0, LENGTH), "recent": I(0, LENGTH)}, {"error_norms": E("u8log")}), "formats": ("map", FORMAT, FORMAT_NAME, 1, ()),
     "layers": ("list", LAYER, 1),
@@ -94,7 +98,8 @@ PLAN = O({
                                "provenance": ("map", None, None, 0, ())}), 0),
     "claims": O({"avg_bits": SN, "compression_vs_fp16": SN, "cache_bits_at_max_seq_len": SN,
                  "layer_bounds": ("list", ("null", SN), 0), "attention_error_max": ("list", ("null", SN), 0),
-                 "end_to_end_bound": ("null", SN), "theorem_5_7_violations": I()})})
+                 "end_to_end_bound": ("null", SN), "theorem_5_7_violations": I(), "logit_bound": ("null", SN),
+                 "kl_bound": ("null", SN)})})
 
 
 def conform(x, spec, path="$"):
@@ -176,6 +181,15 @@ def validate(p):
     need(num(p["eps"]) > 0, "$.eps", "must be > 0")
     need(num(p["c"]) > 0, "$.c", "must be > 0")
     need(p["eps_target"] is None or num(p["eps_target"]) > 0, "$.eps_target", "must be > 0 or null")
+    need(p["max_kl"] is None or num(p["max_kl"]) > 0, "$.max_kl", "must be > 0 or null")
+    comp, suffix = p["composition"], p["composition"]["form"] == "suffix"       # §2.5
+    for key in ("remainder", "logit_gain"):
+        need((comp[key] is not None) == suffix, f"$.composition.{key}",
+             "required with the suffix form, null with the product form")
+        if comp[key] is not None:
+            g = {k: num(v) for k, v in comp[key].items()}
+            need(g["margin"] >= 1, f"$.composition.{key}.margin", "must be >= 1")
+            need(g["value"] >= g["measured"] * g["margin"], f"$.composition.{key}.value", "is below measured x margin")
     need(p["mode"]["kind"] != "eps" or p["eps_source"] == "user", "$.eps_source", "an eps plan's eps is the user's")
     for key in ("layer_bounds", "attention_error_max"):
         need(len(p["claims"][key]) == len(p["layers"]), f"$.claims.{key}", "one entry per layer")
@@ -184,7 +198,9 @@ def validate(p):
         need(layer["layer"] == li, f"{lp}.layer", f"must be {li} (layers in order, none missing or repeated)")
         need(len(layer["heads"]) == sh["kv_heads"], f"{lp}.heads", "one entry per KV head of shape.kv_heads")
         need(num(layer["tau"]) > 0, f"{lp}.tau", "must be > 0")
-        for gain in ("lipschitz", "mlp_lipschitz"):
+        need((layer["suffix"] is not None) == suffix, f"{lp}.suffix",
+             "required with the suffix form, null with the product form")
+        for gain in ("lipschitz", "mlp_lipschitz") + (("suffix",) if layer["suffix"] is not None else ()):
             g = {k: num(v) for k, v in layer[gain].items()}
             need(g["margin"] >= 1, f"{lp}.{gain}.margin", "must be >= 1")
             need(g["value"] >= g["measured"] * g["margin"], f"{lp}.{gain}.value", "is below measured x margin")

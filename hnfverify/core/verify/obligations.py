@@ -9,19 +9,19 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from ..bound import amplification, chain_stages, injected, plan_bounds
+from ..bound import UNBOUNDED, amplification, chain_stages, injected, injected_frobenius, plan_bounds
 from ..formats import format_table
 from ..numbers import fmt_bound, fmt_number, parse_number, round_up, sqrt_up
 from ..planview import view
 from ..semantics import READER, reachable
 from . import PROVED, REFUTED, UNKNOWN
-from .smt import composition_query, monotonicity_lemma, precision_chain_query, run_queries
+from .smt import composition_query, kl_query, monotonicity_lemma, precision_chain_query, run_queries, suffix_composition_query
 
 
 @dataclass
 class Obligation:
     id: str
-    family: str                 # precision-lower-bound | attention-error-budget | composition-law | claims | lemma
+    family: str                 # precision-lower-bound | attention-error-budget | composition-law | kl-budget | claims | lemma
     location: dict
     verdict: str = UNKNOWN
     witness: dict = field(default_factory=dict)
@@ -154,17 +154,45 @@ def check_plan(plan: dict, options: CheckOptions = CheckOptions()) -> CheckResul
     lips = [la.lipschitz for la in pv.layers]
     mlps = [la.mlp_lipschitz for la in pv.layers]
     inj = injected(pb.layer_bounds, mlps)
-    if pv.eps_target is not None:
+    suffix = pv.composition.form == "suffix"
+    if pv.eps_target is not None and suffix:
+        comp = pv.composition
+        eps_f = injected_frobenius(pb.layer_bounds, pv.max_seq_len)
+        ss = UNBOUNDED if UNBOUNDED in eps_f else sum((e * e for e in eps_f), Fraction(0))
+        ob = Obligation("composition", "composition-law", {"layers": len(pv.layers)})
+        ob.witness = {"form": "suffix", "eps_target": fmt_number(pv.eps_target), "end_to_end_bound": fmt_bound(pb.end_to_end),
+                      "layer_bounds": [fmt_bound(b) for b in pb.layer_bounds],
+                      "injected": [fmt_bound(e) for e in eps_f], "suffix": [fmt_number(la.suffix) for la in pv.layers],
+                      "remainder": fmt_number(comp.remainder), "radius": fmt_number(comp.radius),
+                      "sum_sq": fmt_bound(ss)}
+        ob.verdict = PROVED if pb.end_to_end <= pv.eps_target else REFUTED
+        if ob.verdict == PROVED and options.smt:
+            ob.smt = suffix_composition_query(eps_f, [la.suffix for la in pv.layers], comp.remainder / 2, ss,
+                                              comp.radius, pv.eps_target, options.timeout_ms)
+            smt_jobs.append(ob)
+        obligations.append(ob)
+    if pv.eps_target is not None and not suffix:
         sqrt_t = sqrt_up(Fraction(pv.max_seq_len))
         ob = Obligation("composition", "composition-law", {"layers": len(pv.layers)})
-        ob.witness = {"eps_target": fmt_number(pv.eps_target), "end_to_end_bound": fmt_bound(pb.end_to_end),
-                      "sqrt_T": fmt_number(sqrt_t), "layer_bounds": [fmt_bound(b) for b in pb.layer_bounds],
+        ob.witness = {"form": "product", "eps_target": fmt_number(pv.eps_target),
+                      "end_to_end_bound": fmt_bound(pb.end_to_end), "sqrt_T": fmt_number(sqrt_t), "layer_bounds": [fmt_bound(b) for b in pb.layer_bounds],
                       "lipschitz": [fmt_number(x) for x in lips], "mlp_lipschitz": [fmt_number(x) for x in mlps],
                       "injected": [fmt_bound(x) for x in inj],
                       "amplification": [fmt_bound(x) for x in amplification(lips)]}
         ob.verdict = PROVED if pb.end_to_end <= pv.eps_target else REFUTED
         if ob.verdict == PROVED and options.smt:
             ob.smt = composition_query(inj, lips, sqrt_t, pv.eps_target, options.timeout_ms)
+            smt_jobs.append(ob)
+        obligations.append(ob)
+    if pv.max_kl is not None:
+        ob = Obligation("kl", "kl-budget", {})
+        gain = pv.composition.logit_gain
+        ob.witness = {"max_kl": fmt_number(pv.max_kl), "kl_bound": fmt_bound(pb.kl), "logit_bound": fmt_bound(pb.logit),
+                      "end_to_end_bound": fmt_bound(pb.end_to_end),
+                      "logit_gain": None if gain is None else fmt_number(gain), "form": pv.composition.form}
+        ob.verdict = PROVED if pb.kl <= pv.max_kl else REFUTED
+        if ob.verdict == PROVED and options.smt:
+            ob.smt = kl_query(pb.end_to_end, gain, pv.max_kl, options.timeout_ms)
             smt_jobs.append(ob)
         obligations.append(ob)
     obligations.append(_claims(plan, pv, pb))
@@ -210,10 +238,13 @@ def _claims(plan: dict, pv, pb) -> Obligation:
     for i, a in enumerate(att):
         cmp(f"$.claims.attention_error_max[{i}]", claims["attention_error_max"][i], a)
     cmp("$.claims.end_to_end_bound", claims["end_to_end_bound"], pb.end_to_end)
+    cmp("$.claims.logit_bound", claims["logit_bound"], pb.logit)
+    cmp("$.claims.kl_bound", claims["kl_bound"], pb.kl)
     ob = Obligation("claims", "claims", {})
     ob.witness = {"layer_bounds": [fmt_bound(b) for b in pb.layer_bounds],
                   "attention_error_max": [fmt_bound(a) for a in att],
-                  "end_to_end_bound": fmt_bound(pb.end_to_end), "understated": bad}
+                  "end_to_end_bound": fmt_bound(pb.end_to_end), "logit_bound": fmt_bound(pb.logit),
+                  "kl_bound": fmt_bound(pb.kl), "understated": bad}
     ob.verdict = REFUTED if bad else PROVED
     return ob
 

@@ -16,6 +16,7 @@ RULES = {
                              "domains (docs/design.md 2.2-2.3)",
     "attention-error-budget": "attention-output error bound of a (layer, KV head) <= eps (docs/design.md 2.4)",
     "composition-law": "end-to-end error through all layers <= eps_target (docs/design.md 2.5)",
+    "kl-budget": "the certified KL bound of every token's next-token distribution <= max_kl (docs/design.md 2.6)",
     "claims": "the plan's claimed bounds are upper bounds of the recomputed ones (docs/design.md 5)",
     "lemma": "a lemma the per-group queries rely on",
     "undecided": "an obligation the solver could not decide (unknown, timeout): fails closed",
@@ -64,6 +65,9 @@ def describe(o) -> str:
         return "understated: " + "; ".join(w.get("understated", [])) if w.get("understated") else "claims hold"
     if o.family == "composition-law":
         return f"end-to-end bound {_f(w['end_to_end_bound'])} vs eps_target {w['eps_target']}"
+    if o.family == "kl-budget":
+        return (f"certified KL bound {_f(w['kl_bound'])} (logit oscillation {_f(w['logit_bound'])}) vs max_kl "
+                f"{w['max_kl']}")
     return o.id
 
 

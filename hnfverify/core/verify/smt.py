@@ -79,6 +79,31 @@ def composition_query(layer_bounds: list, lipschitz: list, sqrt_t: Fraction, eps
     return "".join(lines)
 
 
+def suffix_composition_query(eps: list, suffix: list, half_k: Fraction, sum_sq: Fraction, radius: Fraction,
+                             eps_target: Fraction, timeout_ms: int) -> str:
+    """The suffix form (docs/design.md §2.5): z_0 = 0, z_l <= z_(l-1) + S_l eps_l, sum eps_l^2 <= rho^2 and
+    phi <= z_L + (K/2) sum eps_l^2, phi > eps_target: UNSAT."""
+    n = len(eps)
+    lines = [header("QF_LRA", "suffix composition across layers (docs/design.md 2.5)", timeout_ms)]
+    lines += [f"(declare-const z{i} Real)\n" for i in range(n + 1)] + ["(declare-const phi Real)\n"]
+    lines.append("(assert (= z0 0.0))\n")
+    for i in range(n):
+        lines.append(f"(assert (<= z{i + 1} (+ z{i} (* {lit(suffix[i])} {lit(eps[i])}))))\n")
+    lines.append(f"(assert (<= {lit(sum_sq)} (* {lit(radius)} {lit(radius)})))\n")
+    lines.append(f"(assert (<= phi (+ z{n} (* {lit(half_k)} {lit(sum_sq)}))))\n")
+    lines.append(f"(assert (> phi {lit(eps_target)}))\n(check-sat)\n")
+    return "".join(lines)
+
+
+def kl_query(phi: Fraction, gain: Fraction, max_kl: Fraction, timeout_ms: int) -> str:
+    """docs/design.md §2.6: ||dH_t|| <= Phi, osc(dz_t) <= Gamma ||dH_t|| and KL <= osc^2 / 8 > max_kl: UNSAT."""
+    return (header("QF_NRA", "KL budget of every token (docs/design.md 2.6)", timeout_ms)
+            + "(declare-const h Real)\n(declare-const z Real)\n"
+            + f"(assert (and (<= 0.0 h) (<= h {lit(phi)})))\n"
+            + f"(assert (and (<= 0.0 z) (<= z (* {lit(gain)} h))))\n"
+            + f"(assert (> (/ (* z z) 8.0) {lit(max_kl)}))\n(check-sat)\n")
+
+
 # ---------------------------------------------------------------------------- solving
 def _solve_z3(text: str, timeout_ms: int) -> str:
     import z3

@@ -45,8 +45,10 @@ def _report():
 
 VARIANTS = {
     "eps": dict(eps=Fraction(50), sink=4, recent=8, max_seq_len=24),
+    "eps-product": dict(eps=Fraction(50), sink=4, recent=8, max_seq_len=24, composition="product"),
     "eps-target": dict(eps=Fraction(50), eps_target=Fraction(10 ** 9), sink=1, recent=16, max_seq_len=40),
     "avg-bits": dict(avg_bits=Fraction(6), sink=4, recent=8, max_seq_len=24),
+    "avg-bits-product": dict(avg_bits=Fraction(6), sink=4, recent=8, max_seq_len=24, composition="product"),
     "recent-0": dict(eps=Fraction(50), sink=4, recent=0, max_seq_len=24),
     "channel-rest": dict(uniform="int8_t16,K.rest=int4_c8,V.rest=int4_t16", sink=1, recent=8, max_seq_len=24),
 }
@@ -130,7 +132,7 @@ def null_claims(plan):
     cl = plan["claims"]
     cl["layer_bounds"] = [None] * len(cl["layer_bounds"])
     cl["attention_error_max"] = [None] * len(cl["attention_error_max"])
-    cl["end_to_end_bound"] = None
+    cl["end_to_end_bound"] = cl["logit_bound"] = cl["kl_bound"] = None
     return plan
 
 
@@ -661,9 +663,9 @@ def test_per_head_bound_uses_the_larger_of_the_k_and_v_masses():
 
 
 def test_composition_includes_mlp_lipschitz():
-    """eps_target between the bound without and with the MLP gains L'_l = 3 (§2.5). Failed before
+    """eps_target between the bound without and with the MLP gains L'_l = 3 (§2.5, product form). Failed before
     the fix."""
-    plan = null_claims(make_plan("eps"))
+    plan = null_claims(make_plan("eps-product"))
     for layer in plan["layers"]:
         layer["mlp_lipschitz"] = {"measured": "1", "margin": "1", "value": "1"}
     e1 = check_plan(plan, CheckOptions(smt=False)).end_to_end_bound
@@ -824,7 +826,7 @@ def test_recheck_stays_standard_library_only():
 
 def test_genuine_certificate_with_a_bound_above_1e300_is_confirmed():
     """Bounds above 1e300 are null in witnesses and the summary (as check writes them)."""
-    plan = null_claims(make_plan("avg-bits"))
+    plan = null_claims(make_plan("avg-bits-product"))
     big = fmt_number(Fraction(10) ** 200)                     # amplification prod L_j ~ 10^(200 (L - 1))
     for layer in plan["layers"]:
         layer["lipschitz"] = {"measured": big, "margin": "1", "value": big}

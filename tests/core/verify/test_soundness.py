@@ -218,7 +218,7 @@ def test_composition_includes_the_rest_of_the_block(tmp_path):
     mlp_lipschitz was not part of the law (the schema refused the field: exit 2)."""
     from hnfverify.core.verify.obligations import CheckOptions, check_plan
 
-    plan = _plan(eps=Fraction(50))
+    plan = _plan(eps=Fraction(50), composition="product")
     e1 = check_plan(plan, CheckOptions(smt=False)).end_to_end_bound
     for la in plan["layers"]:
         la["mlp_lipschitz"] = {"measured": "10", "margin": "1", "value": "10"}
