@@ -1434,7 +1434,21 @@ def check_certificate(cert, plan, res: Result | None = None) -> list:
         if ob.holds is False:
             out.append(f"{oid} is confirmed but false by the oracle")
         out += _witness_problems(oid, ob, o.get("witness"), plan)
+    gate = cert.get("gate") if isinstance(cert.get("gate"), dict) else {}
+    if gate.get("max_kl") is not None:                  # check --max-kl: the gate's own KL budget (§5)
+        o = got.get("kl/gate")
+        if o is None:
+            out.append("kl/gate (check --max-kl) is missing")
+        else:
+            v = le(res.values["KL"]["sim"], R.of(parse(gate["max_kl"])))
+            if v is False:
+                out.append("kl/gate is confirmed but false by the oracle")
+            out += _not_below("kl/gate", "kl_bound", _wnum(o.get("witness"), "kl_bound"), res.values["KL"]["doc"])
+            if "smt2" not in o:
+                out.append("kl/gate without its SMT query")
     for oid, o in got.items():
+        if oid == "kl/gate" and gate.get("max_kl") is not None:
+            continue
         if oid not in res.obligations and oid != "lemma/monotonicity" and \
                 o.get("family") != "precision-lower-bound-position":     # §5: --smt-per-position audits
             out.append(f"{oid} is not an obligation the plan implies")

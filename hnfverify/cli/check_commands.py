@@ -7,7 +7,7 @@ from typing import TextIO
 
 from ..errors import EXIT_OK, InvalidArgument
 from ..io import shown_path
-from .options import check_output_target, check_timeouts
+from .options import check_output_target, check_timeouts, fraction_arg
 
 
 def cmd_check(args, out: TextIO, err: TextIO) -> int:
@@ -42,7 +42,9 @@ def cmd_check(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument(f"--cert-dir {shown_path(args.cert_dir)}: {shown_path(cert_file)}, where this plan's "
                               "certificate goes, exists and is not a regular file")
     opts = CheckOptions(solver=args.solver, timeout_ms=args.timeout_ms, wall_timeout_s=args.wall_timeout,
-                        smt_per_position=args.smt_per_position)
+                        smt_per_position=args.smt_per_position, max_kl=fraction_arg("--max-kl", args.max_kl))
+    if opts.max_kl is not None and opts.max_kl <= 0:
+        raise InvalidArgument(f"--max-kl must be > 0, got {args.max_kl}")
     if args.smt_per_position:
         n = sum(1 for _ in key_positions(plan))
         if n > 20000:

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wall-timeout", type=seconds_arg("--wall-timeout"), default=300.0,
                    help=f"hard limit (s) for all solver queries, in (0, {MAX_WALL_TIMEOUT_S}]")
     c.add_argument("--smt-per-position", action="store_true", help="also one SMT query per key position (audits)")
+    c.add_argument("--max-kl", help="also require the certified KL bound of every token <= this (docs/design.md 2.6); "
+                   "the certificate records it")
     c.set_defaults(func=cmd_check)
 
     rc = sub.add_parser("recheck", help="re-decide a certificate independently (stdlib only)")

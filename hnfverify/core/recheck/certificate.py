@@ -50,8 +50,8 @@ def own_version():
 
 def check_body(cert, plan, obligations, positions, e_l, bl):
     """Everything besides the obligations, re-derived or checked for form (§6)."""
-    top = ["assumptions", "certificate_sha256", "created", "kind", "obligations", "plan", "schema_version", "solver",
-           "summary", "tool", "verdict"]
+    top = ["assumptions", "certificate_sha256", "created", "gate", "kind", "obligations", "plan", "schema_version",
+           "solver", "summary", "tool", "verdict"]
     expect(sorted(cert) == top, f"the certificate's fields are {sorted(cert)}, expected {top}")
     expect(cert["verdict"] == "PROVED", f"the certificate's verdict is {str(cert['verdict'])[:20]!r}, not PROVED")
     p = cert["plan"]
@@ -106,7 +106,12 @@ def recheck(cert_bytes, plan_bytes):
     if not isinstance(cert.get("plan"), dict) or hashlib.sha256(canonical(plan)).hexdigest() != cert["plan"].get(
             "sha256"):
         raise Reject("the plan's sha256 differs from the one the certificate names")
-    exp, positions, e_l, bl = derive(plan)
+    gate = cert.get("gate")
+    if not (isinstance(gate, dict) and sorted(gate) == ["max_kl"] and (gate["max_kl"] is None or (
+            isinstance(gate["max_kl"], str) and len(gate["max_kl"]) <= 2000 and re.fullmatch(NUM[2:], gate["max_kl"])
+            and num(gate["max_kl"]) > 0))):
+        raise Reject("gate: expected {max_kl: null or a number > 0}")
+    exp, positions, e_l, bl = derive(plan, None if gate["max_kl"] is None else num(gate["max_kl"]))
     got = cert.get("obligations")
     if not isinstance(got, list) or not all(isinstance(o, dict) and isinstance(o.get("id"), str) for o in got):
         raise Reject("obligations: expected a list of objects with an id")

@@ -84,7 +84,7 @@ def head_error(tau, q, k, v):
     return round_up(first + min(order1, tv)), dk, dv
 
 
-def derive(plan):
+def derive(plan, gate_max_kl=None):
     """(obligations exactly as a PROVED certificate holds them, positions, e_L, layer bounds); Reject on
     the first obligation that does not hold."""
     eps, c, t, d = num(plan["eps"]), num(plan["c"]), plan["max_seq_len"], plan["shape"]["head_dim"]
@@ -145,11 +145,13 @@ def derive(plan):
              "mlp_lipschitz": [fmt(x) for x in mlps], "injected": [bound(x) for x in inj],
              "amplification": [bound(x) for x in amp]}
         out.append(ob("composition", "composition-law", {"layers": len(bl)}, w, smt_composition(inj, lips, sq, tgt)))
-    if plan["max_kl"] is not None:                                      # §5.5
-        mk = num(plan["max_kl"])
-        expect(kl <= mk, f"kl: does not hold: the KL bound {show(kl)} exceeds max_kl = {fmt(mk)}, the plan violates it")
-        out.append(ob("kl", "kl-budget", {}, {"max_kl": fmt(mk), "kl_bound": bound(kl), "logit_bound": bound(z_up),
-                                              "end_to_end_bound": bound(e_l), "logit_gain": fmt(gain), "form": "suffix"},
+    for oid, mk in (("kl", num(plan["max_kl"]) if plan["max_kl"] is not None else None), ("kl/gate", gate_max_kl)):
+        if mk is None:                                                  # §5.5
+            continue
+        expect(kl <= mk, f"{oid}: does not hold: the KL bound {show(kl)} exceeds max_kl = {fmt(mk)}")
+        out.append(ob(oid, "kl-budget", {} if oid == "kl" else {"source": "check --max-kl"},
+                      {"max_kl": fmt(mk), "kl_bound": bound(kl), "logit_bound": bound(z_up),
+                       "end_to_end_bound": bound(e_l), "logit_gain": fmt(gain), "form": "suffix"},
                       smt_kl(e_l, gain, mk)))
     cl = plan["claims"]                                                 # §5.5
     claimed = [(f"layer_bounds[{i}]", cl["layer_bounds"][i], b) for i, b in enumerate(bl)]

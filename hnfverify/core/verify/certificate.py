@@ -70,6 +70,7 @@ def build(plan: dict, plan_sha: str, plan_file: str, result, options) -> dict:
         "solver": {"name": options.solver, "seed": 0, "timeout_ms": options.timeout_ms,
                    "wall_timeout_s": fmt_number(__import__("fractions").Fraction(str(options.wall_timeout_s)))},
         "created": _created(),
+        "gate": {"max_kl": None if options.max_kl is None else fmt_number(options.max_kl)},
         "verdict": result.verdict(),
         "summary": {
             "obligations": len(result.obligations),

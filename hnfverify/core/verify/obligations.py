@@ -45,6 +45,7 @@ class CheckOptions:
     wall_timeout_s: float = 300.0    # hard limit for the whole solver worker
     smt: bool = True                 # False: exact decisions only (no solver)
     smt_per_position: bool = False   # audits: one SMT query per cached position (small plans only)
+    max_kl: Fraction | None = None   # `check --max-kl K`: the gate's own KL budget (obligation kl/gate, §5)
 
 
 @dataclass
@@ -184,15 +185,17 @@ def check_plan(plan: dict, options: CheckOptions = CheckOptions()) -> CheckResul
             ob.smt = composition_query(inj, lips, sqrt_t, pv.eps_target, options.timeout_ms)
             smt_jobs.append(ob)
         obligations.append(ob)
-    if pv.max_kl is not None:
-        ob = Obligation("kl", "kl-budget", {})
+    for oid, budget in (("kl", pv.max_kl), ("kl/gate", options.max_kl)):
+        if budget is None:
+            continue
+        ob = Obligation(oid, "kl-budget", {} if oid == "kl" else {"source": "check --max-kl"})
         gain = pv.composition.logit_gain
-        ob.witness = {"max_kl": fmt_number(pv.max_kl), "kl_bound": fmt_bound(pb.kl), "logit_bound": fmt_bound(pb.logit),
+        ob.witness = {"max_kl": fmt_number(budget), "kl_bound": fmt_bound(pb.kl), "logit_bound": fmt_bound(pb.logit),
                       "end_to_end_bound": fmt_bound(pb.end_to_end),
                       "logit_gain": None if gain is None else fmt_number(gain), "form": pv.composition.form}
-        ob.verdict = PROVED if pb.kl <= pv.max_kl else REFUTED
+        ob.verdict = PROVED if pb.kl <= budget else REFUTED
         if ob.verdict == PROVED and options.smt:
-            ob.smt = kl_query(pb.end_to_end, gain, pv.max_kl, options.timeout_ms)
+            ob.smt = kl_query(pb.end_to_end, gain, budget, options.timeout_ms)
             smt_jobs.append(ob)
         obligations.append(ob)
     obligations.append(_claims(plan, pv, pb))
