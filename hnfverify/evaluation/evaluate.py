@@ -21,6 +21,7 @@ class Accumulator:
         self.accounting_dev = None
         self.seconds = 0.0
         self.head_max: dict = {}
+        self.output = None            # OutputAcc for plans with claims about the output (§2.6)
 
 
 def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: int = 512, scored: int = 512,
@@ -51,7 +52,8 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
         tgt = ids[0, prefix:t_len]
         with torch.no_grad():
             ref = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
-        lr = torch.log_softmax(ref.logits[0, prefix - 1:t_len - 1].double(), -1)
+        zr = ref.logits[0, prefix - 1:t_len - 1].double()
+        lr = torch.log_softmax(zr, -1)
         h_ref = ref.hidden_states[-1][0].double()
         del ref
         nll_ref.append(-lr.gather(1, tgt[:, None])[:, 0])
@@ -62,7 +64,8 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             with torch.no_grad(), m.context(lm.model, prefix, window_stats):
                 q = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False)
             a.seconds += time.perf_counter() - t0
-            lq = torch.log_softmax(q.logits[0, prefix - 1:t_len - 1].double(), -1)
+            zq = q.logits[0, prefix - 1:t_len - 1].double()
+            lq = torch.log_softmax(zq, -1)
             a.nll_q.append(-lq.gather(1, tgt[:, None])[:, 0])
             a.klds.append((lr.exp() * (lr - lq)).sum(-1))
             a.top1.append((lr.argmax(-1) == lq.argmax(-1)).double())
@@ -75,8 +78,13 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             a.rt_checked += window_stats.rt_checked
             for k, v in window_stats.head_max.items():
                 a.head_max[k] = max(a.head_max.get(k, 0.0), v)
+            h_err = float((q.hidden_states[-1][0].double() - h_ref).norm())
+            if m.output is not None:
+                from .output import OutputAcc, add_window
+
+                a.output = a.output or OutputAcc()
+                add_window(a.output, m.output, lr, lq, zr, zq, window_stats, prefix, t_len, h_err)
             if m.e_l is not None:
-                h_err = float((q.hidden_states[-1][0].double() - h_ref).norm())
                 if h_err > m.e_l:
                     a.e2e_viol += 1
                 if h_err > 0:
@@ -133,8 +141,13 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
             "runtime_bound_over_actual_p10": float(10 ** np.percentile(rt, 10)) if rt.size else None,
             "runtime_bound_over_actual_min": float(10 ** rt.min()) if rt.size else None,
             "runtime_bound_over_actual_max": float(10 ** min(rt.max(), 300.0)) if rt.size else None,
-            "end_to_end_violations": a.e2e_viol, "end_to_end_bound": m.e_l,
-            "end_to_end_bound_over_actual_median": float(np.median(a.e2e_ratio)) if a.e2e_ratio else None,
+            "end_to_end_violations": a.e2e_viol,
+            "end_to_end_bound": m.e_l if m.e_l is not None and math.isfinite(m.e_l) else None,
+            "end_to_end_form": "product" if m.output is None else "suffix",
+            "end_to_end_bound_over_actual_median": (float(np.median(a.e2e_ratio)) if a.e2e_ratio and
+                                                    math.isfinite(np.median(a.e2e_ratio)) else None),
+            "output": None if a.output is None else __import__("hnfverify.evaluation.output", fromlist=["summarize"])
+            .summarize(a.output, m.output),
             "seconds_per_scored_token": a.seconds / max(1, int(nq.numel())),
             "protocol": m.protocol,
             "per_head": [[k[0], k[1], m.bounds[k], v] for k, v in sorted(a.head_max.items())] if m.bounds else [],

@@ -17,3 +17,4 @@ class Method:
     e_l: float | None = None
     protocol: str = "teacher-forced pass equal to plan-cache decoding (see hnfverify.evaluation.attention)"
     accounted: object = None      # (stats, n) -> bytes by the formats' accounting (cheap; at every length)
+    output: dict | None = None    # the suffix form's inputs and the plan's logit / KL bounds (docs/design.md §2.5, §2.6)

@@ -184,3 +184,50 @@ def certify(model, cache, keep_queries: bool = False, observer=None):
 
     with routed_attention(model, attn, prefix="hnfverify_certify"):
         yield cert
+
+
+def greedy_certificate(cert: "Certifier", plan: dict, step_logits: list, chosen: list) -> dict | None:
+    """Per generated token, the run-time claim of docs/design.md §2.6: with b_(l,s) = sum_h ||W_o[:, group h]||
+    sqrt(sum_(j in h) bound_j(s)^2) from the certified per-query bounds (``certify(..., keep_queries=True)``),
+    C_l(t) = sum_(s <= t) b_(l,s)^2, Phi_t = sum_l S_l sqrt(C_l(t)) + (K/2) sum_l C_l(t) (+inf outside the
+    remainder's radius) and Z_t = Gamma Phi_t >= osc(dz_t): the token is certified "the same greedy token as
+    the full-precision cache" when the quantized logits' margin (top minus second) > Z_t. The measured
+    assumptions S_l, K, Gamma are the plan's (listed in it). ``step_logits``: per forward pass the (1, V)
+    logits of its last position; ``chosen``: the token taken. None with the product form."""
+    import math
+
+    from ..core.planview import view
+    from ..evaluation.plan_method import output_inputs
+    from ..evaluation.attention import float_up
+
+    out = output_inputs(plan)
+    if out is None or len(cert.queries) != len(step_logits):
+        return None
+    pv = view(plan)
+    onorm = {(h.layer, h.head): float_up(h.o_proj_norm) for h in pv.heads()}
+    n_l = len(pv.layers)
+    n_kv = len(pv.layers[0].heads)
+    c = torch.zeros(n_l, dtype=torch.float64)
+    z_all, cert_flags, margins = [], [], []
+    for qb, logits in zip(cert.queries, step_logits):
+        for li in range(n_l):
+            b = qb.get(li)
+            if b is None:
+                continue
+            g = b.shape[1] // n_kv
+            per_pos = sum(onorm[(li, h)] * torch.sqrt((b[0, h * g:(h + 1) * g] ** 2).sum(0)) for h in range(n_kv))
+            c[li] += float(((per_pos * (1 + 1e-12)) ** 2).sum())
+        tot = float(c.sum())
+        if tot <= out["radius"] ** 2:
+            phi = sum(s * math.sqrt(float(x)) for s, x in zip(out["suffix"], c)) + out["remainder"] / 2 * tot
+            z = out["gain"] * phi * (1 + 1e-12)
+        else:
+            z = math.inf
+        top2 = logits[0].double().topk(2).values
+        m = float(top2[0] - top2[1])
+        # a stated allowance for float32 kernels (hnfverify.evaluation.output.FLOAT_ALLOWANCE): the bound is exact
+        z = z + 1e-4 * (1 + float(logits[0].double().abs().max()))
+        z_all.append(z)
+        margins.append(m)
+        cert_flags.append(m > z)
+    return {"z": z_all, "margin": margins, "certified": cert_flags, "chosen": list(chosen)}
