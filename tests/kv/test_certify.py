@@ -235,3 +235,43 @@ def test_evaluation_reads_the_norms_the_cache_records(spec, s, r):
                 for kv, got in zip("KV", (dk, dv)):
                     want = expect[(li, h, kv)][i, :i + 1]
                     assert torch.equal(got[0, h], want), (spec, li, h, kv, i, float((got[0, h] - want).abs().max()))
+
+
+def _uniform_plan(lm, fmt):
+    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+    from hnfverify.planning import PlanRequest, plan_from_report
+    from hnfverify.texts import TokenWindows
+
+    wins = TokenWindows("random", "file", torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).tolist(), 1)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=8, suffix_tokens=16))
+    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
+               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
+               "arrays": {"sha256": "0" * 64}}
+    return plan_from_report(summary, res.arrays, PlanRequest(uniform=fmt, sink=4, recent=16))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8_t16", "int4_t16"])
+def test_greedy_certificate_never_certifies_a_token_that_changed(fmt):
+    """docs/design.md §2.6 at run time: every token certified "the same greedy token as the full-precision
+    cache" is, checked against the full-precision model on the same tokens; the prefill's token (read
+    exactly) is certified whenever its margin beats the float allowance."""
+    from hnfverify.kv.certify import greedy_certificate
+    from hnfverify.models import tiny_model
+
+    lm = tiny_model("tiny-llama")
+    plan = _uniform_plan(lm, fmt)
+    assert plan["composition"]["form"] == "suffix"
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(8))
+    cache = MixedPrecisionCache.from_plan(plan, lm.model)
+    with torch.no_grad(), certify(lm.model, cache, keep_queries=True) as cert:
+        res = lm.model.generate(input_ids=ids, cache=cache, max_new_tokens=24, do_sample=False,
+                                return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    g = greedy_certificate(cert, plan, list(res.logits), res.sequences[0, 20:].tolist())
+    assert g is not None and len(g["certified"]) == 24
+    with torch.no_grad():
+        ref = lm.model(input_ids=res.sequences[:, :-1], use_cache=False).logits[0, 19:]
+    q_top = [int(x[0].argmax()) for x in res.logits]
+    for c, a, b in zip(g["certified"], ref.argmax(-1).tolist(), q_top):
+        assert not c or a == b
+    assert g["z"][0] < 1e-2 * (1 + float(res.logits[0].abs().max()))        # the prefill reads exactly
+    assert all(z2 >= z1 for z1, z2 in zip(g["z"], g["z"][1:]))                # errors only accumulate
