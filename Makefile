@@ -41,6 +41,8 @@ demo: venv
 	$(BIN)/hnfverify recheck $(OUT)/certs/$$($(BIN)/hnfverify show $(OUT)/plan.json --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["sha256"][:16])').cert.json --plan $(OUT)/plan.json
 	$(BIN)/hnfverify replay $(OUT)/certs --solver z3
 	$(BIN)/hnfverify replay $(OUT)/certs --solver cvc5
+	@echo "== the KL gate (docs/design.md 2.6): check --max-kl 0.1 on the 4.5-bit plan (exit 1 expected: no finite certified KL bound at plan time)"
+	-$(BIN)/hnfverify check $(OUT)/plan-4.5bits.json --max-kl 0.1 --cert-dir $(OUT)/certs-kl | grep -E "^  (kl|composition)|VIOLATED|PROVED"
 	$(BIN)/hnfverify generate $(OUT)/plan-4.5bits.json --prompt "Explain what a Python dictionary is, with a short example." --max-new-tokens 80 --certify
 	$(BIN)/hnfverify report $(OUT)/plan-4.5bits.json --out $(OUT)/report-4.5bits --eval-windows 0
 	$(BIN)/hnfverify eval $(OUT)/plan-4.5bits.json --text prose --text code --windows 8 --prefix 512 --scored 512 --quiet

@@ -19,6 +19,9 @@ Deterministic (seeded). Plan cases come from generators (printed per generator i
                               Theorem 5.7 rhs, the largest E_h; eps_target at e_L; claims at the
                               recomputed bounds; amax exactly at the domain edge
   blocks                      per-position overrides with their own inputs and formats
+  mlp                         the product composition form with random rest-of-block gains, eps_target at e_L
+  suffix                      the suffix form (§2.5) with random S_l, K, rho, Gamma: eps_target at Phi, max_kl at
+                              the KL bound, rho at the injected errors, claims at their bounds; wrong-form fields
 For every plan case: no traceback and no exit 4 (CLI sampled); the oracle decides the same bytes:
   FALSE PROVED   the gate PROVES what the oracle finds invalid or false (fatal);
   disagreements  the gate rejects a valid plan, refutes a true one, decides an invalid one, or its
@@ -166,6 +169,7 @@ def reclaim(p, how="up"):
     n = len(p["layers"])
     if how == "null":
         cl["layer_bounds"], cl["attention_error_max"], cl["end_to_end_bound"] = [None] * n, [None] * n, None
+        cl["logit_bound"] = cl["kl_bound"] = None
         return p
     res = oracle.decide(p)
     if not res.valid:
@@ -179,6 +183,17 @@ def reclaim(p, how="up"):
     cl["layer_bounds"] = [up(b["doc"]) for b in v["b"]]
     cl["attention_error_max"] = [up(e["doc"]) for e in v["E_max"]]
     cl["end_to_end_bound"] = up(v["e_L"]["doc"])
+    cl["logit_bound"], cl["kl_bound"] = up(v["Z"]["doc"]), up(v["KL"]["doc"])
+    return p
+
+
+def as_product(p):
+    """The product composition form (§2.5): no suffix inputs, no claims about the logits."""
+    p["composition"] = {"form": "product", "remainder": None, "logit_gain": None}
+    for la in p["layers"]:
+        la["suffix"] = None
+    p["max_kl"] = None
+    p["claims"]["logit_bound"] = p["claims"]["kl_bound"] = None
     return p
 
 
@@ -656,7 +671,9 @@ def gen_mass(p, rng):
 
 
 def gen_mlp(p, rng):
-    """The rest of each block (mlp_lipschitz, §2.5) in the composition law, eps_target at e_L."""
+    """The rest of each block (mlp_lipschitz, §2.5, product form) in the composition law, eps_target at e_L."""
+    if p.get("composition", {}).get("form") == "suffix" and rng.random() < 0.9:
+        as_product(p)
     for la in p["layers"]:
         if rng.random() < 0.7:
             meas = rng.choice([Fraction(1, 2), Fraction(1), Fraction(3), Fraction(10), Fraction(123456789, 10 ** 8)])
@@ -677,6 +694,78 @@ def gen_mlp(p, rng):
     p["eps_target"] = dec_up(tgt, 40) if step >= 0 else oracle.canon(oracle.rdown(tgt, 100))
     reclaim(p, rng.choice(["up", "null"]))
     return p, {"near": True}
+
+
+def gen_suffix(p, rng):
+    """The suffix form and the KL budget (§2.5, §2.6): random S_l, K, rho, Gamma (and margins), then
+    eps_target at Phi, max_kl at the KL bound, rho at the injected errors' norm, or a claim at its bound,
+    exactly, one step above or one step below; sometimes the fields of the wrong form."""
+    if p.get("composition", {}).get("form") != "suffix":
+        return p, {}
+
+    def gain(meas, marg, mult=1):
+        return {"measured": oracle.canon(meas), "margin": oracle.canon(marg), "value": oracle.canon(meas * marg * mult)}
+
+    for la in p["layers"]:
+        if rng.random() < 0.7:
+            la["suffix"] = gain(rng.choice([Fraction(1, 3), Fraction(1), Fraction(7), Fraction(123457, 1000)]),
+                                rng.choice([Fraction(1), Fraction(2)]), rng.choice([1, 1, 3]))
+    comp = p["composition"]
+    if rng.random() < 0.7:
+        comp["remainder"] = dict(gain(rng.choice([Fraction(0), Fraction(1, 1000), Fraction(5)]),
+                                      rng.choice([Fraction(1), Fraction(2)])),
+                                 radius=oracle.canon(rng.choice([Fraction(10) ** 6, Fraction(10) ** 3, Fraction(1)])))
+    if rng.random() < 0.5:
+        comp["logit_gain"] = gain(rng.choice([Fraction(1, 10), Fraction(3), Fraction(15)]), Fraction(1))
+    k = rng.randrange(7)
+    if k == 6:                                  # fields of the other form: invalid
+        what = rng.choice(["suffix", "remainder", "gain", "form"])
+        if what == "suffix":
+            p["layers"][rng.randrange(len(p["layers"]))]["suffix"] = None
+        elif what == "remainder":
+            comp["remainder"] = None
+        elif what == "gain":
+            comp["logit_gain"] = None
+        else:
+            comp["form"] = "product"
+        return reclaim(p, "null"), {}
+    res = oracle.decide(reclaim(p, "null"))
+    if not res.valid:
+        return p, {}
+    step = rng.choice([0, 1, -1])
+    if k == 0:                                  # rho at sqrt(sum eps_l^2): inside / outside the ball
+        eps2 = Fraction(0)
+        for b in res.values["b"]:
+            x = b["doc"]
+            if x.hi is None:
+                return p, {}
+            eps2 += x.hi * x.hi * p["max_seq_len"]
+        rho = oracle.rsqrt(eps2).hi * (1 + step * Fraction(1, 10 ** 9))
+        comp["remainder"]["radius"] = dec_up(rho, 30)
+        p["eps_target"] = "1E+300"
+        return reclaim(p, rng.choice(["up", "null"])), {"near": True, "what": f"radius at the errors, step {step}"}
+    if k in (1, 2):                             # eps_target at Phi
+        e = res.values["e_L"]["doc"]
+        if e.hi is None:
+            return p, {}
+        tgt = e.lo * (1 + step * Fraction(1, 10 ** 9))
+        p["eps_target"] = dec_up(tgt, 40) if step >= 0 else oracle.canon(oracle.rdown(tgt, 100))
+        return reclaim(p, rng.choice(["up", "null"])), {"near": True, "what": f"eps_target at Phi, step {step}"}
+    if k in (3, 4):                             # max_kl at the KL bound
+        kl = res.values["KL"]["doc"]
+        if kl.hi is None or kl.lo == 0:
+            return p, {}
+        mk = kl.lo * (1 + step * Fraction(1, 10 ** 9))
+        p["max_kl"] = dec_up(mk, 40) if step >= 0 else oracle.canon(oracle.rdown(mk, 100))
+        return reclaim(p, rng.choice(["up", "null"])), {"near": True, "what": f"max_kl at the KL bound, step {step}"}
+    which, key = rng.choice([("logit_bound", "Z"), ("kl_bound", "KL"), ("end_to_end_bound", "e_L")])
+    val = res.values[key]["doc"]
+    reclaim(p, "up")
+    if val.hi is None:
+        return p, {}
+    x = val.lo * (1 + step * Fraction(1, 10 ** 9))
+    p["claims"][which] = dec_up(x, 40) if step >= 0 else oracle.canon(oracle.rdown(x, 100))
+    return p, {"near": True, "what": f"claim {which} at the bound, step {step}"}
 
 
 def gen_chains(p, rng):
@@ -725,9 +814,9 @@ def gen_chains(p, rng):
 
 SEMANTIC = {"kv-lengths": gen_kv_lengths, "windows": gen_windows, "channel-groups": gen_channel,
             "domain": gen_domain, "inconsistent": gen_inconsistent, "threshold": gen_threshold,
-            "blocks": gen_blocks, "kv-mass": gen_mass, "mlp": gen_mlp, "chains": gen_chains}
+            "blocks": gen_blocks, "kv-mass": gen_mass, "mlp": gen_mlp, "chains": gen_chains, "suffix": gen_suffix}
 WEIGHTS = {"kv-lengths": 1, "windows": 2, "channel-groups": 2, "domain": 2, "inconsistent": 2, "threshold": 3,
-           "blocks": 1, "kv-mass": 1, "mlp": 1, "chains": 2}
+           "blocks": 1, "kv-mass": 1, "mlp": 1, "chains": 2, "suffix": 2}
 
 
 # ============================================================================ certificate edits

@@ -36,7 +36,7 @@ def test_instrumented_logits_equal_plain_logits_on_smollm2(smollm2):
 
 def test_kappa_matches_independent_computation_at_picked_positions(smollm2):
     win = token_windows(smollm2.tokenizer, "code", max_tokens=64, window=64)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=0))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=0, suffix_iters=0))
     a = res.arrays
     assert a["kappa_hi"].shape == (30, 3, 64)
     rng = np.random.default_rng(0)
@@ -86,7 +86,7 @@ def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smoll
     from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=16))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=16, suffix_iters=0))
     save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(500), sink=4, recent=64), "r.json")
@@ -144,7 +144,7 @@ def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
     from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=128, window=128)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=0))
     save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16))
@@ -168,7 +168,8 @@ def test_runtime_and_plan_time_bounds_hold_on_a_real_window(smollm2, tmp_path):
     from hnfverify.planning import PlanRequest, plan_from_report
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=3,
+                                                suffix_tokens=32))
     save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(9, 2), sink=4, recent=64), "r.json")
@@ -178,3 +179,12 @@ def test_runtime_and_plan_time_bounds_hold_on_a_real_window(smollm2, tmp_path):
     assert r["bound_violations"] == 0 and r["runtime_bound_violations"] == 0, r
     assert r["runtime_bound_over_actual_min"] >= 1 and r["runtime_bound_over_actual_median"] < 300, r
     assert r["bound_over_actual_median"] < 1e4
+    # the claims about the output (docs/design.md §2.6), and the measured suffix assumptions with the actual
+    # injected errors, on text the analysis never saw
+    o = r["output"]
+    assert r["end_to_end_form"] == "suffix" and o["tokens"] == 128
+    for k in ("logit_bound_violations", "kl_bound_violations", "greedy_certified_but_changed",
+              "runtime_logit_bound_violations", "runtime_kl_bound_violations", "runtime_greedy_certified_but_changed",
+              "suffix_assumption_violations"):
+        assert o[k] == 0, (k, o)
+    assert o["suffix_assumption_windows"] == 1 and o["suffix_assumption_actual_over_predicted_max"] < 1

@@ -110,6 +110,7 @@ def layer_summary(arrays: dict) -> list[dict]:
             "k_d_channel": [_f(arrays["k_d_channel"][li].min()), _f(arrays["k_d_channel"][li].max())],
             "lipschitz_measured": _f(arrays["lipschitz"][li]),
             **({"mlp_lipschitz_measured": _f(arrays["mlp_lipschitz"][li])} if "mlp_lipschitz" in arrays else {}),
+            **({"suffix_measured": _f(arrays["suffix"][li])} if "suffix" in arrays else {}),
             "o_proj_norm_kvhead": [_f(x) for x in arrays["o_proj_norm_kvhead"][li]],
             "scaling": _f(arrays["scaling"][li]),
         })
@@ -147,6 +148,9 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
         "layers": layer_summary(analysis.arrays),
         "arrays": {"file": arrays_name, "sha256": arrays_sha, "fields": ARRAY_FIELDS},
         "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
+        **({"suffix": {"remainder": float(analysis.arrays["suffix_remainder"][0]),
+                       "radius": float(analysis.arrays["suffix_radius"][0]),
+                       "logit_gain": float(analysis.arrays["logit_gain"][0])}} if "suffix" in analysis.arrays else {}),
         "tool": _versions(),
     }
 
@@ -222,6 +226,8 @@ def lookup(summary: dict, arrays: dict, layer: int, head: int, position: int) ->
             out[name] = [float(x) for x in a[layer, head, position // g]]
         elif a.ndim == 2:
             out[name] = a[layer].tolist()
-        elif a.ndim == 1:
+        elif a.ndim == 1 and a.shape[0] == shape["layers"]:
             out[name] = a[layer].item()
+        elif a.ndim == 1:                       # whole-model scalars (suffix_remainder, logit_gain, ...)
+            out[name] = [float(x) for x in a]
     return out

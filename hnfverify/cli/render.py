@@ -30,6 +30,16 @@ def print_analysis(summary: dict, out: TextIO, paths: tuple[str, str] | None = N
     kmax = max(summary["layers"], key=lambda r: r["kappa_max"])
     print(f"max kappa {kmax['kappa_max']:.4e} at layer {kmax['layer']}, kv head {kmax['kappa_argmax']['kv_head']}, "
           f"position {kmax['kappa_argmax']['position']}", file=out)
+    sfx, tm = a.get("suffix"), summary.get("timings_s", {})
+    if sfx and "tokens" in sfx:
+        sl = [r.get("suffix_measured") for r in summary["layers"]]
+        print(f"suffix       MEASURED sensitivities S_l (attention output -> lm_head input, all positions; "
+              f"docs/design.md 2.5) on {sfx['tokens']} tokens, {sfx['iterations']} power iterations: "
+              f"{min(sl):.3g}..{max(sl):.3g}; remainder K {summary['suffix']['remainder']:.3g} within radius "
+              f"{summary['suffix']['radius']:.3g}; lm_head gain {summary['suffix']['logit_gain']:.3g}; the "
+              f"measurement took {tm.get('suffix_s', float('nan')):.1f} s", file=out)
+    elif sfx:
+        print(f"suffix       not measured: {sfx['unsupported']} (plans compose by products)", file=out)
     if paths:
         print(f"wrote        {paths[0]} and {paths[1]} (arrays sha256 {summary['arrays']['sha256'][:16]})", file=out)
 
