@@ -39,7 +39,9 @@ def test_plan_kl_bound_is_finite_and_the_suffix_form():
 def test_check_max_kl_gate(tmp_path, step):
     plan = _plan()
     plan["max_kl"] = None
-    kl = plan_bounds(view(plan)).kl
+    pb = plan_bounds(view(plan))
+    kl = pb.kl
+    plan["eps_target"] = fmt_number(pb.end_to_end)            # the suffix composition obligation, on its bound
     budget = kl if step == "at" else kl * (1 - Fraction(1, 2 ** 60))
     code, res = _check(tmp_path, plan, "--max-kl", fmt_number(budget))
     assert isinstance(res, dict), res
@@ -50,6 +52,8 @@ def test_check_max_kl_gate(tmp_path, step):
         assert not list((tmp_path / "certs").glob("*.cert.json")) if (tmp_path / "certs").exists() else True
         return
     assert code == 0 and gate[0]["verdict"] == "PROVED"
+    comp = [o for o in res["obligations"] if o["id"] == "composition"]
+    assert len(comp) == 1 and comp[0]["verdict"] == "PROVED" and comp[0]["witness"]["form"] == "suffix"
     cert_path, = (tmp_path / "certs").glob("*.cert.json")
     cert = json.loads(cert_path.read_text())
     assert cert["gate"] == {"max_kl": fmt_number(budget)}
