@@ -45,7 +45,7 @@ def synthetic_plan(layers: int, heads: int, qheads: int, d: int, t: int, seed: i
             hs.append(e)
         lay.append({"layer": li, "tau": dec_up(d ** -0.5), "heads": hs,
                     "lipschitz": {"measured": "1.05", "margin": "1", "value": "1.05"},
-                    "mlp_lipschitz": {"measured": "1.02", "margin": "1", "value": "1.02"}})
+                    "mlp_lipschitz": {"measured": "1.02", "margin": "1", "value": "1.02"}, "suffix": None})
     names = sorted(set(fk.values()) | set(fv.values()))
     return {
         "schema_version": 1, "kind": "hnfverify-plan", "tool": {"name": "hnfverify", "version": "bench"},
@@ -53,14 +53,15 @@ def synthetic_plan(layers: int, heads: int, qheads: int, d: int, t: int, seed: i
         "calibration": {"token_ids_sha256": "0" * 64},
         "analysis": {"report": "synthetic", "arrays_sha256": "0" * 64, "curvature": "exact", "channel_group": 32},
         "shape": {"layers": layers, "kv_heads": heads, "query_heads": qheads, "head_dim": d},
-        "max_seq_len": t, "eps": "1000", "eps_source": "user", "eps_target": "1E+300", "c": "4",
+        "max_seq_len": t, "eps": "1000", "eps_source": "user", "eps_target": "1E+300", "c": "4", "max_kl": None,
+        "composition": {"form": "product", "remainder": None, "logit_gain": None},
         "mode": {"kind": "avg_bits", "value": "6", "budget_split": "synthetic"},
         "rule": {"sink": 4, "recent": 64},
         "formats": {n: by_name(n).to_json() for n in names},
         "layers": lay, "assumptions": [],
         "claims": {"avg_bits": "6", "compression_vs_fp16": "2", "cache_bits_at_max_seq_len": "0",
                    "layer_bounds": [None] * layers, "end_to_end_bound": None, "theorem_5_7_violations": 0,
-                   "attention_error_max": [None] * layers},
+                   "attention_error_max": [None] * layers, "logit_bound": None, "kl_bound": None},
     }
 
 
