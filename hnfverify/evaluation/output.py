@@ -133,4 +133,6 @@ def summarize(acc: OutputAcc, out: dict) -> dict:
     res["suffix_assumption_actual_over_predicted_max"] = float(a.max()) if a.size and np.isfinite(a.max()) else (
         None if not a.size else "inf")
     res["suffix_assumption_windows_outside_radius"] = acc.windows_outside_radius
+    # which window, by how much: actual ||dH||_F / the suffix model's prediction, per window in order
+    res["suffix_assumption_actual_over_predicted_per_window"] = [float(x) if np.isfinite(x) else "inf" for x in a]
     return res
