@@ -162,6 +162,15 @@ def check_plan_matches_model(plan: dict, model) -> None:
     if want_w != got_w:
         raise InvalidArgument(f"plan model.weights_sha256: the plan was analyzed on weights {want_w}, the model's "
                               f"weights are {got_w} (same config: a fine-tune or a different checkpoint?)")
+    gain = (plan.get("composition") or {}).get("logit_gain")
+    if gain is not None:                       # docs/design.md §2.6: Gamma is a property of the weights: recompute it
+        from fractions import Fraction
+
+        head = model.get_output_embeddings()
+        true = 2.0 * float(head.weight.detach().double().norm(dim=1).max())
+        if parse_number(gain["value"], "composition.logit_gain.value") < Fraction(true) * (1 - Fraction(1, 2 ** 45)):
+            raise InvalidArgument(f"plan composition.logit_gain.value {gain['value']} is below 2 max_i ||w_i|| = "
+                                  f"{true:.9g} of this model's lm_head: the plan's claims about the logits do not hold")
 
 
 def config_hash(config) -> str:
