@@ -1,5 +1,9 @@
 """Analyzer wall time / plain forward wall time over the same calibration tokens (SmolLM2, CPU).
 
+The ratios are of the statistics and the block Lipschitz estimate (the analyzer-speed goal); the suffix
+sensitivities (docs/design.md §2.5, on by default in ``hnfverify analyze``) are measured in a separate
+run and reported on their own (``suffix_s``: the time the analysis spends on them).
+
 Default: 2 windows x 512 tokens of the prose calibration split, torch threads fixed, runs
 interleaved and repeated, medians reported. Also reports peak RSS of a separate 2048-token
 analysis (4 x 512) in a fresh process.
@@ -26,9 +30,18 @@ from hnfverify.analysis.analyzer import analyze, AnalysisOptions
 lm = load_model("smollm2", verbose=False)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 w = token_windows(lm.tokenizer, "prose", max_tokens=2048, window=512)
-analyze(lm, w, AnalysisOptions())
+analyze(lm, w, AnalysisOptions(suffix_iters=0))
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
+
+
+def _memory(threads: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", MEM_SNIPPET, str(threads)], capture_output=True, text=True,
+                       env=dict(os.environ))
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1:]}
+    base, peak = (int(x) for x in r.stdout.split()[-2:])
+    return {"peak_rss_mib": round(peak / 1024, 1), "rss_after_model_load_mib": round(base / 1024, 1)}
 
 
 def main() -> int:
@@ -40,6 +53,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
+    # the memory run first, from a small parent: Linux keeps a forked child's peak RSS (ru_maxrss) across
+    # exec, so a child forked from this process after it loaded the model would report the parent's peak
+    memory = None if args.no_memory else _memory(args.threads)
 
     import torch
 
@@ -60,14 +76,15 @@ def main() -> int:
             for w in wins.windows:
                 lm.model(input_ids=torch.tensor([w]), use_cache=False)
 
-    runs = {"plain": [], "analyze_no_lipschitz": [], "analyze_default": []}
+    runs = {"plain": [], "analyze_no_lipschitz": [], "analyze_default": [], "suffix_s": []}
     plain()  # warm-up
     for _ in range(args.repeats):
         t = time.perf_counter(); plain(); runs["plain"].append(time.perf_counter() - t)
-        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(lipschitz_iters=0))
+        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(lipschitz_iters=0, suffix_iters=0))
         runs["analyze_no_lipschitz"].append(time.perf_counter() - t)
-        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions())
+        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(suffix_iters=0))
         runs["analyze_default"].append(time.perf_counter() - t)
+        runs["suffix_s"].append(analyze(lm, wins, AnalysisOptions()).timings["suffix_s"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "model": "smollm2", "tokens": wins.n_tokens, "windows": len(wins.windows), "threads": args.threads,
@@ -75,17 +92,10 @@ def main() -> int:
         "ratio_analyze_no_lipschitz_over_plain": round(med["analyze_no_lipschitz"] / med["plain"], 2),
         "ratio_analyze_default_over_plain": round(med["analyze_default"] / med["plain"], 2),
         "lipschitz_default": {"tokens": AnalysisOptions().lipschitz_tokens, "iters": AnalysisOptions().lipschitz_iters},
+        "suffix_default": {"tokens": AnalysisOptions().suffix_tokens, "iters": AnalysisOptions().suffix_iters},
     }
-    if not args.no_memory:
-        env = dict(os.environ)
-        r = subprocess.run([sys.executable, "-c", MEM_SNIPPET, str(args.threads)], capture_output=True, text=True,
-                           env=env)
-        if r.returncode == 0:
-            base, peak = (int(x) for x in r.stdout.split()[-2:])
-            result["memory_2048_tokens"] = {"peak_rss_mib": round(peak / 1024, 1),
-                                            "rss_after_model_load_mib": round(base / 1024, 1)}
-        else:
-            result["memory_2048_tokens"] = {"error": r.stderr.strip().splitlines()[-1:]}
+    if memory is not None:
+        result["memory_2048_tokens"] = memory
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -96,6 +106,8 @@ def main() -> int:
         print(f"  ratio analyze (no Lipschitz) / plain forward : {result['ratio_analyze_no_lipschitz_over_plain']}")
         print(f"  ratio analyze (default, Lipschitz on {result['lipschitz_default']['tokens']} tokens x "
               f"{result['lipschitz_default']['iters']} iters) / plain : {result['ratio_analyze_default_over_plain']}")
+        print(f"  suffix sensitivities (separately; {result['suffix_default']['tokens']} tokens x "
+              f"{result['suffix_default']['iters']} iters): {result['median_s']['suffix_s']} s")
         if "memory_2048_tokens" in result:
             print(f"  2048-token analysis: {result['memory_2048_tokens']}")
     return 0
