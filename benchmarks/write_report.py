@@ -136,7 +136,7 @@ def ablation(rows) -> list:
     out = ["### Planner objective at 4.5 bits", ""] + head + [
         line("hnf-avg4.5", "objective `linear` (default): first-order terms of the per-layer bounds"),
         line("abl-avg4.5-objective-layers", "objective `layers`: the per-layer certified bounds b_l themselves"),
-        line("abl-avg4.5-objective-e2e", "objective `end_to_end`: the composition bound e_L")]
+        line("abl-avg4.5-objective-e2e", "objective `end_to_end`: the composition bound (suffix form, weights S_l; docs/design.md §2.5)")]
     out += ["", "### Sinks and recent window at 4 bits", ""] + head + [
         line("hnf-avg4", "sink 4 + recent 64 (default)"), line("abl-avg4-no-sink-recent", "no sink, no recent window")]
     out += ["", "### Which sensitivity signal allocates key bits best (values FP16, keys ≈ 4.5 bits)", ""] + head + [
