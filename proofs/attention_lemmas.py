@@ -62,78 +62,15 @@ NINE_TENTHS = F(9, 10)
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-class Tally:
-    """Failures of true statements, and refutation counts of the false (strengthened) ones."""
-
-    def __init__(self):
-        self.fails: list[str] = []
-        self.n_sympy = self.n_z3 = self.n_cases = self.n_mp = self.n_counter = 0
-        self.refuted: dict[str, int] = {}     # false-statement name -> number of counterexamples found
-        self.z3_refuted: dict[str, bool] = {}
-
-    def sympy_zero(self, name, expr):
-        self.n_sympy += 1
-        if sp.simplify(expr) != 0:
-            self.fails.append(f"sympy: {name}")
-
-    def sympy_true(self, name, cond):
-        self.n_sympy += 1
-        if not cond:
-            self.fails.append(f"sympy: {name}")
-
-    def z3_proves(self, name, hyps, claim):
-        self.n_z3 += 1
-        s = z3.Solver()
-        s.set("timeout", Z3_TIMEOUT_MS)
-        s.add(*hyps)
-        s.add(z3.Not(claim))
-        r = s.check()
-        if r != z3.unsat:
-            self.fails.append(f"z3: {name} ({r})")
-
-    def z3_refutes(self, name, hyps, false_claim):
-        s = z3.Solver()
-        s.set("timeout", Z3_TIMEOUT_MS)
-        s.add(*hyps)
-        s.add(z3.Not(false_claim))
-        self.z3_refuted[name] = s.check() == z3.sat
-
-    def holds(self, name, ok, detail=""):
-        if not ok:
-            self.n_counter += 1
-            if self.n_counter <= 20:
-                self.fails.append(f"counterexample to {name}: {str(detail)[:400]}")
-
-    def false_stmt(self, name, holds_here):
-        self.refuted.setdefault(name, 0)
-        if not holds_here:
-            self.refuted[name] += 1
-
-    def ok(self):
-        return (not self.fails and all(v > 0 for v in self.refuted.values())
-                and all(self.z3_refuted.values()))
-
-    def line(self, title, fname):
-        ref = ", ".join(f"{k}: {v}" for k, v in self.refuted.items())
-        zr = ", ".join(f"{k}: {'sat' if v else 'NOT refuted'}" for k, v in self.z3_refuted.items())
-        status = "PROVED/CHECKED" if self.ok() else "FAILED"
-        s = (f"{title} [{fname}]: {status}; sympy {self.n_sympy}, z3 {self.n_z3} (unsat), "
-             f"{self.n_cases} exact cases + {self.n_mp} mpmath cases, {len(self.fails)} failures "
-             f"({self.n_counter} counterexamples); "
-             f"strengthened false statements refuted -- z3 {{{zr}}}, counterexamples {{{ref}}}")
-        return s
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+from _tally import Tally, zabs, zreals  # noqa: E402
 
 
-def zabs(x):
-    return z3.If(x >= 0, x, -x)
 
 
 def zpos(x):
     return z3.If(x >= 0, x, 0)
 
-
-def zreals(prefix, n):
-    return list(z3.Reals(" ".join(f"{prefix}{i}" for i in range(n))))
 
 
 def Q(x):
@@ -1308,17 +1245,17 @@ def main() -> int:
     results = []
     T1 = check_L1_ratio(cases, mp_cases)
     print(T1.line("L1 ratio rho_t in [e^(delta_t-max), e^(delta_t-min)] c [e^-r, e^r], |rho-1| <= e^(m_t+M)-1",
-                  "check_L1_ratio"))
+                  "check_L1_ratio", mpmath_cases=True))
     results.append(T1)
     T2 = check_L2_tv(cases, mp_cases)
-    print(T2.line("L2 TV <= tanh(r/4) <= r/4", "check_L2_tv"))
+    print(T2.line("L2 TV <= tanh(r/4) <= r/4", "check_L2_tv", mpmath_cases=True))
     results.append(T2)
     T3, T3p = check_L3_output(rng, cases[: 2000])
-    print(T3.line("L3 output bound (plan time)", "check_L3_output"))
-    print(T3p.line("L3' output bound (run time)", "check_L3_output"))
+    print(T3.line("L3 output bound (plan time)", "check_L3_output", mpmath_cases=True))
+    print(T3p.line("L3' output bound (run time)", "check_L3_output", mpmath_cases=True))
     results += [T3, T3p]
     T4 = check_L4_logits(rng, 2000)
-    print(T4.line("L4 logit perturbation (C-S, block Hölder, shift invariance)", "check_L4_logits"))
+    print(T4.line("L4 logit perturbation (C-S, block Hölder, shift invariance)", "check_L4_logits", mpmath_cases=True))
     results.append(T4)
     T5, st = check_L5_runtime_ratio(random.Random(SEED + 5))
     r1, r2 = (sorted(st[k]) for k in ("first", "full"))
