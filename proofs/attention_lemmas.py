@@ -1260,7 +1260,7 @@ def main() -> int:
     T5, st = check_L5_runtime_ratio(random.Random(SEED + 5))
     r1, r2 = (sorted(st[k]) for k in ("first", "full"))
     print(T5.line("L5 per-position ratio (run time): alpha_t/alpha~_t in [e^-m_t/U, e^m_t/L], |alpha~-alpha| <= "
-                  "alpha~ kappa, output bound, kappa <= e^(m_t+M)-1", "check_L5_runtime_ratio")
+                  "alpha~ kappa, output bound, kappa <= e^(m_t+M)-1", "check_L5_runtime_ratio", mpmath_cases=True)
           + f"; dominant position + huge-m tiny-alpha~ ({len(r1)} cases, alpha~_u e^m_u <= 1e-6): L5 term / L1 "
           f"(e^(2M)-1) term max {mp.nstr(r1[-1], 3)} median {mp.nstr(r1[len(r1) // 2], 3)}, L5 term / L3' (r = 2M) "
           f"term max {mp.nstr(r2[-1], 3)} median {mp.nstr(r2[len(r2) // 2], 3)}")
