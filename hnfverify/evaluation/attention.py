@@ -160,7 +160,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
     rules = plan_rules(plan)
     from ..core.planview import view as _view
 
-    onorm = {(h.layer, h.head): float_up(h.o_proj_norm) for h in _view(plan).heads()}
+    onorm = [[float_up(h.o_proj_norm) for h in la.heads] for la in _view(plan).layers]
     sel_cache: dict = {}
     runtime = plan["rule"].get("error_norms") == "u8log"
 
@@ -179,7 +179,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
         stats.kv[li] = (key.detach(), value.detach())
         n_sc = max(t_len - prefix, 0)
         delta = torch.zeros(b, n_sc, hq, d, dtype=torch.float64)            # o~ - o per scored query
-        inj = torch.zeros(b, n_sc, dtype=torch.float64)
+        rt_all = torch.zeros(b, hq, n_sc, dtype=torch.float64)              # run-time bound per query head
         for bi in range(b):
             for h in range(hkv):
                 krule, vrule = rules[(li, h)]
@@ -189,7 +189,6 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                 bound = bounds[(li, h)]
                 worst = torch.zeros(max(t_len - prefix, 0), dtype=torch.float64)
                 rt_worst, rt_err = torch.zeros_like(worst), torch.zeros_like(worst)
-                rt_sq = torch.zeros_like(worst)
                 if runtime and t_len > prefix:
                     ar = torch.arange(t_len)
                     dk_m = version_norms(kx, kvers, krule)[selk[prefix:].long(), ar]      # (n, T)
@@ -235,11 +234,9 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                             slack = 1e-12 * (1.0 + float(vx.norm(dim=-1).max()))
                             stats.rt_violations += int((err64 > rb + slack).sum())
                             rt_worst = torch.maximum(rt_worst, rb)
-                            rt_sq = rt_sq + rb * rb
+                            rt_all[bi, h * g + gi] = rb
                             rt_err = torch.maximum(rt_err, err64)
                 if t_len > prefix:
-                    if runtime:
-                        inj[bi] += onorm[(li, h)] * torch.sqrt(rt_sq) * (1 + 1e-12)
                     stats.head_max[(li, h)] = max(stats.head_max.get((li, h), 0.0), float(worst.max()))
                     stats.checked += worst.numel()
                     stats.violations += int((worst > bound).sum())
@@ -259,7 +256,9 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
             e = delta.reshape(b, n_sc, hq * d) @ w_o.T
             stats.inj_act[li] = (e * e).sum(-1).amax(0)                      # (n,) per scored position
             if runtime:
-                stats.inj_rt[li] = inj.amax(0)
+                from ..kv.certify import injected_bounds
+
+                stats.inj_rt[li] = injected_bounds(rt_all, onorm[li]).amax(0)
         return out, None
 
     with routed_attention(model, attn, prefix="hnfverify_plan"):

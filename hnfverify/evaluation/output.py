@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-FLOAT_ALLOWANCE = 1e-4
+from ..kv.certify import FLOAT_ALLOWANCE, logit_bounds
 
 
 @dataclass
@@ -56,10 +56,7 @@ def add_window(acc: OutputAcc, out: dict, lr, lq, zr, zq, stats, prefix: int, t_
     if stats.inj_rt:
         c = torch.stack([torch.cumsum(stats.inj_rt[li] ** 2, 0) for li in layers])     # (L, n)
         c = torch.cat([torch.zeros(len(layers), 1, dtype=torch.float64), c[:, :n - 1]], 1)  # logits at p see s <= p
-        s = torch.tensor(out["suffix"], dtype=torch.float64)[:, None]
-        phi = (s * c.sqrt()).sum(0) + out["remainder"] / 2 * c.sum(0)
-        phi = torch.where(c.sum(0) <= out["radius"] ** 2, phi * (1 + 1e-12), torch.full_like(phi, math.inf))
-        acc.z_rt.append(out["gain"] * phi)
+        acc.z_rt.append(logit_bounds(c, out))
     # the measured assumptions themselves, with the actual injected errors
     sq = [float(stats.inj_act[li].sum()) for li in layers]
     if sum(sq) > out["radius"] ** 2:

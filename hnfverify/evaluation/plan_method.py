@@ -5,6 +5,7 @@ from __future__ import annotations
 from .attention import head_bounds, plan_attention
 from .accounting import accounting_units, accounted_bytes, real_cache_bytes
 from .method import Method
+from ..kv.certify import output_inputs
 
 
 def plan_method(name: str, plan: dict) -> Method:
@@ -25,27 +26,3 @@ def plan_method(name: str, plan: dict) -> Method:
                   accounted=lambda window_stats, n: accounted_bytes(units, plan["shape"]["head_dim"], n, nb),
                   output=output_inputs(plan))
 
-
-def output_inputs(plan: dict) -> dict | None:
-    """The suffix form's S_l, K, rho, Gamma and the plan's logit / KL bounds as floats rounded up (rho down);
-    None with the product form."""
-    from fractions import Fraction
-
-    from ..core.bound import plan_bounds
-    from ..core.planview import view
-    from .attention import float_up
-
-    pv = view(plan)
-    comp = pv.composition
-    if comp.form != "suffix":
-        return None
-    pb = plan_bounds(pv)
-    big = Fraction(10) ** 300
-
-    def up(x):
-        return float("inf") if x > big else float_up(x)
-
-    rho = float(comp.radius)
-    rho = rho if Fraction(rho) <= comp.radius else float(__import__("numpy").nextafter(rho, 0))
-    return {"suffix": [float_up(la.suffix) for la in pv.layers], "remainder": float_up(comp.remainder),
-            "radius": rho, "gain": float_up(comp.logit_gain), "logit_bound": up(pb.logit), "kl_bound": up(pb.kl)}

@@ -186,6 +186,54 @@ def certify(model, cache, keep_queries: bool = False, observer=None):
         yield cert
 
 
+def output_inputs(plan: dict) -> dict | None:
+    """The suffix form's S_l, K, rho, Gamma and the plan's logit / KL bounds as floats rounded up (rho down);
+    None with the product form."""
+    from fractions import Fraction
+
+    from ..core.bound import plan_bounds
+    from ..core.planview import view
+    from ..evaluation.attention import float_up
+
+    pv = view(plan)
+    comp = pv.composition
+    if comp.form != "suffix":
+        return None
+    pb = plan_bounds(pv)
+    big = Fraction(10) ** 300
+
+    def up(x):
+        return float("inf") if x > big else float_up(x)
+
+    rho = float(comp.radius)
+    rho = rho if Fraction(rho) <= comp.radius else float(__import__("numpy").nextafter(rho, 0))
+    return {"suffix": [float_up(la.suffix) for la in pv.layers], "remainder": float_up(comp.remainder),
+            "radius": rho, "gain": float_up(comp.logit_gain), "logit_bound": up(pb.logit), "kl_bound": up(pb.kl)}
+
+
+#: a stated allowance for the float32 kernels two runs use (the bounds are of exact arithmetic, docs/design.md
+#: §2.6): comparisons of a logit bound with what happens add FLOAT_ALLOWANCE * (1 + max_i |z~_i|) to it
+FLOAT_ALLOWANCE = 1e-4
+
+
+def injected_bounds(bounds: torch.Tensor, onorm: list) -> torch.Tensor:
+    """b_(l,s) = sum_h ||W_o[:, group h]|| sqrt(sum_(j in h) bound_j(s)^2) >= ||e_l(s)|| (docs/design.md §2.6):
+    bounds (B, Hq, n) per query head, onorm per KV head (floats rounded up) -> (B, n)."""
+    g = bounds.shape[1] // len(onorm)
+    b = sum(o * torch.sqrt((bounds[:, h * g:(h + 1) * g] ** 2).sum(1)) for h, o in enumerate(onorm))
+    return b * (1 + 1e-12)
+
+
+def logit_bounds(c: torch.Tensor, out: dict) -> torch.Tensor:
+    """Z_t = Gamma Phi_t, Phi_t = sum_l S_l sqrt(C_l(t)) + (K/2) sum_l C_l(t), +inf where sum_l C_l(t) > rho^2
+    (docs/design.md §2.6): c (L, ...) float64 cumulative squared injected bounds -> (...)."""
+    s = torch.tensor(out["suffix"], dtype=torch.float64).reshape((-1,) + (1,) * (c.dim() - 1))
+    tot = c.sum(0)
+    phi = (s * c.sqrt()).sum(0) + out["remainder"] / 2 * tot
+    z = out["gain"] * phi * (1 + 1e-12)
+    return torch.where(tot <= out["radius"] ** 2, z, torch.full_like(z, float("inf")))
+
+
 def greedy_certificate(cert: "Certifier", plan: dict, step_logits: list, chosen: list) -> dict | None:
     """Per generated token, the run-time claim of docs/design.md §2.6: with b_(l,s) = sum_h ||W_o[:, group h]||
     sqrt(sum_(j in h) bound_j(s)^2) from the certified per-query bounds (``certify(..., keep_queries=True)``),
@@ -194,39 +242,22 @@ def greedy_certificate(cert: "Certifier", plan: dict, step_logits: list, chosen:
     the full-precision cache" when the quantized logits' margin (top minus second) > Z_t. The measured
     assumptions S_l, K, Gamma are the plan's (listed in it). ``step_logits``: per forward pass the (1, V)
     logits of its last position; ``chosen``: the token taken. None with the product form."""
-    import math
-
     from ..core.planview import view
-    from ..evaluation.plan_method import output_inputs
     from ..evaluation.attention import float_up
 
     out = output_inputs(plan)
     if out is None or len(cert.queries) != len(step_logits):
         return None
     pv = view(plan)
-    onorm = {(h.layer, h.head): float_up(h.o_proj_norm) for h in pv.heads()}
-    n_l = len(pv.layers)
-    n_kv = len(pv.layers[0].heads)
-    c = torch.zeros(n_l, dtype=torch.float64)
+    onorm = [[float_up(h.o_proj_norm) for h in la.heads] for la in pv.layers]
+    c = torch.zeros(len(pv.layers), dtype=torch.float64)
     z_all, cert_flags, margins = [], [], []
     for qb, logits in zip(cert.queries, step_logits):
-        for li in range(n_l):
-            b = qb.get(li)
-            if b is None:
-                continue
-            g = b.shape[1] // n_kv
-            per_pos = sum(onorm[(li, h)] * torch.sqrt((b[0, h * g:(h + 1) * g] ** 2).sum(0)) for h in range(n_kv))
-            c[li] += float(((per_pos * (1 + 1e-12)) ** 2).sum())
-        tot = float(c.sum())
-        if tot <= out["radius"] ** 2:
-            phi = sum(s * math.sqrt(float(x)) for s, x in zip(out["suffix"], c)) + out["remainder"] / 2 * tot
-            z = out["gain"] * phi * (1 + 1e-12)
-        else:
-            z = math.inf
+        for li, b in qb.items():
+            c[li] += float((injected_bounds(b[:1], onorm[li]) ** 2).sum())
         top2 = logits[0].double().topk(2).values
         m = float(top2[0] - top2[1])
-        # a stated allowance for float32 kernels (hnfverify.evaluation.output.FLOAT_ALLOWANCE): the bound is exact
-        z = z + 1e-4 * (1 + float(logits[0].double().abs().max()))
+        z = float(logit_bounds(c, out)) + FLOAT_ALLOWANCE * (1 + float(logits[0].double().abs().max()))
         z_all.append(z)
         margins.append(m)
         cert_flags.append(m > z)

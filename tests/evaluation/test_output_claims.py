@@ -3,24 +3,17 @@ plan-time and run-time logit / KL bound holds on every token, no certified greed
 measured suffix assumptions are checked with the actual injected errors."""
 
 import pytest
-import torch
 
-from hnfverify.analysis.analyzer import AnalysisOptions, analyze
 from hnfverify.evaluation import evaluate
 from hnfverify.models import tiny_model
-from hnfverify.planning import PlanRequest, plan_from_report
-from hnfverify.texts import TokenWindows
+from hnfverify.planning import PlanRequest
+from tests.helpers import tiny_plan
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int4_t16"])
 def test_output_claims_hold_on_every_token(fmt):
     lm = tiny_model("tiny-llama")
-    wins = TokenWindows("random", "file", torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(5)).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=8, suffix_tokens=32))
-    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
-               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
-               "arrays": {"sha256": "0" * 64}}
-    plan = plan_from_report(summary, res.arrays, PlanRequest(uniform=fmt, sink=4, recent=16))
+    plan = tiny_plan(lm, PlanRequest(uniform=fmt, sink=4, recent=16), window=96, suffix_iters=8, suffix_tokens=32)
     r = evaluate(lm, plan, "prose", windows=2, prefix=48, scored=48)
     o = r["output"]
     assert o is not None and o["tokens"] == 96 and r["end_to_end_form"] == "suffix"

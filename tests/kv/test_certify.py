@@ -237,19 +237,6 @@ def test_evaluation_reads_the_norms_the_cache_records(spec, s, r):
                     assert torch.equal(got[0, h], want), (spec, li, h, kv, i, float((got[0, h] - want).abs().max()))
 
 
-def _uniform_plan(lm, fmt):
-    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
-    from hnfverify.planning import PlanRequest, plan_from_report
-    from hnfverify.texts import TokenWindows
-
-    wins = TokenWindows("random", "file", torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=8, suffix_tokens=16))
-    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
-               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
-               "arrays": {"sha256": "0" * 64}}
-    return plan_from_report(summary, res.arrays, PlanRequest(uniform=fmt, sink=4, recent=16))
-
-
 @pytest.mark.parametrize("fmt", ["fp16", "int8_t16", "int4_t16"])
 def test_greedy_certificate_never_certifies_a_token_that_changed(fmt):
     """docs/design.md §2.6 at run time: every token certified "the same greedy token as the full-precision
@@ -257,9 +244,11 @@ def test_greedy_certificate_never_certifies_a_token_that_changed(fmt):
     exactly) is certified whenever its margin beats the float allowance."""
     from hnfverify.kv.certify import greedy_certificate
     from hnfverify.models import tiny_model
+    from hnfverify.planning import PlanRequest
+    from tests.helpers import tiny_plan
 
     lm = tiny_model("tiny-llama")
-    plan = _uniform_plan(lm, fmt)
+    plan = tiny_plan(lm, PlanRequest(uniform=fmt, sink=4, recent=16), suffix_iters=8, suffix_tokens=16)
     assert plan["composition"]["form"] == "suffix"
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(8))
     cache = MixedPrecisionCache.from_plan(plan, lm.model)

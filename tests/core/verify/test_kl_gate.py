@@ -110,22 +110,14 @@ def test_a_plan_whose_logit_gain_understates_the_lm_head_is_refused_with_the_mod
     """Gamma is a property of the weights (docs/design.md §2.6): eval, generate and the cache recompute it."""
     import copy as _copy
 
-    import torch
-
-    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
     from hnfverify.errors import InvalidArgument
     from hnfverify.models import check_plan_matches_model, tiny_model
-    from hnfverify.planning import PlanRequest, plan_from_report
-    from hnfverify.texts import TokenWindows
+    from hnfverify.planning import PlanRequest
+    from tests.helpers import tiny_plan
 
     lm = tiny_model("tiny-llama")
-    wins = TokenWindows("random", "file", torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(5)).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=2, suffix_tokens=8))
-    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
-               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
-               "arrays": {"sha256": "0" * 64}}
-    summary["model"]["weights_sha256"] = res.meta["weights_sha256"]
-    plan = plan_from_report(summary, res.arrays, PlanRequest(uniform="fp16", sink=4, recent=16))
+    plan = tiny_plan(lm, PlanRequest(uniform="fp16", sink=4, recent=16), windows=1, window=32, lipschitz_iters=1,
+                     suffix_iters=2, suffix_tokens=8)
     check_plan_matches_model(plan, lm.model)
     bad = _copy.deepcopy(plan)
     g = Fraction(bad["composition"]["logit_gain"]["value"]) / 2
