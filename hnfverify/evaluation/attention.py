@@ -163,6 +163,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
     onorm = [[float_up(h.o_proj_norm) for h in la.heads] for la in _view(plan).layers]
     sel_cache: dict = {}
     runtime = plan["rule"].get("error_norms") == "u8log"
+    output = plan["composition"]["form"] == "suffix"        # the injected errors feed the output claims (§2.6)
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from ..analysis.analyzer import attention_bias, refuse_unimplemented_attention
@@ -178,7 +179,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
         bias = attention_bias(attention_mask, query, key, module)          # (B|1, Hq|1, T, T) float32
         stats.kv[li] = (key.detach(), value.detach())
         n_sc = max(t_len - prefix, 0)
-        delta = torch.zeros(b, n_sc, hq, d, dtype=torch.float64)            # o~ - o per scored query
+        delta = torch.zeros(b, n_sc if output else 0, hq, d, dtype=torch.float64)  # o~ - o per scored query
         rt_all = torch.zeros(b, hq, n_sc, dtype=torch.float64)              # run-time bound per query head
         for bi in range(b):
             for h in range(hkv):
@@ -211,7 +212,8 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         qs = qh[prefix:].double()
                         se = tau * (qs @ kx.double().T) + mb[prefix:].double()
                         oe = torch.softmax(se, dim=-1) @ vx.double()
-                        delta[bi, :, h * g + gi] = o[prefix:].double() - oe
+                        if output:
+                            delta[bi, :, h * g + gi] = o[prefix:].double() - oe
                         err = (o[prefix:].double() - oe).norm(dim=-1)
                         worst = torch.maximum(worst, err)
                         if runtime:
@@ -249,7 +251,7 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
                         pos = rt_err > 1e-12
                         if pos.any():
                             stats.rt_ratios.append((rt_worst[pos] / rt_err[pos]).log10())
-        if n_sc:
+        if n_sc and output:
             from ..analysis.instrument import output_projection
 
             w_o = output_projection(module).weight.detach().double()          # (D, Hq d)
