@@ -1,4 +1,4 @@
-"""MixedPrecisionCache: a transformers ``Cache`` that stores exactly what a plan says.
+"""MixedPrecisionCache: a transformers ``Cache`` that stores exactly what a plan says, laid out for speed.
 
 Per layer, KV head and K|V the stream is laid out as docs/design.md §4 defines (``hnfverify.core.semantics``,
 the definition the checker's obligations cover): positions t < S in the sink format; the recent
@@ -12,6 +12,12 @@ With the plan's ``error_norms`` each stream also records, per position, a one-by
 stored value's error norm (``hnfverify.kv.norms``, docs/design.md §4.1), counted in ``nbytes()``;
 ``hnfverify.kv.certify`` turns them into a certified attention-error bound at every step.
 
+The layout (docs/design.md §4.2): the streams of a layer whose layouts move together (same S, R and
+rest channel group) form a *lane*; within a lane, the streams that share a segment's format share one
+preallocated packed buffer (:class:`_Buf`: appends and evictions write in place, capacity grows by
+half). A step dequantizes each buffer once, straight into the layer's output tensor: a handful of
+tensor ops per (layer, format) instead of per (layer, head, K|V, segment, channel group).
+
     cache = MixedPrecisionCache.from_plan(plan, model)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
 """
@@ -22,149 +28,274 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import InvalidArgument
-from ..core.semantics import StreamRule, channel_groups, layout
+from ..core.semantics import SEGMENTS, StreamRule, channel_groups, layout
 from . import norms
-from .quant import Packed, dequantize, quantize
+from .quant import Packed, dequantize, dequantize_into, quantize_values
+
+_MIN_CAP = 16
 
 
-def _cat_packed(parts: list) -> Packed | None:
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    f = parts[0].fmt
-    shape = list(parts[0].shape)
-    shape[-2] = sum(p.shape[-2] for p in parts)
-    dim = -3 if f.granularity == "channel" else -2      # channel data: (..., groups, d, packed group)
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=dim)  # noqa: E731
-    return Packed(f, tuple(shape), cat([p.data for p in parts]), cat([p.scale for p in parts]),
-                  cat([p.zero for p in parts]))
+class _Buf:
+    """Tensors of several streams that share axis 2 (tokens, or channel groups), live in [lo, hi) of it.
+
+    ``append`` writes in place; ``drop_front`` moves ``lo``; when the end of the capacity is reached the
+    live part moves to the front if that frees at least half, else the capacity grows by half. A buffer
+    whose live part fell below a quarter of its capacity is shrunk (a prefill's recent copies leave it)."""
+
+    __slots__ = ("ts", "lo", "hi")
+
+    def __init__(self):
+        self.ts: tuple | None = None
+        self.lo = self.hi = 0
+
+    @property
+    def n(self) -> int:
+        return self.hi - self.lo
+
+    def _cap(self) -> int:
+        return 0 if self.ts is None else next(t for t in self.ts if t is not None).shape[2]
+
+    def _realloc(self, cap: int) -> None:
+        live = [None if t is None else t[:, :, self.lo:self.hi] for t in self.ts]
+        new = []
+        for t, lv in zip(self.ts, live):
+            if t is None:
+                new.append(None)
+                continue
+            u = t.new_empty(t.shape[:2] + (cap,) + t.shape[3:])
+            u[:, :, :self.n] = lv
+            new.append(u)
+        self.ts, self.hi, self.lo = tuple(new), self.n, 0
+
+    def append(self, parts: tuple) -> None:
+        """parts: tensors (B, h, m, ...) (None where the format has no such tensor)."""
+        ref = next(p for p in parts if p is not None)
+        m = ref.shape[2]
+        if m == 0:
+            return
+        if self.ts is None:
+            self.ts = tuple(None if p is None else p.new_empty(p.shape[:2] + (max(m, _MIN_CAP),) + p.shape[3:])
+                            for p in parts)
+            self.lo = self.hi = 0
+        cap = self._cap()
+        if self.hi + m > cap:
+            need = self.n + m
+            self._realloc(cap if 2 * need <= cap else max(need, cap + cap // 2))
+        for t, p in zip(self.ts, parts):
+            if t is not None:
+                t[:, :, self.hi:self.hi + m] = p
+        self.hi += m
+
+    def view(self, a: int = 0, b: int | None = None) -> tuple:
+        """The live tensors' slice [a, b) (live coordinates)."""
+        b = self.n if b is None else b
+        return tuple(None if t is None else t[:, :, self.lo + a:self.lo + b] for t in self.ts)
+
+    def drop_front(self, m: int) -> None:
+        self.lo += m
+        if self.lo >= self.hi:
+            self.lo = self.hi = 0
+        if self.ts is not None and self._cap() > 4 * max(self.n, _MIN_CAP):
+            self._realloc(2 * max(self.n, _MIN_CAP))
+
+    def truncate(self, m: int) -> None:
+        """Keep the first m live entries."""
+        if m <= 0:
+            self.lo = self.hi = 0
+        elif m < self.n:
+            self.hi = self.lo + m
+
+    def reorder(self, idx: torch.Tensor) -> None:
+        if self.ts is None:
+            return
+        self.ts = tuple(None if t is None else t[:, :, self.lo:self.hi].index_select(0, idx.to(t.device))
+                        for t in self.ts)
+        self.lo, self.hi = 0, self.n
+
+    def capacity_nbytes(self) -> int:
+        return 0 if self.ts is None else sum(t.numel() * t.element_size() for t in self.ts if t is not None)
+
+    def nbytes(self) -> int:
+        if self.ts is None or not self.n:
+            return 0
+        total = 0
+        for t in self.ts:
+            if t is not None:
+                total += t[:, :, :1].numel() * self.n * t.element_size()
+        return total
 
 
-def _slice_packed(p: Packed | None, a: int, b: int) -> Packed | None:
-    """Token slice [a, b) of a per-token packed tensor (token and float formats only)."""
-    if p is None or b <= a:
-        return None
-    shape = list(p.shape)
-    shape[-2] = b - a
-    sl = lambda t: None if t is None else t[..., a:b, :]  # noqa: E731
-    return Packed(p.fmt, tuple(shape), sl(p.data), sl(p.scale), sl(p.zero))
+def _index(ids: list):
+    """A slice where the ids are consecutive (a view), else a LongTensor."""
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return torch.tensor(ids, dtype=torch.long)
 
 
-def _select(p: Packed | None, idx: torch.Tensor) -> Packed | None:
-    if p is None:
-        return None
-    sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
-    return Packed(p.fmt, p.shape, sel(p.data), sel(p.scale), sel(p.zero))
+def _take(x: torch.Tensor, idx) -> torch.Tensor:
+    return x if idx is None else (x[:, idx] if isinstance(idx, slice) else x.index_select(1, idx))
 
 
-class _Stream:
-    """One (layer, KV head, K|V), stored as docs/design.md §4 lays it out (``hnfverify.core.semantics``).
+def _rows_by_layer(ids: list, per_layer: int, layers: list) -> dict:
+    """For sorted row ids (k * per_layer + stream for the k-th layer in ``layers``): layer -> (slice of the
+    rows holding its streams, their stream ids within the layer as a slice or LongTensor)."""
+    out: dict = {}
+    for row, i in enumerate(ids):
+        out.setdefault(layers[i // per_layer], []).append((row, i % per_layer))
+    return {li: (slice(rs[0][0], rs[-1][0] + 1), _index([j for _, j in rs])) for li, rs in out.items()}
 
-    Storage, in position order, all (B, n, d): ``sink`` packed chunks [0, S); ``rest`` packed (one
-    per-token tensor, or one entry per channel group) [S, rest_end); ``pending`` FP32 [rest_end,
-    recent_start) (recent values whose channel group is incomplete; exact values when R = 0);
-    ``recent`` packed [recent_start, length). ``oldest`` is the query the layout was made for.
-    ``codes`` (B, length) uint8:
-    the recorded error norms in position order (None when the plan records none).
-    """
 
-    def __init__(self, rule: StreamRule, record: bool = False):
-        self.rule = rule
-        self.record = record
-        self.codes: torch.Tensor | None = None
-        self.sink: list = []
-        self.rest: list = []
-        self.rest_end = 0
-        self.pending: torch.Tensor | None = None
-        self.recent: Packed | None = None
-        self.recent_start = 0
-        self.length = 0
-        self.oldest = 0
+class _Group:
+    """The streams of one lane that store one segment in one format: one buffer (B, rows, cap, ...), the
+    rows in global stream order. ``sub``: their rows in the lane (None: all of it); ``rows``: layer ->
+    (its rows here, its stream ids)."""
+
+    __slots__ = ("fmt", "sub", "rows", "d", "buf", "partial")
+
+    def __init__(self, fmt, sub, rows: dict, d: int):
+        self.fmt, self.sub, self.rows, self.d = fmt, sub, rows, d
+        self.buf = _Buf()
+        self.partial: Packed | None = None     # a channel rest's first group, when it starts late at S
+
+    def packed(self, a: int = 0, b: int | None = None, rows: slice | None = None) -> Packed:
+        data, scale, zero = self.buf.view(a, b)
+        if rows is not None:
+            data, scale, zero = (None if t is None else t[:, rows] for t in (data, scale, zero))
+        if self.fmt.granularity == "channel":     # data (B, h, groups, d, packed group)
+            shape = (data.shape[0], data.shape[1], data.shape[2] * self.fmt.group, data.shape[3])
+        else:                                     # data (B, h, tokens, packed d)
+            shape = (data.shape[0], data.shape[1], data.shape[2], self.d)
+        return Packed(self.fmt, shape, data, scale, zero)
+
+    def partial_rows(self, rows: slice) -> Packed:
+        p = self.partial
+        sel = lambda t: None if t is None else t[:, rows]  # noqa: E731
+        return Packed(p.fmt, (p.shape[0], rows.stop - rows.start) + tuple(p.shape[2:]), sel(p.data), sel(p.scale),
+                      sel(p.zero))
+
+
+class _Lane:
+    """The streams of the model whose layouts move together (docs/design.md §4.2): same sink S, recent R
+    and rest channel group G, from every layer (global ids layer * 2 Hkv + stream, sorted). Positions, in
+    order: sink [0, S), rest [S, rest_end), pending FP32 [rest_end, recent_start), recent [recent_start,
+    length). ``oldest``: the query the layout is for. ``codes`` (B, rows, length) uint8: the recorded
+    error norms (``record``)."""
+
+    def __init__(self, ids: list, rules: list, d: int, per_layer: int, layers: list, record: bool):
+        self.rule: StreamRule = rules[0]
+        self.ids, self.sel, self.record, self.d = ids, _index(ids), record, d
+        self.h = len(ids)
+        self.rows = _rows_by_layer(ids, per_layer, layers)
+        self.groups = {}
+        for seg in SEGMENTS:
+            by_fmt: dict = {}
+            for i, r in enumerate(rules):
+                by_fmt.setdefault(r.formats[seg].name, (r.formats[seg], []))[1].append(i)
+            self.groups[seg] = [
+                _Group(fmt, None if places == list(range(self.h)) else _index(places),
+                       _rows_by_layer([ids[i] for i in places], per_layer, layers), d)
+                for fmt, places in by_fmt.values()]
+        self.pending = _Buf()
+        self.codes = _Buf()
+        self.rest_end = self.recent_start = self.length = self.oldest = 0
+
+    # ---- sizes
+    def _n(self, seg: str) -> int:
+        g = self.groups[seg][0]
+        return g.buf.n * (g.fmt.group if g.fmt.granularity == "channel" else 1) + (
+            g.partial.shape[-2] if g.partial is not None else 0)
 
     # ---- writing
+    def _store(self, seg: str, x: torch.Tensor, group_tokens: int | None = None):
+        """Quantize x (B, h, m, d) into the segment's formats; the float64 (B, h, m) error norms (record)."""
+        err = None
+        if self.record and len(self.groups[seg]) > 1:
+            err = torch.empty(x.shape[:3], dtype=torch.float64)
+        for g in self.groups[seg]:
+            xs = _take(x, g.sub)
+            p, y = quantize_values(xs, g.fmt, group_tokens=group_tokens)
+            if group_tokens is not None and group_tokens < g.fmt.group:
+                assert g.partial is None, "only the rest's first channel group can start late"
+                g.partial = p
+            else:
+                g.buf.append((p.data, p.scale, p.zero))
+            if self.record:
+                e = norms.error_norm(y, xs)
+                if err is None:
+                    err = e
+                elif isinstance(g.sub, slice):
+                    err[:, g.sub] = e
+                else:
+                    err.index_copy_(1, g.sub, e)
+        return err
+
+    def _chain(self, lo: int, stage: torch.Tensor) -> None:
+        if self.record:
+            c = self.codes.view(lo, lo + stage.shape[-1])[0]
+            c.copy_(norms.chained(c, stage))
+
     def append(self, x: torch.Tensor) -> None:
-        """x: (B, n, d), positions length .. length + n - 1 (a chunk; its queries read it exactly)."""
-        n, start, r = x.shape[-2], self.length, self.rule
+        """x: (B, h, n, d) float32, positions length .. length + n - 1 (a chunk; its queries read it exactly)."""
+        n, start, r = x.shape[2], self.length, self.rule
         n_sink = max(0, min(n, r.sink - start))
-        codes = []
+        errs = []
         if n_sink:
-            p = quantize(x[:, :n_sink], r.formats["sink"])
-            self.sink.append(p)
-            codes.append(self._codes_of(p, x[:, :n_sink]))
-        tail = x[:, n_sink:]
-        if tail.shape[-2]:
-            if self.recent is None and self.pending is None and not self.rest:
+            errs.append(self._store("sink", x[:, :, :n_sink]))
+        tail = x[:, :, n_sink:]
+        if tail.shape[2]:
+            if self._n("recent") == 0 and self.pending.n == 0 and self._n("rest") == 0:
                 self.rest_end = self.recent_start = start + n_sink
             if r.recent > 0:
-                p = quantize(tail, r.formats["recent"])
-                self.recent = _cat_packed([self.recent, p])
-                codes.append(self._codes_of(p, tail))
-            elif r.channel_group is None:          # R = 0: straight to the per-token rest format
-                p = quantize(tail, r.formats["rest"])
-                self._add_rest(p)
+                errs.append(self._store("recent", tail))
+            elif r.channel_group is None:           # R = 0: straight to the per-token rest format
+                errs.append(self._store("rest", tail))
                 self.rest_end = self.recent_start = start + n
-                codes.append(self._codes_of(p, tail))
-            else:                                  # R = 0: exact until the channel group is complete
-                self.pending = tail.clone() if self.pending is None else torch.cat([self.pending, tail], dim=-2)
+            else:                                   # R = 0: exact until the channel group is complete
+                self.pending.append((tail,))
                 self.recent_start = start + n
-                codes.append(self._codes_of(None, tail))
+                if self.record:
+                    errs.append(torch.zeros(tail.shape[:3], dtype=torch.float64))
         if self.record:
-            self.codes = torch.cat(([self.codes] if self.codes is not None else []) + codes, dim=-1)
+            e = errs[0] if len(errs) == 1 else torch.cat(errs, dim=-1)
+            self.codes.append((norms.encode_up(e),))
         self.length += n
 
-    def _codes_of(self, p: Packed | None, x: torch.Tensor) -> torch.Tensor | None:
-        """Codes of the error norms of x stored as p (None: kept exact)."""
-        if not self.record:
-            return None
-        if p is None:
-            return torch.zeros(x.shape[:-1], dtype=torch.uint8)
-        return norms.encode_up(norms.error_norm(dequantize(p), x))
-
-    def _requantized(self, p: Packed, before: torch.Tensor, lo: int) -> None:
-        """Positions lo.. (as many as ``before`` holds) re-stored as p from their stored values ``before``."""
-        if self.record:
-            n = before.shape[-2]
-            stage = norms.error_norm(dequantize(p), before)
-            self.codes[:, lo:lo + n] = norms.chained(self.codes[:, lo:lo + n], stage)
-
     def relayout(self, oldest: int) -> None:
-        """Lay the stream out for queries >= ``oldest`` (docs/design.md §4): positions with
-        oldest - t >= R leave the recent window; complete channel groups are quantized to the rest."""
-        lay = layout(self.rule, oldest)
-        self.oldest = oldest
-        if self.length <= self.rule.sink:
-            return
+        """Lay the lane out for queries >= ``oldest`` (docs/design.md §4): positions with oldest - t >= R
+        leave the recent window; complete channel groups are quantized to the rest."""
         r = self.rule
-        n_out = lay.recent_start - self.recent_start
-        if r.recent > 0 and n_out > 0 and self.recent is not None:
-            leaving = dequantize(_slice_packed(self.recent, 0, n_out))
-            self.recent = _slice_packed(self.recent, n_out, self.recent.shape[-2])
-            self.recent_start += n_out
-            self.pending = leaving if self.pending is None else torch.cat([self.pending, leaving], dim=-2)
-        if self.pending is None or lay.rest_end <= self.rest_end:
+        lay = layout(r, oldest)
+        self.oldest = oldest
+        if self.length <= r.sink:
             return
-        f = r.formats["rest"]
+        n_out = lay.recent_start - self.recent_start
+        leaving = None
+        if r.recent > 0 and n_out > 0 and self._n("recent"):
+            leaving = self._read("recent", 0, n_out)
+            for g in self.groups["recent"]:
+                g.buf.drop_front(n_out)
+            self.recent_start += n_out
+            if r.channel_group is not None or self.pending.n or lay.rest_end <= self.rest_end:
+                self.pending.append((leaving,))
+                leaving = None                      # else: per-token rest, quantized below without a copy
+        if leaving is None and (self.pending.n == 0 or lay.rest_end <= self.rest_end):
+            return
         if r.channel_group is None:
-            p = quantize(self.pending, f)
-            self._add_rest(p)
-            self._requantized(p, self.pending, self.rest_end)
-            self.rest_end += self.pending.shape[-2]
-            self.pending = None
+            pend = leaving if leaving is not None else self.pending.view()[0]
+            m = pend.shape[2]
+            stage = self._store("rest", pend)
+            if self.record:
+                self._chain(self.rest_end, stage)
+            self.rest_end += m
+            self.pending.truncate(0)
             return
         for size in channel_groups(r, self.rest_end, lay.rest_end):
-            p = quantize(self.pending[:, :size], f, group_tokens=size)
-            self.rest.append(p)
-            self._requantized(p, self.pending[:, :size], self.rest_end)
-            self.pending = self.pending[:, size:]
+            chunk = self.pending.view(0, size)[0]
+            stage = self._store("rest", chunk, group_tokens=size)
+            if self.record:
+                self._chain(self.rest_end, stage)
+            self.pending.drop_front(size)
             self.rest_end += size
-        if self.pending.shape[-2] == 0:
-            self.pending = None
-
-    def _add_rest(self, p: Packed) -> None:
-        """Per-token rest formats: one packed tensor (one dequantization per step)."""
-        self.rest = [_cat_packed(self.rest + [p])]
 
     def crop(self, keep: int) -> None:
         """Drop positions >= keep: allowed while they are all still recent (or, with R = 0, pending or in
@@ -177,68 +308,123 @@ class _Stream:
                                   f"crop back to position {self.oldest} or later")
         r = self.rule
         if keep < r.sink:
-            total, kept = 0, []
-            for p in self.sink:
-                n = p.shape[-2]
-                if total + n <= keep:
-                    kept.append(p)
-                elif total < keep:
-                    kept.append(_slice_packed(p, 0, keep - total))
-                total += n
-            self.sink = kept
+            for g in self.groups["sink"]:
+                g.buf.truncate(keep)
         if r.recent > 0:
-            if self.recent is not None:
-                n = keep - self.recent_start
-                self.recent = _slice_packed(self.recent, 0, n) if n > 0 else None
+            for g in self.groups["recent"]:
+                g.buf.truncate(keep - self.recent_start)
         elif r.channel_group is not None:           # R = 0: the chunk's positions are pending, exact
-            if self.pending is not None:
-                n = keep - self.rest_end
-                self.pending = self.pending[:, :n] if n > 0 else None
+            self.pending.truncate(keep - self.rest_end)
             self.recent_start = max(keep, self.rest_end)
         else:                                       # R = 0, per-token rest: stored one by one from S on
-            n = keep - r.sink
-            self.rest = [_slice_packed(self.rest[0], 0, n)] if self.rest and n > 0 else []
+            for g in self.groups["rest"]:
+                g.buf.truncate(keep - r.sink)
             self.rest_end = self.recent_start = max(keep, r.sink)
-        if self.codes is not None:
-            self.codes = self.codes[:, :keep]
+        self.codes.truncate(keep)
         self.length = keep
 
     # ---- reading
-    def materialize(self) -> torch.Tensor:
-        """(B, length, d) float32 in position order: sink, rest, pending, recent."""
-        parts = [dequantize(p) for p in self.sink] + [dequantize(p) for p in self.rest]
-        if self.pending is not None and self.pending.shape[-2]:
-            parts.append(self.pending)
-        if self.recent is not None:
-            parts.append(dequantize(self.recent))
-        return torch.cat(parts, dim=-2)
+    def _read(self, seg: str, a: int, b: int) -> torch.Tensor:
+        """(B, h, b - a, d) float32: live entries [a, b) of a per-token segment, all the lane's streams."""
+        gs = self.groups[seg]
+        if len(gs) == 1:
+            return dequantize(gs[0].packed(a, b))
+        x = None
+        for g in gs:
+            y = dequantize(g.packed(a, b))
+            if x is None:
+                x = y.new_empty(y.shape[0], self.h, y.shape[2], y.shape[3])
+            if isinstance(g.sub, slice):
+                x[:, g.sub] = y
+            else:
+                x.index_copy_(1, g.sub, y)
+        return x
 
-    def nbytes(self) -> int:
-        n = sum(p.nbytes for p in self.sink) + sum(p.nbytes for p in self.rest)
-        if self.recent is not None:
-            n += self.recent.nbytes
-        if self.pending is not None:
-            n += self.pending.numel() * 4
-        if self.codes is not None:
-            n += self.codes.numel()
-        return n
+    def read_into(self, out: torch.Tensor, a: int, li: int) -> None:
+        """Write layer li's stored values of positions [0, a) into out (B, 2 Hkv, >= a, d)."""
+        if li not in self.rows:
+            return
+        r = self.rule
 
-    def error_bounds(self) -> torch.Tensor:
-        """(B, length) float64: upper bounds of ||x~_t - x_t|| as recorded (docs/design.md §4.1)."""
-        return norms.decode(self.codes)
+        def put(idx, lo, p):
+            if isinstance(idx, slice):
+                dequantize_into(p, out[:, idx, lo:lo + p.shape[2]])
+            else:
+                out[:, idx, lo:lo + p.shape[2]] = dequantize(p)
+
+        for g in self.groups["sink"]:
+            n = min(g.buf.n, a)
+            if n and li in g.rows:
+                rows, idx = g.rows[li]
+                put(idx, 0, g.packed(0, n, rows))
+        rest_n = self._n("rest")
+        if rest_n:
+            lo = self.rest_end - rest_n
+            for g in self.groups["rest"]:
+                if li not in g.rows:
+                    continue
+                rows, idx = g.rows[li]
+                if r.channel_group is None:
+                    n = min(g.buf.n, a - lo)
+                    if n > 0:
+                        put(idx, lo, g.packed(0, n, rows))
+                    continue
+                t = lo
+                if g.partial is not None:
+                    put(idx, t, g.partial_rows(rows))
+                    t += g.partial.shape[-2]
+                if g.buf.n:
+                    put(idx, t, g.packed(0, None, rows))
+        n = min(self.pending.n, a - self.rest_end)
+        if n > 0:
+            rows, idx = self.rows[li]
+            out[:, idx, self.rest_end:self.rest_end + n] = self.pending.view(0, n)[0][:, rows]
+        n = min(self._n("recent"), a - self.recent_start)
+        if n > 0:
+            for g in self.groups["recent"]:
+                if li in g.rows:
+                    rows, idx = g.rows[li]
+                    put(idx, self.recent_start, g.packed(0, n, rows))
+
+    def error_bounds_into(self, e: torch.Tensor, li: int) -> None:
+        """e (B, 2 Hkv, n) float64: layer li's decoded codes of positions [0, n) at its streams."""
+        if li in self.rows:
+            rows, idx = self.rows[li]
+            e[:, idx] = norms.decode(self.codes.view(0, e.shape[-1])[0][:, rows])
+
+    def nbytes(self, li: int | None = None) -> int:
+        """Bytes held, all rows or layer li's (every row of a buffer holds the same bytes)."""
+        def share(nb, rows, total_rows):
+            if li is None:
+                return nb
+            if li not in rows:
+                return 0
+            s = rows[li][0]
+            return nb // total_rows * (s.stop - s.start)
+
+        total = share(self.pending.nbytes() + self.codes.nbytes(), self.rows, self.h)
+        for gs in self.groups.values():
+            for g in gs:
+                nrows = sum(s.stop - s.start for s, _ in g.rows.values())
+                total += share(g.buf.nbytes() + (g.partial.nbytes if g.partial is not None else 0), g.rows, nrows)
+        return total
 
     def reorder(self, idx: torch.Tensor) -> None:
-        self.sink = [_select(p, idx) for p in self.sink]
-        self.rest = [_select(p, idx) for p in self.rest]
-        self.recent = _select(self.recent, idx)
-        if self.pending is not None:
-            self.pending = self.pending.index_select(0, idx.to(self.pending.device))
-        if self.codes is not None:
-            self.codes = self.codes.index_select(0, idx.to(self.codes.device))
+        for gs in self.groups.values():
+            for g in gs:
+                g.buf.reorder(idx)
+                if g.partial is not None:
+                    p = g.partial
+                    sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
+                    g.partial = Packed(p.fmt, p.shape, sel(p.data), sel(p.scale), sel(p.zero))
+        self.pending.reorder(idx)
+        self.codes.reorder(idx)
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
-    """One decoder layer's cache: a :class:`_Stream` per KV head for keys and for values.
+    """One decoder layer's view of the cache. The storage is the cache's (its lanes hold every layer's
+    streams, docs/design.md §4.2); a layer stages its chunk, which the cache stores with every other
+    layer's at the start of the next forward pass, and reads its own rows.
 
     Each ``update`` is a chunk [a, b): the streams are first laid out for its oldest query a, then the
     chunk is appended; after the prefill (the first chunk) they are laid out for its last query.
@@ -252,18 +438,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.rules = rules            # per KV head: (StreamRule for K, StreamRule for V)
         self.owner = owner
         self.index = index
-        self.k_streams: list = []
-        self.v_streams: list = []
         self.cumulative_length = 0
         self.exact_tail = 0           # positions the last update returned exact (its chunk; all of a prefill)
+        self.batch = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[1] != len(self.rules):
             raise InvalidArgument(f"the plan has {len(self.rules)} KV heads per layer, the model {key_states.shape[1]}")
         self.dtype, self.device = key_states.dtype, key_states.device
-        rec = self.owner.error_norms
-        self.k_streams = [_Stream(k, rec) for k, _ in self.rules]
-        self.v_streams = [_Stream(v, rec) for _, v in self.rules]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -275,25 +457,32 @@ class MixedPrecisionLayer(CacheLayerMixin):
         a = self.cumulative_length
         self.owner._admit(a + n)
         _refuse_padding(kwargs.get("kwargs", kwargs).get("position_ids"), a, n)
-        streams = self.k_streams + self.v_streams
-        for s in streams:
-            s.relayout(a)
-        for h in range(len(self.rules)):
-            self.k_streams[h].append(key_states[:, h].float())
-            self.v_streams[h].append(value_states[:, h].float())
+        x = torch.cat([key_states, value_states], dim=1).float()
+        self.batch = x.shape[0]
+        self.owner._stage(self.index, x, a)
         self.owner._monitor_stored(self.index, key_states, value_states)
         self.cumulative_length += n
-        if first:
-            for s in streams:
-                s.relayout(a + n - 1)
-            self.exact_tail = self.cumulative_length
-            return key_states, value_states
         self.exact_tail = n
-        keys = torch.stack([s.materialize() for s in self.k_streams], dim=1).to(key_states.dtype)
-        values = torch.stack([s.materialize() for s in self.v_streams], dim=1).to(value_states.dtype)
-        keys[..., -n:, :] = key_states           # the chunk's own K/V exact
-        values[..., -n:, :] = value_states
-        return keys, values
+        if first:
+            return key_states, value_states
+        out = x.new_empty(x.shape[0], x.shape[1], a + n, x.shape[3])
+        for lane in self.owner.lanes:
+            lane.read_into(out, a, self.index)
+        out[:, :, a:] = x                        # the chunk's own K/V exact
+        if out.dtype != key_states.dtype:
+            out = out.to(key_states.dtype)
+        h = key_states.shape[1]
+        return out[:, :h], out[:, h:]
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values), each (B, Hkv, length, d) float32: every position as stored now (the chunk of the
+        last update included, in its stored form), as the current layout reads them."""
+        self.owner._flush()
+        h = len(self.rules)
+        out = torch.empty(self.batch, 2 * h, self.cumulative_length, self.owner.lanes[0].d)
+        for lane in self.owner.lanes:
+            lane.read_into(out, self.cumulative_length, self.index)
+        return out[:, :h], out[:, h:]
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` positions (transformers' convention: a negative count)."""
@@ -302,8 +491,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         keep = max(0, self.cumulative_length + tokens_to_remove)
-        for s in self.k_streams + self.v_streams:
-            s.crop(keep)
+        self.owner._crop(keep)
         self.cumulative_length = keep
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -316,16 +504,18 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.k_streams, self.v_streams = [], []
+        self.owner._reset_storage()
         self.cumulative_length = 0
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for s in self.k_streams + self.v_streams:
-            s.reorder(beam_idx)
+        raise InvalidArgument("reorder a plan cache as a whole (MixedPrecisionCache.reorder_cache): its layers share "
+                              "their storage")
 
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.k_streams + self.v_streams)
+        """Bytes of this layer's streams (the cache's lanes hold every layer's; counted row by row)."""
+        self.owner._flush()
+        return sum(lane.nbytes(self.index) for lane in self.owner.lanes or [])
 
     def error_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(dk, dv), each (B, Hkv, length) float64: upper bounds of ||K~_t - K_t||, ||V~_t - V_t|| for the K/V
@@ -333,13 +523,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.owner.error_norms:
             raise InvalidArgument("this plan records no error norms (its rule has no error_norms): the cache "
                                   "cannot certify its attention at run time; plan without --no-error-norms")
-        out = []
-        for streams in (self.k_streams, self.v_streams):
-            e = torch.stack([s.error_bounds() for s in streams], dim=1)
-            if self.exact_tail:
-                e[..., -self.exact_tail:] = 0.0
-            out.append(e)
-        return out[0], out[1]
+        h = len(self.rules)
+        e = torch.zeros(self.batch, 2 * h, self.cumulative_length, dtype=torch.float64)
+        stored = self.cumulative_length - self.exact_tail
+        if stored:
+            part = e[..., :stored]
+            for lane in self.owner.lanes:
+                lane.error_bounds_into(part, self.index)
+        return e[:, :h], e[:, h:]
 
 
 def _amax(stream) -> float:
@@ -382,6 +573,8 @@ class MixedPrecisionCache(Cache):
         self.limits = limits or {}
         self.monitor = {"queries_above_q_max": 0, "keys_above_amax": 0, "values_above_amax": 0}
         super().__init__(layers=[MixedPrecisionLayer(r, self, i) for i, r in enumerate(rules_by_layer)])
+        self.rules_by_layer = rules_by_layer
+        self._reset_storage()
         # per layer, (Hkv,) tensors of the measured amax of K and V: one comparison per update
         self._amax = {}
         for (li, h), lim in self.limits.items():
@@ -437,5 +630,99 @@ class MixedPrecisionCache(Cache):
                    limits=limits)
 
     def nbytes(self) -> int:
-        """Bytes held by the packed cache: values, scales, zero-points and FP32 pending groups."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes held by the packed cache: values, scales, zero-points, FP32 pending groups and recorded
+        error norms (live entries; ``capacity_nbytes`` adds the buffers' spare room)."""
+        self._flush()
+        return sum(lane.nbytes() for lane in self.lanes or [])
+
+    def capacity_nbytes(self) -> int:
+        """Bytes the buffers hold allocated, spare capacity included (what the process's memory sees)."""
+        self._flush()
+        total = 0
+        for lane in self.lanes or []:
+            bufs = [lane.pending, lane.codes] + [g.buf for gs in lane.groups.values() for g in gs]
+            total += sum(b.capacity_nbytes() for b in bufs)
+            total += sum(g.partial.nbytes for gs in lane.groups.values() for g in gs if g.partial is not None)
+        return total
+
+    # ---- the shared storage (docs/design.md §4.2)
+    def _reset_storage(self) -> None:
+        self.lanes: list | None = None          # built at the first store, from the layers that were updated
+        self.active: list = []
+        self.staged: list = [None] * len(self.rules_by_layer)   # per layer: its last chunk, (B, 2 Hkv, n, d)
+        self.appended = 0                       # positions stored in the lanes
+        self.laid: int | None = None            # the oldest query the lanes are laid out for
+
+    def _build(self, active: list, d: int) -> None:
+        per = 2 * len(self.rules_by_layer[active[0]])
+        rules = []
+        for li in active:
+            ks = self.rules_by_layer[li]
+            rules += [k for k, _ in ks] + [v for _, v in ks]
+        by_layout: dict = {}
+        for i, r in enumerate(rules):
+            by_layout.setdefault((r.sink, r.recent, r.channel_group), []).append(i)
+        self.active = active
+        self.lanes = [_Lane(ids, [rules[i] for i in ids], d, per, active, self.error_norms)
+                      for ids in by_layout.values()]
+
+    def _stage(self, li: int, x: torch.Tensor, a: int) -> None:
+        """Layer li's chunk [a, a + n): store every layer's previous chunk first if li has one staged (a new
+        forward pass began), lay the lanes out for query a, and stage the chunk."""
+        if self.staged[li] is not None:
+            self._flush()
+        if a != self.appended:
+            raise InvalidArgument(f"layer {li} was updated at position {a} while the cache holds {self.appended}: "
+                                  "a plan cache needs every layer it holds updated once per forward pass")
+        if self.laid != a:
+            for lane in self.lanes or []:
+                lane.relayout(a)
+            self.laid = a
+        self.staged[li] = x
+
+    def _flush(self) -> None:
+        """Store the staged chunks of every layer (one quantization per lane, segment and format)."""
+        staged = [(li, x) for li, x in enumerate(self.staged) if x is not None]
+        if not staged:
+            return
+        layers = [li for li, _ in staged]
+        first = self.lanes is None
+        if first:
+            self._build(layers, staged[0][1].shape[-1])
+        elif layers != self.active:
+            missing = sorted(set(self.active) - set(layers))
+            raise InvalidArgument(f"layers {missing} were not updated in the last forward pass: a plan cache needs "
+                                  "every layer it holds updated once per forward pass")
+        n = {x.shape[2] for _, x in staged}
+        if len(n) != 1:
+            raise InvalidArgument(f"the layers' last chunks differ in length ({sorted(n)}): a plan cache needs every "
+                                  "layer updated with the same tokens")
+        n = n.pop()
+        x_all = staged[0][1] if len(staged) == 1 else torch.cat([x for _, x in staged], dim=1)
+        a = self.appended
+        for lane in self.lanes:
+            lane.append(_take(x_all, lane.sel))
+        self.appended += n
+        self.staged = [None] * len(self.staged)
+        if first:                               # after the prefill: laid out for its last query
+            for lane in self.lanes:
+                lane.relayout(a + n - 1)
+            self.laid = a + n - 1
+
+    def _crop(self, keep: int) -> None:
+        self._flush()
+        for lane in self.lanes or []:
+            lane.crop(keep)
+        self.appended = min(self.appended, keep)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beam search): every layer's storage at once."""
+        self._flush()
+        for lane in self.lanes or []:
+            lane.reorder(beam_idx)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.cumulative_length = 0
+            layer.is_initialized = False
+        self._reset_storage()

@@ -19,53 +19,85 @@ class FloatCodec:
     """fp32, fp16, bf16: stored as such."""
 
     @staticmethod
-    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None) -> Packed:
-        return Packed(fmt, shape, x.to(FLOAT_DTYPES[fmt.name]))
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
+        p = Packed(fmt, shape, x.to(FLOAT_DTYPES[fmt.name]))
+        return (p, p.data.to(torch.float32)) if values else p
 
     @staticmethod
     def dequantize(p: Packed) -> torch.Tensor:
         return p.data.to(torch.float32)
+
+    @staticmethod
+    def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+        dst.copy_(p.data)
 
 
 class Fp8Codec:
     """FP8 E4M3 / E5M2 with a per-token FP16 scale (rounded up, at least 2^-14)."""
 
     @staticmethod
-    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None) -> Packed:
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
         dt = FP8_DTYPES[fmt.name.rsplit("_", 1)[0]]
         g = grouped(x, fmt)
         mx = float(fmt.max_finite)
         amax = g.abs().amax(dim=-1, keepdim=True).to(torch.float64)
         s = torch.clamp(fp16_up_from64(amax / mx), min=2.0 ** -14)
         y = (g / s.to(torch.float32)).clamp(-mx, mx).to(dt)
-        return Packed(fmt, shape, y, scale=s)
+        p = Packed(fmt, shape, y, scale=s)
+        return (p, Fp8Codec.dequantize(p)) if values else p
 
     @staticmethod
     def dequantize(p: Packed) -> torch.Tensor:
         y = p.data.to(torch.float32) * p.scale.to(torch.float32)
         return ungrouped(y, p.fmt, p.shape)
 
+    @staticmethod
+    def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+        dst.copy_(p.data)
+        dst.mul_(p.scale.to(torch.float32))
+
 
 class IntCodec:
     """INT8 / INT4 / INT2, asymmetric: FP16 zero-point rounded down, scale rounded up; packed codes."""
 
     @staticmethod
-    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None) -> Packed:
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
         n_levels = 2 ** fmt.value_bits - 1
         g = grouped(x, fmt, group_tokens)
         lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
         z = fp16_down(lo)
         s = torch.clamp(fp16_up_from64((hi.to(torch.float64) - z.to(torch.float64)) / n_levels), min=2.0 ** -24)
-        q = torch.round((g - z.to(torch.float32)) / s.to(torch.float32)).clamp(0, n_levels).to(torch.uint8)
-        return Packed(fmt, shape, pack_bits(q, fmt.value_bits), scale=s, zero=z)
+        z32, s32 = z.to(torch.float32), s.to(torch.float32)
+        q = torch.round((g - z32) / s32).clamp(0, n_levels).to(torch.uint8)
+        p = Packed(fmt, shape, pack_bits(q, fmt.value_bits), scale=s, zero=z)
+        if not values:
+            return p
+        return p, ungrouped(IntCodec.affine(q, s32, z32), fmt, shape)   # what dequantize(p) gives, without unpacking
+
+    @staticmethod
+    def affine(q: torch.Tensor, s32: torch.Tensor, z32: torch.Tensor) -> torch.Tensor:
+        """The stored value of code q: q * s + z in float32 (the one formula both paths use)."""
+        return q.to(torch.float32) * s32 + z32
 
     @staticmethod
     def dequantize(p: Packed) -> torch.Tensor:
         fmt = p.fmt
         gshape_last = fmt.group if fmt.granularity != "channel" else p.shape[-2] // p.data.shape[-3]
-        q = unpack_bits(p.data, fmt.value_bits, gshape_last).to(torch.float32)
-        y = q * p.scale.to(torch.float32) + p.zero.to(torch.float32)
-        return ungrouped(y, fmt, p.shape)
+        q = unpack_bits(p.data, fmt.value_bits, gshape_last)
+        return ungrouped(IntCodec.affine(q, p.scale.to(torch.float32), p.zero.to(torch.float32)), fmt, p.shape)
+
+    @staticmethod
+    def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+        """The same values as :meth:`dequantize` (q * s, then + z, in float32), written straight into dst."""
+        fmt = p.fmt
+        if fmt.granularity == "channel":        # dst (..., n, d) seen as (..., groups, d, g)
+            g = p.shape[-2] // p.data.shape[-3]
+            dst = dst.unflatten(-2, (p.data.shape[-3], g)).transpose(-1, -2)
+        else:
+            g = fmt.group
+        q = unpack_bits(p.data, fmt.value_bits, g)
+        torch.mul(q, p.scale.to(torch.float32), out=dst)
+        dst.add_(p.zero.to(torch.float32))
 
 
 def codec_for(fmt: Format):

@@ -32,17 +32,11 @@ def decode(codes: torch.Tensor) -> torch.Tensor:
 
 
 def encode_up(x: torch.Tensor) -> torch.Tensor:
-    """float64 x >= 0 -> uint8 codes with decode(code) >= x."""
-    x = x.to(torch.float64)
-    pos = x > 0
-    c = torch.ceil(STEP * torch.log2(torch.where(pos, x, torch.ones_like(x))) + OFFSET)
-    c = torch.clamp(c, 1, INF_CODE)
-    c = torch.where(pos, c, torch.zeros_like(c)).to(torch.uint8)
-    # the float log2 may land one code low: step up wherever the decoded value falls short
-    for _ in range(2):
-        short = (decode(c) < x) & (c < INF_CODE)
-        c = torch.where(short, c + 1, c)
-    return torch.where(torch.isnan(x) | (x > TABLE[254]), torch.full_like(c, INF_CODE), c)
+    """float64 x >= 0 -> uint8 codes: the smallest code c with decode(c) >= x (0 for x = 0, 255 past the
+    largest finite code and for nan), found by binary search in the decode table itself."""
+    x = x.to(torch.float64).contiguous()
+    c = torch.searchsorted(TABLE, torch.nan_to_num(x, nan=float("inf")))     # first c with TABLE[c] >= x
+    return c.clamp_(max=INF_CODE).to(torch.uint8)
 
 
 def error_norm(stored: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,20 @@ def quantize(x: torch.Tensor, fmt: Format, group_tokens: int | None = None) -> P
     return codec_for(fmt).quantize(x, fmt, tuple(x.shape), group_tokens)
 
 
+def quantize_values(x: torch.Tensor, fmt: Format, group_tokens: int | None = None) -> tuple:
+    """(quantize(x, fmt), the float32 values it stores): bit-identical to dequantize() of the first, computed
+    before packing (the cache records error norms of what it stores without unpacking it again)."""
+    x = x.detach().to(torch.float32)
+    return codec_for(fmt).quantize(x, fmt, tuple(x.shape), group_tokens, values=True)
+
+
 def dequantize(p: Packed) -> torch.Tensor:
     return codec_for(p.fmt).dequantize(p)
+
+
+def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+    """dequantize(p) written into dst (a float32 tensor or view of p.shape), bit for bit the same values."""
+    codec_for(p.fmt).dequantize_into(p, dst)
 
 
 def roundtrip(x: torch.Tensor, fmt: Format) -> torch.Tensor:

@@ -123,8 +123,7 @@ def test_real_decoding_stays_inside_the_runtime_bound(tiny_lm_plan):
     # from the cache's own state alone (no reference tensor): stored K/V, decoded norms, a fresh query
     li = 1
     layer = cache.layers[li]
-    k_st = torch.stack([s.materialize() for s in layer.k_streams], 1)
-    v_st = torch.stack([s.materialize() for s in layer.v_streams], 1)
+    k_st, v_st = layer.stored()
     layer.exact_tail = 0                                       # a query at the next step reads everything stored
     dk, dv = layer.error_bounds()
     kx, vx = exact[li]
