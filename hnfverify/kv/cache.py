@@ -183,6 +183,7 @@ class _Lane:
 
     def __init__(self, ids: list, rules: list, d: int, per_layer: int, layers: list, record: bool):
         self.rule: StreamRule = rules[0]
+        self.key = (self.rule.sink, self.rule.recent, self.rule.channel_group)
         self.ids, self.sel, self.record, self.d = ids, _index(ids), record, d
         self.h = len(ids)
         self.rows = _rows_by_layer(ids, per_layer, layers)
@@ -408,6 +409,32 @@ class _Lane:
                 nrows = sum(s.stop - s.start for s, _ in g.rows.values())
                 total += share(g.buf.nbytes() + (g.partial.nbytes if g.partial is not None else 0), g.rows, nrows)
         return total
+
+    def absorb(self, parts: list) -> None:
+        """Fill this (empty) lane with the contents of ``parts``: lanes of single layers, in layer order, with
+        the same layout key and chunk history, whose rows together are this lane's rows."""
+        state = {(q.rest_end, q.recent_start, q.length, q.oldest) for q in parts}
+        assert len(state) == 1, "the layers' first chunks differ"
+        self.rest_end, self.recent_start, self.length, self.oldest = state.pop()
+
+        def cat_bufs(dst: _Buf, srcs: list) -> None:
+            srcs = [b for b in srcs if b.ts is not None and b.n]
+            if srcs:
+                dst.ts = tuple(None if srcs[0].ts[i] is None else torch.cat([b.view()[i] for b in srcs], dim=1)
+                               for i in range(len(srcs[0].ts)))
+                dst.lo, dst.hi = 0, srcs[0].n
+
+        for seg, gs in self.groups.items():
+            for g in gs:
+                mine = [h for q in parts for h in q.groups[seg] if h.fmt.name == g.fmt.name]
+                cat_bufs(g.buf, [h.buf for h in mine])
+                ps = [h.partial for h in mine if h.partial is not None]
+                if ps:
+                    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=1)  # noqa: E731
+                    g.partial = Packed(g.fmt, (ps[0].shape[0], sum(p.shape[1] for p in ps)) + tuple(ps[0].shape[2:]),
+                                       cat([p.data for p in ps]), cat([p.scale for p in ps]), cat([p.zero for p in ps]))
+        cat_bufs(self.pending, [q.pending for q in parts])
+        cat_bufs(self.codes, [q.codes for q in parts])
 
     def reorder(self, idx: torch.Tensor) -> None:
         for gs in self.groups.values():
@@ -648,12 +675,13 @@ class MixedPrecisionCache(Cache):
     # ---- the shared storage (docs/design.md §4.2)
     def _reset_storage(self) -> None:
         self.lanes: list | None = None          # built at the first store, from the layers that were updated
+        self.first: dict = {}                   # layer -> its own lanes, holding its first chunk (until merged)
         self.active: list = []
         self.staged: list = [None] * len(self.rules_by_layer)   # per layer: its last chunk, (B, 2 Hkv, n, d)
         self.appended = 0                       # positions stored in the lanes
         self.laid: int | None = None            # the oldest query the lanes are laid out for
 
-    def _build(self, active: list, d: int) -> None:
+    def _lanes_for(self, active: list, d: int) -> list:
         per = 2 * len(self.rules_by_layer[active[0]])
         rules = []
         for li in active:
@@ -662,14 +690,36 @@ class MixedPrecisionCache(Cache):
         by_layout: dict = {}
         for i, r in enumerate(rules):
             by_layout.setdefault((r.sink, r.recent, r.channel_group), []).append(i)
-        self.active = active
-        self.lanes = [_Lane(ids, [rules[i] for i in ids], d, per, active, self.error_norms)
-                      for ids in by_layout.values()]
+        return [_Lane(ids, [rules[i] for i in ids], d, per, active, self.error_norms) for ids in by_layout.values()]
+
+    def _merge_first(self) -> None:
+        """The layers' first chunks, each stored in its layer's own lanes, become the model's lanes."""
+        active = sorted(self.first)
+        lanes = self._lanes_for(active, next(iter(self.first.values()))[0].d)
+        for lane in lanes:
+            lane.absorb([q for li in active for q in self.first[li] if q.key == lane.key])
+        n = {q.length for qs in self.first.values() for q in qs}
+        if len(n) != 1:
+            raise InvalidArgument(f"the layers' first chunks differ in length ({sorted(n)}): a plan cache needs every "
+                                  "layer updated with the same tokens")
+        self.active, self.lanes, self.first = active, lanes, {}
+        self.appended = n.pop()
+        self.laid = self.appended - 1
 
     def _stage(self, li: int, x: torch.Tensor, a: int) -> None:
-        """Layer li's chunk [a, a + n): store every layer's previous chunk first if li has one staged (a new
-        forward pass began), lay the lanes out for query a, and stage the chunk."""
-        if self.staged[li] is not None:
+        """Layer li's chunk [a, a + n). A layer's first chunk (the prefill) is stored at once in lanes of its own
+        (merged into the model's at the next forward pass: no FP32 copy of a long prompt waits for the
+        other layers); later chunks are staged: if li has one staged (a new forward pass began) every layer's
+        is stored first, then the lanes are laid out for query a and the chunk waits."""
+        if self.lanes is None and a == 0 and li not in self.first:
+            lanes = self._lanes_for([li], x.shape[-1])
+            for lane in lanes:
+                lane.relayout(0)
+                lane.append(_take(x, lane.sel))
+                lane.relayout(x.shape[2] - 1)
+            self.first[li] = lanes
+            return
+        if self.staged[li] is not None or (self.lanes is None and self.first):
             self._flush()
         if a != self.appended:
             raise InvalidArgument(f"layer {li} was updated at position {a} while the cache holds {self.appended}: "
@@ -682,14 +732,13 @@ class MixedPrecisionCache(Cache):
 
     def _flush(self) -> None:
         """Store the staged chunks of every layer (one quantization per lane, segment and format)."""
+        if self.lanes is None and self.first:
+            self._merge_first()
         staged = [(li, x) for li, x in enumerate(self.staged) if x is not None]
         if not staged:
             return
         layers = [li for li, _ in staged]
-        first = self.lanes is None
-        if first:
-            self._build(layers, staged[0][1].shape[-1])
-        elif layers != self.active:
+        if layers != self.active:
             missing = sorted(set(self.active) - set(layers))
             raise InvalidArgument(f"layers {missing} were not updated in the last forward pass: a plan cache needs "
                                   "every layer it holds updated once per forward pass")
@@ -699,15 +748,10 @@ class MixedPrecisionCache(Cache):
                                   "layer updated with the same tokens")
         n = n.pop()
         x_all = staged[0][1] if len(staged) == 1 else torch.cat([x for _, x in staged], dim=1)
-        a = self.appended
         for lane in self.lanes:
             lane.append(_take(x_all, lane.sel))
         self.appended += n
         self.staged = [None] * len(self.staged)
-        if first:                               # after the prefill: laid out for its last query
-            for lane in self.lanes:
-                lane.relayout(a + n - 1)
-            self.laid = a + n - 1
 
     def _crop(self, keep: int) -> None:
         self._flush()
