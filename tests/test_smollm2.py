@@ -188,3 +188,38 @@ def test_runtime_and_plan_time_bounds_hold_on_a_real_window(smollm2, tmp_path):
               "suffix_assumption_violations"):
         assert o[k] == 0, (k, o)
     assert o["suffix_assumption_windows"] == 1 and o["suffix_assumption_actual_over_predicted_max"] < 1
+
+
+def test_fast_cache_decodes_as_the_reference_cache_on_smollm2(smollm2, tmp_path):
+    """The fast layout (docs/design.md §4.2) on the real model: 256 greedy steps from a chat prompt with a
+    4.5-bit plan (sink 4, recent 16: positions leave the window and channel groups complete all along)
+    give the same tokens as the cache that stores each chunk as it comes (tests/kv/reference_cache.py),
+    every logit within 1e-4."""
+    import warnings
+    from fractions import Fraction
+
+    from hnfverify.analysis.report import load, save
+    from hnfverify.kv.cache import MixedPrecisionCache
+    from hnfverify.planning import PlanRequest, plan_from_report
+    from tests.kv.reference_cache import MixedPrecisionCache as ReferenceCache
+
+    win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=0))
+    save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
+    summary, arrays = load(tmp_path / "r.json")
+    plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(9, 2), sink=4, recent=16))
+    assert len({h[kv][s]["format"] for la in plan["layers"] for h in la["heads"] for kv in "KV"
+                for s in ("sink", "recent", "rest")}) > 2
+    enc = smollm2.tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
+    kw = dict(max_new_tokens=256, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=smollm2.tokenizer.eos_token_id, eos_token_id=None)
+    with warnings.catch_warnings():                      # the prompt + 256 runs past max_seq_len 256
+        warnings.simplefilter("ignore", UserWarning)
+        got = smollm2.model.generate(**enc, cache=MixedPrecisionCache.from_plan(plan, smollm2.model,
+                                                                                 on_overflow="warn"), **kw)
+        ref = smollm2.model.generate(**enc, cache=ReferenceCache.from_plan(plan, smollm2.model, on_overflow="warn"),
+                                     **kw)
+    assert got.sequences.shape[1] == enc["input_ids"].shape[1] + 256
+    assert torch.equal(got.sequences, ref.sequences)
+    worst = max(float((a - b).abs().max()) for a, b in zip(got.logits, ref.logits))
+    assert worst <= 1e-4, worst

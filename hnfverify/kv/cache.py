@@ -24,6 +24,8 @@ tensor ops per (layer, format) instead of per (layer, head, K|V, segment, channe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -448,6 +450,140 @@ class _Lane:
         self.codes.reorder(idx)
 
 
+@dataclass
+class _Part:
+    rows: torch.Tensor | None      # batch rows (None: all)
+    pad: int                       # their left padding: cache position pad holds their position 0
+    store: "_Store"
+
+
+class _Store:
+    """The storage of batch rows that share their positions (docs/design.md §4.2): the model's lanes, the
+    layers' first chunks until they are merged, the staged chunks."""
+
+    def __init__(self, rules_by_layer: list, error_norms: bool):
+        self.rules_by_layer, self.error_norms = rules_by_layer, error_norms
+        self.reset()
+
+    @property
+    def d(self) -> int:
+        lanes = self.lanes or [q for qs in self.first.values() for q in qs]
+        return lanes[0].d
+
+    def read_into(self, out: torch.Tensor, a: int, li: int) -> None:
+        for lane in self.lanes or []:
+            lane.read_into(out, a, li)
+
+    def error_bounds_into(self, e: torch.Tensor, li: int) -> None:
+        for lane in self.lanes or []:
+            lane.error_bounds_into(e, li)
+
+    def nbytes(self, li: int | None = None) -> int:
+        self.flush()
+        return sum(lane.nbytes(li) for lane in self.lanes or [])
+
+    def capacity_nbytes(self) -> int:
+        """Bytes the buffers hold allocated, spare capacity included (what the process's memory sees)."""
+        self.flush()
+        total = 0
+        for lane in self.lanes or []:
+            bufs = [lane.pending, lane.codes] + [g.buf for gs in lane.groups.values() for g in gs]
+            total += sum(b.capacity_nbytes() for b in bufs)
+            total += sum(g.partial.nbytes for gs in lane.groups.values() for g in gs if g.partial is not None)
+        return total
+
+    def reset(self) -> None:
+        self.lanes: list | None = None          # built at the first store, from the layers that were updated
+        self.first: dict = {}                   # layer -> its own lanes, holding its first chunk (until merged)
+        self.active: list = []
+        self.staged: list = [None] * len(self.rules_by_layer)   # per layer: its last chunk, (B, 2 Hkv, n, d)
+        self.appended = 0                       # positions stored in the lanes
+        self.laid: int | None = None            # the oldest query the lanes are laid out for
+
+    def _lanes_for(self, active: list, d: int) -> list:
+        per = 2 * len(self.rules_by_layer[active[0]])
+        rules = []
+        for li in active:
+            ks = self.rules_by_layer[li]
+            rules += [k for k, _ in ks] + [v for _, v in ks]
+        by_layout: dict = {}
+        for i, r in enumerate(rules):
+            by_layout.setdefault((r.sink, r.recent, r.channel_group), []).append(i)
+        return [_Lane(ids, [rules[i] for i in ids], d, per, active, self.error_norms) for ids in by_layout.values()]
+
+    def merge_first(self) -> None:
+        """The layers' first chunks, each stored in its layer's own lanes, become the model's lanes."""
+        active = sorted(self.first)
+        lanes = self._lanes_for(active, next(iter(self.first.values()))[0].d)
+        for lane in lanes:
+            lane.absorb([q for li in active for q in self.first[li] if q.key == lane.key])
+        n = {q.length for qs in self.first.values() for q in qs}
+        if len(n) != 1:
+            raise InvalidArgument(f"the layers' first chunks differ in length ({sorted(n)}): a plan cache needs every "
+                                  "layer updated with the same tokens")
+        self.active, self.lanes, self.first = active, lanes, {}
+        self.appended = n.pop()
+        self.laid = self.appended - 1
+
+    def stage(self, li: int, x: torch.Tensor, a: int) -> None:
+        """Layer li's chunk [a, a + n). A layer's first chunk (the prefill) is stored at once in lanes of its own
+        (merged into the model's at the next forward pass: no FP32 copy of a long prompt waits for the
+        other layers); later chunks are staged: if li has one staged (a new forward pass began) every layer's
+        is stored first, then the lanes are laid out for query a and the chunk waits."""
+        if self.lanes is None and a == 0 and li not in self.first:
+            lanes = self._lanes_for([li], x.shape[-1])
+            for lane in lanes:
+                lane.relayout(0)
+                lane.append(_take(x, lane.sel))
+                lane.relayout(x.shape[2] - 1)
+            self.first[li] = lanes
+            return
+        if self.staged[li] is not None or (self.lanes is None and self.first):
+            self.flush()
+        if a != self.appended:
+            raise InvalidArgument(f"layer {li} was updated at position {a} while the cache holds {self.appended}: "
+                                  "a plan cache needs every layer it holds updated once per forward pass")
+        if self.laid != a:
+            for lane in self.lanes or []:
+                lane.relayout(a)
+            self.laid = a
+        self.staged[li] = x
+
+    def flush(self) -> None:
+        """Store the staged chunks of every layer (one quantization per lane, segment and format)."""
+        if self.lanes is None and self.first:
+            self.merge_first()
+        staged = [(li, x) for li, x in enumerate(self.staged) if x is not None]
+        if not staged:
+            return
+        layers = [li for li, _ in staged]
+        if layers != self.active:
+            missing = sorted(set(self.active) - set(layers))
+            raise InvalidArgument(f"layers {missing} were not updated in the last forward pass: a plan cache needs "
+                                  "every layer it holds updated once per forward pass")
+        n = {x.shape[2] for _, x in staged}
+        if len(n) != 1:
+            raise InvalidArgument(f"the layers' last chunks differ in length ({sorted(n)}): a plan cache needs every "
+                                  "layer updated with the same tokens")
+        n = n.pop()
+        x_all = staged[0][1] if len(staged) == 1 else torch.cat([x for _, x in staged], dim=1)
+        for lane in self.lanes:
+            lane.append(_take(x_all, lane.sel))
+        self.appended += n
+        self.staged = [None] * len(self.staged)
+
+    def crop(self, keep: int) -> None:
+        self.flush()
+        for lane in self.lanes or []:
+            lane.crop(keep)
+        self.appended = min(self.appended, keep)
+
+    def reorder(self, beam_idx: torch.LongTensor) -> None:
+        self.flush()
+        for lane in self.lanes or []:
+            lane.reorder(beam_idx)
+
+
 class MixedPrecisionLayer(CacheLayerMixin):
     """One decoder layer's view of the cache. The storage is the cache's (its lanes hold every layer's
     streams, docs/design.md §4.2); a layer stages its chunk, which the cache stores with every other
@@ -480,35 +616,50 @@ class MixedPrecisionLayer(CacheLayerMixin):
         first = not self.is_initialized
         if first:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
+        n, h = key_states.shape[-2], key_states.shape[1]
         a = self.cumulative_length
-        self.owner._admit(a + n)
-        _refuse_padding(kwargs.get("kwargs", kwargs).get("position_ids"), a, n)
+        parts = self.owner._parts(kwargs.get("kwargs", kwargs).get("position_ids"), a, n)
+        self.owner._admit(a + n - min(p.pad for p in parts))
         x = torch.cat([key_states, value_states], dim=1).float()
         self.batch = x.shape[0]
-        self.owner._stage(self.index, x, a)
-        self.owner._monitor_stored(self.index, key_states, value_states)
+        for p in parts:
+            xs = x if p.rows is None else x.index_select(0, p.rows)
+            if a == 0 and p.pad:
+                xs = xs[:, :, p.pad:]                # a left-padded row stores its own tokens only
+            p.store.stage(self.index, xs, max(0, a - p.pad))
+            self.owner._monitor_stored(self.index, xs[:, :h], xs[:, h:])
         self.cumulative_length += n
         self.exact_tail = n
         if first:
             return key_states, value_states
-        out = x.new_empty(x.shape[0], x.shape[1], a + n, x.shape[3])
-        for lane in self.owner.lanes:
-            lane.read_into(out, a, self.index)
+        out = self._read(x.shape[0], a, a + n, x.shape[3])
         out[:, :, a:] = x                        # the chunk's own K/V exact
         if out.dtype != key_states.dtype:
             out = out.to(key_states.dtype)
-        h = key_states.shape[1]
         return out[:, :h], out[:, h:]
+
+    def _read(self, b: int, a: int, length: int, d: int) -> torch.Tensor:
+        """(b, 2 Hkv, length, d) float32 with the stored values of positions [0, a) (a left-padded row's pads: 0)."""
+        parts = self.owner.parts
+        out = torch.empty(b, 2 * len(self.rules), length, d)
+        if len(parts) == 1 and parts[0].rows is None:
+            parts[0].store.read_into(out, a, self.index)
+            return out
+        for p in parts:
+            m = a - p.pad
+            part = torch.zeros(len(p.rows), out.shape[1], a, d)
+            if m > 0:
+                p.store.read_into(part[:, :, p.pad:], m, self.index)
+            out[p.rows, :, :a] = part
+        return out
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values), each (B, Hkv, length, d) float32: every position as stored now (the chunk of the
         last update included, in its stored form), as the current layout reads them."""
-        self.owner._flush()
+        for p in self.owner.parts:
+            p.store.flush()
+        out = self._read(self.batch, self.cumulative_length, self.cumulative_length, self.owner.parts[0].store.d)
         h = len(self.rules)
-        out = torch.empty(self.batch, 2 * h, self.cumulative_length, self.owner.lanes[0].d)
-        for lane in self.owner.lanes:
-            lane.read_into(out, self.cumulative_length, self.index)
         return out[:, :h], out[:, h:]
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -518,7 +669,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         keep = max(0, self.cumulative_length + tokens_to_remove)
-        self.owner._crop(keep)
+        for p in self.owner.parts:
+            p.store.crop(max(0, keep - p.pad))
         self.cumulative_length = keep
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -531,7 +683,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.owner._reset_storage()
+        self.owner._reset_parts()
         self.cumulative_length = 0
         self.is_initialized = False
 
@@ -541,8 +693,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of this layer's streams (the cache's lanes hold every layer's; counted row by row)."""
-        self.owner._flush()
-        return sum(lane.nbytes(self.index) for lane in self.owner.lanes or [])
+        return sum(p.store.nbytes(self.index) for p in self.owner.parts)
 
     def error_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(dk, dv), each (B, Hkv, length) float64: upper bounds of ||K~_t - K_t||, ||V~_t - V_t|| for the K/V
@@ -553,28 +704,22 @@ class MixedPrecisionLayer(CacheLayerMixin):
         h = len(self.rules)
         e = torch.zeros(self.batch, 2 * h, self.cumulative_length, dtype=torch.float64)
         stored = self.cumulative_length - self.exact_tail
-        if stored:
-            part = e[..., :stored]
-            for lane in self.owner.lanes:
-                lane.error_bounds_into(part, self.index)
+        for p in self.owner.parts:
+            m = stored - p.pad
+            if m <= 0:
+                continue
+            if p.rows is None:
+                p.store.error_bounds_into(e[..., :m], self.index)
+            else:
+                part = torch.zeros(len(p.rows), 2 * h, m, dtype=torch.float64)
+                p.store.error_bounds_into(part, self.index)
+                e[p.rows, :, p.pad:stored] = part
         return e[:, :h], e[:, h:]
 
 
 def _amax(stream) -> float:
     """The largest measured |x| over a stream's segments (the plan's amax upper ends)."""
     return max((float(st.amax) for st in stream.stats.values()), default=float("inf"))
-
-
-def _refuse_padding(position_ids, past: int, n: int) -> None:
-    """A plan's positions are those of one unpadded sequence (docs/design.md §4): with left padding the
-    sink would hold pads and a sequence's first tokens would land in the rest. Refuse such batches."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != n:
-        return
-    want = torch.arange(past, past + n, device=position_ids.device)
-    if not bool((position_ids == want).all()):
-        raise InvalidArgument("a padded batch (position ids differ from the cache positions): plan positions are those "
-                              "of unpadded sequences, so the sink would hold pads; run sequences of equal length or "
-                              "one at a time")
 
 
 ON_OVERFLOW = ("error", "warn")
@@ -601,7 +746,7 @@ class MixedPrecisionCache(Cache):
         self.monitor = {"queries_above_q_max": 0, "keys_above_amax": 0, "values_above_amax": 0}
         super().__init__(layers=[MixedPrecisionLayer(r, self, i) for i, r in enumerate(rules_by_layer)])
         self.rules_by_layer = rules_by_layer
-        self._reset_storage()
+        self._reset_parts()
         # per layer, (Hkv,) tensors of the measured amax of K and V: one comparison per update
         self._amax = {}
         for (li, h), lim in self.limits.items():
@@ -659,114 +804,66 @@ class MixedPrecisionCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by the packed cache: values, scales, zero-points, FP32 pending groups and recorded
         error norms (live entries; ``capacity_nbytes`` adds the buffers' spare room)."""
-        self._flush()
-        return sum(lane.nbytes() for lane in self.lanes or [])
+        return sum(p.store.nbytes() for p in self.parts)
 
     def capacity_nbytes(self) -> int:
         """Bytes the buffers hold allocated, spare capacity included (what the process's memory sees)."""
-        self._flush()
-        total = 0
-        for lane in self.lanes or []:
-            bufs = [lane.pending, lane.codes] + [g.buf for gs in lane.groups.values() for g in gs]
-            total += sum(b.capacity_nbytes() for b in bufs)
-            total += sum(g.partial.nbytes for gs in lane.groups.values() for g in gs if g.partial is not None)
-        return total
-
-    # ---- the shared storage (docs/design.md §4.2)
-    def _reset_storage(self) -> None:
-        self.lanes: list | None = None          # built at the first store, from the layers that were updated
-        self.first: dict = {}                   # layer -> its own lanes, holding its first chunk (until merged)
-        self.active: list = []
-        self.staged: list = [None] * len(self.rules_by_layer)   # per layer: its last chunk, (B, 2 Hkv, n, d)
-        self.appended = 0                       # positions stored in the lanes
-        self.laid: int | None = None            # the oldest query the lanes are laid out for
-
-    def _lanes_for(self, active: list, d: int) -> list:
-        per = 2 * len(self.rules_by_layer[active[0]])
-        rules = []
-        for li in active:
-            ks = self.rules_by_layer[li]
-            rules += [k for k, _ in ks] + [v for _, v in ks]
-        by_layout: dict = {}
-        for i, r in enumerate(rules):
-            by_layout.setdefault((r.sink, r.recent, r.channel_group), []).append(i)
-        return [_Lane(ids, [rules[i] for i in ids], d, per, active, self.error_norms) for ids in by_layout.values()]
-
-    def _merge_first(self) -> None:
-        """The layers' first chunks, each stored in its layer's own lanes, become the model's lanes."""
-        active = sorted(self.first)
-        lanes = self._lanes_for(active, next(iter(self.first.values()))[0].d)
-        for lane in lanes:
-            lane.absorb([q for li in active for q in self.first[li] if q.key == lane.key])
-        n = {q.length for qs in self.first.values() for q in qs}
-        if len(n) != 1:
-            raise InvalidArgument(f"the layers' first chunks differ in length ({sorted(n)}): a plan cache needs every "
-                                  "layer updated with the same tokens")
-        self.active, self.lanes, self.first = active, lanes, {}
-        self.appended = n.pop()
-        self.laid = self.appended - 1
-
-    def _stage(self, li: int, x: torch.Tensor, a: int) -> None:
-        """Layer li's chunk [a, a + n). A layer's first chunk (the prefill) is stored at once in lanes of its own
-        (merged into the model's at the next forward pass: no FP32 copy of a long prompt waits for the
-        other layers); later chunks are staged: if li has one staged (a new forward pass began) every layer's
-        is stored first, then the lanes are laid out for query a and the chunk waits."""
-        if self.lanes is None and a == 0 and li not in self.first:
-            lanes = self._lanes_for([li], x.shape[-1])
-            for lane in lanes:
-                lane.relayout(0)
-                lane.append(_take(x, lane.sel))
-                lane.relayout(x.shape[2] - 1)
-            self.first[li] = lanes
-            return
-        if self.staged[li] is not None or (self.lanes is None and self.first):
-            self._flush()
-        if a != self.appended:
-            raise InvalidArgument(f"layer {li} was updated at position {a} while the cache holds {self.appended}: "
-                                  "a plan cache needs every layer it holds updated once per forward pass")
-        if self.laid != a:
-            for lane in self.lanes or []:
-                lane.relayout(a)
-            self.laid = a
-        self.staged[li] = x
-
-    def _flush(self) -> None:
-        """Store the staged chunks of every layer (one quantization per lane, segment and format)."""
-        if self.lanes is None and self.first:
-            self._merge_first()
-        staged = [(li, x) for li, x in enumerate(self.staged) if x is not None]
-        if not staged:
-            return
-        layers = [li for li, _ in staged]
-        if layers != self.active:
-            missing = sorted(set(self.active) - set(layers))
-            raise InvalidArgument(f"layers {missing} were not updated in the last forward pass: a plan cache needs "
-                                  "every layer it holds updated once per forward pass")
-        n = {x.shape[2] for _, x in staged}
-        if len(n) != 1:
-            raise InvalidArgument(f"the layers' last chunks differ in length ({sorted(n)}): a plan cache needs every "
-                                  "layer updated with the same tokens")
-        n = n.pop()
-        x_all = staged[0][1] if len(staged) == 1 else torch.cat([x for _, x in staged], dim=1)
-        for lane in self.lanes:
-            lane.append(_take(x_all, lane.sel))
-        self.appended += n
-        self.staged = [None] * len(self.staged)
-
-    def _crop(self, keep: int) -> None:
-        self._flush()
-        for lane in self.lanes or []:
-            lane.crop(keep)
-        self.appended = min(self.appended, keep)
+        return sum(p.store.capacity_nbytes() for p in self.parts)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch (beam search): every layer's storage at once."""
-        self._flush()
-        for lane in self.lanes or []:
-            lane.reorder(beam_idx)
+        """Reorder the batch (beam search): every layer's storage at once. With padded rows, a row's new
+        content must come from a row of the same padding (beams of one input do)."""
+        if len(self.parts) == 1 and self.parts[0].rows is None:
+            self.parts[0].store.reorder(beam_idx)
+            return
+        src = beam_idx.tolist()
+        for p in self.parts:
+            rows = p.rows.tolist()
+            where = {r: i for i, r in enumerate(rows)}
+            if any(src[r] not in where for r in rows):
+                raise InvalidArgument("reorder_cache mixes rows of different left padding")
+            p.store.reorder(torch.tensor([where[src[r]] for r in rows]))
 
     def reset(self) -> None:
         for layer in self.layers:
             layer.cumulative_length = 0
             layer.is_initialized = False
-        self._reset_storage()
+        self._reset_parts()
+
+    # ---- batch rows and their positions (docs/design.md §4, §4.2)
+    def _reset_parts(self) -> None:
+        #: groups of batch rows that share their positions: one for an unpadded batch (rows None); with left
+        #: padding, one per distinct pad, each row storing its own tokens at positions 0, 1, ...
+        self.parts = [_Part(None, 0, _Store(self.rules_by_layer, self.error_norms))]
+        self._decided = False
+
+    def _parts(self, position_ids, a: int, n: int) -> list:
+        """The parts for a chunk [a, a + n) of the batch; the first chunk decides the padding from the model's
+        position ids (pads: the ids of a row's real tokens count from 0 after them); later chunks must
+        continue every row's positions."""
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != n:
+            if self._decided and any(p.pad for p in self.parts):
+                raise InvalidArgument("a left-padded batch needs the model's position ids at every step")
+            self._decided = True
+            return self.parts
+        pos = position_ids.detach().to("cpu", torch.long)
+        if not self._decided:
+            if a != 0:
+                raise InvalidArgument(f"the first chunk a plan cache sees starts at position {a}, not 0")
+            pads = (n - 1 - pos[:, -1]).tolist()
+            for b, pad in enumerate(pads):
+                if not 0 <= pad < n or not torch.equal(pos[b, pad:], torch.arange(n - pad)):
+                    raise InvalidArgument(f"row {b}: position ids {pos[b].tolist()[:8]}... are not those of a "
+                                          "sequence from position 0 after left padding")
+            if any(pads):
+                self.parts = [_Part(torch.tensor([b for b, q in enumerate(pads) if q == pad]), pad,
+                                    _Store(self.rules_by_layer, self.error_norms)) for pad in sorted(set(pads))]
+            self._decided = True
+            return self.parts
+        for p in self.parts:
+            rows = pos if p.rows is None else pos.index_select(0, p.rows)
+            lo = p.pad if a == 0 else 0                  # the first chunk's pads carry any ids
+            if not bool((rows[:, lo:] == torch.arange(a - p.pad + lo, a - p.pad + n)).all()):
+                raise InvalidArgument(f"position ids {rows[0].tolist()[:8]} do not continue the cache's positions "
+                                      f"(from {a - p.pad}): a plan cache stores one sequence per batch row")
+        return self.parts

@@ -1,5 +1,6 @@
 """MixedPrecisionCache with model.generate, and the evaluation's teacher-forced pass against real decoding."""
 
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -88,6 +89,31 @@ def test_generate_sampling_batch_and_beams(tiny):
         assert cache.nbytes() > 0
 
 
+def _generate(lm, cache, ids, **kw):
+    torch.manual_seed(0)
+    return lm.model.generate(ids, cache=cache, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False, max_new_tokens=256), dict(do_sample=False, num_beams=3,
+                                                                               max_new_tokens=40)])
+def test_generate_equals_the_reference_cache(tiny, kw):
+    """The fast layout (docs/design.md §4.2) decodes exactly as the cache that stores every chunk as it comes
+    (tests/kv/reference_cache.py): the same tokens over 256 greedy steps (and with beams), logits within
+    1e-4 (they are in fact identical: the stored values are bit for bit the same)."""
+    from tests.kv.reference_cache import MixedPrecisionCache as ReferenceCache
+
+    lm = tiny[0]
+    plan = _plan(tiny, avg_bits=Fraction(9, 2))
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings():                      # 256 steps run past the plan's max_seq_len (64)
+        warnings.simplefilter("ignore", UserWarning)
+        fast = _generate(lm, MixedPrecisionCache.from_plan(plan, lm.model, on_overflow="warn"), ids, **kw)
+        ref = _generate(lm, ReferenceCache.from_plan(plan, lm.model, on_overflow="warn"), ids, **kw)
+    assert torch.equal(fast.sequences, ref.sequences)
+    worst = max(float((a - b).abs().max()) for a, b in zip(fast.logits, ref.logits))
+    assert worst <= 1e-4, worst
+
+
 def test_plan_and_model_shapes_must_match(tiny):
     from transformers import LlamaConfig
 
@@ -160,21 +186,38 @@ def test_accounted_bytes_at_max_seq_len_equal_the_plans_claim(tiny):
     assert accounted_bytes(units, plan["shape"]["head_dim"], t // 2) < accounted_bytes(units, plan["shape"]["head_dim"], t)
 
 
-def test_left_padded_batches_are_refused(tiny):
-    """Plan positions are those of unpadded sequences (docs/design.md §4). Failed before the fix: with left
-    padding the sink format silently held the pads."""
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(do_sample=False, num_beams=2)])
+def test_a_left_padded_batch_decodes_as_each_sequence_alone(tiny, kw):
+    """Plan positions are those of each sequence (docs/design.md §4): a left-padded row stores its own tokens
+    at positions 0, 1, ... (its pads are never stored), so a padded batch decodes as every row would alone.
+    Failed before the fix: the batch was refused (earlier still, the sink held the pads)."""
+    lm = tiny[0]
+    plan = _plan(tiny, uniform="int2_t16,sink=fp32,recent=int4_t16", sink=4, recent=16)   # where a token sits matters
+    rows = [[5, 6, 7], [1, 2, 3, 4, 5, 9, 9, 4], [8, 8, 8, 3, 2]]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    gen = dict(max_new_tokens=30, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kw)
+    cache = MixedPrecisionCache.from_plan(plan, lm.model)
+    batch = lm.model.generate(input_ids=ids, attention_mask=mask, cache=cache, **gen)
+    assert len(cache.parts) == 3
+    for b, r in enumerate(rows):
+        alone = lm.model.generate(input_ids=torch.tensor([r]), cache=MixedPrecisionCache.from_plan(plan, lm.model),
+                                  **gen)
+        assert torch.equal(batch.sequences[b, width:], alone.sequences[0, len(r):]), b
+        if "num_beams" not in kw:
+            worst = max(float((x[b] - y[0]).abs().max()) for x, y in zip(batch.logits, alone.logits))
+            assert worst <= 1e-4, (b, worst)
+
+
+def test_position_ids_that_skip_are_refused(tiny):
     from hnfverify.errors import InvalidArgument
 
     lm = tiny[0]
-    plan = _plan(tiny, uniform="fp16")
-    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    with pytest.raises(InvalidArgument, match="padded"):
-        lm.model.generate(input_ids=ids, attention_mask=mask, cache=MixedPrecisionCache.from_plan(plan, lm.model),
-                          max_new_tokens=2, do_sample=False, pad_token_id=0)
-    out = lm.model.generate(input_ids=ids[1:], cache=MixedPrecisionCache.from_plan(plan, lm.model), max_new_tokens=2,
-                            do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 7)
+    cache = MixedPrecisionCache.from_plan(_plan(tiny, uniform="fp16"), lm.model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(InvalidArgument, match="position ids"):
+        lm.model(input_ids=ids, position_ids=torch.tensor([[0, 1, 3, 4]]), cache=cache, use_cache=True)
 
 
 def test_the_real_cache_stays_inside_the_certified_bound(tiny):
