@@ -124,8 +124,10 @@ def rss_child(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("plans", nargs="*", default=["out/plan-4.5bits.json", "out/plan.json"])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("plans", nargs="*", default=["out/long/plan-4.5bits.json", "out/long/plan-int4.json",
+                                                 "out/long/plan-kivi4.json"])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8160],
+                    help="prefill lengths (8160 + 32 steps = 8192, SmolLM2's and the 8K plans' max_seq_len)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=32)

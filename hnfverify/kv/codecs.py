@@ -90,14 +90,16 @@ class IntCodec:
     def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
         """The same values as :meth:`dequantize` (q * s, then + z, in float32), written straight into dst."""
         fmt = p.fmt
-        if fmt.granularity == "channel":        # dst (..., n, d) seen as (..., groups, d, g)
+        s32, z32 = p.scale.to(torch.float32), p.zero.to(torch.float32)
+        if fmt.granularity == "channel":        # codes (..., groups, d, g) read transposed, dst written in order
             g = p.shape[-2] // p.data.shape[-3]
-            dst = dst.unflatten(-2, (p.data.shape[-3], g)).transpose(-1, -2)
+            q = unpack_bits(p.data, fmt.value_bits, g).transpose(-1, -2)
+            dst = dst.unflatten(-2, (p.data.shape[-3], g))
+            s32, z32 = s32.transpose(-1, -2).contiguous(), z32.transpose(-1, -2).contiguous()
         else:
-            g = fmt.group
-        q = unpack_bits(p.data, fmt.value_bits, g)
-        torch.mul(q, p.scale.to(torch.float32), out=dst)
-        dst.add_(p.zero.to(torch.float32))
+            q = unpack_bits(p.data, fmt.value_bits, fmt.group)
+        torch.mul(q, s32, out=dst)
+        dst.add_(z32)
 
 
 def codec_for(fmt: Format):
