@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench bench-data bench-report proofs clean model fuzz fuzz-ci
+.PHONY: venv demo test test-fast bench bench-data bench-long bench-speed bench-report proofs clean model fuzz fuzz-ci
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,23 @@ bench-data: venv model
 	$(BIN)/python benchmarks/quality.py --out $(BENCH) --windows 4
 	$(BIN)/python benchmarks/analyzer_overhead.py --json > $(BENCH)/analyzer_overhead.json.tmp && mv $(BENCH)/analyzer_overhead.json.tmp $(BENCH)/analyzer_overhead.json
 	$(BIN)/python benchmarks/check_scaling.py --json > $(BENCH)/check_scaling.json.tmp && mv $(BENCH)/check_scaling.json.tmp $(BENCH)/check_scaling.json
+	$(MAKE) bench-long
+
+# decode speed and memory at 1K / 4K / 8K context (about 35 minutes): plans from one 8192-token analysis
+LONG = $(BENCH)/long
+bench-long: venv model
+	mkdir -p $(LONG)
+	$(BIN)/python -m hnfverify analyze --model smollm2 --calib prose --max-tokens 8192 --window 8192 --threads 2 --quiet --out $(LONG)/report-8k.json
+	$(BIN)/python -m hnfverify plan $(LONG)/report-8k.json --avg-bits 4.5 --sink 4 --recent 64 --out $(LONG)/plan-4.5bits.json > /dev/null
+	$(BIN)/python -m hnfverify plan $(LONG)/report-8k.json --uniform int4_t64 --sink 4 --recent 64 --out $(LONG)/plan-int4.json > /dev/null
+	$(BIN)/python -m hnfverify plan $(LONG)/report-8k.json --uniform fp16,K.rest=int4_c32,V.rest=int4_t64 --sink 0 --recent 128 --out $(LONG)/plan-kivi4.json > /dev/null
+	$(BIN)/python benchmarks/cache_overhead.py $(LONG)/plan-4.5bits.json $(LONG)/plan-int4.json $(LONG)/plan-kivi4.json --json > $(BENCH)/cache_overhead.json.tmp && mv $(BENCH)/cache_overhead.json.tmp $(BENCH)/cache_overhead.json
+
+# the decode figures only, after a change to the cache: re-time quality.json's plans, then the long contexts
+bench-speed: venv model
+	$(BIN)/python benchmarks/quality.py --out $(BENCH) --retime
+	$(MAKE) bench-long
+	$(MAKE) bench-report
 
 bench-report: venv
 	$(BIN)/python benchmarks/write_report.py $(BENCH)

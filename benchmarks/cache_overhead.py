@@ -14,7 +14,7 @@ prefill to the end of the decode, with the cache's own count of its bytes. Alloc
 mmapped (``MALLOC_MMAP_THRESHOLD_``) so that memory the program freed leaves the resident set, for
 every cache alike.
 
-    .venv/bin/python benchmarks/cache_overhead.py [PLAN ...] [--contexts 1024 4096 8192] [--json]
+    .venv/bin/python benchmarks/cache_overhead.py [PLAN ...] [--contexts 1024 4096 8160] [--json]   (make bench-long)
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def rss_child(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("plans", nargs="*", default=["out/long/plan-4.5bits.json", "out/long/plan-int4.json",
-                                                 "out/long/plan-kivi4.json"])
+    ap.add_argument("plans", nargs="*", default=["out/bench/long/plan-4.5bits.json", "out/bench/long/plan-int4.json",
+                                                 "out/bench/long/plan-kivi4.json"])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8160],
                     help="prefill lengths (8160 + 32 steps = 8192, SmolLM2's and the 8K plans' max_seq_len)")
     ap.add_argument("--threads", type=int, default=2)

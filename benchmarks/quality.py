@@ -173,6 +173,58 @@ def timing(lm, makers: dict, repeats: int, steps: int) -> dict:
     return {k: {"ms_per_token_median": statistics.median(v), "runs": v} for k, v in res.items()}
 
 
+TIMED = ["uniform-fp8_e4m3", "uniform-int8", "uniform-int4", "kivi-4bit", "kivi-2bit", "hnf-avg3", "hnf-avg4",
+         "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500", "hnf-eps4000"]
+
+
+def timing_makers(lm, by_name: dict) -> dict:
+    """The caches timed: the full cache, the plans of TIMED through MixedPrecisionCache, quanto int4 / int2."""
+    from transformers import DynamicCache
+
+    from hnfverify.evaluation.quanto import quanto_cache
+    from hnfverify.kv.cache import MixedPrecisionCache
+
+    cfg = lm.model.config
+    makers = {"full": lambda: DynamicCache(config=cfg)}
+    makers.update({n: (lambda p=by_name[n]: MixedPrecisionCache.from_plan(p, lm.model)) for n in TIMED})
+    makers["quanto-int4"] = lambda: quanto_cache(cfg, 4)
+    makers["quanto-int2"] = lambda: quanto_cache(cfg, 2)
+    return makers
+
+
+def retime(args) -> int:
+    """--retime: time the decode again (same plans, same protocol) and update quality.json's decode figures
+    only. The quality figures stand: they come from the teacher-forced evaluation, which the cache's
+    implementation does not enter (and the cache stores bit for bit what it did, tests/kv/test_cache_layout.py)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from hnfverify.core.plan import load_plan
+    from hnfverify.models import load_model
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    out = Path(args.out)
+    q = json.loads((out / "quality.json").read_text())
+    lm = load_model("smollm2", verbose=False)
+    by_name = {r["method"]: load_plan(r["plan"]) for r in q["rows"] if r["method"] in TIMED}
+    t = time.perf_counter()
+    times = timing(lm, timing_makers(lm, by_name), args.repeats, args.steps)
+    log(f"decode timing in {time.perf_counter() - t:.0f} s")
+    for r in q["rows"]:
+        if r["method"] in times:
+            r["decode"] = times[r["method"]]
+    q["full_decode"] = times["full"]
+    q["timing"] = {"repeats": args.repeats, "steps": args.steps, "prefill": 512,
+                   "retimed": time.strftime("%Y-%m-%d"), "torch_threads": args.threads}
+    tmp = out / "quality.json.tmp"
+    tmp.write_text(json.dumps(q, indent=1, sort_keys=True))
+    os.replace(tmp, out / "quality.json")
+    log(f"updated the decode figures of {out / 'quality.json'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/bench")
@@ -180,23 +232,25 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--retime", action="store_true",
+                    help="only time the decode again and update quality.json's decode figures")
     args = ap.parse_args()
+    if args.retime:
+        return retime(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     rep = analysis(out)
 
     import torch
-    from transformers import DynamicCache
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from hnfverify.evaluation import evaluate_methods, plan_method
-    from hnfverify.kv.cache import MixedPrecisionCache
     from hnfverify.models import load_model
-    from hnfverify.evaluation.quanto import quanto_cache, quanto_method
+    from hnfverify.evaluation.quanto import quanto_method
     from hnfverify.core.plan import claim_float
 
     t = time.perf_counter()
@@ -213,16 +267,8 @@ def main() -> int:
         t = time.perf_counter()
         evals[corpus] = evaluate_methods(lm, methods, corpus, windows=args.windows)
         log(f"eval {corpus}: {len(methods)} methods x {args.windows} windows in {time.perf_counter() - t:.0f} s")
-    timed = ["uniform-fp8_e4m3", "uniform-int8", "uniform-int4", "kivi-4bit", "kivi-2bit", "hnf-avg3", "hnf-avg4",
-             "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500", "hnf-eps4000"]
-    by_name = {name: plan for name, _, _, plan, _ in plans}
-    cfg = lm.model.config
-    makers = {"full": lambda: DynamicCache(config=cfg)}
-    makers.update({n: (lambda p=by_name[n]: MixedPrecisionCache.from_plan(p, lm.model)) for n in timed})
-    makers["quanto-int4"] = lambda: quanto_cache(cfg, 4)
-    makers["quanto-int2"] = lambda: quanto_cache(cfg, 2)
     t = time.perf_counter()
-    times = timing(lm, makers, args.repeats, args.steps)
+    times = timing(lm, timing_makers(lm, {name: plan for name, _, _, plan, _ in plans}), args.repeats, args.steps)
     log(f"decode timing in {time.perf_counter() - t:.0f} s")
     rows = []
     meta = {name: (group, str(path), note, plan) for name, group, path, plan, note in plans}

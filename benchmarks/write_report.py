@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/write_report.py out/bench
 
-Every number in BENCHMARKS.md comes from out/bench/{quality,analyzer_overhead,check_scaling}.json;
+Every number in BENCHMARKS.md comes from out/bench/{quality,analyzer_overhead,check_scaling,cache_overhead}.json;
 the file is regenerated, never edited by hand. No torch here.
 """
 
@@ -161,6 +161,43 @@ def ablation(rows) -> list:
     return out + [""] + pred
 
 
+def speed_by_context(co: dict) -> list:
+    """Decode ms/token by context and the memory held at the longest one (benchmarks/cache_overhead.py)."""
+    ctxs = sorted(co["contexts"], key=int)
+    names = list(co["contexts"][ctxs[0]])
+    label = {p: f"{Path(p).stem} ({co['plans'][p]['avg_bits']:.2f} bits)" for p in co["plans"]}
+    md = [f"Decode after a prefill of L prose tokens (evaluation split), median of {co['steps']} greedy steps x "
+          f"{co['repeats']} interleaved repeats, one process, {co['threads']} threads, torch {co['torch']}. "
+          "Cells: ms/token (x DynamicCache, x quanto-int4).", "",
+          "| cache | " + " | ".join(f"L = {c}" for c in ctxs) + " |", "|---|" + "---:|" * len(ctxs)]
+    for n in names:
+        cells = []
+        for c in ctxs:
+            v = co["contexts"][c][n]
+            mark = "" if v.get("covers", True) else " (past max_seq_len)"
+            cells.append(f"{v['ms_per_token']:.1f} ({v['vs_full']:.2f}x, {v['vs_quanto_int4']:.2f}x){mark}")
+        md.append(f"| {label.get(n, n)} | " + " | ".join(cells) + " |")
+    last = ctxs[-1]
+    row = co["contexts"][last]
+    if all("rss_growth_mib" in v for v in row.values()):
+        full_rss = row["DynamicCache"]["rss_growth_mib"]
+        positions = int(last) + co["steps"]
+        full_bytes = 30 * 2 * 3 * positions * 64 * 4 / 2 ** 20      # SmolLM2: 30 layers, 3 KV heads, head_dim 64
+        md += ["", f"Memory at L = {last} ({positions} positions): growth of the resident set of a fresh process "
+               "from before the prefill to the end of the decode (allocations above 1 MiB mmapped, so freed memory "
+               f"leaves it), next to the cache's own bytes. The full FP32 cache holds {full_bytes:.1f} MiB.", "",
+               "| cache | RSS growth MiB | cache bytes MiB | RSS saved vs DynamicCache MiB | nominal saving MiB | "
+               "saved / nominal |", "|---|---:|---:|---:|---:|---:|"]
+        for n, v in row.items():
+            nb = v.get("cache_nbytes_mib")
+            saved = full_rss - v["rss_growth_mib"]
+            nominal = None if nb is None else full_bytes - nb
+            ratio = f"{saved / nominal:.2f}" if nominal else "-"
+            md.append(f"| {label.get(n, n)} | {v['rss_growth_mib']:.1f} | {_g(nb, '.1f')} | {saved:.1f} | "
+                      f"{_g(nominal, '.1f')} | {ratio} |")
+    return md
+
+
 def makefile_recipe(target: str) -> list:
     """The recipe lines of a Makefile target, variables expanded as `make` would for the defaults."""
     lines = (ROOT / "Makefile").read_text().splitlines()
@@ -202,6 +239,7 @@ def main() -> int:
         figs.append(plots.bound_scatter(pts, FIG / "bound_vs_actual.png",
                                         "certified E_h vs largest observed error per (layer, KV head), prose"))
     ao, cs = _load(d / "analyzer_overhead.json"), _load(d / "check_scaling.json")
+    co = _load(d / "cache_overhead.json")
 
     ev = rows[0]["eval"]
     md = [
@@ -255,7 +293,8 @@ def main() -> int:
         "`QuantizedCache(backend=\"quanto\", nbits, residual_length=128, q_group_size=64)`. hnfverify: "
         "`hnfverify plan --avg-bits B` (objective `linear`, sink 4, recent 64) and `--eps E`. "
         "The uniform and KIVI-style peers run through hnfverify's own cache, so their decode times measure "
-        "that implementation (pure PyTorch, dequantizing per KV head and segment every step), not KIVI's kernels.",
+        "that implementation (pure PyTorch: per layer, one dequantization per shared packed buffer, "
+        "docs/design.md §4.2), not KIVI's kernels.",
         "",
         "## Results",
         "",
@@ -290,6 +329,9 @@ def main() -> int:
     if (FIG / "report-eps500" / "bound_vs_actual.png").exists():
         md.append("- [benchmarks/figures/report-eps500/bound_vs_actual.png](benchmarks/figures/report-eps500/"
                   "bound_vs_actual.png) (`hnfverify report ... --eval-windows 1`)")
+    if co:
+        md += ["", "## Decode speed and memory by context length (`benchmarks/cache_overhead.py`)", ""]
+        md += speed_by_context(co)
     md += ["", "## Scale", ""]
     if ao:
         md += [f"Analyzer overhead (`benchmarks/analyzer_overhead.py`, {ao['tokens']} prose tokens in "
@@ -312,7 +354,7 @@ def main() -> int:
     # the results the tables are read from travel with them (benchmarks/results/, committed)
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    for name in ("quality.json", "analyzer_overhead.json", "check_scaling.json"):
+    for name in ("quality.json", "analyzer_overhead.json", "check_scaling.json", "cache_overhead.json"):
         if (d / name).exists():
             tmp = res / (name + ".tmp")
             tmp.write_bytes((d / name).read_bytes())
