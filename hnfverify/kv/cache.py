@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..errors import InvalidArgument
 from ..core.semantics import SEGMENTS, StreamRule, channel_groups, layout
 from . import norms
+from .codecs import IntCodec
 from .quant import Packed, dequantize, dequantize_into, quantize_values
 
 _MIN_CAP = 16
@@ -163,10 +164,8 @@ class _Group:
         data, scale, zero = self.buf.view(a, b)
         if rows is not None:
             data, scale, zero = (None if t is None else t[:, rows] for t in (data, scale, zero))
-        if self.fmt.granularity == "channel":     # data (B, h, groups, d, packed group)
-            shape = (data.shape[0], data.shape[1], data.shape[2] * self.fmt.group, data.shape[3])
-        else:                                     # data (B, h, tokens, packed d)
-            shape = (data.shape[0], data.shape[1], data.shape[2], self.d)
+        assert self.fmt.granularity != "channel", "full channel groups are token-major: IntCodec.token_major_into"
+        shape = (data.shape[0], data.shape[1], data.shape[2], self.d)     # data (B, h, tokens, packed d)
         return Packed(self.fmt, shape, data, scale, zero)
 
     def partial_rows(self, rows: slice) -> Packed:
@@ -201,6 +200,8 @@ class _Lane:
         self.pending = _Buf()
         self.codes = _Buf()
         self.rest_end = self.recent_start = self.length = self.oldest = 0
+        self.version = 0              # bumped by every change of what is stored or how it is laid out
+        self.window = None            # (version, sink, tail): see prepare_window
 
     # ---- sizes
     def _n(self, seg: str) -> int:
@@ -220,6 +221,8 @@ class _Lane:
             if group_tokens is not None and group_tokens < g.fmt.group:
                 assert g.partial is None, "only the rest's first channel group can start late"
                 g.partial = p
+            elif g.fmt.granularity == "channel":    # full groups are held token-major (read without a transpose)
+                g.buf.append((IntCodec.token_major(p), p.scale, p.zero))
             else:
                 g.buf.append((p.data, p.scale, p.zero))
             if self.record:
@@ -240,6 +243,7 @@ class _Lane:
     def append(self, x: torch.Tensor) -> None:
         """x: (B, h, n, d) float32, positions length .. length + n - 1 (a chunk; its queries read it exactly)."""
         n, start, r = x.shape[2], self.length, self.rule
+        self.version += 1
         n_sink = max(0, min(n, r.sink - start))
         errs = []
         if n_sink:
@@ -269,6 +273,7 @@ class _Lane:
         r = self.rule
         lay = layout(r, oldest)
         self.oldest = oldest
+        self.version += 1
         if self.length <= r.sink:
             return
         n_out = lay.recent_start - self.recent_start
@@ -305,6 +310,7 @@ class _Lane:
         a per-token rest), i.e. keep >= the query the layout was made for (docs/design.md §4)."""
         if keep >= self.length:
             return
+        self.version += 1
         if keep < self.oldest:
             raise InvalidArgument(f"crop to {keep} positions: positions from {self.oldest - self.rule.recent} on "
                                   f"already left the recent window for a query at {self.oldest}; a plan cache can only "
@@ -343,11 +349,48 @@ class _Lane:
                 x.index_copy_(1, g.sub, y)
         return x
 
+    def prepare_window(self) -> None:
+        """Dequantize the small segments of every layer at once — the sink, and the pending and recent
+        positions [rest_end, length) — into transient float32 tensors the layers of this forward pass copy
+        their rows from (one copy each instead of a dequantization per format). Valid until the next change."""
+        if not self.length:
+            return
+        n_s = self._n("sink")
+        sink = None
+        if n_s:
+            ref = self.groups["sink"][0].buf.view()[0]
+            sink = torch.empty(ref.shape[0], self.h, n_s, self.d)
+            for g in self.groups["sink"]:
+                self._dequantize_rows(g, g.packed(), sink)
+        n_t = self.length - self.rest_end if self.length > self.rule.sink else 0
+        tail = None
+        if n_t > 0 and (self.pending.n or self._n("recent")):
+            b = (self.pending.view()[0] if self.pending.n else self.groups["recent"][0].buf.view()[0]).shape[0]
+            tail = torch.empty(b, self.h, n_t, self.d)
+            if self.pending.n:
+                tail[:, :, :self.pending.n] = self.pending.view()[0]
+            if self._n("recent"):
+                part = tail[:, :, self.recent_start - self.rest_end:]
+                for g in self.groups["recent"]:
+                    self._dequantize_rows(g, g.packed(), part)
+        self.window = (self.version, sink, tail)
+
+    @staticmethod
+    def _dequantize_rows(g: "_Group", p: Packed, dst: torch.Tensor) -> None:
+        """dequantize(p) into dst at the group's rows of the lane."""
+        if g.sub is None:
+            dequantize_into(p, dst)
+        elif isinstance(g.sub, slice):
+            dequantize_into(p, dst[:, g.sub])
+        else:
+            dst.index_copy_(1, g.sub, dequantize(p))
+
     def read_into(self, out: torch.Tensor, a: int, li: int) -> None:
         """Write layer li's stored values of positions [0, a) into out (B, 2 Hkv, >= a, d)."""
         if li not in self.rows:
             return
         r = self.rule
+        win = self.window if self.window is not None and self.window[0] == self.version else None
 
         def put(idx, lo, p):
             if isinstance(idx, slice):
@@ -355,11 +398,17 @@ class _Lane:
             else:
                 out[:, idx, lo:lo + p.shape[2]] = dequantize(p)
 
-        for g in self.groups["sink"]:
-            n = min(g.buf.n, a)
-            if n and li in g.rows:
-                rows, idx = g.rows[li]
-                put(idx, 0, g.packed(0, n, rows))
+        if win is not None:
+            lrows, lidx = self.rows[li]
+            if win[1] is not None:
+                n = min(win[1].shape[2], a)
+                out[:, lidx, :n] = win[1][:, lrows, :n]
+        else:
+            for g in self.groups["sink"]:
+                n = min(g.buf.n, a)
+                if n and li in g.rows:
+                    rows, idx = g.rows[li]
+                    put(idx, 0, g.packed(0, n, rows))
         rest_n = self._n("rest")
         if rest_n:
             lo = self.rest_end - rest_n
@@ -377,7 +426,19 @@ class _Lane:
                     put(idx, t, g.partial_rows(rows))
                     t += g.partial.shape[-2]
                 if g.buf.n:
-                    put(idx, t, g.packed(0, None, rows))
+                    data, scale, zero = (x[:, rows] for x in g.buf.view())
+                    n = data.shape[2] * g.fmt.group
+                    if isinstance(idx, slice):
+                        IntCodec.token_major_into(g.fmt, data, scale, zero, out[:, idx, t:t + n])
+                    else:
+                        y = out.new_empty(data.shape[0], data.shape[1], n, out.shape[-1])
+                        IntCodec.token_major_into(g.fmt, data, scale, zero, y)
+                        out[:, idx, t:t + n] = y
+        if win is not None:
+            n = min(0 if win[2] is None else win[2].shape[2], a - self.rest_end)
+            if n > 0:
+                out[:, lidx, self.rest_end:self.rest_end + n] = win[2][:, lrows, :n]
+            return
         n = min(self.pending.n, a - self.rest_end)
         if n > 0:
             rows, idx = self.rows[li]
@@ -417,6 +478,7 @@ class _Lane:
         the same layout key and chunk history, whose rows together are this lane's rows."""
         state = {(q.rest_end, q.recent_start, q.length, q.oldest) for q in parts}
         assert len(state) == 1, "the layers' first chunks differ"
+        self.version += 1
         self.rest_end, self.recent_start, self.length, self.oldest = state.pop()
 
         def cat_bufs(dst: _Buf, srcs: list) -> None:
@@ -439,6 +501,7 @@ class _Lane:
         cat_bufs(self.codes, [q.codes for q in parts])
 
     def reorder(self, idx: torch.Tensor) -> None:
+        self.version += 1
         for gs in self.groups.values():
             for g in gs:
                 g.buf.reorder(idx)
@@ -546,6 +609,7 @@ class _Store:
         if self.laid != a:
             for lane in self.lanes or []:
                 lane.relayout(a)
+                lane.prepare_window()
             self.laid = a
         self.staged[li] = x
 

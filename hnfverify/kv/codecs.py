@@ -87,6 +87,26 @@ class IntCodec:
         return ungrouped(IntCodec.affine(q, p.scale.to(torch.float32), p.zero.to(torch.float32)), fmt, p.shape)
 
     @staticmethod
+    def token_major(p: Packed) -> torch.Tensor:
+        """The codes of full channel groups re-packed token by token: (..., groups, d, packed g) ->
+        (..., groups, g, packed d). The same codes and bytes (g * bits is whole bytes for a full group);
+        reading them needs no transpose (:meth:`token_major_into`)."""
+        g = p.fmt.group
+        q = unpack_bits(p.data, p.fmt.value_bits, g).transpose(-1, -2).contiguous()
+        return pack_bits(q, p.fmt.value_bits)
+
+    @staticmethod
+    def token_major_into(fmt: Format, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                         dst: torch.Tensor) -> None:
+        """dequantize() of full channel groups stored by :meth:`token_major`, into dst (..., groups * g, d):
+        the same float32 values (q * s, then + z)."""
+        d = dst.shape[-1]
+        q = unpack_bits(data, fmt.value_bits, d)                          # (..., groups, g, d)
+        dst = dst.unflatten(-2, (data.shape[-3], fmt.group))
+        torch.mul(q, scale.to(torch.float32).transpose(-1, -2), out=dst)
+        dst.add_(zero.to(torch.float32).transpose(-1, -2))
+
+    @staticmethod
     def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
         """The same values as :meth:`dequantize` (q * s, then + z, in float32), written straight into dst."""
         fmt = p.fmt
