@@ -524,9 +524,18 @@ class _Store:
     """The storage of batch rows that share their positions (docs/design.md §4.2): the model's lanes, the
     layers' first chunks until they are merged, the staged chunks."""
 
-    def __init__(self, rules_by_layer: list, error_norms: bool):
-        self.rules_by_layer, self.error_norms = rules_by_layer, error_norms
+    def __init__(self, rules_by_layer: list, error_norms: bool, row_limits: list):
+        self.rules_by_layer, self.error_norms, self.row_limits = rules_by_layer, error_norms, row_limits
+        self.count = torch.zeros(2, dtype=torch.int64)     # stored keys, values beyond the measured maxima
         self.reset()
+
+    def _count(self, x: torch.Tensor, layers: list) -> None:
+        """Count the vectors of x (B, rows, n, d) — the K then V streams of ``layers`` — beyond their limits."""
+        if self._lim_layers != layers:
+            self._lim, self._lim_layers = torch.cat([self.row_limits[li] for li in layers]).view(1, -1, 1), layers
+        over = x.abs().amax(-1) > self._lim
+        b, _, n = over.shape
+        self.count += over.view(b, len(layers), 2, -1, n).sum(dim=(0, 1, 3, 4))
 
     @property
     def d(self) -> int:
@@ -556,6 +565,7 @@ class _Store:
         return total
 
     def reset(self) -> None:
+        self._lim_layers = None
         self.lanes: list | None = None          # built at the first store, from the layers that were updated
         self.first: dict = {}                   # layer -> its own lanes, holding its first chunk (until merged)
         self.active: list = []
@@ -594,6 +604,7 @@ class _Store:
         other layers); later chunks are staged: if li has one staged (a new forward pass began) every layer's
         is stored first, then the lanes are laid out for query a and the chunk waits."""
         if self.lanes is None and a == 0 and li not in self.first:
+            self._count(x, [li])
             lanes = self._lanes_for([li], x.shape[-1])
             for lane in lanes:
                 lane.relayout(0)
@@ -631,6 +642,7 @@ class _Store:
                                   "layer updated with the same tokens")
         n = n.pop()
         x_all = staged[0][1] if len(staged) == 1 else torch.cat([x for _, x in staged], dim=1)
+        self._count(x_all, layers)
         for lane in self.lanes:
             lane.append(_take(x_all, lane.sel))
         self.appended += n
@@ -691,7 +703,6 @@ class MixedPrecisionLayer(CacheLayerMixin):
             if a == 0 and p.pad:
                 xs = xs[:, :, p.pad:]                # a left-padded row stores its own tokens only
             p.store.stage(self.index, xs, max(0, a - p.pad))
-            self.owner._monitor_stored(self.index, xs[:, :h], xs[:, h:])
         self.cumulative_length += n
         self.exact_tail = n
         if first:
@@ -807,26 +818,25 @@ class MixedPrecisionCache(Cache):
         #: the plan's measured assumptions the cache watches (docs/design.md §4.1): (layer, KV head) ->
         #: {"q_max": float, "K": amax, "V": amax}; ``monitor`` counts what falls outside them
         self.limits = limits or {}
-        self.monitor = {"queries_above_q_max": 0, "keys_above_amax": 0, "values_above_amax": 0}
         super().__init__(layers=[MixedPrecisionLayer(r, self, i) for i, r in enumerate(rules_by_layer)])
         self.rules_by_layer = rules_by_layer
+        # per layer, (2 Hkv,) the measured |x| maxima of its K then V streams (+inf where the plan has none):
+        # the stores count the stored vectors beyond them, every layer at once
+        self.row_limits = []
+        for li, heads in enumerate(rules_by_layer):
+            lim = [self.limits.get((li, h), {}).get(kv, float("inf")) for kv in ("K", "V") for h in range(len(heads))]
+            self.row_limits.append(torch.tensor(lim, dtype=torch.float32))
         self._reset_parts()
-        # per layer, (Hkv,) tensors of the measured amax of K and V: one comparison per update
-        self._amax = {}
-        for (li, h), lim in self.limits.items():
-            self._amax.setdefault(li, {"K": [], "V": []})
-            self._amax[li]["K"].append(lim["K"])
-            self._amax[li]["V"].append(lim["V"])
-        self._amax = {li: {kv: torch.tensor(x, dtype=torch.float32) for kv, x in d.items()}
-                      for li, d in self._amax.items()}
 
-    def _monitor_stored(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Count stored vectors with an entry beyond the plan's measured |x| maximum (any segment)."""
-        lim = self._amax.get(li)
-        if lim is None:
-            return
-        self.monitor["keys_above_amax"] += int((k.abs().amax(-1).float() > lim["K"].view(1, -1, 1)).sum())
-        self.monitor["values_above_amax"] += int((v.abs().amax(-1).float() > lim["V"].view(1, -1, 1)).sum())
+    @property
+    def monitor(self) -> dict:
+        """Stored vectors with an entry beyond the plan's measured |x| maximum (any segment), keys and values
+        (``queries_above_q_max`` is counted by ``hnfverify.kv.certify``, which sees the queries)."""
+        counts = torch.zeros(2, dtype=torch.int64)
+        for p in self.parts:
+            p.store.flush()
+            counts += p.store.count
+        return {"queries_above_q_max": 0, "keys_above_amax": int(counts[0]), "values_above_amax": int(counts[1])}
 
     def _admit(self, length: int) -> None:
         if self.max_seq_len is None or length <= self.max_seq_len:
@@ -898,8 +908,9 @@ class MixedPrecisionCache(Cache):
     def _reset_parts(self) -> None:
         #: groups of batch rows that share their positions: one for an unpadded batch (rows None); with left
         #: padding, one per distinct pad, each row storing its own tokens at positions 0, 1, ...
-        self.parts = [_Part(None, 0, _Store(self.rules_by_layer, self.error_norms))]
+        self.parts = [_Part(None, 0, _Store(self.rules_by_layer, self.error_norms, self.row_limits))]
         self._decided = False
+        self._checked = None
 
     def _parts(self, position_ids, a: int, n: int) -> list:
         """The parts for a chunk [a, a + n) of the batch; the first chunk decides the padding from the model's
@@ -910,6 +921,9 @@ class MixedPrecisionCache(Cache):
                 raise InvalidArgument("a left-padded batch needs the model's position ids at every step")
             self._decided = True
             return self.parts
+        if position_ids is self._checked:             # the layers of one forward pass share the tensor
+            return self.parts
+        self._checked = position_ids
         pos = position_ids.detach().to("cpu", torch.long)
         if not self._decided:
             if a != 0:
@@ -921,7 +935,8 @@ class MixedPrecisionCache(Cache):
                                           "sequence from position 0 after left padding")
             if any(pads):
                 self.parts = [_Part(torch.tensor([b for b, q in enumerate(pads) if q == pad]), pad,
-                                    _Store(self.rules_by_layer, self.error_norms)) for pad in sorted(set(pads))]
+                                    _Store(self.rules_by_layer, self.error_norms, self.row_limits))
+                              for pad in sorted(set(pads))]
             self._decided = True
             return self.parts
         for p in self.parts:

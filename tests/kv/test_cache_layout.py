@@ -68,6 +68,7 @@ def drive_both(plan: dict, seed: int, batch: int) -> int:
             fast.reorder_cache(idx)
             ref.reorder_cache(idx)
         steps += 1
+    assert fast.monitor == ref.monitor, (fast.monitor, ref.monitor)
     return steps
 
 
