@@ -99,9 +99,13 @@ def verdicts(rows, full_ms=None) -> list:
     peer_t = {r["method"]: r["decode"]["ms_per_token_median"] for r in peers if r.get("decode")}
     if ours_t and peer_t and full_ms:
         fastest = min(peer_t, key=peer_t.get)
-        lines.append(f"- **Decode speed**: hnfverify's cache takes {min(ours_t) / full_ms:.2f}–{max(ours_t) / full_ms:.2f}× "
-                     f"the full cache's time per token; the fastest peer, {fastest}, {peer_t[fastest] / full_ms:.2f}×. "
-                     + ("hnfverify **loses** on speed." if min(ours_t) > peer_t[fastest] else "hnfverify is not slower."))
+        quanto = {k: v for k, v in peer_t.items() if k.startswith("quanto")}
+        q_txt = ", ".join(f"{k} {v / full_ms:.2f}×" for k, v in sorted(quanto.items()))
+        lines.append(f"- **Decode speed** (512-token prefill): hnfverify's plans take {min(ours_t) / full_ms:.2f}–"
+                     f"{max(ours_t) / full_ms:.2f}× the full cache's time per token ({q_txt}); the fastest peer, "
+                     f"{fastest}, {peer_t[fastest] / full_ms:.2f}×. "
+                     + ("At this length hnfverify's plans **lose** on speed." if min(ours_t) > peer_t[fastest]
+                        else "hnfverify is not slower.") + " Longer contexts: the section on decode by context length.")
     return lines
 
 
@@ -283,7 +287,9 @@ def main() -> int:
         "(all methods). quanto's curve is its real quantized tensors plus its FP32 residual at every length.",
         f"- Decode: ms per token after a {q['timing']['prefill']}-token prefill, median of {q['timing']['steps']} "
         f"greedy steps, {q['timing']['repeats']} interleaved repeats (one process, side by side); full cache "
-        f"(DynamicCache) {full_ms:.1f} ms/token.",
+        f"(DynamicCache) {full_ms:.1f} ms/token"
+        + (f" (re-timed on {q['timing']['retimed']} by `make bench-speed`, `quality.py --retime`, with the cache as it "
+           "is now; the quality figures are those of the full run)" if q["timing"].get("retimed") else "") + ".",
         f"- Quality run: {q['seconds'] / 60:.1f} minutes.",
         "",
         "Peers: `uniform-*` = one format everywhere through hnfverify's cache (FP8-E4M3 with a per-token FP16 "
