@@ -14,15 +14,16 @@ and every query position allowed by the mask (causal, sliding window).
 
 Enclosures. Inputs are the captured float32 tensors, which are exact rationals. Every quantity is
 evaluated once in float64 (the central value), reduced by max over queries, and only then widened
-to an interval [lo, hi] that contains the exact real value of that maximum for those inputs:
+to an interval [lo, hi] that contains the exact real value of that maximum for those inputs. The
+margins are the larger of fixed ones and the float rounding bounds derived in docs/design.md §2.1a
+(Higham's gamma_n for the dot products, the softmax, the weighted sum and the norms, per KV head):
 
-* relative factor (1 +- DELTA) per multiplicative factor, DELTA = 2^-30; float64 evaluation of a
-  softmax over <= a few thousand scores and of length-d dot products errs by far less than
-  2^-40 relative, so DELTA has a margin of > 2^10;
-* ``|1 - 2 alpha|`` gets an absolute margin ETA = 2^-30 (it cancels near alpha = 1/2);
+* relative factor (1 +- delta) per multiplicative factor, delta = max(2^-30, 2 (a + gamma_(d+2) + 8u)),
+  a the softmax's relative error bound (:func:`softmax_rel_error`);
+* ``|1 - 2 alpha|`` gets an absolute margin eta = max(2^-30, 2a + 2u) (it cancels near alpha = 1/2);
 * ``||V_t - o||`` is computed from ``||V_t||^2 - 2 V_t.o + ||o||^2`` whose float64 error is below
-  GAMMA (||V_t|| + ||o||)^2 with GAMMA = 2^-40 (a margin of > 2^5 over (d + 4) 2^-53 for d <= 512), so
-  its square root errs by at most EPS_t = sqrt(GAMMA) (||V_t|| + max ||o||);
+  max(2^-40, gamma_(d+3)) (||V_t|| + ||o||)^2, so its square root errs by at most
+  EPS_t = sqrt(max(2^-40, gamma_(d+3))) (||V_t|| + max ||o||) + o_err, o_err >= ||o~ - o||;
 * a product's error is bounded with the per-position maxima of its other factors, e.g.
   max kappa <= (1 + DELTA)^2 [max kappa_c + 1/2 tau^2 Q_t^2 A_t (ETA VO_t + (1 + ETA) EPS_t)],
   and symmetrically for the lower end (the maximizing query of the central value is a witness).
@@ -41,6 +42,19 @@ import torch
 DELTA = 2.0 ** -30
 ETA = 2.0 ** -30
 GAMMA = 2.0 ** -40
+U64 = 2.0 ** -53          # unit roundoff of float64
+#: absolute error of a computed alpha from underflow (exp below 2^-1022 loses relative accuracy, below
+#: 2^-1074 it is 0; the normalizing sum is >= 1): |alpha~ - alpha| <= a alpha + TINY (docs/design.md §2.1a)
+TINY = 2.0 ** -1000
+#: upward factor on the error bounds' own float64 evaluation (a few dozen roundings of positive terms)
+SAFE = 1.0 + 2.0 ** -40
+
+
+def gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float64, rounded up (docs/design.md §2.1a)."""
+    if n * U64 >= 0.5:
+        raise ValueError(f"gamma_{n}: too many terms for the float64 rounding bound")
+    return n * U64 / (1.0 - n * U64) * SAFE
 
 #: names of the per-(kv head, position) maxima computed by :func:`position_stats`
 MAX_FIELDS = ("alpha_max", "qnorm_max", "vo_max", "alpha_vo_max", "kappa", "grad_k", "htrace")
@@ -80,6 +94,15 @@ class PositionStats:
     mass_alpha_hi: torch.Tensor | None = None
     mass_avo_lo: torch.Tensor | None = None
     mass_avo_hi: torch.Tensor | None = None
+
+
+def softmax_rel_error(qk, d: int, n: int):
+    """a with alpha~_t / alpha_t in [1 - a, 1 + a] for a float64 softmax over n scores tau q.K_t of length-d
+    vectors, qk >= tau ||q|| max_t ||K_t|| (a float or tensor): docs/design.md §2.1a."""
+    e_s = gamma(d + 1) * qk
+    rho = 2.0 * U64 * qk * (1.0 + gamma(d + 1))
+    growth = torch.exp(torch.as_tensor(2.0 * e_s + 2.0 * rho, dtype=torch.float64))
+    return (growth * (1.0 + 2 * U64) ** 2 * (1.0 + U64) ** 2 / (1.0 - gamma(n)) - 1.0) * SAFE
 
 
 def causal_allowed(tq: int, tk: int, sliding_window: int | None = None, device=None) -> torch.Tensor:
@@ -123,6 +146,11 @@ def position_stats(
     tau = float(scaling)
     v_sq = (v * v).sum(-1)                                  # (Hkv, Tk)
     qn_sq_all = (q * q).sum(-1)                             # (Hkv, G, Tq)
+    # float rounding (docs/design.md §2.1a): per KV head, the largest relative error of any computed
+    # alpha (a_rel) and the most keys one softmax or weighted sum ran over (n_keys)
+    k_norm = k.norm(dim=-1) * SAFE                          # (Hkv, Tk), rounded up
+    a_rel = torch.zeros(hkv, dtype=torch.float64)
+    n_keys = 1
 
     z = lambda: torch.zeros(hkv, tk, dtype=torch.float64)  # noqa: E731
     c_alpha, c_vo, c_avo, c_kappa, c_grad, q2_max = z(), z(), z(), z(), z(), z()
@@ -147,6 +175,13 @@ def position_stats(
         kk, vv, vsq = k[:, k0:k1], v[:, k0:k1], v_sq[:, k0:k1]
         qc = q[:, :, start:start + q_chunk]                                  # (Hkv, G, c, d)
         qn_sq = qn_sq_all[:, :, start:start + q_chunk]                       # (Hkv, G, c)
+        # |s~ - s| <= E = tau gamma_{d+1} ||q|| max ||k|| (a dot product of exact float32 products, then tau);
+        # exp's argument s~ - m is rounded (u |s~ - m| <= u 2 tau ||q|| max ||k|| (1 + gamma)), exp is accurate
+        # to 2u, the sum of the exps to gamma_n, the normalization to 2u: alpha~ / alpha in [1 - a, 1 + a] with
+        # 1 + a = e^(2E + 2 rho) (1 + 2u)^2 (1 + u)^2 / (1 - gamma_n) (the ratio lemma L1 for the score error)
+        qk = tau * (qn_sq.amax(dim=(1, 2)).sqrt() * SAFE) * k_norm[:, k0:k1].amax(dim=1)     # (Hkv,)
+        n_keys = max(n_keys, k1 - k0)
+        a_rel = torch.maximum(a_rel, softmax_rel_error(qk, d, k1 - k0))
         s = torch.einsum("hgid,htd->hgit", qc, kk).mul_(tau)
         s.masked_fill_(~mask, float("-inf"))
         alpha = torch.softmax(s, dim=-1)                                     # masked entries exactly 0
@@ -215,14 +250,26 @@ def position_stats(
         q2_max[:, sl] = torch.maximum(q2_max[:, sl], q2)
         n_queries[:, sl] += (mask.sum(0) * g).to(torch.int64)[None, :]
 
-    up, dn = 1.0 + DELTA, 1.0 - DELTA
-    eps = math.sqrt(GAMMA) * (v_sq.sqrt() + o_norm_max[:, None])             # error of ||V_t - o||
+    # the margins (docs/design.md §2.1a): the fixed ones, widened wherever the derived rounding bounds exceed
+    # them. delta: relative, per factor (alpha: a_rel; norms and products: gamma_{d+2} and a few u); eta:
+    # absolute on |1 - 2 alpha|; gam2: the expansion ||V||^2 - 2 V.o + ||o||^2 (gamma_{d+3}); o_err: ||o~ - o||
+    # (the weighted sum's gamma_n and alpha's error, times max ||V_t||); mu: absolute on segment masses
+    # (cumulative sums, and rest = total - sink - recent)
+    delta = torch.clamp(2.0 * (a_rel + gamma(d + 2) + 8 * U64), min=DELTA)          # (Hkv,)
+    eta = torch.clamp(2.0 * a_rel + 2 * U64, min=ETA) * SAFE
+    gam2 = max(GAMMA, gamma(d + 3))
+    o_err = ((gamma(n_keys) * (1.0 + a_rel) + a_rel) + n_keys * TINY) * (v_sq.sqrt().amax(dim=1) * SAFE) * SAFE
+    mu = torch.clamp(3.0 * (gamma(n_keys) * (1.0 + a_rel) + a_rel) + 4 * U64, min=DELTA) * SAFE
+    up, dn = 1.0 + delta[:, None], 1.0 - delta[:, None]                     # against (Hkv, Tk) fields
+    eps = (math.sqrt(gam2) * (v_sq.sqrt() + o_norm_max[:, None]) + o_err[:, None]) * SAFE   # error of ||V_t - o||
+    eta = eta[:, None]
     q_max = q2_max.sqrt()
     vo_hi, vo_lo = (c_vo + eps) * up, (c_vo - eps).clamp_min(0.0) * dn
-    a_hi, a_lo = c_alpha * up, c_alpha * dn
-    k_err = 0.5 * tau * tau * q2_max * a_hi * (ETA * vo_hi + (1.0 + ETA) * eps)
-    g_err = tau * q_max * a_hi * eps
-    av_err = a_hi * eps
+    a_hi, a_lo = c_alpha * up + TINY, (c_alpha * dn - TINY).clamp_min(0.0)
+    k_err = 0.5 * tau * tau * q2_max * a_hi * (eta * vo_hi + (1.0 + eta) * eps) \
+        + 0.5 * tau * tau * q2_max * TINY * (1.0 + eta) * vo_hi * SAFE     # alpha's underflow (TINY)
+    g_err = tau * q_max * (a_hi * eps + TINY * vo_hi) * SAFE
+    av_err = (a_hi * eps + TINY * vo_hi) * SAFE
     hi = {
         "alpha_max": a_hi,
         "qnorm_max": q_max * up,
@@ -242,12 +289,13 @@ def position_stats(
     hi["htrace"], lo["htrace"] = 2.0 * hi["kappa"], 2.0 * lo["kappa"]
     kfar_hi, kfar_lo = (c_kfar + k_err) * up ** 3, (c_kfar - k_err).clamp_min(0.0) * dn ** 3
     knear_hi, knear_lo = (c_knear + k_err) * up ** 3, (c_knear - k_err).clamp_min(0.0) * dn ** 3
-    # sums over a segment: relative DELTA, plus DELTA absolute for cancellation in rest = total - sink - recent;
-    # alpha ||V_t - o|| sums also carry the ||V_t - o|| error, at most max_t EPS_t since sum alpha <= 1
-    eps_max = eps.amax(dim=1)                                                # (Hkv,)
-    m_hi, m_lo = c_mass * up + DELTA, (c_mass * dn - DELTA).clamp_min(0.0)
-    mv_err = eps_max + DELTA * tot_avo_max
-    mv_hi, mv_lo = (c_mavo + mv_err) * up, (c_mavo - mv_err).clamp_min(0.0) * dn
+    # sums over a segment: relative delta, plus mu absolute (the sums' rounding and rest = total - sink - recent);
+    # alpha ||V_t - o|| sums also carry the ||V_t - o|| error, at most max_t EPS_t since sum alpha <= 1 + a_rel
+    eps_max = eps.amax(dim=1) * (1.0 + a_rel) * SAFE                         # (Hkv,)
+    upm, dnm = 1.0 + delta, 1.0 - delta                                      # against (..., Hkv) masses
+    m_hi, m_lo = c_mass * upm + mu, (c_mass * dnm - mu).clamp_min(0.0)
+    mv_err = eps_max + mu * tot_avo_max
+    mv_hi, mv_lo = (c_mavo + mv_err) * upm, (c_mavo - mv_err).clamp_min(0.0) * dnm
     return PositionStats(lo=lo, hi=hi, alpha_sum=alpha_sum, n_queries=n_queries,
                          kappa_far_lo=kfar_lo, kappa_far_hi=kfar_hi, kappa_near_lo=knear_lo, kappa_near_hi=knear_hi,
                          mass_alpha_lo=m_lo, mass_alpha_hi=m_hi, mass_avo_lo=mv_lo, mass_avo_hi=mv_hi)

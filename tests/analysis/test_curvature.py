@@ -225,3 +225,24 @@ def test_distance_splits_and_segment_masses_match_brute_force(layout, t_len, see
     inside(st_.mass_avo_lo, st_.mass_avo_hi, mavo)
     # far with R = 0 is the unrestricted max
     assert torch.equal(st_.kappa_far_hi[0], st_.hi["kappa"])
+
+
+def test_enclosure_holds_where_float64_scores_round_far_from_exact():
+    """Scores near 1e9: two keys with the same exact score (a permutation of channels where the query is
+    equal) whose float64 dot products round apart, so the computed alpha misses the exact 1/2 by ~1e-7 —
+    a hundred times the old fixed margin 2^-30. The enclosure must still contain the exact maxima: its
+    margins are the derived rounding bounds where those exceed the fixed ones (docs/design.md §2.1a).
+    Failed before the fix (alpha_max's lower end was above the exact 1/2)."""
+    d = 64
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(1, 1, d, generator=g) * 30000).float()
+    k1 = (torch.randn(d, generator=g) * 30000).float()
+    q[0, 0, d - 1] = q[0, 0, 0]
+    k1[0] *= 50
+    k2 = k1.clone()
+    k2[0], k2[d - 1] = k1[d - 1], k1[0]
+    k = torch.stack([k1, k2])[None]
+    v = torch.randn(1, 2, d, generator=g).float()
+    s = torch.einsum("hgid,htd->hgit", q.double().reshape(1, 1, 1, d), k.double()).mul_(0.125)
+    assert abs(float(torch.softmax(s, -1)[0, 0, 0, 0]) - 0.5) > 2.0 ** -30     # the case is what it claims
+    _check_enclosure(q, k, v, 0.125, torch.ones(1, 2, dtype=torch.bool), range(2))
