@@ -54,7 +54,7 @@ def drive_both(plan: dict, seed: int, batch: int) -> int:
         assert fast.capacity_nbytes() >= fast.nbytes()
         t += n
         if n > 1 and t > 8 and rnd.random() < 0.5:           # a rejected draft: crop back, where allowed
-            c = rnd.randint(1, n - 1)
+            c = rnd.randint(1, n)                              # n: back to the layout point
             try:
                 ref.crop(-c)
             except InvalidArgument:
