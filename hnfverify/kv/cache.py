@@ -33,7 +33,7 @@ from ..errors import InvalidArgument
 from ..core.semantics import SEGMENTS, StreamRule, channel_groups, layout
 from . import norms
 from .codecs import IntCodec
-from .quant import Packed, dequantize, dequantize_into, quantize_values
+from .quant import Packed, dequantize_into, quantize_values
 
 _MIN_CAP = 16
 
@@ -139,6 +139,22 @@ def _take(x: torch.Tensor, idx) -> torch.Tensor:
     return x if idx is None else (x[:, idx] if isinstance(idx, slice) else x.index_select(1, idx))
 
 
+def _write(out: torch.Tensor, idx, lo: int, n: int, fill) -> None:
+    """``fill(dst)`` writes (B, h, n, d) values; they go to streams ``idx`` (slice or LongTensor; None: all) of
+    ``out``, positions [lo, lo + n) — straight into ``out`` where idx is a slice, through a copy otherwise."""
+    if idx is None or isinstance(idx, slice):
+        fill(out[:, idx if idx is not None else slice(None), lo:lo + n])
+    else:
+        tmp = out.new_empty(out.shape[0], len(idx), n, out.shape[-1])
+        fill(tmp)
+        out[:, idx, lo:lo + n] = tmp
+
+
+def _rows(ts: tuple, rows: slice | None) -> tuple:
+    """Rows ``rows`` (axis 1) of each tensor of ts (None entries stay None; rows None: all)."""
+    return ts if rows is None else tuple(None if t is None else t[:, rows] for t in ts)
+
+
 def _rows_by_layer(ids: list, per_layer: int, layers: list) -> dict:
     """For sorted row ids (k * per_layer + stream for the k-th layer in ``layers``): layer -> (slice of the
     rows holding its streams, their stream ids within the layer as a slice or LongTensor)."""
@@ -160,19 +176,24 @@ class _Group:
         self.buf = _Buf()
         self.partial: Packed | None = None     # a channel rest's first group, when it starts late at S
 
-    def packed(self, a: int = 0, b: int | None = None, rows: slice | None = None) -> Packed:
-        data, scale, zero = self.buf.view(a, b)
-        if rows is not None:
-            data, scale, zero = (None if t is None else t[:, rows] for t in (data, scale, zero))
-        assert self.fmt.granularity != "channel", "full channel groups are token-major: IntCodec.token_major_into"
-        shape = (data.shape[0], data.shape[1], data.shape[2], self.d)     # data (B, h, tokens, packed d)
-        return Packed(self.fmt, shape, data, scale, zero)
+    def tokens(self, a: int = 0, b: int | None = None) -> int:
+        """Positions held by live entries [a, b) of the buffer (a channel group holds fmt.group of them)."""
+        n = (self.buf.n if b is None else b) - a
+        return n * self.fmt.group if self.fmt.granularity == "channel" else n
 
-    def partial_rows(self, rows: slice) -> Packed:
+    def fill(self, dst: torch.Tensor, a: int = 0, b: int | None = None, rows: slice | None = None) -> None:
+        """The stored values of live entries [a, b) of ``rows`` (all: None), dequantized into dst (B, h, n, d).
+        Full channel groups are held token-major (``IntCodec.token_major``), per-token formats as packed."""
+        data, scale, zero = _rows(self.buf.view(a, b), rows)
+        if self.fmt.granularity == "channel":
+            IntCodec.token_major_into(self.fmt, data, scale, zero, dst)
+        else:                                     # data (B, h, tokens, packed d)
+            dequantize_into(Packed(self.fmt, tuple(dst.shape), data, scale, zero), dst)
+
+    def fill_partial(self, dst: torch.Tensor, rows: slice | None = None) -> None:
+        """The short first channel group (kept channel-major), dequantized into dst."""
         p = self.partial
-        sel = lambda t: None if t is None else t[:, rows]  # noqa: E731
-        return Packed(p.fmt, (p.shape[0], rows.stop - rows.start) + tuple(p.shape[2:]), sel(p.data), sel(p.scale),
-                      sel(p.zero))
+        dequantize_into(Packed(p.fmt, tuple(dst.shape), *_rows((p.data, p.scale, p.zero), rows)), dst)
 
 
 class _Lane:
@@ -333,21 +354,15 @@ class _Lane:
         self.length = keep
 
     # ---- reading
-    def _read(self, seg: str, a: int, b: int) -> torch.Tensor:
-        """(B, h, b - a, d) float32: live entries [a, b) of a per-token segment, all the lane's streams."""
+    def _read(self, seg: str, a: int = 0, b: int | None = None, dst: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, h, n, d) float32: live entries [a, b) of a per-token segment, every stream of the lane (into dst)."""
         gs = self.groups[seg]
-        if len(gs) == 1:
-            return dequantize(gs[0].packed(a, b))
-        x = None
+        if dst is None:
+            ref = gs[0].buf.view()[0]
+            dst = torch.empty(ref.shape[0], self.h, gs[0].tokens(a, b), self.d)
         for g in gs:
-            y = dequantize(g.packed(a, b))
-            if x is None:
-                x = y.new_empty(y.shape[0], self.h, y.shape[2], y.shape[3])
-            if isinstance(g.sub, slice):
-                x[:, g.sub] = y
-            else:
-                x.index_copy_(1, g.sub, y)
-        return x
+            _write(dst, g.sub, 0, dst.shape[2], lambda t, g=g: g.fill(t, a, b))
+        return dst
 
     def prepare_window(self) -> None:
         """Dequantize the small segments of every layer at once — the sink, and the pending and recent
@@ -355,13 +370,7 @@ class _Lane:
         their rows from (one copy each instead of a dequantization per format). Valid until the next change."""
         if not self.length:
             return
-        n_s = self._n("sink")
-        sink = None
-        if n_s:
-            ref = self.groups["sink"][0].buf.view()[0]
-            sink = torch.empty(ref.shape[0], self.h, n_s, self.d)
-            for g in self.groups["sink"]:
-                self._dequantize_rows(g, g.packed(), sink)
+        sink = self._read("sink") if self._n("sink") else None
         n_t = self.length - self.rest_end if self.length > self.rule.sink else 0
         tail = None
         if n_t > 0 and (self.pending.n or self._n("recent")):
@@ -370,20 +379,8 @@ class _Lane:
             if self.pending.n:
                 tail[:, :, :self.pending.n] = self.pending.view()[0]
             if self._n("recent"):
-                part = tail[:, :, self.recent_start - self.rest_end:]
-                for g in self.groups["recent"]:
-                    self._dequantize_rows(g, g.packed(), part)
+                self._read("recent", dst=tail[:, :, self.recent_start - self.rest_end:])
         self.window = (self.version, sink, tail)
-
-    @staticmethod
-    def _dequantize_rows(g: "_Group", p: Packed, dst: torch.Tensor) -> None:
-        """dequantize(p) into dst at the group's rows of the lane."""
-        if g.sub is None:
-            dequantize_into(p, dst)
-        elif isinstance(g.sub, slice):
-            dequantize_into(p, dst[:, g.sub])
-        else:
-            dst.index_copy_(1, g.sub, dequantize(p))
 
     def read_into(self, out: torch.Tensor, a: int, li: int) -> None:
         """Write layer li's stored values of positions [0, a) into out (B, 2 Hkv, >= a, d)."""
@@ -392,11 +389,8 @@ class _Lane:
         r = self.rule
         win = self.window if self.window is not None and self.window[0] == self.version else None
 
-        def put(idx, lo, p):
-            if isinstance(idx, slice):
-                dequantize_into(p, out[:, idx, lo:lo + p.shape[2]])
-            else:
-                out[:, idx, lo:lo + p.shape[2]] = dequantize(p)
+        def put(g, rows, idx, lo, n):
+            _write(out, idx, lo, n, lambda t: g.fill(t, 0, n if g.fmt.granularity != "channel" else None, rows))
 
         if win is not None:
             lrows, lidx = self.rows[li]
@@ -408,7 +402,7 @@ class _Lane:
                 n = min(g.buf.n, a)
                 if n and li in g.rows:
                     rows, idx = g.rows[li]
-                    put(idx, 0, g.packed(0, n, rows))
+                    put(g, rows, idx, 0, n)
         rest_n = self._n("rest")
         if rest_n:
             lo = self.rest_end - rest_n
@@ -419,21 +413,15 @@ class _Lane:
                 if r.channel_group is None:
                     n = min(g.buf.n, a - lo)
                     if n > 0:
-                        put(idx, lo, g.packed(0, n, rows))
+                        put(g, rows, idx, lo, n)
                     continue
-                t = lo
+                t = lo                                # channel groups all lie before the oldest query
                 if g.partial is not None:
-                    put(idx, t, g.partial_rows(rows))
-                    t += g.partial.shape[-2]
+                    m = g.partial.shape[-2]
+                    _write(out, idx, t, m, lambda d, g=g, rows=rows: g.fill_partial(d, rows))
+                    t += m
                 if g.buf.n:
-                    data, scale, zero = (x[:, rows] for x in g.buf.view())
-                    n = data.shape[2] * g.fmt.group
-                    if isinstance(idx, slice):
-                        IntCodec.token_major_into(g.fmt, data, scale, zero, out[:, idx, t:t + n])
-                    else:
-                        y = out.new_empty(data.shape[0], data.shape[1], n, out.shape[-1])
-                        IntCodec.token_major_into(g.fmt, data, scale, zero, y)
-                        out[:, idx, t:t + n] = y
+                    put(g, rows, idx, t, g.tokens())
         if win is not None:
             n = min(0 if win[2] is None else win[2].shape[2], a - self.rest_end)
             if n > 0:
@@ -448,7 +436,7 @@ class _Lane:
             for g in self.groups["recent"]:
                 if li in g.rows:
                     rows, idx = g.rows[li]
-                    put(idx, self.recent_start, g.packed(0, n, rows))
+                    put(g, rows, idx, self.recent_start, n)
 
     def error_bounds_into(self, e: torch.Tensor, li: int) -> None:
         """e (B, 2 Hkv, n) float64: layer li's decoded codes of positions [0, n) at its streams."""
@@ -570,8 +558,16 @@ class _Store:
         self.first: dict = {}                   # layer -> its own lanes, holding its first chunk (until merged)
         self.active: list = []
         self.staged: list = [None] * len(self.rules_by_layer)   # per layer: its last chunk, (B, 2 Hkv, n, d)
-        self.appended = 0                       # positions stored in the lanes
-        self.laid: int | None = None            # the oldest query the lanes are laid out for
+
+    @property
+    def appended(self) -> int:
+        """Positions stored in the lanes (they all hold the same)."""
+        return self.lanes[0].length if self.lanes else 0
+
+    @property
+    def laid(self) -> int | None:
+        """The oldest query the lanes are laid out for."""
+        return self.lanes[0].oldest if self.lanes else None
 
     def _lanes_for(self, active: list, d: int) -> list:
         per = 2 * len(self.rules_by_layer[active[0]])
@@ -587,16 +583,14 @@ class _Store:
     def merge_first(self) -> None:
         """The layers' first chunks, each stored in its layer's own lanes, become the model's lanes."""
         active = sorted(self.first)
-        lanes = self._lanes_for(active, next(iter(self.first.values()))[0].d)
-        for lane in lanes:
-            lane.absorb([q for li in active for q in self.first[li] if q.key == lane.key])
         n = {q.length for qs in self.first.values() for q in qs}
         if len(n) != 1:
             raise InvalidArgument(f"the layers' first chunks differ in length ({sorted(n)}): a plan cache needs every "
                                   "layer updated with the same tokens")
+        lanes = self._lanes_for(active, next(iter(self.first.values()))[0].d)
+        for lane in lanes:
+            lane.absorb([q for li in active for q in self.first[li] if q.key == lane.key])
         self.active, self.lanes, self.first = active, lanes, {}
-        self.appended = n.pop()
-        self.laid = self.appended - 1
 
     def stage(self, li: int, x: torch.Tensor, a: int) -> None:
         """Layer li's chunk [a, a + n). A layer's first chunk (the prefill) is stored at once in lanes of its own
@@ -617,11 +611,10 @@ class _Store:
         if a != self.appended:
             raise InvalidArgument(f"layer {li} was updated at position {a} while the cache holds {self.appended}: "
                                   "a plan cache needs every layer it holds updated once per forward pass")
-        if self.laid != a:
-            for lane in self.lanes or []:
+        if self.lanes and self.laid != a:
+            for lane in self.lanes:
                 lane.relayout(a)
                 lane.prepare_window()
-            self.laid = a
         self.staged[li] = x
 
     def flush(self) -> None:
@@ -640,19 +633,16 @@ class _Store:
         if len(n) != 1:
             raise InvalidArgument(f"the layers' last chunks differ in length ({sorted(n)}): a plan cache needs every "
                                   "layer updated with the same tokens")
-        n = n.pop()
         x_all = staged[0][1] if len(staged) == 1 else torch.cat([x for _, x in staged], dim=1)
         self._count(x_all, layers)
         for lane in self.lanes:
             lane.append(_take(x_all, lane.sel))
-        self.appended += n
         self.staged = [None] * len(self.staged)
 
     def crop(self, keep: int) -> None:
         self.flush()
         for lane in self.lanes or []:
             lane.crop(keep)
-        self.appended = min(self.appended, keep)
 
     def reorder(self, beam_idx: torch.LongTensor) -> None:
         self.flush()
@@ -802,7 +792,8 @@ ON_OVERFLOW = ("error", "warn")
 
 class MixedPrecisionCache(Cache):
     """A plan's mixed-precision KV cache for ``model.generate`` (greedy, sampling, batch, beams,
-    assisted decoding). Positions are those of unpadded sequences (docs/design.md §4).
+    assisted decoding). Positions are those of each batch row's own sequence: a left-padded row stores its
+    tokens from position 0, never its pads (docs/design.md §4).
 
     ``on_overflow``: what happens when a sequence grows past the plan's ``max_seq_len``, beyond which
     nothing is certified: ``"error"`` (default) raises InvalidArgument; ``"warn"`` warns once and sets

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from hnfverify.errors import InvalidArgument
 from hnfverify.core.semantics import StreamRule, channel_groups, layout
 from hnfverify.kv import norms
+from hnfverify.kv.cache import MixedPrecisionCache as _Fast
 from hnfverify.kv.quant import Packed, dequantize, quantize
 
 
@@ -347,11 +348,6 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return out[0], out[1]
 
 
-def _amax(stream) -> float:
-    """The largest measured |x| over a stream's segments (the plan's amax upper ends)."""
-    return max((float(st.amax) for st in stream.stats.values()), default=float("inf"))
-
-
 def _refuse_padding(position_ids, past: int, n: int) -> None:
     """A plan's positions are those of one unpadded sequence (docs/design.md §4): with left padding the
     sink would hold pads and a sequence's first tokens would land in the rest. Refuse such batches."""
@@ -404,42 +400,9 @@ class MixedPrecisionCache(Cache):
         self.monitor["keys_above_amax"] += int((k.abs().amax(-1).float() > lim["K"].view(1, -1, 1)).sum())
         self.monitor["values_above_amax"] += int((v.abs().amax(-1).float() > lim["V"].view(1, -1, 1)).sum())
 
-    def _admit(self, length: int) -> None:
-        if self.max_seq_len is None or length <= self.max_seq_len:
-            return
-        msg = (f"the sequence reaches {length} positions, past the plan's max_seq_len {self.max_seq_len}: the plan's "
-               "bounds do not cover it")
-        if self.on_overflow == "error":
-            raise InvalidArgument(msg + " (use on_overflow='warn' to go on uncertified)")
-        if self.certified:
-            import warnings
-
-            warnings.warn(msg + "; the output from here on is uncertified", UserWarning, stacklevel=3)
-        self.certified = False
-
-    @classmethod
-    def from_plan(cls, plan: dict, model=None, on_overflow: str = "error") -> "MixedPrecisionCache":
-        """The cache of a validated plan. ``model``: the model it will run in; the plan must have been
-        made for it (weights, config, shape, tau: ``models.check_plan_matches_model``)."""
-        from hnfverify.core.planview import view
-
-        if model is not None:
-            if not hasattr(model, "state_dict"):
-                raise InvalidArgument("from_plan(plan, model) takes the model (to check its weights against the "
-                                      f"plan's fingerprint), got a {type(model).__name__}")
-            from hnfverify.models import check_plan_matches_model
-
-            check_plan_matches_model(plan, model)
-        pv = view(plan)
-        for st in pv.streams():
-            if st.blocks:
-                raise InvalidArgument(f"layer {st.layer} head {st.head} {st.kv}: the cache cannot hold a plan's "
-                                      "per-position blocks")
-        rules = [[(h.keys.rule, h.values.rule) for h in layer.heads] for layer in pv.layers]
-        limits = {(h.layer, h.head): {"q_max": float(h.q_max), "K": _amax(h.keys), "V": _amax(h.values)}
-                  for h in pv.heads()}
-        return cls(rules, pv.max_seq_len, on_overflow, error_norms=plan["rule"].get("error_norms") == "u8log",
-                   limits=limits)
+    # reading the plan and refusing overflows is not what this reference checks: the same code as the fast cache
+    _admit = _Fast._admit
+    from_plan = classmethod(_Fast.from_plan.__func__)
 
     def nbytes(self) -> int:
         """Bytes held by the packed cache: values, scales, zero-points and FP32 pending groups."""

@@ -4,6 +4,7 @@ layer, head, K|V and segment, random chunk sizes, crops and beam reorders, every
 recorded error bound and the byte count must be bit-for-bit the same."""
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -81,7 +82,8 @@ def test_fast_layout_equals_the_reference_cache(seed):
 @pytest.mark.parametrize("spec", ["int4_t16", "fp16,rest=int4_c8", "int8_t16,K.rest=int4_c8", "fp8_e4m3_t16,rest=int2_c8"])
 @pytest.mark.parametrize("sink,recent", [(4, 8), (0, 0), (1, 16), (4, 0)])
 def test_fast_layout_equals_the_reference_cache_uniform(spec, sink, recent):
-    drive_both(synthetic_plan(uniform=spec, sink=sink, recent=recent), hash((spec, sink, recent)) % 1000, batch=2)
+    seed = zlib.crc32(f"{spec} {sink} {recent}".encode()) % 1000       # the same every run (not hash())
+    drive_both(synthetic_plan(uniform=spec, sink=sink, recent=recent), seed, batch=2)
 
 
 @pytest.mark.parametrize("name", REST)
