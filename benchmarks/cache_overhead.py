@@ -1,7 +1,7 @@
 """Decode speed and memory of plan caches against the full cache and quanto's QuantizedCache, SmolLM2 on CPU.
 
-Speed, per context length L (default 1024, 4096 and 8192): prefill L prose tokens (evaluation split,
-continued by the code split where prose runs out), then time ``--steps`` greedy decode steps one by one.
+Speed, per context length L (default 1024, 4096 and 8160): prefill L prose tokens (evaluation split;
+the code split where prose is too short), then time ``--steps`` greedy decode steps one by one.
 Every cache runs in this one process with the same thread count, interleaved, ``--repeats`` times; the
 figure is the median step. Caches: DynamicCache (float32, the model's stock sdpa), quanto's
 ``QuantizedCache`` (int4 and int2, residual 128, group 64, as BENCHMARKS.md runs it) and each plan's
@@ -49,16 +49,17 @@ def decode_ms(lm, ids, cache, steps: int) -> float:
 
 
 def prompt(lm, length: int):
-    """(1, length) token ids of evaluation text: prose, then code where prose runs out."""
+    """(1, length) token ids of evaluation text: prose, or code where prose is too short."""
     import torch
 
+    from hnfverify.errors import InputError
     from hnfverify.texts import token_windows
 
     ids = []
     for corpus in ("prose", "code"):
         try:
             w = token_windows(lm.tokenizer, corpus, split="eval", max_tokens=length - len(ids), window=length - len(ids))
-        except Exception:
+        except InputError:                                  # too short for the length: the next corpus
             continue
         ids += w.windows[0]
         if len(ids) >= length:
@@ -68,7 +69,7 @@ def prompt(lm, length: int):
     return torch.tensor([ids[:length]])
 
 
-def makers(lm, plans: dict, length: int, steps: int) -> dict:
+def makers(lm, plans: dict) -> dict:
     from transformers import DynamicCache
 
     from hnfverify.evaluation.quanto import quanto_cache
@@ -110,7 +111,7 @@ def rss_child(args) -> int:
     lm = load_model("smollm2", verbose=False)
     plans = {args.rss: load_plan(args.rss)} if args.rss not in ("DynamicCache", "quanto-int4", "quanto-int2") else {}
     ids = prompt(lm, args.contexts[0])
-    mk = makers(lm, plans, args.contexts[0], args.steps)[args.rss]
+    mk = makers(lm, plans)[args.rss]
     decode_ms(lm, ids[:, :16], mk(), 2)                    # warm-up: allocator, kernels, lazy imports
     before = rss_kib()
     cache = mk()
@@ -152,13 +153,16 @@ def main() -> int:
     t0 = time.perf_counter()
     lm = load_model("smollm2", verbose=False)
     plans = {p: load_plan(p) for p in args.plans}
+    cfg = lm.model.config
     res = {"threads": args.threads, "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__,
+           "shape": {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads,
+                     "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads},
            "plans": {p: {"avg_bits": claim_float(pl["claims"]["avg_bits"]), "max_seq_len": pl["max_seq_len"]}
                      for p, pl in plans.items()},
            "contexts": {}}
     for length in args.contexts:
         ids = prompt(lm, length)
-        mks = makers(lm, plans, length, args.steps)
+        mks = makers(lm, plans)
         runs = {k: [] for k in mks}
         for _ in range(args.repeats):
             for k, mk in mks.items():

@@ -186,7 +186,8 @@ def speed_by_context(co: dict) -> list:
     if all("rss_growth_mib" in v for v in row.values()):
         full_rss = row["DynamicCache"]["rss_growth_mib"]
         positions = int(last) + co["steps"]
-        full_bytes = 30 * 2 * 3 * positions * 64 * 4 / 2 ** 20      # SmolLM2: 30 layers, 3 KV heads, head_dim 64
+        shape = co.get("shape") or json.loads(Path(next(iter(co["plans"]))).read_text())["shape"]
+        full_bytes = shape["layers"] * 2 * shape["kv_heads"] * positions * shape["head_dim"] * 4 / 2 ** 20
         md += ["", f"Memory at L = {last} ({positions} positions): growth of the resident set of a fresh process "
                "from before the prefill to the end of the decode (allocations above 1 MiB mmapped, so freed memory "
                f"leaves it), next to the cache's own bytes. The full FP32 cache holds {full_bytes:.1f} MiB.", "",
