@@ -84,10 +84,12 @@ def test_norm_bytes_are_counted_and_no_norms_means_no_certificate():
         without.layers[0].error_bounds()
 
 
-def test_real_decoding_stays_inside_the_runtime_bound(tiny_lm_plan):
+@pytest.mark.parametrize("padded", [False, True])
+def test_real_decoding_stays_inside_the_runtime_bound(tiny_lm_plan, padded):
     """Decode through MixedPrecisionCache under ``certify``: at every step, layer and query head the
     attention output from what the cache returned differs from the output on the exact K/V of the same pass
-    by at most the certified run-time bound; the bound itself is computed from the cache's data alone."""
+    by at most the certified run-time bound; the bound itself is computed from the cache's data alone.
+    Also for a left-padded batch (a row stored from its own position 0; its pads masked, never stored)."""
     lm, plan = tiny_lm_plan
     cache = MixedPrecisionCache.from_plan(plan, lm.model)
     exact, pairs = {}, []
@@ -108,9 +110,13 @@ def test_real_decoding_stays_inside_the_runtime_bound(tiny_lm_plan):
         err = (out(key, value) - out(*exact[li])).norm(dim=-1)
         pairs.append((err, bounds))
 
-    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(1, 256, (2 if padded else 1, 24), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :5], mask[1, :5] = 0, 0                             # row 1: 5 pads
     with torch.no_grad(), certify(lm.model, cache, observer=observe) as cert:
-        lm.model.generate(ids, cache=cache, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        lm.model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert len(cache.parts) == (2 if padded else 1)
     err = torch.cat([e.flatten() for e, _ in pairs])
     bnd = torch.cat([b.flatten() for _, b in pairs])
     assert int((err > 0).sum()) > 100
@@ -129,14 +135,19 @@ def test_real_decoding_stays_inside_the_runtime_bound(tiny_lm_plan):
     kx, vx = exact[li]
     del exact
     hq = lm.model.config.num_attention_heads
-    q = torch.randn(1, hq, 1, k_st.shape[-1], generator=torch.Generator().manual_seed(1)).double() * 4
-    bias = torch.zeros(1, 1, 1, k_st.shape[-2])
+    q = torch.randn(ids.shape[0], hq, 1, k_st.shape[-1], generator=torch.Generator().manual_seed(1)).double() * 4
+    bias = torch.zeros(ids.shape[0], 1, 1, k_st.shape[-2])
+    if padded:
+        bias[1, ..., :5] = torch.finfo(torch.float32).min                # the pads are masked, as the model masks them
     b = runtime_bounds(q, k_st, v_st, bias, 0.25, dk, dv)
+    real = (bias[:, 0, 0] == 0)[:, None, :]                         # (B, 1, L): positions that hold tokens
+    for rec, st_, ex in ((dk, k_st, kx), (dv, v_st, vx)):           # each recorded norm bounds its own error
+        assert bool(((rec >= (st_.double() - ex.double()).norm(dim=-1)) | ~real).all())
     g = hq // k_st.shape[1]
 
     def att(k, v):
         k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-        return torch.softmax(0.25 * q @ k.transpose(-1, -2), -1) @ v
+        return torch.softmax(0.25 * q @ k.transpose(-1, -2) + bias.double(), -1) @ v
 
     assert bool((b >= (att(k_st, v_st) - att(kx, vx)).norm(dim=-1)).all())
 
