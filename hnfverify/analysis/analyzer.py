@@ -16,6 +16,7 @@ from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stat
 from ..core.vocabulary import Curvature
 from ..errors import InvalidArgument, ModelError, UnsupportedModel
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
+from .routing import routed_attention
 from ..texts import TokenWindows
 
 CURVATURES = Curvature.values()
@@ -26,7 +27,7 @@ class AnalysisOptions:
     curvature: str = "exact"          # which curvature the planner uses: exact (docs/design.md §2.1) | seed (heuristic)
     channel_group: int = 32           # tokens per per-channel key/value quantization group (KIVI-style)
     lipschitz_tokens: int = 32        # prefix of the first window used for the block Lipschitz estimate
-    lipschitz_iters: int = 6          # power iterations; 0 disables the estimate
+    lipschitz_iters: int = 4          # Lanczos steps (products J v); 0 disables the estimate
     suffix_tokens: int = 128          # prefix of the first window for the suffix sensitivities (docs/design.md §2.5)
     suffix_iters: int = 6             # their power iterations; 0 disables them (plans then use --composition product)
     seed: int = 0
@@ -304,16 +305,36 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
         with torch.no_grad(), capture_block_inputs(model, blocks) as cap, capture_mid_states(blocks) as mid:
             body(input_ids=ids, use_cache=False)
-        it = sorted(blocks)
+        bar_l = None
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="block Lipschitz (power iteration)", unit="layer", leave=False)
-        for li in it:
-            est = block_lipschitz(blocks[li], *cap[li], iters=options.lipschitz_iters, seed=options.seed)
-            lips[li], lips_rel[li] = est.value, est.rel_change
-            est = mlp_lipschitz(blocks[li], mid.get(li), iters=options.lipschitz_iters, seed=options.seed)
-            mlp_lips[li], mlp_lips_rel[li] = est.value, est.rel_change
+            bar_l = tqdm(total=len(blocks), desc="block Lipschitz (Lanczos)", unit="layer", leave=False)
+
+        def one(li):
+            b = block_lipschitz(blocks[li], *cap[li], iters=options.lipschitz_iters, seed=options.seed, route=False)
+            m = mlp_lipschitz(blocks[li], mid.get(li), iters=options.lipschitz_iters, seed=options.seed)
+            return li, b, m
+
+        # the layers are independent and their products small (a few dozen tokens), where torch's intra-op
+        # threads gain little: run them on as many workers as torch has threads, one thread each
+        workers = max(1, min(torch.get_num_threads(), len(blocks)))
+        threads = torch.get_num_threads()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with routed_attention(model, "eager"):
+            try:
+                torch.set_num_threads(1)
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    for li, b, m in pool.map(one, sorted(blocks)):
+                        lips[li], lips_rel[li] = b.value, b.rel_change
+                        mlp_lips[li], mlp_lips_rel[li] = m.value, m.rel_change
+                        if bar_l:
+                            bar_l.update(1)
+            finally:
+                torch.set_num_threads(threads)
+        if bar_l:
+            bar_l.close()
     t_lip = time.perf_counter() - t1
 
     # measured suffix sensitivities, remainder constant and lm_head gain (docs/design.md §2.5, §2.6)

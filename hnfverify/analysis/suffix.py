@@ -5,7 +5,7 @@ its output projection), at every position of a window, to the lm_head input H (t
 hidden states, all positions). Later layers see the perturbed keys and values of earlier positions, so
 an error reaches later tokens as it does through a real cache.
 
-* ``S_l``: the spectral norm of the Jacobian J_l = dF/de_l at e = 0, by power iteration on J^T J
+* ``S_l``: the spectral norm of the Jacobian J_l = dF/de_l at e = 0, by Golub-Kahan-Lanczos bidiagonalization
   (:func:`hnfverify.analysis.lipschitz.jacobian_norm`): a lower estimate, labelled *measured*.
 * ``K``: a second-order constant, ||F(e) - F(0) - sum_l J_l e_l|| <= (K/2) ||e||^2 for ||e|| <= rho, probed
   along random directions and along the layers' top singular directions at radii rho, rho/2, rho/4:
@@ -28,7 +28,7 @@ from .routing import routed_attention
 
 @dataclass(frozen=True)
 class SuffixMeasurement:
-    suffix: list             # S_l measured (power iteration), per layer
+    suffix: list             # S_l measured (Lanczos), per layer
     rel_change: list         # relative change of each estimate in its last iteration
     remainder: float         # K measured
     radius: float            # rho: the probes' largest ||e||
@@ -113,7 +113,7 @@ def measure(model, ids, iters: int = 6, probes: int = 2, radius_frac: float = 0.
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(layers, desc="suffix sensitivity (power iteration)", unit="layer", leave=False)
+            it = tqdm(layers, desc="suffix sensitivity (Lanczos)", unit="layer", leave=False)
         for li in it:
             def fn(x, li=li):
                 box.clear()

@@ -70,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--curvature", default="exact", help="exact (default) | seed (heuristic, ablation only)")
     a.add_argument("--channel-group", type=positive_int_arg("--channel-group"), default=32)
     a.add_argument("--lipschitz-tokens", type=positive_int_arg("--lipschitz-tokens"), default=32)
-    a.add_argument("--lipschitz-iters", type=positive_int_arg("--lipschitz-iters"), default=6)
+    a.add_argument("--lipschitz-iters", type=positive_int_arg("--lipschitz-iters"), default=4,
+                   help="Lanczos steps per block Lipschitz estimate (products J v; docs/design.md §2.5a)")
     a.add_argument("--suffix-tokens", type=positive_int_arg("--suffix-tokens"), default=128,
                    help="tokens of the first window the suffix sensitivities are measured on")
     a.add_argument("--suffix-iters", type=positive_int_arg("--suffix-iters"), default=6,
-                   help="power iterations per suffix sensitivity; 0: none (plans then compose by products)")
+                   help="Lanczos steps per suffix sensitivity; 0: none (plans then compose by products)")
     a.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--plan", action="store_true", help="also plan: --out is then the plan; the report goes "

@@ -16,7 +16,7 @@ def print_analysis(summary: dict, out: TextIO, paths: tuple[str, str] | None = N
           f"= {c['n_tokens']} tokens from {c['n_documents']} documents; token ids sha256 {c['token_ids_sha256'][:16]}",
           file=out)
     print(f"curvature    {a['curvature']} (planning uses kappa_lo/hi); values: curvature 0 (linear in V_t); "
-          f"Lipschitz: measured on {a['lipschitz_tokens']} tokens, {a['lipschitz_iters']} power iterations", file=out)
+          f"Lipschitz: measured on {a['lipschitz_tokens']} tokens, {a['lipschitz_iters']} Lanczos steps", file=out)
     hdr = (f"{'layer':>5} {'kappa_max':>10} {'(h,t)':>9} {'alpha_max':>9} {'|q|max':>7} "
            f"{'D_K tok':>15} {'D_V tok':>15} {'Lip(meas)':>9} {'|W_o|':>6}")
     print(hdr, file=out)
@@ -34,7 +34,7 @@ def print_analysis(summary: dict, out: TextIO, paths: tuple[str, str] | None = N
     if sfx and "tokens" in sfx:
         sl = [r.get("suffix_measured") for r in summary["layers"]]
         print(f"suffix       MEASURED sensitivities S_l (attention output -> lm_head input, all positions; "
-              f"docs/design.md 2.5) on {sfx['tokens']} tokens, {sfx['iterations']} power iterations: "
+              f"docs/design.md 2.5) on {sfx['tokens']} tokens, {sfx['iterations']} Lanczos steps: "
               f"{min(sl):.3g}..{max(sl):.3g}; remainder K {summary['suffix']['remainder']:.3g} within radius "
               f"{summary['suffix']['radius']:.3g}; lm_head gain {summary['suffix']['logit_gain']:.3g}; the "
               f"measurement took {tm.get('suffix_s', float('nan')):.1f} s", file=out)
