@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--curvature", default="exact", help="exact (default) | seed (heuristic, ablation only)")
     a.add_argument("--channel-group", type=positive_int_arg("--channel-group"), default=32)
     a.add_argument("--lipschitz-tokens", type=positive_int_arg("--lipschitz-tokens"), default=32)
-    a.add_argument("--lipschitz-iters", type=positive_int_arg("--lipschitz-iters"), default=4,
+    a.add_argument("--lipschitz-iters", type=positive_int_arg("--lipschitz-iters"), default=5,
                    help="Lanczos steps per block Lipschitz estimate (products J v; docs/design.md §2.5a)")
     a.add_argument("--suffix-tokens", type=positive_int_arg("--suffix-tokens"), default=128,
                    help="tokens of the first window the suffix sensitivities are measured on")
