@@ -22,6 +22,7 @@ from ..texts import TokenWindows
 CURVATURES = Curvature.values()
 
 
+
 @dataclass(frozen=True)
 class AnalysisOptions:
     curvature: str = "exact"          # which curvature the planner uses: exact (docs/design.md §2.1) | seed (heuristic)
@@ -164,6 +165,9 @@ class _Accumulator:
         }
         self.scaling = [None] * n_layers
         self.seen = [0] * n_layers
+        # per layer, the largest central kappa of any head and what re-evaluates it (docs/design.md §2.1b):
+        # (value, head, q (d,), K (T, d), V (T, d), allowed (T,), t), numpy float32 copies
+        self.witness = [None] * n_layers
         self.g, self.t, self.d = g, t, d
 
     def add(self, call: AttentionCall) -> None:
@@ -191,6 +195,15 @@ class _Accumulator:
                 torch.maximum(arr[layer], getattr(st, name), out=arr[layer])
             for name, x in (("k", k[b]), ("v", v[b])):
                 self._ranges(layer, name, x.detach().to(torch.float32))
+            exact32 = q.dtype in (torch.float32, torch.bfloat16, torch.float16)   # witnesses need float32 numbers
+            for h, w in enumerate(st.witness or () if exact32 else ()):
+                if w is not None and (self.witness[layer] is None or w[0] > self.witness[layer][0]):
+                    val, gi, i, t = w
+                    g = hq // hkv
+                    self.witness[layer] = (val, h, q[b, h * g + gi, i].detach().float().numpy().copy(),
+                                           k[b, h].detach().float().numpy().copy(),
+                                           v[b, h].detach().float().numpy().copy(),
+                                           allowed[i].numpy().copy(), t)
         self.seen[layer] += b_n
 
     def _ranges(self, layer: int, name: str, x) -> None:
@@ -217,6 +230,39 @@ class _Accumulator:
         d_ch = (xp_max.double() - xp_min.double()).norm(dim=-1) * (1 + 2.0 ** -30)   # (Hkv, n_groups)
         d_ch = d_ch.repeat_interleave(g, dim=1)[:, :t]
         torch.maximum(r[f"{name}_d_channel"][layer], d_ch, out=r[f"{name}_d_channel"][layer])
+
+
+_WITNESS_FIELDS = (("alpha_max", "alpha"), ("vo_max", "vo"), ("alpha_vo_max", "alpha_vo"), ("kappa", "kappa"),
+                   ("grad_k", "grad"))
+
+
+def _check_witnesses(acc: _Accumulator) -> dict:
+    """Re-evaluate every layer's witness (the query and key position of its largest central kappa) in
+    outward-rounded interval arithmetic (docs/design.md §2.1b): the float enclosure of each maximum there
+    must reach the witness's exact value, and its lower end rises to it. Raises ModelError where the float
+    enclosure misses it (the rounding derivation would be wrong for these inputs)."""
+    from .witness import enclose
+
+    checked, gap = 0, 0.0
+    for li, w in enumerate(acc.witness):
+        if w is None:
+            continue
+        _, h, q, k, v, allowed, t = w
+        enc = enclose(q, k, v, acc.scaling[li], allowed, t)
+        for field, name in _WITNESS_FIELDS:
+            lo_w, hi_w = getattr(enc, name)
+            hi, lo = float(acc.hi[field][li, h, t]), float(acc.lo[field][li, h, t])
+            if hi < lo_w or (field == "kappa" and lo > hi_w):
+                raise ModelError(f"layer {li}, KV head {h}, position {t}: the float enclosure [{lo:.17g}, {hi:.17g}] "
+                                 f"of {field} does not contain what its witness query's exact value [{lo_w:.17g}, "
+                                 f"{hi_w:.17g}] requires; the analysis' rounding bounds fail on these inputs")
+            acc.lo[field][li, h, t] = max(lo, lo_w)
+            if field == "kappa" and lo_w > 0:
+                gap = max(gap, hi / lo_w - 1.0)
+        acc.lo["htrace"][li, h, t] = 2.0 * acc.lo["kappa"][li, h, t]
+        checked += 1
+    return {"layers": checked, "fields": [f for f, _ in _WITNESS_FIELDS],
+            "kappa_hi_over_witness_lo_minus_1": gap}
 
 
 def _layer_blocks(model) -> dict:
@@ -271,6 +317,9 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     if missing:
         raise ModelError(f"no attention call was captured for layers {missing[:5]}: the model does not route "
                          "attention through transformers' attention interface")
+    t_w = time.perf_counter()
+    witnesses = _check_witnesses(acc)
+    witnesses["seconds"] = round(time.perf_counter() - t_w, 3)
 
     # output projection restricted to each query head's and each KV group's slice (spectral norms)
     o_q = np.zeros((n_layers, hq))
@@ -397,5 +446,6 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
                     "seed": options.seed, "suffix": sfx_meta},
         "attn_implementation": model.config._attn_implementation,
         "weights_sha256": weights,
+        "witnesses": witnesses,
     }
     return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip, "suffix_s": t_sfx})

@@ -94,6 +94,8 @@ class PositionStats:
     mass_alpha_hi: torch.Tensor | None = None
     mass_avo_lo: torch.Tensor | None = None
     mass_avo_hi: torch.Tensor | None = None
+    #: per KV head, where the central kappa was largest: (value, group member g, query row i, key t), or None
+    witness: list | None = None
 
 
 def softmax_rel_error(qk, d: int, n: int):
@@ -163,6 +165,7 @@ def position_stats(
     c_mass = torch.zeros(n_s, n_r, 3, hkv, dtype=torch.float64)
     c_mavo = torch.zeros(n_s, n_r, 3, hkv, dtype=torch.float64)
     tot_avo_max = torch.zeros(hkv, dtype=torch.float64)
+    witness = [None] * hkv
 
     for start in range(0, tq, q_chunk):
         mask_rows = allowed[start:start + q_chunk]                           # (c, Tk)
@@ -227,6 +230,13 @@ def position_stats(
             del cum, pv, seg
         kap = alpha.mul_(-2.0).add_(1.0).abs_().mul_(avo).mul_((0.5 * tau * tau) * qn_sq[..., None])
         c_kappa[:, sl] = torch.maximum(c_kappa[:, sl], kap.amax(dim=(1, 2)))
+        w_val, w_at = kap.reshape(hkv, -1).max(dim=1)                       # the witness (docs/design.md §2.1b)
+        n_rows, n_cols = kap.shape[2], kap.shape[3]
+        for h in range(hkv):
+            val = float(w_val[h])
+            if val > 0 and (witness[h] is None or val > witness[h][0]):
+                f = int(w_at[h])
+                witness[h] = (val, f // (n_rows * n_cols), start + (f // n_cols) % n_rows, k0 + f % n_cols)
         # kappa split by query distance i - t: far (>= R) and near (< R) queries, via running maxima
         # over query rows: SM[r, t] = max_{r' >= r} kg[r', t] and PM[r, t] = max_{r' <= r} kg[r', t]
         kg = kap.amax(dim=1).transpose(1, 2).contiguous()                    # (Hkv, Tkc, c): rows last
@@ -298,7 +308,8 @@ def position_stats(
     mv_hi, mv_lo = (c_mavo + mv_err) * upm, (c_mavo - mv_err).clamp_min(0.0) * dnm
     return PositionStats(lo=lo, hi=hi, alpha_sum=alpha_sum, n_queries=n_queries,
                          kappa_far_lo=kfar_lo, kappa_far_hi=kfar_hi, kappa_near_lo=knear_lo, kappa_near_hi=knear_hi,
-                         mass_alpha_lo=m_lo, mass_alpha_hi=m_hi, mass_avo_lo=mv_lo, mass_avo_hi=mv_hi)
+                         mass_alpha_lo=m_lo, mass_alpha_hi=m_hi, mass_avo_lo=mv_lo, mass_avo_hi=mv_hi,
+                         witness=witness)
 
 
 def kappa_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau: float, t: int) -> float:

@@ -133,13 +133,16 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
             "keys": "cached after RoPE, as the model caches them",
             "value_curvature": "0: the attention output is linear in each V_t, so values are limited by the "
                                "error budget (docs/design.md §2.4), not by Theorem 5.7",
-            "enclosure": {"method": "float64 evaluation widened by relative DELTA and absolute ETA margins",
+            "enclosure": {"method": "float64 evaluation widened by the derived rounding bounds, at least relative "
+                                    "DELTA and absolute ETA (docs/design.md §2.1a); each layer's largest kappa "
+                                    "re-evaluated in interval arithmetic (§2.1b)",
                           "DELTA": repr(DELTA), "ETA": repr(ETA),
                           "encloses": "the exact max over calibration queries of each quantity, "
                                       "given the captured float32 q, K, V"},
-            "lipschitz": "MEASURED (not proved): power iteration on J^T J of each decoder block at calibration "
-                         "hidden states; a lower bound of the block's local Lipschitz constant",
-            "mlp_lipschitz": "MEASURED (not proved): the same power iteration for the rest of each block after "
+            "witnesses": analysis.meta.get("witnesses"),
+            "lipschitz": "MEASURED (not proved): Golub-Kahan-Lanczos on the Jacobian of each decoder block at "
+                         "calibration hidden states; a lower bound of the block's local Lipschitz constant",
+            "mlp_lipschitz": "MEASURED (not proved): the same estimate (per token) for the rest of each block after "
                              "its attention, h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)), at the "
                              "calibration h_mid (Llama-family decoder layers only)",
         },
