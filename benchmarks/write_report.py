@@ -348,7 +348,7 @@ def main() -> int:
                f"{ao['median_s']['analyze_default']} s (**{ao['ratio_analyze_default_over_plain']}×**); "
                f"2048-token analysis memory: {ao.get('memory_2048_tokens')}."
                + (f" Reported on their own (docs/design.md §2.5): the suffix sensitivities, "
-                  f"{ao['suffix_default']['tokens']} tokens x {ao['suffix_default']['iters']} power iterations per "
+                  f"{ao['suffix_default']['tokens']} tokens x {ao['suffix_default']['iters']} Lanczos steps per "
                   f"layer plus the remainder probes, add {ao['median_s']['suffix_s']} s to the analysis."
                   if "suffix_s" in ao.get("median_s", {}) else ""), ""]
     if cs:
