@@ -22,7 +22,6 @@ from ..texts import TokenWindows
 CURVATURES = Curvature.values()
 
 
-
 @dataclass(frozen=True)
 class AnalysisOptions:
     curvature: str = "exact"          # which curvature the planner uses: exact (docs/design.md §2.1) | seed (heuristic)
@@ -30,7 +29,7 @@ class AnalysisOptions:
     lipschitz_tokens: int = 32        # prefix of the first window used for the block Lipschitz estimate
     lipschitz_iters: int = 5          # Lanczos steps (products J v); 0 disables the estimate
     suffix_tokens: int = 128          # prefix of the first window for the suffix sensitivities (docs/design.md §2.5)
-    suffix_iters: int = 6             # their power iterations; 0 disables them (plans then use --composition product)
+    suffix_iters: int = 6             # their Lanczos steps; 0 disables them (plans then use --composition product)
     seed: int = 0
 
     def validate(self) -> None:
