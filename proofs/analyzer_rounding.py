@@ -74,6 +74,19 @@ def check(q, k, v, tau, fails, name):
     return worst
 
 
+def round_apart_pair(seed: int, d: int = 64):
+    """The adversarial family: q (d,), K (2, d), V (2, d) float32 with q.K_1 = q.K_2 exactly (K_2 swaps two
+    channels of K_1 where q is equal) near 1e9, so that float64 dot products round them apart."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(d, generator=g) * 30000).float()
+    k1 = (torch.randn(d, generator=g) * 30000).float()
+    q[d - 1] = q[0]
+    k1[0] *= 50
+    k2 = k1.clone()
+    k2[0], k2[d - 1] = k1[d - 1], k1[0]
+    return q, torch.stack([k1, k2]), torch.randn(2, d, generator=g).float()
+
+
 def main() -> int:
     fails: list = []
     n_cases = 0
@@ -92,16 +105,7 @@ def main() -> int:
         n_cases += 1
     refuted = 0
     for seed in range(40):                                  # the adversarial family
-        g = torch.Generator().manual_seed(seed)
-        d = 64
-        q = (torch.randn(d, generator=g) * 30000).float()
-        k1 = (torch.randn(d, generator=g) * 30000).float()
-        q[d - 1] = q[0]
-        k1[0] *= 50
-        k2 = k1.clone()
-        k2[0], k2[d - 1] = k1[d - 1], k1[0]
-        k = torch.stack([k1, k2])
-        v = torch.randn(2, d, generator=g).float()
+        q, k, v = round_apart_pair(seed)
         worst = check(q, k, v, 0.125, fails, f"adversarial seed {seed}")
         n_cases += 1
         if worst > FIXED:

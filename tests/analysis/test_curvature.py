@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from hnfverify.analysis.curvature import causal_allowed, kappa_single, position_stats
+from proofs.analyzer_rounding import round_apart_pair
 from tests.strategies import alpha_targets, head_layouts
 
 
@@ -234,15 +235,8 @@ def test_enclosure_holds_where_float64_scores_round_far_from_exact():
     margins are the derived rounding bounds where those exceed the fixed ones (docs/design.md §2.1a).
     Failed before the fix (alpha_max's lower end was above the exact 1/2)."""
     d = 64
-    g = torch.Generator().manual_seed(1)
-    q = (torch.randn(1, 1, d, generator=g) * 30000).float()
-    k1 = (torch.randn(d, generator=g) * 30000).float()
-    q[0, 0, d - 1] = q[0, 0, 0]
-    k1[0] *= 50
-    k2 = k1.clone()
-    k2[0], k2[d - 1] = k1[d - 1], k1[0]
-    k = torch.stack([k1, k2])[None]
-    v = torch.randn(1, 2, d, generator=g).float()
+    q, k, v = round_apart_pair(1, d)
+    q, k, v = q.reshape(1, 1, d), k[None], v[None]
     s = torch.einsum("hgid,htd->hgit", q.double().reshape(1, 1, 1, d), k.double()).mul_(0.125)
     assert abs(float(torch.softmax(s, -1)[0, 0, 0, 0]) - 0.5) > 2.0 ** -30     # the case is what it claims
     _check_enclosure(q, k, v, 0.125, torch.ones(1, 2, dtype=torch.bool), range(2))

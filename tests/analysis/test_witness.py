@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hnfverify.analysis.witness import enclose
+from proofs.analyzer_rounding import round_apart_pair
 
 
 def _exact(q, k, v, tau, ok, t):
@@ -50,16 +51,8 @@ def test_witness_encloses_the_exact_values(name, scale, n, d, seed):
 def test_witness_holds_where_float64_scores_round_far_from_exact():
     """The adversarial family of tests/analysis/test_curvature.py: two keys of one exact score near 1e9 whose
     float64 dot products round apart (the exact alpha is 1/2 at both)."""
-    d = 64
-    g = torch.Generator().manual_seed(1)
-    q = (torch.randn(d, generator=g) * 30000).float()
-    k1 = (torch.randn(d, generator=g) * 30000).float()
-    q[d - 1] = q[0]
-    k1[0] *= 50
-    k2 = k1.clone()
-    k2[0], k2[d - 1] = k1[d - 1], k1[0]
-    k = torch.stack([k1, k2]).numpy()
-    v = torch.randn(2, d, generator=g).float().numpy()
+    q, k, v = round_apart_pair(1)
+    k, v = k.numpy(), v.numpy()
     enc = enclose(q.numpy(), k, v, 0.125, np.ones(2, dtype=bool), 1)
     ex = _exact(q.numpy(), k, v, 0.125, np.ones(2, dtype=bool), 1)
     assert mpmath.mpf(enc.alpha[0]) <= ex["alpha"] <= mpmath.mpf(enc.alpha[1])
