@@ -124,7 +124,7 @@ def position_stats(
     scaling: float,
     allowed: torch.Tensor | None = None,
     *,
-    q_chunk: int = 128,
+    q_chunk: int = 64,
     sinks: tuple = SINKS,
     windows: tuple = WINDOWS,
 ) -> PositionStats:
@@ -185,16 +185,21 @@ def position_stats(
         qk = tau * (qn_sq.amax(dim=(1, 2)).sqrt() * SAFE) * k_norm[:, k0:k1].amax(dim=1)     # (Hkv,)
         n_keys = max(n_keys, k1 - k0)
         a_rel = torch.maximum(a_rel, softmax_rel_error(qk, d, k1 - k0))
-        s = torch.einsum("hgid,htd->hgit", qc, kk).mul_(tau)
-        s.masked_fill_(~mask, float("-inf"))
+        # (Hkv, G c, d) x (Hkv, d, Tkc) products; tau and -2 ride in the gemm's alpha (the bounds above hold
+        # for any order of the roundings), so no separate pass scales them
+        c_n = qc.shape[2]
+        kt, outside = kk.transpose(1, 2), ~mask
+        s = torch.empty(hkv, g * c_n, k1 - k0, dtype=q.dtype)                # beta = 0: ignored, not read
+        s = torch.baddbmm(s, qc.reshape(hkv, g * c_n, d), kt, beta=0.0, alpha=tau)
+        s = s.view(hkv, g, c_n, -1).masked_fill_(outside, float("-inf"))
         alpha = torch.softmax(s, dim=-1)                                     # masked entries exactly 0
         del s
-        o = torch.einsum("hgit,htd->hgid", alpha, vv)                        # (Hkv, G, c, d)
+        o = torch.bmm(alpha.view(hkv, g * c_n, -1), vv).view(hkv, g, c_n, d)  # (Hkv, G, c, d)
         o_sq = (o * o).sum(-1)                                               # (Hkv, G, c)
         o_norm_max = torch.maximum(o_norm_max, o_sq.sqrt().amax(dim=(1, 2)))
-        vo = torch.einsum("hgid,htd->hgit", o, vv).mul_(-2.0)
-        vo.add_(vsq[:, None, None, :]).add_(o_sq[..., None]).clamp_min_(0.0).sqrt_()
-        vo.masked_fill_(~mask, 0.0)
+        vo = (o_sq[..., None] + vsq[:, None, None, :]).view(hkv, g * c_n, -1)       # ||o||^2 + ||V_t||^2
+        vo = vo.baddbmm_(o.view(hkv, g * c_n, d), vv.transpose(1, 2), alpha=-2.0)
+        vo = vo.view(hkv, g, c_n, -1).clamp_min_(0.0).sqrt_().masked_fill_(outside, 0.0)
         sl = slice(k0, k1)
         c_alpha[:, sl] = torch.maximum(c_alpha[:, sl], alpha.amax(dim=(1, 2)))
         c_vo[:, sl] = torch.maximum(c_vo[:, sl], vo.amax(dim=(1, 2)))
