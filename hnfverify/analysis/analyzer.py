@@ -334,10 +334,6 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
 
     shape = model_shape(model)
     n_layers, hkv, hq, d = shape["layers"], shape["kv_heads"], shape["query_heads"], shape["head_dim"]
-    # the plan is tied to these weights (models.check_plan_matches_model); computed once, before the run
-    weights = weights_sha256(model)
-    if isinstance(getattr(lm, "extra_identity", None), dict):
-        lm.extra_identity["weights_sha256"] = weights      # lm.identity() now names the analyzed weights
     t = windows.window
     acc = _Accumulator(n_layers, hkv, hq, t, d, options.channel_group)
 
@@ -349,12 +345,21 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     t0 = time.perf_counter()
     # the decoder stack alone: the analysis needs no logits, and the LM head is a large share of a forward
     body = getattr(model, "base_model", None) or model
-    with torch.no_grad(), _pipelined(acc.add) as sink, instrument(model, sink):
-        for w in windows.windows:
-            ids = torch.tensor([w], dtype=torch.long)
-            body(input_ids=ids, use_cache=False)
-            if bar:
-                bar.update(1)
+    # the plan is tied to these weights (models.check_plan_matches_model): hashed once, beside the forward,
+    # which only reads them (hashlib releases the GIL; the statistics' worker waits on the forward anyway)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        weights_job = hasher.submit(weights_sha256, model)
+        with torch.no_grad(), _pipelined(acc.add) as sink, instrument(model, sink):
+            for w in windows.windows:
+                ids = torch.tensor([w], dtype=torch.long)
+                body(input_ids=ids, use_cache=False)
+                if bar:
+                    bar.update(1)
+        weights = weights_job.result()
+    if isinstance(getattr(lm, "extra_identity", None), dict):
+        lm.extra_identity["weights_sha256"] = weights      # lm.identity() now names the analyzed weights
     if bar:
         bar.close()
     t_stats = time.perf_counter() - t0
