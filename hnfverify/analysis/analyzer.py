@@ -17,7 +17,6 @@ from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stat
 from ..core.vocabulary import Curvature
 from ..errors import InvalidArgument, ModelError, UnsupportedModel
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
-from .routing import routed_attention
 from ..texts import TokenWindows
 
 CURVATURES = Curvature.values()
@@ -237,22 +236,20 @@ _IN_FLIGHT = 4
 
 
 @contextlib.contextmanager
-def _pipelined(add):
-    """Yield a sink that hands each attention call to ``add`` on one worker thread, in order, while the
-    forward runs on, torch's threads split between the two: the per-(query, key) statistics gain little
-    from intra-op threads, and side by side the two use the cores better (on 2 cores, 1 thread each).
-    With one torch thread the sink is ``add`` itself. On leaving, every call has been added and the thread
-    count is restored; an error in ``add`` is raised here."""
+def _pipelined(add, threads: int):
+    """Yield a sink that hands each attention call to ``add`` on one worker thread (``threads`` intra-op
+    threads), in order, while the caller's forward runs on: the per-(query, key) statistics gain little from
+    intra-op threads, and side by side the two use the cores better (docs/design.md §2.1c). With
+    ``threads`` 0 the sink is ``add`` itself. On leaving, every call has been added; an error in ``add`` is
+    raised here."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    threads = torch.get_num_threads()
-    if threads < 2:
+    if threads < 1:
         yield add
         return
-    each = threads // 2
     slots = threading.BoundedSemaphore(_IN_FLIGHT)
     futures = []
 
@@ -262,19 +259,28 @@ def _pipelined(add):
         finally:
             slots.release()
 
-    torch.set_num_threads(each)
+    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        def sink(call):
+            slots.acquire()
+            futures.append(pool.submit(run, call))
+        try:
+            yield sink
+        finally:
+            for f in futures:
+                f.result()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block (for the calling thread), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(each,)) as pool:
-            def sink(call):
-                slots.acquire()
-                futures.append(pool.submit(run, call))
-            try:
-                yield sink
-            finally:
-                for f in futures:
-                    f.result()
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 _WITNESS_FIELDS = (("alpha_max", "alpha"), ("vo_max", "vo"), ("alpha_vo_max", "alpha_vo"), ("kappa", "kappa"),
@@ -337,32 +343,70 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     t = windows.window
     acc = _Accumulator(n_layers, hkv, hq, t, d, options.channel_group)
 
+    body = getattr(model, "base_model", None) or model
+    # measured Lipschitz estimates of every decoder block and of the rest of each block after its attention
+    # (residual + MLP), at the hidden states of a calibration prefix, captured first (docs/design.md §2.5a)
+    lips, lips_rel, mlp_lips, mlp_lips_rel = (np.full(n_layers, np.nan) for _ in range(4))
+    t1 = time.perf_counter()
+    lip_tasks = []
+    if options.lipschitz_iters > 0:
+        from .lipschitz import block_lipschitz, capture_block_inputs, capture_mid_states, mlp_lipschitz, rest_of_block
+
+        blocks = _layer_blocks(model)
+        for li in sorted(blocks):
+            rest_of_block(blocks[li])               # refuse other decoder-layer structures before any work
+        n_tok = min(options.lipschitz_tokens, t)
+        ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
+        with torch.no_grad(), capture_block_inputs(model, blocks) as cap, capture_mid_states(blocks) as mid:
+            body(input_ids=ids, use_cache=False)
+
+        def one(li):
+            b = block_lipschitz(blocks[li], *cap[li], iters=options.lipschitz_iters, seed=options.seed)
+            m = mlp_lipschitz(blocks[li], mid.get(li), iters=options.lipschitz_iters, seed=options.seed)
+            return li, b, m
+
+        lip_tasks = sorted(blocks)
+    t_capture = time.perf_counter() - t1
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(windows.windows), desc="calibration windows", unit="win", leave=False)
+        bar = tqdm(total=len(windows.windows) + len(lip_tasks), desc="calibration windows, Lipschitz layers",
+                   unit="step", leave=False)
     t0 = time.perf_counter()
-    # the decoder stack alone: the analysis needs no logits, and the LM head is a large share of a forward
-    body = getattr(model, "base_model", None) or model
-    # the plan is tied to these weights (models.check_plan_matches_model): hashed once, beside the forward,
-    # which only reads them (hashlib releases the GIL; the statistics' worker waits on the forward anyway)
+    # docs/design.md §2.1c: the forward (the decoder stack alone: no logits needed) with the statistics on a
+    # worker beside it and the weights' sha256 (the plan is tied to them, models.check_plan_matches_model) on
+    # a thread of its own; then the Lipschitz layers on one-thread workers (each an eager view of its block,
+    # so they need no change to the model's routing; beside the forward they gained nothing on 2 cores)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1) as hasher:
+    threads = torch.get_num_threads()
+    beside = threads >= 2
+    each = threads // 2 if beside else threads            # the forward's and the statistics' share
+    lip_workers = max(1, min(threads, len(lip_tasks) or 1))
+    with _torch_threads(each), ThreadPoolExecutor(max_workers=1) as hasher, \
+            ThreadPoolExecutor(max_workers=lip_workers, initializer=torch.set_num_threads, initargs=(1,)) as lip_pool:
         weights_job = hasher.submit(weights_sha256, model)
-        with torch.no_grad(), _pipelined(acc.add) as sink, instrument(model, sink):
+        with torch.no_grad(), _pipelined(acc.add, each if beside else 0) as sink, instrument(model, sink):
             for w in windows.windows:
                 ids = torch.tensor([w], dtype=torch.long)
                 body(input_ids=ids, use_cache=False)
                 if bar:
                     bar.update(1)
+        t_stats = time.perf_counter() - t0
         weights = weights_job.result()
+        for job in [lip_pool.submit(one, li) for li in lip_tasks]:
+            li, b, m = job.result()
+            lips[li], lips_rel[li] = b.value, b.rel_change
+            mlp_lips[li], mlp_lips_rel[li] = m.value, m.rel_change
+            if bar:
+                bar.update(1)
+    t_lip = t_capture + (time.perf_counter() - t0 - t_stats)     # what the estimates add beyond the forward
     if isinstance(getattr(lm, "extra_identity", None), dict):
         lm.extra_identity["weights_sha256"] = weights      # lm.identity() now names the analyzed weights
     if bar:
         bar.close()
-    t_stats = time.perf_counter() - t0
     missing = [i for i in range(n_layers) if acc.seen[i] == 0]
     if missing:
         raise ModelError(f"no attention call was captured for layers {missing[:5]}: the model does not route "
@@ -387,54 +431,6 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     o_q *= 1 + 2.0 ** -30
     o_kv *= 1 + 2.0 ** -30
 
-    # measured Lipschitz estimate of every decoder block on a calibration prefix
-    # and of the rest of each block after its attention (residual + MLP), at the same calibration points
-    lips = np.full(n_layers, np.nan)
-    lips_rel = np.full(n_layers, np.nan)
-    mlp_lips = np.full(n_layers, np.nan)
-    mlp_lips_rel = np.full(n_layers, np.nan)
-    t1 = time.perf_counter()
-    if options.lipschitz_iters > 0:
-        from .lipschitz import block_lipschitz, capture_block_inputs, capture_mid_states, mlp_lipschitz, rest_of_block
-
-        blocks = _layer_blocks(model)
-        for li in sorted(blocks):
-            rest_of_block(blocks[li])               # refuse other decoder-layer structures before any work
-        n_tok = min(options.lipschitz_tokens, t)
-        ids = torch.tensor([windows.windows[0][:n_tok]], dtype=torch.long)
-        with torch.no_grad(), capture_block_inputs(model, blocks) as cap, capture_mid_states(blocks) as mid:
-            body(input_ids=ids, use_cache=False)
-        bar_l = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar_l = tqdm(total=len(blocks), desc="block Lipschitz (Lanczos)", unit="layer", leave=False)
-
-        def one(li):
-            b = block_lipschitz(blocks[li], *cap[li], iters=options.lipschitz_iters, seed=options.seed, route=False)
-            m = mlp_lipschitz(blocks[li], mid.get(li), iters=options.lipschitz_iters, seed=options.seed)
-            return li, b, m
-
-        # the layers are independent and their products small (a few dozen tokens), where torch's intra-op
-        # threads gain little: run them on as many workers as torch has threads, one thread each
-        workers = max(1, min(torch.get_num_threads(), len(blocks)))
-        threads = torch.get_num_threads()
-        from concurrent.futures import ThreadPoolExecutor
-
-        with routed_attention(model, "eager"):
-            try:
-                torch.set_num_threads(1)
-                with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                    for li, b, m in pool.map(one, sorted(blocks)):
-                        lips[li], lips_rel[li] = b.value, b.rel_change
-                        mlp_lips[li], mlp_lips_rel[li] = m.value, m.rel_change
-                        if bar_l:
-                            bar_l.update(1)
-            finally:
-                torch.set_num_threads(threads)
-        if bar_l:
-            bar_l.close()
-    t_lip = time.perf_counter() - t1
 
     # measured suffix sensitivities, remainder constant and lm_head gain (docs/design.md §2.5, §2.6)
     t2 = time.perf_counter()

@@ -155,11 +155,25 @@ def capture_block_inputs(model, blocks: dict):
                 h.remove()
 
 
-def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int = 0,
-                    route: bool = True) -> LipschitzEstimate:
-    """The estimate for one decoder block at its captured inputs (hidden states first). The block runs its
-    eager attention (routed here, or by the caller where ``route`` is False: concurrent calls must not
-    swap the shared config's attention implementation under one another)."""
+def eager_view(module):
+    """A shallow copy of ``module`` whose submodules see a copy of their config with the eager attention
+    implementation: the same parameters and buffers, no change to the model or its shared config, so it may
+    run while other threads run the model with another attention implementation."""
+    import copy
+
+    view = copy.copy(module)
+    view._modules = {n: (None if m is None else eager_view(m)) for n, m in module._modules.items()}
+    cfg = view.__dict__.get("config")
+    if cfg is not None and hasattr(cfg, "_attn_implementation"):
+        cfg = copy.copy(cfg)
+        cfg._attn_implementation = "eager"
+        view.config = cfg
+    return view
+
+
+def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
+    """The estimate for one decoder block at its captured inputs (hidden states first), the block running
+    its eager attention (:func:`eager_view`; torch's fused SDPA kernels have no double backward)."""
     import torch
 
     if args:
@@ -173,14 +187,12 @@ def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int 
             kw[k] = None
     kw["use_cache"] = False if "use_cache" in kw else kw.get("use_cache", False)
 
-    def fn(x):
-        return _block_output(block(x, *rest, **kw))
+    view = eager_view(block)
 
-    config = getattr(block, "config", None) or next((m.config for m in block.modules()
-                                                     if getattr(m, "config", None) is not None), None)
-    eager = routed_attention(None, "eager", config=config) if config is not None and route \
-        else contextlib.nullcontext()
-    with eager, torch.enable_grad():
+    def fn(x):
+        return _block_output(view(x, *rest, **kw))
+
+    with torch.enable_grad():
         return jacobian_norm(fn, x0.detach().to(torch.float32), iters=iters, seed=seed)
 
 

@@ -113,34 +113,26 @@ def test_report_round_trip_and_lookup(tmp_path):
         load(out)
 
 
-def test_the_statistics_pipeline_adds_every_call_in_order_restores_threads_and_raises_errors():
+def test_the_statistics_pipeline_adds_every_call_in_order_and_raises_errors():
     from hnfverify.analysis.analyzer import _pipelined
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = []
-        with _pipelined(seen.append) as sink:
-            assert sink is not seen.append                      # a worker beside the caller
-            for i in range(50):
+    seen = []
+    with _pipelined(seen.append, 1) as sink:
+        assert sink is not seen.append                          # a worker beside the caller
+        for i in range(50):
+            sink(i)
+    assert seen == list(range(50))
+
+    def bad(call):
+        if call == 3:
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        with _pipelined(bad, 1) as sink:
+            for i in range(8):
                 sink(i)
-            assert torch.get_num_threads() == 1
-        assert seen == list(range(50)) and torch.get_num_threads() == 2
-
-        def bad(call):
-            if call == 3:
-                raise ValueError("boom")
-
-        with pytest.raises(ValueError, match="boom"):
-            with _pipelined(bad) as sink:
-                for i in range(8):
-                    sink(i)
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        with _pipelined(seen.append) as sink:
-            assert sink == seen.append                          # one thread: no worker
-    finally:
-        torch.set_num_threads(threads)
+    with _pipelined(seen.append, 0) as sink:
+        assert sink == seen.append                              # no worker
 
 
 def test_the_analysis_is_the_same_with_one_torch_thread_and_with_the_pipeline():
@@ -149,11 +141,13 @@ def test_the_analysis_is_the_same_with_one_torch_thread_and_with_the_pipeline():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = analyze(lm, wins, AnalysisOptions(lipschitz_iters=0, suffix_iters=0))
+        one = analyze(lm, wins, AnalysisOptions(lipschitz_iters=3, lipschitz_tokens=8, suffix_iters=0))
         torch.set_num_threads(2)
-        two = analyze(lm, wins, AnalysisOptions(lipschitz_iters=0, suffix_iters=0))
+        two = analyze(lm, wins, AnalysisOptions(lipschitz_iters=3, lipschitz_tokens=8, suffix_iters=0))
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert one.meta["weights_sha256"] == two.meta["weights_sha256"]
-    for f in ("kappa_hi", "kappa_lo", "alpha_max_hi", "mass_alpha_hi", "k_tok_max", "n_queries"):
+    for f in ("kappa_hi", "kappa_lo", "alpha_max_hi", "mass_alpha_hi", "k_tok_max", "n_queries", "lipschitz",
+              "mlp_lipschitz"):
         np.testing.assert_allclose(one.arrays[f], two.arrays[f], rtol=1e-4, atol=1e-12)
