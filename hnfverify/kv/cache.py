@@ -89,10 +89,14 @@ class _Buf:
                 t[:, :, self.hi:self.hi + m] = p
         self.hi += m
 
-    def view(self, a: int = 0, b: int | None = None) -> tuple:
-        """The live tensors' slice [a, b) (live coordinates)."""
+    def view(self, a: int = 0, b: int | None = None, rows: slice | None = None) -> tuple:
+        """The live tensors' slice [a, b) (live coordinates), of rows ``rows`` (axis 1; None: all), one
+        indexing op per tensor."""
         b = self.n if b is None else b
-        return tuple(None if t is None else t[:, :, self.lo + a:self.lo + b] for t in self.ts)
+        pos = slice(self.lo + a, self.lo + b)
+        if rows is None:
+            return tuple(None if t is None else t[:, :, pos] for t in self.ts)
+        return tuple(None if t is None else t[:, rows, pos] for t in self.ts)
 
     def drop_front(self, m: int) -> None:
         self.lo += m
@@ -184,7 +188,7 @@ class _Group:
     def fill(self, dst: torch.Tensor, a: int = 0, b: int | None = None, rows: slice | None = None) -> None:
         """The stored values of live entries [a, b) of ``rows`` (all: None), dequantized into dst (B, h, n, d).
         Full channel groups are held token-major (``IntCodec.token_major``), per-token formats as packed."""
-        data, scale, zero = _rows(self.buf.view(a, b), rows)
+        data, scale, zero = self.buf.view(a, b, rows)
         if self.fmt.granularity == "channel":
             IntCodec.token_major_into(self.fmt, data, scale, zero, dst)
         else:                                     # data (B, h, tokens, packed d)

@@ -59,13 +59,18 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+_MASKS = {b: torch.tensor((1 << b) - 1, dtype=torch.uint8) for b in (1, 2, 4)}
+_SHIFTS = {b: [torch.tensor(b * i, dtype=torch.uint8) for i in range(8 // b)] for b in (1, 2, 4)}
+
+
 def unpack_bits(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: (..., w) packed -> (..., n) uint8 values."""
     if bits == 8:
         return p
     per = 8 // bits
-    mask = (1 << bits) - 1
-    parts = [p & mask] + [(p >> (bits * i)) & mask for i in range(1, per - 1)] + [p >> (bits * (per - 1))]
+    mask, shifts = _MASKS[bits], _SHIFTS[bits]              # uint8 0-dim tensors: no scalar wrapped per call
+    parts = [torch.bitwise_and(p, mask)] + [torch.bitwise_and(torch.bitwise_right_shift(p, shifts[i]), mask)
+                                            for i in range(1, per - 1)] + [torch.bitwise_right_shift(p, shifts[per - 1])]
     out = torch.cat(parts, dim=-1)
     return out if out.shape[-1] == n else out[..., :n]
 
