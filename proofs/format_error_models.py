@@ -12,7 +12,7 @@ values are float32):
   differences rounded toward +inf and -inf, and the bound u|x| + SUB is rounded toward -inf.
 Pipelines (nonlinear real arithmetic, every float32/float64 rounding as a (1 + d), |d| <= 2^-23
 resp. 2^-52; the casts above as assumptions):
-  INT-b asymmetric, b = 2, 4, 8 (hnfverify/core/formats/integer.py):
+  INT-b asymmetric, b = 2, 3, 4, 8 (hnfverify/core/formats/integer.py):
     |x - (q s + z)| <= u (1 + 2^-9) R + (u 2^-9 + 2^-20) A + 2^-23
   FP8 with a per-token FP16 scale (hnfverify/core/formats/fp8.py):
     |x - q s| <= (u + 2^-21) |x| + (1 + 2^-21) SUB s
@@ -117,7 +117,7 @@ def main() -> int:
     cast_lemma("fp8-e4m3 subnormal, as IEEE (4,4)", 4, 4, 0, F(2) ** -6, 0, F(2) ** -10)
     cast_lemma("fp8-e4m3 normal up to the saturation value 448, as IEEE (5,4)", 5, 4, F(2) ** -6, 448, F(2) ** -4, 0)
     print("quantization pipelines (z3 nonlinear real arithmetic):")
-    for b in (2, 4, 8):
+    for b in (2, 3, 4, 8):
         int_pipeline(b)
     fp8_pipeline("fp8-e4m3", 448, F(1, 16), F(2) ** -10)
     fp8_pipeline("fp8-e5m2", 57344, F(1, 8), F(2) ** -17)

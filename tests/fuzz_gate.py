@@ -7,7 +7,7 @@ Deterministic (seeded). Plan cases come from generators (printed per generator i
                               duplicated keys, deep nesting, reordered layers, last-place nudges)
   kv-lengths                  K/V sink/recent lengths that disagree (with each other, with $.rule)
   windows                     empty and tiny windows: recent 0, sink 0, recent 1, sink + recent = T
-  channel-groups              channel-grouped rest formats, group = or != analysis.channel_group,
+  channel-groups              channel-grouped rest formats, groups that divide analysis.channel_group or not,
                               sinks that are not a multiple of the group, channel formats where the
                               cache writes one token at a time, per-token groups != head_dim
   domain                      amax near and above 65504 (fp16, int*, fp8*: FP16 values, zero-points,
@@ -388,7 +388,7 @@ def gen_channel(p, rng):
             p["analysis"]["channel_group"] = g      # consistent with the analysis
         for _, _, kv, rule in streams(p):
             if rng.random() < 0.7:
-                f = f"int{rng.choice([8, 4, 2])}_c{g}"
+                f = f"int{rng.choice([8, 4, 3, 2])}_c{g}"
                 add_format(p, f)
                 rule["rest"]["format"] = f
         s = rng.choice([0, 1, 3, 4, 5, 7, 9, p["rule"]["sink"]])
@@ -775,7 +775,7 @@ def gen_chains(p, rng):
     if p["rule"]["recent"] == 0 or t - p["rule"]["sink"] - p["rule"]["recent"] <= 0:
         set_lengths(p, rng.choice([0, 1, 4]), rng.choice([1, 2, 8]), rng)
     la, h, kv, rule = rng.choice(list(streams(p)))
-    f1 = rng.choice(["int2_t16", "int4_t16", "fp8_e5m2_t16", "fp16", "int8_t16"])
+    f1 = rng.choice(["int2_t16", "int3_t16", "int4_t16", "fp8_e5m2_t16", "fp16", "int8_t16"])
     f2 = rng.choice(["fp16", "int8_t16", "fp8_e4m3_t16", "bf16", "int4_t16"])
     cg = p["analysis"]["channel_group"]
     if rng.random() < 0.3:

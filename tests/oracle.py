@@ -336,7 +336,7 @@ _FLOATS = {"fp32": (23, -126, (2 - Q(1, 2 ** 23)) * Q(2) ** 127, 32),
 _FP8 = {"e4m3": (3, -6, Q(448)), "e5m2": (2, -14, Q(57344))}
 _INT_MODEL = ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
               "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
-_FNAME = re.compile(r"fp32|fp16|bf16|fp8_(e4m3|e5m2)_t([1-9][0-9]*)|int(8|4|2)_(t|c)([1-9][0-9]*)")
+_FNAME = re.compile(r"fp32|fp16|bf16|fp8_(e4m3|e5m2)_t([1-9][0-9]*)|int(8|4|3|2)_(t|c)([1-9][0-9]*)")
 
 
 def format_def(name):
@@ -731,8 +731,8 @@ def _semantics(p):
         f = format_def(name)
         if f["gran"] == "token" and f["group"] != shape["head_dim"]:
             bad(f"$.formats.{name}", f"per-token group {f['group']} is not head_dim {shape['head_dim']}")
-        if f["gran"] == "channel" and f["group"] != p["analysis"]["channel_group"]:
-            bad(f"$.formats.{name}", f"channel group {f['group']} differs from analysis.channel_group")
+        if f["gran"] == "channel" and p["analysis"]["channel_group"] % f["group"]:
+            bad(f"$.formats.{name}", f"channel group {f['group']} does not divide analysis.channel_group")
     if shape["query_heads"] % shape["kv_heads"]:
         bad("$.shape", "query_heads is not a multiple of kv_heads")
     t = p["max_seq_len"]

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stats, seed_curvature
+from ..core.formats import channel_groups_of
 from ..core.vocabulary import Curvature
 from ..errors import InvalidArgument, ModelError, UnsupportedModel
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
@@ -25,7 +26,8 @@ CURVATURES = Curvature.values()
 @dataclass(frozen=True)
 class AnalysisOptions:
     curvature: str = "exact"          # which curvature the planner uses: exact (docs/design.md §2.1) | seed (heuristic)
-    channel_group: int = 32           # tokens per per-channel key/value quantization group (KIVI-style)
+    channel_group: int = 128          # tokens per per-channel key/value quantization group (KIVI-style); plans
+                                      # may use its divisors (docs/design.md §3)
     lipschitz_tokens: int = 32        # prefix of the first window used for the block Lipschitz estimate
     lipschitz_iters: int = 5          # Lanczos steps (products J v); 0 disables the estimate
     suffix_tokens: int = 128          # prefix of the first window for the suffix sensitivities (docs/design.md §2.5)
@@ -143,6 +145,8 @@ class _Accumulator:
         self.n_queries = torch.zeros(n_layers, hkv, t, dtype=torch.int64)
         inf = float("inf")
         n_groups = math.ceil(t / g)
+        # the smaller groups a plan may use instead (docs/design.md §3), each with its own diameters
+        self.sub_groups = [s for s in channel_groups_of(g) if s != g]
         self.ranges = {}
         for kv in ("k", "v"):
             self.ranges[f"{kv}_tok_min"] = torch.full((n_layers, hkv, t), inf, dtype=torch.float32)
@@ -151,6 +155,8 @@ class _Accumulator:
             self.ranges[f"{kv}_ch_max"] = torch.full((n_layers, hkv, n_groups, d), -inf, dtype=torch.float32)
             self.ranges[f"{kv}_d_token"] = z()
             self.ranges[f"{kv}_d_channel"] = z()
+            for sub in self.sub_groups:
+                self.ranges[f"{kv}_d_channel_g{sub}"] = z()
         n_s, n_r = len(SINKS), len(WINDOWS)
         self.split = {
             "kappa_far_lo": torch.zeros(n_layers, n_r, hkv, t, dtype=torch.float64),
@@ -229,6 +235,14 @@ class _Accumulator:
         d_ch = (xp_max.double() - xp_min.double()).norm(dim=-1) * (1 + 2.0 ** -30)   # (Hkv, n_groups)
         d_ch = d_ch.repeat_interleave(g, dim=1)[:, :t]
         torch.maximum(r[f"{name}_d_channel"][layer], d_ch, out=r[f"{name}_d_channel"][layer])
+        for sub in self.sub_groups:
+            n_sub = math.ceil(t / sub)
+            pad = n_sub * sub - t
+            lo = F.pad(x, (0, 0, 0, pad), value=float("inf")).reshape(hkv, n_sub, sub, d).amin(2)
+            hi = F.pad(x, (0, 0, 0, pad), value=float("-inf")).reshape(hkv, n_sub, sub, d).amax(2)
+            d_sub = ((hi.double() - lo.double()).norm(dim=-1) * (1 + 2.0 ** -30)).repeat_interleave(sub, dim=1)[:, :t]
+            out = r[f"{name}_d_channel_g{sub}"][layer]
+            torch.maximum(out, d_sub, out=out)
 
 
 #: attention calls the forward may run ahead of the statistics (each holds one layer's q, K, V)
@@ -488,6 +502,7 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
                   "channel_groups": int(math.ceil(t / options.channel_group))},
         "rule_grid": {"sinks": list(SINKS), "windows": list(WINDOWS), "segments": ["sink", "recent", "rest"]},
         "options": {"curvature": options.curvature, "channel_group": options.channel_group,
+                    "channel_groups": channel_groups_of(options.channel_group),
                     "lipschitz_tokens": min(options.lipschitz_tokens, t), "lipschitz_iters": options.lipschitz_iters,
                     "seed": options.seed, "suffix": sfx_meta},
         "attn_implementation": model.config._attn_implementation,

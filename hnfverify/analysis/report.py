@@ -44,6 +44,8 @@ ARRAY_FIELDS = {
     "k_d_token": "l2 diameter of K_t's per-token quantization box sqrt(d)(max-min), max over windows",
     "k_d_channel": "l2 diameter of K_t's per-channel-group box ||max_c - min_c||, max over windows",
     "v_d_token": "as k_d_token for V", "v_d_channel": "as k_d_channel for V",
+    "k_d_channel_gN": "as k_d_channel over groups of N tokens, for every N in analysis.channel_groups below channel_group "
+                      "(the groups a plan may use instead, docs/design.md 3)", "v_d_channel_gN": "as k_d_channel_gN for V",
     "o_proj_norm_qhead": "(layers, query_heads) spectral norm of the output projection's slice for each query head",
     "o_proj_norm_kvhead": "(layers, kv_heads) spectral norm of the output projection's slice for each KV group",
     "lipschitz": "(layers,) MEASURED local Lipschitz estimate of each decoder block (Golub-Kahan-Lanczos, double vjp)",

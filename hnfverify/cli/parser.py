@@ -30,6 +30,10 @@ def add_plan_options(p) -> None:
     g.add_argument("--objective", choices=Objective.values(), default=Objective.LINEAR.value,
                    help="what --avg-bits' greedy lowers: the first-order terms of the per-layer attention bounds "
                         "(default), the per-layer bounds themselves, or the end-to-end composition bound")
+    g.add_argument("--plan-channel-group", dest="plan_channel_group", type=positive_int_arg("--plan-channel-group"),
+                   default=None,
+                   help="tokens per channel group of the searched plan's channel-grouped formats: the analysis' "
+                        "group (default) or a divisor of it that is a multiple of 8")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=positive_int_arg("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=positive_int_arg("--recent"), default=64, help="recent window length")
@@ -68,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="report.json", help="report JSON; arrays go to <stem>.safetensors")
     a.add_argument("--json", action="store_true", help="print the report summary as JSON")
     a.add_argument("--curvature", default="exact", help="exact (default) | seed (heuristic, ablation only)")
-    a.add_argument("--channel-group", type=positive_int_arg("--channel-group"), default=32)
+    a.add_argument("--channel-group", type=positive_int_arg("--channel-group"), default=128,
+                   help="tokens per channel group the diameters are measured over (also every divisor that is a "
+                        "multiple of 8: the groups plans may use)")
     a.add_argument("--lipschitz-tokens", type=positive_int_arg("--lipschitz-tokens"), default=32)
     a.add_argument("--lipschitz-iters", type=positive_int_arg("--lipschitz-iters"), default=5,
                    help="Lanczos steps per block Lipschitz estimate (products J v; docs/design.md §2.5a)")
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--brief", action="store_true", help="no per-layer table")
     pl.add_argument("--curvature", dest="plan_curvature", choices=Curvature.values(),
                     help="same as --plan-curvature: which curvature the planner uses (ablation)")
+    pl.add_argument("--channel-group", dest="plan_channel_group", type=positive_int_arg("--channel-group"),
+                    help="same as --plan-channel-group")
     add_plan_options(pl)
     pl.set_defaults(func=cmd_plan)
 

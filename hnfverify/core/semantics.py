@@ -207,10 +207,12 @@ def segment_bits(fmt, seg: str, counts: dict, d: int):
     scales and zero-points (one set per channel group, whatever its size), FP32 pending copies."""
     from fractions import Fraction
 
+    from .formats import packed_row_bytes
+
     if seg != "rest":
         return Fraction(fmt.bits_per_element) * counts[seg] * d
     pending = 32 * counts["pending"] * d
     if fmt.granularity == "channel":             # each channel's values of a group packed to whole bytes
         groups = counts["rest_groups"]
-        return (sum(-(-m * fmt.value_bits // 8) * 8 for m in groups) + fmt.overhead_bits * len(groups)) * d + pending
+        return (sum(packed_row_bytes(fmt.value_bits, m) * 8 for m in groups) + fmt.overhead_bits * len(groups)) * d + pending
     return Fraction(fmt.bits_per_element) * counts["rest"] * d + pending

@@ -57,9 +57,10 @@ def consistency_problems(plan: dict) -> list[tuple[str, str]]:
         if f.granularity == "token" and f.group != d:
             add(f"$.formats.{name}", f"a per-token format groups the head's {d} channels (head_dim); group {f.group} "
                                      "cannot run")
-        if f.granularity == "channel" and f.group != group:
-            add(f"$.formats.{name}", f"channel group {f.group} differs from $.analysis.channel_group {group}, the group "
-                                     "the analysis measured d_channel over")
+        if f.granularity == "channel" and group % f.group:
+            # a group aligned at multiples of f.group lies inside one aligned group of the analysis' (docs/design.md §3)
+            add(f"$.formats.{name}", f"channel group {f.group} does not divide $.analysis.channel_group {group}, the "
+                                     "group the analysis measured d_channel over")
     rule_s, rule_r = plan["rule"]["sink"], plan["rule"]["recent"]
     for li, layer in enumerate(plan["layers"]):
         lp = f"$.layers[{li}]"

@@ -46,9 +46,13 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
     Planar: with w = ceil(n / per) bytes per row (per = 8 // bits values a byte), byte j holds values
     j, w + j, 2w + j, ... in its lowest bits first, so unpacking writes contiguous halves (quarters)
-    instead of interleaving — the fast way on CPU. A short row (a short channel group) is zero-padded."""
+    instead of interleaving — the fast way on CPU. A short row (a short channel group) is zero-padded.
+    3-bit codes: a 2-bit plane of the low bits, then a 1-bit plane of the high bits (8 codes in 3 bytes;
+    ``packed_row_bytes`` in hnfverify/core/formats counts them)."""
     if bits == 8:
         return q
+    if bits == 3:
+        return torch.cat([pack_bits(q & 3, 2), pack_bits(q >> 2, 1)], dim=-1)
     per = 8 // bits
     if q.shape[-1] % per:                       # a short channel group: pad to whole bytes
         q = torch.nn.functional.pad(q, (0, per - q.shape[-1] % per))
@@ -67,6 +71,10 @@ def unpack_bits(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: (..., w) packed -> (..., n) uint8 values."""
     if bits == 8:
         return p
+    if bits == 3:
+        w = -(-n // 4)
+        hi = unpack_bits(p[..., w:], 1, n)
+        return torch.bitwise_or(unpack_bits(p[..., :w], 2, n), torch.bitwise_left_shift(hi, _SHIFTS[2][1]))   # hi << 2
     per = 8 // bits
     mask, shifts = _MASKS[bits], _SHIFTS[bits]              # uint8 0-dim tensors: no scalar wrapped per call
     parts = [torch.bitwise_and(p, mask)] + [torch.bitwise_and(torch.bitwise_right_shift(p, shifts[i]), mask)

@@ -194,7 +194,7 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
         "model": {k: str(v) for k, v in summary["model"].items()},
         "calibration": {k: str(v) for k, v in calib.items()},
         "analysis": {"report": report_name, "arrays_sha256": summary["arrays"]["sha256"],
-                     "curvature": meta["curvature"], "channel_group": summary["analysis"]["channel_group"]},
+                     "curvature": meta["curvature"], "channel_group": meta["channel_group"]},
         "shape": {k: shape[k] for k in ("layers", "kv_heads", "query_heads", "head_dim")},
         "max_seq_len": meta["max_seq_len"],
         "eps": fmt_number(eps), "eps_source": eps_source,

@@ -63,6 +63,12 @@ class Planning:
                                  * self.search_end_to_end.head_error(lh, state) for lh in self.by_head)
 
 
+def fixed_channel_groups(req: PlanRequest) -> set:
+    """The channel groups of the formats a ``--uniform`` / ``assign`` plan names."""
+    names = parse_uniform(req.uniform).values() if req.uniform is not None else [item[4] for item in req.assign]
+    return {f.group for f in map(by_name, names) if f.granularity == "channel"}
+
+
 def fixed_formats(req: PlanRequest, table: dict):
     """unit -> its format for ``--uniform`` / ``assign`` plans (None for searched plans)."""
     if req.uniform is not None:

@@ -40,13 +40,13 @@ from __future__ import annotations
 import math
 
 from ..core.bound import exact_head_error, kl_bound, logit_osc_bound
-from ..core.formats import format_table
+from ..core.formats import channel_groups_of, format_table
 from ..core.numbers import dec_down, dec_up, fmt_number, parse_number, round_up, show_bound
 from ..core.semantics import SEGMENTS
 from ..core.vocabulary import Objective
 from ..errors import InvalidArgument, PlanInfeasible
 from .assemble import assemble, claim_up, raise_to_theorem
-from .modes import Planning, avg_bits_state, eps_state, fixed_formats, fixed_state
+from .modes import Planning, avg_bits_state, eps_state, fixed_channel_groups, fixed_formats, fixed_state
 from .request import PlanRequest
 from .search import FloatHead, GreedySearch, average_bits, norm_overhead
 from .units import build_chain, head_inputs, set_errors, theorem_term, units_from_report
@@ -181,14 +181,33 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
                     amp_e2e, math.sqrt(meta["max_seq_len"]), comp, target)
 
 
+def search_table(table: dict, group: int, analysis_group: int) -> dict:
+    """The formats a searched plan chooses from: channel formats of one group only."""
+    if analysis_group % group or group not in channel_groups_of(analysis_group):
+        raise InvalidArgument(f"--channel-group {group}: must be one of {channel_groups_of(analysis_group)}, the "
+                              f"groups inside the analysis' channel group {analysis_group} (analyze --channel-group)")
+    return {n: f for n, f in table.items() if f.granularity != "channel" or f.group == group}
+
+
 def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
     """Build the plan (a JSON-ready dict in canonical form). Raises PlanInfeasible / InvalidArgument."""
     req.validate()
     shape = summary["shape"]
     g_q = shape["query_heads"] // shape["kv_heads"]
-    table = format_table(shape["head_dim"], summary["analysis"]["channel_group"])
+    big = summary["analysis"]["channel_group"]
+    table = format_table(shape["head_dim"], big)
     fixed = fixed_formats(req, table)
-    units, meta = units_from_report(summary, arrays, req, table)
+    if fixed is None:                       # a searched plan: one channel group, the user's or the analysis'
+        groups = {req.channel_group or big}
+        table = search_table(table, req.channel_group or big, big)
+    else:
+        groups = fixed_channel_groups(req)
+    # the diameters of the plan's one group where the analysis measured them, else of the analysis' group,
+    # which contains every smaller group (docs/design.md §3)
+    group = groups.pop() if len(groups) == 1 else big
+    if group != big and f"k_d_channel_g{group}" not in arrays:
+        group = big
+    units, meta = units_from_report(summary, arrays, req, table, group)
     for i, u in enumerate(units):
         u.idx = i
     n_l, n_h = shape["layers"], shape["kv_heads"]

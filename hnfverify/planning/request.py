@@ -73,6 +73,7 @@ class PlanRequest:
     composition: str | None = None        # "suffix" | "product" (docs/design.md §2.5); None: suffix where measured
     suffix_margin: Fraction = Fraction(2)
     max_kl: Fraction | None = None        # the KL budget of every token (docs/design.md §2.6)
+    channel_group: int | None = None      # the searched plans' channel group (a divisor of the analysis'); None: its
 
     def validate(self) -> None:
         modes = [x is not None for x in (self.eps, self.avg_bits, self.uniform, self.assign)]

@@ -83,7 +83,9 @@ def set_errors(unit: Unit) -> None:
                    for f, e in zip(unit.chain, unit.errors)]
 
 
-def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict) -> tuple[list, dict]:
+def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict,
+                      channel_group: int | None = None) -> tuple[list, dict]:
+    """``channel_group``: the group whose measured diameters the units' d_channel takes (None: the analysis')."""
     import numpy as np
 
     shape = summary["shape"]
@@ -103,6 +105,8 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
     s = min(req.sink, t)
     pos = {"sink": slice(0, s), "recent": slice(s, t), "rest": slice(s, t)}
     seg_idx = {"sink": 0, "recent": 1, "rest": 2}
+    group = channel_group or summary["analysis"]["channel_group"]
+    ch_field = "{}_d_channel" if group == summary["analysis"]["channel_group"] else "{}_d_channel_g%d" % group
     units = []
     for li in range(n_l):
         for h in range(n_h):
@@ -127,7 +131,7 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
                         which = "near" if seg == "recent" else "far"
                         k_lo = mx(arrays[f"kappa_{which}_lo"][li, ri, h])
                         k_hi = mx(arrays[f"kappa_{which}_hi"][li, ri, h])
-                    d_tok, d_ch, amax = mx(arrays[f"{p}_d_token"][li, h]), mx(arrays[f"{p}_d_channel"][li, h]), \
+                    d_tok, d_ch, amax = mx(arrays[f"{p}_d_token"][li, h]), mx(arrays[ch_field.format(p)][li, h]), \
                         float(np.max(amax_arr[sl]))
                     ma = arrays["mass_alpha_hi"][li, si, ri, seg_idx[seg], h]
                     ma_lo = arrays["mass_alpha_lo"][li, si, ri, seg_idx[seg], h]
@@ -146,7 +150,7 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
                     kap = (parse_number(inputs["kappa"][0]), parse_number(inputs["kappa"][1]))
                     units.append(Unit(li, h, kv, seg, lengths[seg], stats, kap, inputs, sink=req.sink,
                                       recent=req.recent, max_seq_len=t))
-    meta = {"max_seq_len": t, "lengths": lengths, "curvature": curvature, "head_dim": d}
+    meta = {"max_seq_len": t, "lengths": lengths, "curvature": curvature, "head_dim": d, "channel_group": group}
     return units, meta
 
 

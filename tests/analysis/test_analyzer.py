@@ -86,6 +86,15 @@ def test_ranges_and_diameters():
     # the token box diameter can never exceed sqrt(d) times the union range
     assert np.all(a["k_d_token"] <= math.sqrt(d) * (a["k_tok_max"] - a["k_tok_min"]) * (1 + 1e-6))
     assert np.all(a["k_d_token"] > 0) and np.all(a["v_d_channel"] > 0)
+    # no divisor of 8 that is a multiple of 8 but 8 itself: no smaller groups
+    assert not [k for k in a if "_d_channel_g" in k]
+    res = analyze(lm, wins, AnalysisOptions(channel_group=16, lipschitz_iters=0))
+    a16 = res.arrays
+    assert a16["k_d_channel_g8"].shape == a16["k_d_channel"].shape
+    # a group of 8 lies inside one of 16: never wider, and what a direct measure of groups of 8 gives
+    assert np.all(a16["k_d_channel_g8"] <= a16["k_d_channel"]) and np.any(a16["k_d_channel_g8"] < a16["k_d_channel"])
+    assert np.array_equal(a16["k_d_channel_g8"], a["k_d_channel"]) and np.array_equal(a16["v_d_channel_g8"],
+                                                                                      a["v_d_channel"])
 
 
 def test_report_round_trip_and_lookup(tmp_path):

@@ -13,7 +13,9 @@ def test_table_bits_and_unit_roundoffs():
     expect = {"fp32": (32, F(1, 2**24)), "fp16": (16, F(1, 2**11)), "bf16": (16, F(1, 2**8)),
               "fp8_e4m3_t64": (F(33, 4), F(1, 16)), "fp8_e5m2_t64": (F(33, 4), F(1, 8)),
               "int8_t64": (F(17, 2), F(1, 510)), "int4_t64": (F(9, 2), F(1, 30)), "int2_t64": (F(5, 2), F(1, 6)),
+              "int3_t64": (F(7, 2), F(1, 14)), "int3_c32": (4, F(1, 14)),
               "int8_c32": (9, F(1, 510)), "int4_c32": (5, F(1, 30)), "int2_c32": (3, F(1, 6))}
+    expect.update({f"int{b}_c{g}": (b + F(32, g), F(1, 2 * (2**b - 1))) for b in (8, 4, 3, 2) for g in (16, 8)})
     assert set(t) == set(expect)
     for name, (bits, u) in expect.items():
         assert t[name].bits_per_element == bits and t[name].u == u
@@ -32,7 +34,7 @@ def test_segment_bits_count_the_fp32_residual_of_channel_groups():
 def test_error_models_are_the_proved_lemmas_per_element():
     """d = 1: the l2 bound must be exactly the per-element lemma of proofs/format_error_models.py."""
     s = SegmentStats(1, F(3), F(3), F(5))
-    for b in (2, 4, 8):
+    for b in (2, 3, 4, 8):
         u = F(1, 2 * (2**b - 1))
         lemma = u * (1 + F(1, 2**9)) * 3 + (u * F(1, 2**9) + F(1, 2**20)) * 5 + F(1, 2**23)
         assert by_name(f"int{b}_t1").l2_error(s) == lemma
@@ -61,3 +63,14 @@ def test_outward_decimal_rounding_and_canonical_numbers(x):
     assert parse_number(dec_down(x)) <= F(x) <= parse_number(dec_up(x))
     for s in (dec_up(x), dec_down(x)):
         assert parse_number(fmt_number(parse_number(s))) == parse_number(s)
+
+
+def test_channel_groups_a_plan_may_use_divide_the_analysis_group():
+    from hnfverify.core.formats import channel_groups_of
+
+    assert channel_groups_of(128) == [128, 64, 32, 16, 8]
+    assert channel_groups_of(32) == [32, 16, 8]
+    assert channel_groups_of(12) == [12]                 # no multiple of 8 divides it: the group itself
+    assert channel_groups_of(48) == [48, 24, 16, 8]
+    assert "int3_c64" in format_table(64, 128) and "int3_c64" not in format_table(64, 32)
+    assert "int3_t60" not in format_table(60, 32)       # 60 3-bit codes do not fill whole bytes

@@ -165,10 +165,10 @@ def _v1():
     return p
 
 
-@case("format-unknown", "§3", 2, "a segment names a format that does not exist (int3_t16)")
+@case("format-unknown", "§3", 2, "a segment names a format that does not exist (int5_t16)")
 def _v2():
     p = planner()
-    head(p)["K"]["rest"]["format"] = "int3_t16"
+    head(p)["K"]["rest"]["format"] = "int5_t16"
     return p
 
 

@@ -17,8 +17,8 @@ from hnfverify.kv.quant import dequantize, dequantize_into, quantize, quantize_v
 from tests.kv.reference_cache import MixedPrecisionCache as ReferenceCache
 from tests.kv.test_cache_semantics import D, synthetic_plan
 
-TOKEN = ["fp16", "bf16", "fp32", "int8_t16", "int4_t16", "int2_t16", "fp8_e4m3_t16", "fp8_e5m2_t16"]
-REST = TOKEN + ["int4_c8", "int2_c8", "int8_c8"]
+TOKEN = ["fp16", "bf16", "fp32", "int8_t16", "int4_t16", "int3_t16", "int2_t16", "fp8_e4m3_t16", "fp8_e5m2_t16"]
+REST = TOKEN + ["int4_c8", "int3_c8", "int2_c8", "int8_c8"]
 RULES = [(4, 8), (0, 0), (1, 16), (4, 0), (0, 8), (1, 0), (4, 16)]
 
 
@@ -79,7 +79,8 @@ def test_fast_layout_equals_the_reference_cache(seed):
     assert drive_both(mixed_plan(seed, sink, recent), seed, batch=1 + seed % 3) > 5
 
 
-@pytest.mark.parametrize("spec", ["int4_t16", "fp16,rest=int4_c8", "int8_t16,K.rest=int4_c8", "fp8_e4m3_t16,rest=int2_c8"])
+@pytest.mark.parametrize("spec", ["int4_t16", "fp16,rest=int4_c8", "int8_t16,K.rest=int4_c8", "fp8_e4m3_t16,rest=int2_c8",
+                                  "int3_t16,K.rest=int3_c8"])
 @pytest.mark.parametrize("sink,recent", [(4, 8), (0, 0), (1, 16), (4, 0)])
 def test_fast_layout_equals_the_reference_cache_uniform(spec, sink, recent):
     seed = zlib.crc32(f"{spec} {sink} {recent}".encode()) % 1000       # the same every run (not hash())

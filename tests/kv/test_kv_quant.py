@@ -9,8 +9,8 @@ from hypothesis import given, strategies as st
 from hnfverify.core.formats import SegmentStats, by_name
 from hnfverify.kv.quant import dequantize, quantize
 
-NAMES_T = ["fp32", "fp16", "bf16", "fp8_e4m3_t{d}", "fp8_e5m2_t{d}", "int8_t{d}", "int4_t{d}", "int2_t{d}"]
-NAMES_C = ["int8_c{g}", "int4_c{g}", "int2_c{g}"]
+NAMES_T = ["fp32", "fp16", "bf16", "fp8_e4m3_t{d}", "fp8_e5m2_t{d}", "int8_t{d}", "int4_t{d}", "int3_t{d}", "int2_t{d}"]
+NAMES_C = ["int8_c{g}", "int4_c{g}", "int3_c{g}", "int2_c{g}"]
 
 
 def _per_element_bound(fmt, x_group_lo, x_group_hi, amax_group, absx):
@@ -63,7 +63,8 @@ def test_roundtrip_error_within_the_proved_model(spec, name, group):
 
 
 @pytest.mark.parametrize("name, n", [("int4_t64", 96), ("int2_t64", 96), ("int8_t64", 96), ("fp8_e4m3_t64", 96),
-                                     ("fp16", 96), ("bf16", 96), ("fp32", 96), ("int4_c32", 96), ("int2_c32", 64)])
+                                     ("fp16", 96), ("bf16", 96), ("fp32", 96), ("int4_c32", 96), ("int2_c32", 64),
+                                     ("int3_t64", 96), ("int3_c32", 96), ("int3_c128", 128)])
 def test_real_bytes_equal_the_plan_accounting(name, n):
     fmt = by_name(name)
     x = torch.randn(1, 3, n, 64)
@@ -75,6 +76,12 @@ def test_real_bytes_equal_the_plan_accounting(name, n):
 def test_packing_is_lossless_for_codes():
     from hnfverify.kv.quant import pack_bits, unpack_bits
 
-    for bits in (2, 4, 8):
-        q = torch.randint(0, 2**bits, (3, 64), dtype=torch.uint8)
-        assert torch.equal(unpack_bits(pack_bits(q, bits), bits, 64), q)
+    from hnfverify.core.formats import packed_row_bytes
+
+    for bits in (2, 3, 4, 8):
+        for n in (1, 3, 5, 8, 13, 31, 64, 124):     # short channel groups pad to whole bytes
+            q = torch.randint(0, 2**bits, (3, n), dtype=torch.uint8)
+            p = pack_bits(q, bits)
+            assert p.shape[-1] == packed_row_bytes(bits, n)
+            assert torch.equal(unpack_bits(p, bits, n), q)
+    assert packed_row_bytes(3, 64) == 24 and packed_row_bytes(3, 1) == 2

@@ -58,7 +58,7 @@ def test_kivi_style_spec_and_errors():
     with pytest.raises(InvalidArgument, match="channel-grouped"):
         plan_from_report(summary, arrays, PlanRequest(uniform=f"fp16,K=int4_c{cg}", sink=0, recent=4))
     with pytest.raises(HnfError, match="unknown format"):
-        plan_from_report(summary, arrays, PlanRequest(uniform="fp16,V=int3_t16", sink=0, recent=4))
+        plan_from_report(summary, arrays, PlanRequest(uniform="fp16,V=int5_t16", sink=0, recent=4))
     with pytest.raises(InvalidArgument, match="cannot be combined"):
         PlanRequest(uniform="fp16", avg_bits=Fraction(4)).validate()
     with pytest.raises(InvalidArgument, match="--objective"):
@@ -124,3 +124,48 @@ def test_every_objective_meets_the_budget_and_checks(rep, objective):
         return
     assert Fraction(p["claims"]["avg_bits"]) <= 12
     assert check_plan(p).verdict() == "PROVED"
+
+
+def _with_sub_group(summary, arrays, big=16, small=8, shrink=0.5):
+    """The report as an analysis at channel group ``big`` that also measured groups of ``small`` tokens."""
+    import copy
+
+    summary, arrays = copy.deepcopy(summary), dict(arrays)
+    summary["analysis"]["channel_group"] = big
+    for kv in "kv":
+        arrays[f"{kv}_d_channel_g{small}"] = arrays[f"{kv}_d_channel"] * shrink
+    return summary, arrays
+
+
+def test_a_plan_uses_the_diameters_of_its_own_channel_group():
+    """docs/design.md §3: a plan's channel formats may use any measured divisor of the analysis' group; the
+    plan records the group its d_channel inputs were measured over, and check proves it."""
+    summary, arrays = _with_sub_group(*fixed_report())
+    d = summary["shape"]["head_dim"]
+
+    def rest_inputs(plan):
+        return [hd["K"]["rest"]["inputs"]["d_channel"][1] for layer in plan["layers"] for hd in layer["heads"]]
+
+    wide = plan_from_report(summary, arrays, PlanRequest(uniform=f"fp16,K.rest=int4_c16,V.rest=int4_t{d}", sink=0,
+                                                         recent=4))
+    narrow = plan_from_report(summary, arrays, PlanRequest(uniform=f"fp16,K.rest=int4_c8,V.rest=int4_t{d}", sink=0,
+                                                           recent=4))
+    assert wide["analysis"]["channel_group"] == 16 and narrow["analysis"]["channel_group"] == 8
+    assert all(Fraction(n) < Fraction(w) for n, w in zip(rest_inputs(narrow), rest_inputs(wide)))
+    for p in (wide, narrow):
+        assert check_plan(loads(dumps(p))).verdict() == "PROVED"
+    searched = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(14), sink=0, recent=4, channel_group=8))
+    assert searched["analysis"]["channel_group"] == 8
+    assert all(f["group"] == 8 for f in searched["formats"].values() if f["granularity"] == "channel")
+    with pytest.raises(InvalidArgument, match="--channel-group 4"):
+        plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(14), sink=0, recent=4, channel_group=4))
+    # a group the analysis did not measure falls back to the analysis' own (sound: it contains it)
+    del arrays["k_d_channel_g8"], arrays["v_d_channel_g8"]
+    fallback = plan_from_report(summary, arrays, PlanRequest(uniform=f"fp16,K.rest=int4_c8,V.rest=int4_t{d}", sink=0,
+                                                             recent=4))
+    assert fallback["analysis"]["channel_group"] == 16 and rest_inputs(fallback) == rest_inputs(wide)
+    # a plan whose channel group does not divide the analysis' is refused by the loader (check exits 2)
+    bad = loads(dumps(narrow))
+    bad["analysis"]["channel_group"] = 12
+    with pytest.raises(HnfError, match="does not divide"):
+        loads(dumps(bad))

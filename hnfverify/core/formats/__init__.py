@@ -1,8 +1,9 @@
 """Storage formats for cached keys and values, as one table.
 
 ``format_table(head_dim, channel_group)`` returns every format the planner may use for a model
-with that head dimension: FP32, FP16, BF16, FP8-E4M3/E5M2 (per-token FP16 scale), INT8/INT4/INT2
-per token (group = head_dim) and per channel (group = ``channel_group`` tokens). ``by_name``
+with that head dimension: FP32, FP16, BF16, FP8-E4M3/E5M2 (per-token FP16 scale), INT8/INT4/INT3/INT2
+per token (group = head_dim) and per channel (group = ``channel_group`` tokens; any divisor of the
+analysis' channel group is sound, docs/design.md §3). ``by_name``
 rebuilds a format from its name (e.g. ``int4_c32``), which is what plan.json stores.
 """
 
@@ -14,21 +15,30 @@ from ...errors import InputError
 from .base import GRANULARITIES, Format, SegmentStats
 from .floating import BF16, FP16, FP32, FloatFormat
 from .fp8 import Fp8Format, e4m3, e5m2
-from .integer import IntFormat, int_format
+from .integer import INT_BITS, IntFormat, int_format, packed_row_bytes
 
 __all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "format_table", "by_name",
-           "GRANULARITIES", "FP32", "FP16", "BF16"]
+           "GRANULARITIES", "channel_groups_of", "FP32", "FP16", "BF16", "INT_BITS", "packed_row_bytes"]
 
 # used with fullmatch (``$`` would accept a final newline); ASCII digits without a leading zero, as in
 # specs/plan.schema.json (``\d`` would also take other scripts' digits, which int() reads)
-_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|int(8|4|2)_(t|c)([1-9][0-9]*))")
+_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|int(8|4|3|2)_(t|c)([1-9][0-9]*))")
+
+
+def channel_groups_of(channel_group: int) -> list[int]:
+    """The channel groups a plan may use with an analysis that measured d_channel over groups of
+    ``channel_group`` tokens: its divisors that fill whole bytes of every code width (multiples of 8),
+    and the group itself. A group aligned at multiples of g lies inside one aligned group of the
+    analysis' (docs/design.md §3), so the measured diameter bounds it."""
+    return sorted({channel_group} | {g for g in range(8, channel_group, 8) if channel_group % g == 0}, reverse=True)
 
 
 def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
     fmts: list[Format] = [FP32, FP16, BF16, e4m3(head_dim), e5m2(head_dim)]
-    for b in (8, 4, 2):
-        fmts.append(int_format(b, "token", head_dim))
-        fmts.append(int_format(b, "channel", channel_group))
+    for b in INT_BITS:
+        if packed_row_bytes(b, head_dim) * 8 == b * head_dim:     # a token's codes fill whole bytes
+            fmts.append(int_format(b, "token", head_dim))
+        fmts += [int_format(b, "channel", g) for g in channel_groups_of(channel_group)]
     return {f.name: f for f in fmts}
 
 
@@ -36,7 +46,7 @@ def by_name(name: str) -> Format:
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not m:
         raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, fp8_e4m3_tG, fp8_e5m2_tG, "
-                         "int8_tG, int4_tG, int2_tG, int8_cG, int4_cG or int2_cG")
+                         "intB_tG or intB_cG (B = 8, 4, 3, 2)")
     if name in ("fp32", "fp16", "bf16"):
         return {"fp32": FP32, "fp16": FP16, "bf16": BF16}[name]
     if m.group(2):

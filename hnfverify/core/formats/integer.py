@@ -1,4 +1,4 @@
-"""Asymmetric integer formats (INT8, INT4, INT2) with FP16 scale and zero-point per group.
+"""Asymmetric integer formats (INT8, INT4, INT3, INT2) with FP16 scale and zero-point per group.
 
 Granularity ``token``: a group is the ``group`` channels of one cached vector (per-token, per-head).
 Granularity ``channel``: a group is one channel over ``group`` consecutive tokens (KIVI-style keys).
@@ -6,7 +6,7 @@ Granularity ``channel``: a group is one channel over ``group`` consecutive token
 Reference semantics (the cache must implement exactly this) for a group with range [lo, hi]:
 z = fp16_round_down(lo); s = max(fp16_round_up((hi - z) / (2^b - 1)), 2^-24) (the division in
 float64); q = clamp(round((x - z) / s), 0, 2^b - 1) and the dequantized q s + z, both in float32.
-Lemma (``proofs/format_error_models.py``, z3, for b = 2, 4, 8, every float32 rounding modelled):
+Lemma (``proofs/format_error_models.py``, z3, for b = 2, 3, 4, 8, every float32 rounding modelled):
 with R = hi - lo, A = max(|lo|, |hi|), u = 1/(2 (2^b - 1)),
 
     |x - (q s + z)| <= u (1 + 2^-9) R + (u 2^-9 + 2^-20) A + 2^-23.
@@ -14,6 +14,9 @@ with R = hi - lo, A = max(|lo|, |hi|), u = 1/(2 (2^b - 1)),
 (The zero-point's rounding widens the range by up to 2^-10 A, hence the u 2^-9 A term; an earlier
 model without it was refuted by z3.) Over a vector, R becomes the box diameter (D_token or
 D_channel) and A becomes sqrt(d) amax.
+
+Packing (``packed_row_bytes``, the bytes the cache really stores for one row of n codes): 8 // b codes
+a byte for b = 1, 2, 4, 8; INT3 as a 2-bit plane and a 1-bit plane (8 codes in 3 bytes).
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ ZERO_BITS = 16
 SLACK = Fraction(1, 2 ** 9)
 A_COEF = Fraction(1, 2 ** 20)
 ABS = Fraction(1, 2 ** 23)
+INT_BITS = (8, 4, 3, 2)
+
+
+def packed_row_bytes(bits: int, n: int) -> int:
+    """Bytes of one packed row of n codes of ``bits`` bits (``hnfverify.kv.storage.pack_bits``)."""
+    if bits == 3:                               # the low two bits and the high bit in planes of their own
+        return packed_row_bytes(2, n) + packed_row_bytes(1, n)
+    per = 8 // bits
+    return -(-n // per)
 
 
 @dataclass(frozen=True)

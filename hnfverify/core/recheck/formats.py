@@ -21,7 +21,7 @@ def fmt_def(name):
         f = {"family": "fp8", "gran": "token", "group": int(name.rsplit("_t", 1)[1]), "bits": 8, "over": 16,
              "max": mx, "domain": F(65504)}
     else:
-        m = re.fullmatch(r"int(8|4|2)_(t|c)([1-9][0-9]*)", name)
+        m = re.fullmatch(r"int(8|4|3|2)_(t|c)([1-9][0-9]*)", name)
         if not m or not 1 <= int(m.group(3)) <= 4096:
             return None
         b = int(m.group(1))

@@ -46,7 +46,7 @@ def read_json(data, what, limit):
     return obj
 
 
-FORMAT_NAME = r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|int(8|4|2)_(t|c)[1-9][0-9]*"
+FORMAT_NAME = r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|int(8|4|3|2)_(t|c)[1-9][0-9]*"
 INPUTS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
 NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
                 "bits_per_element", "u", "avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len",
@@ -174,8 +174,8 @@ def validate(p):
         need(f is not None, f"$.formats.{name}", "unknown format")
         need(same(spec, fmt_json(f)), f"$.formats.{name}", "the table entry differs from the format's definition")
         need(f["gran"] != "token" or f["group"] == d, f"$.formats.{name}", "a per-token group must be head_dim")
-        need(f["gran"] != "channel" or f["group"] == p["analysis"]["channel_group"], f"$.formats.{name}",
-             "channel group differs from $.analysis.channel_group")
+        need(f["gran"] != "channel" or p["analysis"]["channel_group"] % f["group"] == 0, f"$.formats.{name}",
+             "channel group does not divide $.analysis.channel_group")
     need(sh["query_heads"] % sh["kv_heads"] == 0, "$.shape", "query_heads must be a multiple of kv_heads")
     need(len(p["layers"]) == sh["layers"], "$.layers", "one entry per layer of shape.layers")
     need(num(p["eps"]) > 0, "$.eps", "must be > 0")

@@ -289,8 +289,8 @@ def _channel_format_in_sink(p):
     p["layers"][0]["heads"][0]["V"]["sink"]["format"] = f.name
 
 
-def _channel_group_differs(p):
-    f = by_name("int8_c4")
+def _channel_group_not_a_divisor(p):
+    f = by_name(f"int8_c{p['analysis']['channel_group'] + 1}")     # a group straddling two analysis groups
     p["formats"][f.name] = f.to_json()
     p["layers"][0]["heads"][0]["V"]["rest"]["format"] = f.name
 
@@ -380,7 +380,7 @@ INVALID = {
     "rule-lengths-differ": _rule_lengths_differ,
     "rest-length-wrong": _rest_length_wrong,
     "channel-format-in-sink": _channel_format_in_sink,
-    "channel-group-differs": _channel_group_differs,
+    "channel-group-not-a-divisor": _channel_group_not_a_divisor,
     "token-group-not-head-dim": _token_group_not_head_dim,
     "overlapping-blocks": _overlapping_blocks,
     "q-max-below-qnorm": _q_max_below_qnorm,
