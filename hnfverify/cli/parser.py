@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality and soundness of a plan vs the full-precision cache on held-out text")
     ev.add_argument("plan")
     ev.add_argument("--model", default="smollm2")
-    ev.add_argument("--text", action="append", help="prose and/or code (repeatable; default both)")
+    ev.add_argument("--text", action="append", help="prose and/or code (their evaluation splits), or a UTF-8 text "
+                    "file (repeatable; default prose and code)")
     ev.add_argument("--windows", type=positive_int_arg("--windows"), default=8)
     ev.add_argument("--prefix", type=positive_int_arg("--prefix"), default=512)
     ev.add_argument("--scored", type=positive_int_arg("--scored"), default=512)

@@ -6,6 +6,7 @@ import json
 import time
 from fractions import Fraction
 from typing import TextIO
+from pathlib import Path
 
 from ..core.vocabulary import Corpus
 from ..errors import EXIT_OK, InvalidArgument
@@ -21,8 +22,8 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument("--windows, --prefix and --scored must be positive")
     texts = args.text or ["prose", "code"]
     for t in texts:
-        if t not in Corpus.values():
-            raise InvalidArgument(f"--text must be prose or code (the evaluation splits), got {t!r}")
+        if t not in Corpus.values() and not Path(t).is_file():
+            raise InvalidArgument(f"--text must be prose or code (the evaluation splits) or a text file, got {t!r}")
     plan = load_plan(args.plan)
     set_threads(args.threads)
     quiet_transformers()

@@ -162,14 +162,16 @@ def segment_lengths(sink: int, recent: int, n: int) -> dict:
 def stored_counts(rule: StreamRule, n: int) -> dict:
     """What the cache holds at n positions after the prefill or a one-token step (its steady state):
     {"sink", "recent", "rest", "pending"} position counts and "rest_groups", the sizes of the rest
-    format's channel groups (empty for per-token rest formats)."""
+    format's channel groups (empty for per-token rest formats). "recent": positions held in the recent
+    format — with R > 0 the window and the positions past it whose channel group is not complete
+    (RECENT_FAR, docs/design.md §4); "pending": exact FP32 positions (R = 0, channel rest)."""
     if n <= 0:
         return {"sink": 0, "recent": 0, "rest": 0, "pending": 0, "rest_groups": []}
     lay = layout(rule, n - 1)
     s = min(rule.sink, n)
     if rule.recent > 0:
-        recent = n - lay.recent_start if n - 1 >= rule.sink else 0
-        rest, pending = lay.rest_end - lay.sink_end, lay.recent_start - lay.rest_end
+        recent = n - lay.rest_end if n - 1 >= rule.sink else 0
+        rest, pending = lay.rest_end - lay.sink_end, 0
     else:
         recent = 0
         end = n if rule.channel_group is None else lay.rest_end

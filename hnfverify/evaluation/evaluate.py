@@ -36,7 +36,8 @@ def evaluate_methods(lm, methods: list, corpus: str, windows: int = 8, prefix: i
     t_len = prefix + scored
     wins = token_windows(lm.tokenizer, corpus, split="eval", max_tokens=windows * t_len, window=t_len)
     if len(wins.windows) < windows or wins.window != t_len:
-        raise InvalidArgument(f"the {corpus!r} evaluation split has only {wins.n_tokens} tokens "
+        raise InvalidArgument(f"the {corpus!r} {'evaluation split' if wins.split == 'eval' else 'text'} has only "
+                              f"{wins.n_tokens} tokens "
                               f"({len(wins.windows)} windows of {t_len})")
     acc = {m.name: Accumulator() for m in methods}
     # the cache's real bytes at 8 lengths through the scored part: memory while decoding, not only at the end

@@ -5,7 +5,8 @@ the definition the checker's obligations cover): positions t < S in the sink for
 window in the recent format; older positions re-quantized from their recent value into the rest
 format when they leave the window relative to the oldest query of a chunk — per token, or per
 complete channel group (aligned at multiples of G, as the analysis groups them), the incomplete
-group kept as the FP32 copy of its recent values. With R = 0 positions go straight to the rest.
+group kept in the recent format it is read in (its codes stay where they are). With R = 0 positions go
+straight to the rest (to a channel rest when their group is complete, exact FP32 until then).
 Storage is packed (``hnfverify.kv.quant``); ``nbytes()`` counts it all. Each ``update`` returns the
 dequantized past (float32) with the chunk's own K/V exact; the prefill returns its K/V exact.
 With the plan's ``error_norms`` each stream also records, per position, a one-byte upper bound of its
@@ -203,8 +204,10 @@ class _Group:
 class _Lane:
     """The streams of the model whose layouts move together (docs/design.md §4.2): same sink S, recent R
     and rest channel group G, from every layer (global ids layer * 2 Hkv + stream, sorted). Positions, in
-    order: sink [0, S), rest [S, rest_end), pending FP32 [rest_end, recent_start), recent [recent_start,
-    length). ``oldest``: the query the layout is for. ``codes`` (B, rows, length) uint8: the recorded
+    order: sink [0, S), rest [S, rest_end), pending [rest_end, recent_start), recent [recent_start,
+    length). With R > 0 the recent buffers hold pending and recent positions, [rest_end, length), in the
+    recent format; with R = 0 ``pending`` holds the exact FP32 positions of an incomplete channel group.
+    ``oldest``: the query the layout is for. ``codes`` (B, rows, length) uint8: the recorded
     error norms (``record``)."""
 
     def __init__(self, ids: list, rules: list, d: int, per_layer: int, layers: list, record: bool):
@@ -301,28 +304,24 @@ class _Lane:
         self.version += 1
         if self.length <= r.sink:
             return
-        n_out = lay.recent_start - self.recent_start
-        leaving = None
-        if r.recent > 0 and n_out > 0 and self._n("recent"):
-            leaving = self._read("recent", 0, n_out)
-            for g in self.groups["recent"]:
-                g.buf.drop_front(n_out)
-            self.recent_start += n_out
-            if r.channel_group is not None or self.pending.n or lay.rest_end <= self.rest_end:
-                self.pending.append((leaving,))
-                leaving = None                      # else: per-token rest, quantized below without a copy
-        if leaving is None and (self.pending.n == 0 or lay.rest_end <= self.rest_end):
+        if r.recent > 0:
+            # positions that leave the window stay in the recent buffers, in the recent format they are read
+            # in, until they move to the rest: per token at once, per channel group when it is complete
+            self.recent_start = max(self.recent_start, lay.recent_start)
+            sizes = channel_groups(r, self.rest_end, lay.rest_end) if r.channel_group is not None else \
+                [lay.rest_end - self.rest_end] if lay.rest_end > self.rest_end else []
+            for size in sizes:
+                chunk = self._read("recent", 0, size)
+                for g in self.groups["recent"]:
+                    g.buf.drop_front(size)
+                stage = self._store("rest", chunk, group_tokens=size if r.channel_group is not None else None)
+                if self.record:
+                    self._chain(self.rest_end, stage)
+                self.rest_end += size
             return
-        if r.channel_group is None:
-            pend = leaving if leaving is not None else self.pending.view()[0]
-            m = pend.shape[2]
-            stage = self._store("rest", pend)
-            if self.record:
-                self._chain(self.rest_end, stage)
-            self.rest_end += m
-            self.pending.truncate(0)
+        if self.pending.n == 0 or lay.rest_end <= self.rest_end:
             return
-        for size in channel_groups(r, self.rest_end, lay.rest_end):
+        for size in channel_groups(r, self.rest_end, lay.rest_end):    # R = 0: exact until a group is complete
             chunk = self.pending.view(0, size)[0]
             stage = self._store("rest", chunk, group_tokens=size)
             if self.record:
@@ -344,9 +343,9 @@ class _Lane:
         if keep < r.sink:
             for g in self.groups["sink"]:
                 g.buf.truncate(keep)
-        if r.recent > 0:
+        if r.recent > 0:                            # the recent buffers hold [rest_end, length)
             for g in self.groups["recent"]:
-                g.buf.truncate(keep - self.recent_start)
+                g.buf.truncate(keep - self.rest_end)
         elif r.channel_group is not None:           # R = 0: the chunk's positions are pending, exact
             self.pending.truncate(keep - self.rest_end)
             self.recent_start = max(keep, self.rest_end)
@@ -380,10 +379,10 @@ class _Lane:
         if n_t > 0 and (self.pending.n or self._n("recent")):
             b = (self.pending.view()[0] if self.pending.n else self.groups["recent"][0].buf.view()[0]).shape[0]
             tail = torch.empty(b, self.h, n_t, self.d)
-            if self.pending.n:
+            if self.pending.n:                      # R = 0: exact positions of an incomplete channel group
                 tail[:, :, :self.pending.n] = self.pending.view()[0]
-            if self._n("recent"):
-                self._read("recent", dst=tail[:, :, self.recent_start - self.rest_end:])
+            if self._n("recent"):                   # R > 0: the recent buffers hold [rest_end, length)
+                self._read("recent", dst=tail)
         self.window = (self.version, sink, tail)
 
     def read_into(self, out: torch.Tensor, a: int, li: int) -> None:
@@ -435,12 +434,12 @@ class _Lane:
         if n > 0:
             rows, idx = self.rows[li]
             out[:, idx, self.rest_end:self.rest_end + n] = self.pending.view(0, n)[0][:, rows]
-        n = min(self._n("recent"), a - self.recent_start)
+        n = min(self._n("recent"), a - self.rest_end)
         if n > 0:
             for g in self.groups["recent"]:
                 if li in g.rows:
                     rows, idx = g.rows[li]
-                    put(g, rows, idx, self.recent_start, n)
+                    put(g, rows, idx, self.rest_end, n)
 
     def error_bounds_into(self, e: torch.Tensor, li: int) -> None:
         """e (B, 2 Hkv, n) float64: layer li's decoded codes of positions [0, n) at its streams."""
@@ -871,7 +870,7 @@ class MixedPrecisionCache(Cache):
                    limits=limits)
 
     def nbytes(self) -> int:
-        """Bytes held by the packed cache: values, scales, zero-points, FP32 pending groups and recorded
+        """Bytes held by the packed cache: values, scales, zero-points, pending positions and recorded
         error norms (live entries; ``capacity_nbytes`` adds the buffers' spare room)."""
         return sum(p.store.nbytes() for p in self.parts)
 

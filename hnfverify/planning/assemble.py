@@ -12,7 +12,7 @@ from ..core.verify.obligations import precision_terms
 from ..errors import PlanInfeasible
 from .request import ASSIGNED, BUDGET_SPLIT, EPS_SPLIT
 from .search import average_bits, norm_overhead
-from .units import theorem_term, unit_bits
+from .units import theorem_term, total_bits
 
 
 def claim_up(x: Fraction) -> str | None:
@@ -159,8 +159,7 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
     ov = norm_overhead(req, meta["head_dim"])
     avg = average_bits(units, state, ov)
     n_streams = 2 * shape["layers"] * shape["kv_heads"]
-    total_bits = sum((unit_bits(u, u.chain[s], meta["head_dim"]) for u, s in zip(units, state)),
-                     Fraction(0)) + ov * meta["head_dim"] * meta["max_seq_len"] * n_streams
+    cache_bits = total_bits(units, state, meta["head_dim"]) + ov * meta["head_dim"] * meta["max_seq_len"] * n_streams
     assumptions = [
         {"name": "curvature", "statement": "for every deployment query, kappa_t <= the plan's kappa upper end "
          "(the sup over calibration queries, split by query distance for recent/rest)",
@@ -213,7 +212,7 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
         "claims": {
             "avg_bits": fmt_number(avg),
             "compression_vs_fp16": dec_down(float(Fraction(16) / avg), 6),
-            "cache_bits_at_max_seq_len": fmt_number(total_bits),
+            "cache_bits_at_max_seq_len": fmt_number(cache_bits),
             "layer_bounds": [claim_up(b) for b in layer_b],
             "end_to_end_bound": claim_up(e_l),
             "theorem_5_7_violations": sum(1 for us, rhs, dom in stored_form_terms(units, state, req.c)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .units import unit_bits
+from .units import stream_bits, stream_formats, streams_of, total_bits
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class FloatHead:
     mass_alpha: tuple
     mass_avo: tuple
     spread: tuple
+    alpha: tuple = ()           # per segment: the largest attention weight on it (upper end)
+    d: int = 1                  # head_dim
 
 
 def float_head_error(fh: FloatHead, dk: tuple, dv: tuple) -> float:
@@ -42,12 +44,31 @@ def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
     return sum(dv[i] * fh.mass_alpha[i] + (m[i] + big) * fh.mass_avo[i] for i in range(len(fh.segs)))
 
 
-class GreedySearch:
-    """Float twin of the exact bound for the greedy sequence."""
+def float_head_rms2(fh: FloatHead, dk: tuple, dv: tuple) -> float:
+    """The mean square of the attention-output error to first order when every stored element's rounding
+    error is independent, zero-mean and isotropic with norm at most the format's bound (docs/design.md §5a):
+    sum over segments of sum_t alpha_t^2 (||dV||^2 + tau^2 ||q||^2 ||V_t - o||^2 ||dK||^2 / d), with
+    sum_t alpha_t^2 <= alpha_max mass and ||V_t - o|| taken as its alpha-weighted mean (mass_avo / mass).
+    Not a bound; ``--objective rms`` ranks moves by it (the worst case over-weights keys by about d)."""
+    out = 0.0
+    for i in range(len(fh.segs)):
+        ma = fh.mass_alpha[i]
+        if ma <= 0:
+            continue
+        vo = min(fh.mass_avo[i] / ma, fh.spread[i])
+        out += fh.alpha[i] * ma * (dv[i] ** 2 + (fh.tau * fh.q_max * vo * dk[i]) ** 2 / fh.d)
+    return out
 
-    def __init__(self, units, heads, weights, amp, linear=False):
+
+class GreedySearch:
+    """Float twin of the exact bound for the greedy sequence. ``objective``: "bound" (E_h), "linear"
+    (its first-order terms) or "rms" (the mean square error, additive over heads and layers: its gains are
+    weighted by the squares of the heads' weights)."""
+
+    def __init__(self, units, heads, weights, amp, objective="bound"):
         self.units = units
-        self.err_fn = float_head_linear if linear else float_head_error
+        self.err_fn = {"bound": float_head_error, "linear": float_head_linear, "rms": float_head_rms2}[objective]
+        self.squared = objective == "rms"
         self.by_lh: dict = {}
         for i, u in enumerate(units):
             self.by_lh.setdefault((u.layer, u.head), []).append(i)
@@ -56,8 +77,14 @@ class GreedySearch:
         self.amp = amp                      # layer -> P_l (float)
         self.errf = [[float(e) for e in u.errors] for u in units]
         self.slope = [u.slopes for u in units]
-        self.bits = [[float(unit_bits(u, f)) for f in u.chain] for u in units]
-        self.length = [1 for u in units]          # bits above are already per segment
+        assert all(units[u.idx] is u for u in units), "units[i].idx must be i"
+        self.stream = {u.idx: us for us in streams_of(units) for u in us}   # unit -> its stream's units
+
+    def stream_bits(self, i: int, state) -> float:
+        """Bits of unit i's stream in ``state`` (its recent format holds a channel rest's incomplete group)."""
+        us = self.stream[i]
+        u = us[0]
+        return float(stream_bits(stream_formats(us, state), u.sink, u.recent, u.max_seq_len))
 
     def head_error(self, lh, state) -> float:
         fh = self.heads[lh]
@@ -82,13 +109,17 @@ class GreedySearch:
         per bit, scored below every real decrease, so a greedy sequence always reaches the finest formats."""
         best, plateau = None, None
         scale = self.amp[lh[0]] * self.w[lh]
+        if self.squared:
+            scale *= scale
         for i in self.by_lh[lh]:
             for j in range(state[i] + 1, len(self.units[i].chain)):
                 old = state[i]
-                cost = (self.bits[i][j] - self.bits[i][old]) * self.length[i]
-                if cost <= 0:
-                    continue
+                before = self.stream_bits(i, state)
                 state[i] = j
+                cost = self.stream_bits(i, state) - before
+                if cost <= 0:
+                    state[i] = old
+                    continue
                 e = self.head_error(lh, state)
                 state[i] = old
                 gain = scale * (cur_err - e)
@@ -146,4 +177,4 @@ def norm_overhead(req, d: int) -> Fraction:
 def average_bits(units, state, overhead: Fraction = Fraction(0)) -> Fraction:
     """Bits per element of the cache at max_seq_len; ``overhead``: per-element bits on top (the error norms)."""
     tot = sum(u.length for u in units)
-    return sum((unit_bits(u, u.chain[s]) for u, s in zip(units, state)), Fraction(0)) / tot + overhead
+    return total_bits(units, state) / tot + overhead

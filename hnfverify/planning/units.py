@@ -35,9 +35,61 @@ class Unit:
     max_seq_len: int = 0
 
 
+#: the bits per element at which a channel rest's incomplete group is priced when its chain is ordered: the
+#: group waits in the recent format (INT8 per token is typical); plans count the stream's real formats
+PENDING_ORDER_BITS = Fraction(17, 2)
+
+
 def unit_bits(u: Unit, f: Format, d: int = 1) -> Fraction:
-    """Bits the unit's segment occupies at max_seq_len in format f (docs/design.md §4, accounting)."""
-    return stored_segment_bits(f, u.seg, u.sink, u.recent, u.max_seq_len, d)
+    """Bits the unit's segment occupies at max_seq_len in format f (docs/design.md §4, accounting), for
+    ordering its chain: a channel rest adds its incomplete group's positions at PENDING_ORDER_BITS (they
+    are held in the stream's recent format). Exact totals: :func:`stream_bits`."""
+    bits = stored_segment_bits(f, u.seg, u.sink, u.recent, u.max_seq_len, d)
+    if u.seg == "rest" and f.granularity == "channel" and u.recent > 0:
+        bits += PENDING_ORDER_BITS * pending_positions(f, u.sink, u.recent, u.max_seq_len) * d
+    return bits
+
+
+@lru_cache(maxsize=None)
+def pending_positions(rest: Format, sink: int, recent: int, t: int) -> int:
+    """Positions past the recent window held in the recent format at t because their channel group of the
+    rest format is incomplete."""
+    c = stored_counts(StreamRule(sink, recent, {"sink": rest, "recent": rest, "rest": rest}), t)
+    return c["recent"] - segment_lengths(sink, recent, t)["recent"]
+
+
+@lru_cache(maxsize=None)
+def stream_bits(formats: tuple, sink: int, recent: int, t: int, d: int = 1) -> Fraction:
+    """Bits one stream with (sink, recent, rest) ``formats`` occupies at t positions: the accounting of
+    docs/design.md §4 (``semantics.stored_counts``), which the cache's nbytes() and the plan's claims share."""
+    rule = StreamRule(sink, recent, dict(zip(SEGMENTS, formats)))
+    c = stored_counts(rule, t)
+    return sum((segment_bits(f, seg, c, d) for seg, f in zip(SEGMENTS, formats)), Fraction(0))
+
+
+def stream_formats(us: list, state) -> tuple:
+    """The (sink, recent, rest) formats of one stream's units in ``state`` (a segment without a unit is
+    empty: it takes a per-token format of the stream, which stores nothing there)."""
+    by = {u.seg: u.chain[state[u.idx]] for u in us}
+    filler = next((f for f in by.values() if f.granularity != "channel"), None) or next(iter(by.values()))
+    return tuple(by.get(seg, filler) for seg in SEGMENTS)
+
+
+def streams_of(units: list) -> list:
+    """The units grouped by stream (layer, KV head, K|V)."""
+    out: dict = {}
+    for u in units:
+        out.setdefault((u.layer, u.head, u.kv), []).append(u)
+    return list(out.values())
+
+
+def total_bits(units: list, state, d: int = 1) -> Fraction:
+    """Bits of the whole cache at max_seq_len in ``state``: the sum of :func:`stream_bits`."""
+    out = Fraction(0)
+    for us in streams_of(units):
+        u = us[0]
+        out += stream_bits(stream_formats(us, state), u.sink, u.recent, u.max_seq_len, d)
+    return out
 
 
 @lru_cache(maxsize=None)

@@ -68,3 +68,19 @@ def test_readers_of_each_state():
     assert rule.chain(State.RECENT_FAR) == () and len(rule.chain(State.REST)) == 1
     assert [s for s, _, _ in reachable(rule, 40)] == [State.SINK, State.REST]
     assert [s for s, _, _ in reachable(_rule(4, 8, 8), 40)] == [State.SINK, State.RECENT, State.RECENT_FAR, State.REST]
+
+
+@given(st.integers(0, 6), st.integers(0, 9), st.sampled_from([None, 2, 4, 8]), st.integers(1, 60))
+def test_counts_hold_every_position_once_and_no_recent_value_as_fp32(s, r, g, n):
+    """docs/design.md §4 accounting: with R > 0 the positions past the window whose channel group is
+    incomplete stay in the recent format (nothing is held as FP32); with R = 0 they are exact (FP32)."""
+    from hnfverify.core.semantics import stored_counts
+
+    rule = _rule(s, r, g)
+    c = stored_counts(rule, n)
+    assert c["sink"] + c["recent"] + c["rest"] + c["pending"] == n
+    assert sum(c["rest_groups"]) == (c["rest"] if g else 0)
+    if r > 0:
+        assert c["pending"] == 0
+        lay = layout(rule, n - 1)
+        assert c["recent"] == (n - lay.rest_end if n > s else 0)

@@ -70,7 +70,8 @@ class _Stream:
 
     Storage, in position order, all (B, n, d): ``sink`` packed chunks [0, S); ``rest`` packed (one
     per-token tensor, or one entry per channel group) [S, rest_end); ``pending`` FP32 [rest_end,
-    recent_start) (recent values whose channel group is incomplete; exact values when R = 0);
+    recent_start) (recent values whose channel group is incomplete, counted in ``nbytes`` as the recent-format
+    codes the cache keeps of them; exact values when R = 0);
     ``recent`` packed [recent_start, length). ``oldest`` is the query the layout was made for.
     ``codes`` (B, length) uint8:
     the recorded error norms in position order (None when the plan records none).
@@ -223,8 +224,9 @@ class _Stream:
         n = sum(p.nbytes for p in self.sink) + sum(p.nbytes for p in self.rest)
         if self.recent is not None:
             n += self.recent.nbytes
-        if self.pending is not None:
-            n += self.pending.numel() * 4
+        if self.pending is not None:                # R > 0: recent values, held as their recent-format codes
+            n += quantize(self.pending, self.rule.formats["recent"]).nbytes if self.rule.recent > 0 else \
+                self.pending.numel() * 4
         if self.codes is not None:
             n += self.codes.numel()
         return n
