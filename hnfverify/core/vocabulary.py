@@ -26,7 +26,6 @@ class Vocabulary(str, Enum):
 class Objective(Vocabulary):
     """What ``--avg-bits``' greedy sequence lowers (docs/design.md §3)."""
     LINEAR = "linear"
-    RMS = "rms"
     LAYERS = "layers"
     END_TO_END = "end_to_end"
 

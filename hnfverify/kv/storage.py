@@ -65,17 +65,32 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 _MASKS = {b: torch.tensor((1 << b) - 1, dtype=torch.uint8) for b in (1, 2, 4)}
 _SHIFTS = {b: [torch.tensor(b * i, dtype=torch.uint8) for i in range(8 // b)] for b in (1, 2, 4)}
+#: the masks of _MASKS repeated over the 8 bytes of an int64 word (unpacking 8 bytes per operation)
+_WORD_MASKS = {b: torch.tensor(int.from_bytes(bytes([(1 << b) - 1] * 8), "little"), dtype=torch.int64) for b in (1, 2, 4)}
+
+
+def _word_view(p: torch.Tensor) -> torch.Tensor | None:
+    """p (uint8) viewed as int64 words along its last dim, where its layout allows it (else None)."""
+    if p.shape[-1] % 8 or p.stride(-1) != 1 or p.storage_offset() % 8 or any(s % 8 for s in p.stride()[:-1]):
+        return None
+    return p.view(torch.int64)
 
 
 def unpack_bits(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: (..., w) packed -> (..., n) uint8 values."""
     if bits == 8:
         return p
-    if bits == 3:
+    if bits == 3:                               # the low two bits + 4 * the high bit
         w = -(-n // 4)
-        hi = unpack_bits(p[..., w:], 1, n)
-        return torch.bitwise_or(unpack_bits(p[..., :w], 2, n), torch.bitwise_left_shift(hi, _SHIFTS[2][1]))   # hi << 2
+        return unpack_bits(p[..., :w], 2, n).add_(unpack_bits(p[..., w:], 1, n), alpha=4)
     per = 8 // bits
+    words = _word_view(p)
+    if words is not None:                       # the same parts, 8 bytes per operation (an arithmetic shift's sign
+        mask = _WORD_MASKS[bits]                # bits land only in bits the mask clears)
+        parts = [torch.bitwise_and(words, mask)] + [torch.bitwise_and(torch.bitwise_right_shift(words, bits * i), mask)
+                                                    for i in range(1, per)]
+        out = torch.cat(parts, dim=-1).view(torch.uint8)
+        return out if out.shape[-1] == n else out[..., :n]
     mask, shifts = _MASKS[bits], _SHIFTS[bits]              # uint8 0-dim tensors: no scalar wrapped per call
     parts = [torch.bitwise_and(p, mask)] + [torch.bitwise_and(torch.bitwise_right_shift(p, shifts[i]), mask)
                                             for i in range(1, per - 1)] + [torch.bitwise_right_shift(p, shifts[per - 1])]

@@ -161,7 +161,7 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
     if comp["form"] == "suffix":
         amp_f = [float(s) for s in comp["suffix"]]                  # first-order weights of the suffix form
     amp_e2e = amp_f
-    if req.objective in (Objective.LAYERS, Objective.LINEAR, Objective.RMS):
+    if req.objective in (Objective.LAYERS, Objective.LINEAR):
         amp_f = [1.0] * n_l
     float_heads = {}
     for lh, us in by_head.items():
@@ -170,12 +170,9 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
         float_heads[lh] = FloatHead(float(inputs.tau), float(inputs.q_max), segs,
                                     tuple(float(inputs.mass_alpha[s]) for s in segs),
                                     tuple(float(inputs.mass_avo[s]) for s in segs),
-                                    tuple(float(inputs.spread[s]) for s in segs),
-                                    tuple(max(float(parse_number(u.inputs["alpha"][1])) for u in us
-                                              if u.kv == "K" and u.seg == s) for s in segs),
-                                    meta["head_dim"])
-    kind = {Objective.LINEAR: "linear", Objective.RMS: "rms"}.get(req.objective, "bound")
-    search = GreedySearch(units, float_heads, weights, amp_f, objective=kind)
+                                    tuple(float(inputs.spread[s]) for s in segs))
+    search = GreedySearch(units, float_heads, weights, amp_f,
+                          objective="linear" if req.objective == Objective.LINEAR else "bound")
     search_e2e = search if req.objective == Objective.END_TO_END else GreedySearch(units, float_heads, weights, amp_e2e)
     target = req.eps_target
     if req.max_kl is not None:

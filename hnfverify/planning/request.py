@@ -19,10 +19,6 @@ BUDGET_SPLIT = {
               "(sum dV A + (m + M) B, no exponential) per added cache bit, over all (layer, KV head, K|V, segment) "
               "units",
 }
-BUDGET_SPLIT[Objective.RMS.value] = (
-    "greedy: largest reduction of the sum over (layer, KV head) of ||W_o|| sqrt(G) squared times the first-order "
-    "mean square attention-output error under independent isotropic rounding errors (sum alpha_t^2 (dV^2 + "
-    "tau^2 q^2 |V - o|^2 dK^2 / d)) per added cache bit")
 OBJECTIVES = tuple(BUDGET_SPLIT)
 EPS_SPLIT = ("Theorem 5.7 per key segment; per (layer, KV head) the shortest prefix of its greedy sequence "
              "(largest reduction of its bound E_h per added bit) with E_h <= eps; each unit takes the highest.")

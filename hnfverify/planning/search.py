@@ -18,8 +18,6 @@ class FloatHead:
     mass_alpha: tuple
     mass_avo: tuple
     spread: tuple
-    alpha: tuple = ()           # per segment: the largest attention weight on it (upper end)
-    d: int = 1                  # head_dim
 
 
 def float_head_error(fh: FloatHead, dk: tuple, dv: tuple) -> float:
@@ -44,31 +42,13 @@ def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
     return sum(dv[i] * fh.mass_alpha[i] + (m[i] + big) * fh.mass_avo[i] for i in range(len(fh.segs)))
 
 
-def float_head_rms2(fh: FloatHead, dk: tuple, dv: tuple) -> float:
-    """The mean square of the attention-output error to first order when every stored element's rounding
-    error is independent, zero-mean and isotropic with norm at most the format's bound (docs/design.md §5a):
-    sum over segments of sum_t alpha_t^2 (||dV||^2 + tau^2 ||q||^2 ||V_t - o||^2 ||dK||^2 / d), with
-    sum_t alpha_t^2 <= alpha_max mass and ||V_t - o|| taken as its alpha-weighted mean (mass_avo / mass).
-    Not a bound; ``--objective rms`` ranks moves by it (the worst case over-weights keys by about d)."""
-    out = 0.0
-    for i in range(len(fh.segs)):
-        ma = fh.mass_alpha[i]
-        if ma <= 0:
-            continue
-        vo = min(fh.mass_avo[i] / ma, fh.spread[i])
-        out += fh.alpha[i] * ma * (dv[i] ** 2 + (fh.tau * fh.q_max * vo * dk[i]) ** 2 / fh.d)
-    return out
-
-
 class GreedySearch:
-    """Float twin of the exact bound for the greedy sequence. ``objective``: "bound" (E_h), "linear"
-    (its first-order terms) or "rms" (the mean square error, additive over heads and layers: its gains are
-    weighted by the squares of the heads' weights)."""
+    """Float twin of the exact bound for the greedy sequence. ``objective``: "bound" (E_h) or "linear"
+    (its first-order terms)."""
 
     def __init__(self, units, heads, weights, amp, objective="bound"):
         self.units = units
-        self.err_fn = {"bound": float_head_error, "linear": float_head_linear, "rms": float_head_rms2}[objective]
-        self.squared = objective == "rms"
+        self.err_fn = {"bound": float_head_error, "linear": float_head_linear}[objective]
         self.by_lh: dict = {}
         for i, u in enumerate(units):
             self.by_lh.setdefault((u.layer, u.head), []).append(i)
@@ -109,8 +89,6 @@ class GreedySearch:
         per bit, scored below every real decrease, so a greedy sequence always reaches the finest formats."""
         best, plateau = None, None
         scale = self.amp[lh[0]] * self.w[lh]
-        if self.squared:
-            scale *= scale
         for i in self.by_lh[lh]:
             for j in range(state[i] + 1, len(self.units[i].chain)):
                 old = state[i]

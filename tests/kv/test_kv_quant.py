@@ -85,3 +85,8 @@ def test_packing_is_lossless_for_codes():
             assert p.shape[-1] == packed_row_bytes(bits, n)
             assert torch.equal(unpack_bits(p, bits, n), q)
     assert packed_row_bytes(3, 64) == 24 and packed_row_bytes(3, 1) == 2
+    for bits in (2, 3, 4):                      # rows and positions of a buffer, as the cache reads them
+        q = torch.randint(0, 2**bits, (2, 6, 10, 64), dtype=torch.uint8)
+        p = torch.cat([pack_bits(q, bits)] * 3, dim=2)
+        assert torch.equal(unpack_bits(p[:, 1:4, 12:17], bits, 64), q[:, 1:4, 2:7])
+        assert torch.equal(unpack_bits(p[:, [0, 5, 2]], bits, 64), torch.cat([q] * 3, dim=2)[:, [0, 5, 2]])
