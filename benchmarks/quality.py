@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_overhead import decode_ms  # noqa: E402  (one decode timer for both benchmarks)
 CALIB = dict(corpus="prose", max_tokens=2048, window=1024)
 KIVI = {"kivi-4bit": "fp16,K.rest=int4_c32,V.rest=int4_t64", "kivi-2bit": "fp16,K.rest=int2_c32,V.rest=int2_t64"}
+#: fixed allocations chosen from measurements on calibration-split text (never the evaluation split): keys per
+#: channel in 128-token groups, values per token, an INT8 window of 32, the first 4 tokens in FP16
+FIXED = {"hnf-fixed-k4v3": "int8_t64,sink=fp16,K.rest=int4_c128,V.rest=int3_t64",
+         "hnf-fixed-k3v3": "int8_t64,sink=fp16,K.rest=int3_c128,V.rest=int3_t64"}
 
 
 def log(*a):
@@ -112,9 +116,19 @@ def build_plans(rep: Path, out: Path) -> list:
          "K int4 per channel (32-token groups), V int4 per token, FP16 residual 128"),
         ("kivi-2bit", "peer", PlanRequest(uniform=KIVI["kivi-2bit"], sink=0, recent=128),
          "K int2 per channel (32-token groups), V int2 per token, FP16 residual 128"),
+        ("uniform-int3", "peer", PlanRequest(uniform="int3_t64"), "INT3 per token, group 64"),
+        ("kivi-4bit-nores", "peer", PlanRequest(uniform="int4_t64,K.rest=int4_c32", sink=0, recent=0),
+         "K int4 per channel (32-token groups), V int4 per token, no residual window (the incomplete group exact)"),
+        ("kivi-2bit-nores", "peer", PlanRequest(uniform="int2_t64,K.rest=int2_c32", sink=0, recent=0),
+         "K int2 per channel (32-token groups), V int2 per token, no residual window (the incomplete group exact)"),
     ]
-    for b in ("3", "4", "4.5", "5", "6", "7"):
+    for b in ("3", "3.5", "4", "4.5", "5", "6", "7"):
         specs.append((f"hnf-avg{b}", "hnfverify", PlanRequest(avg_bits=Fraction(b)), f"--avg-bits {b}"))
+    specs.append(("hnf-avg4.3-r32", "hnfverify", PlanRequest(avg_bits=Fraction("4.3"), recent=32),
+                  "--avg-bits 4.3 --recent 32"))
+    for name, spec in FIXED.items():
+        specs.append((name, "hnfverify", PlanRequest(uniform=spec, recent=32),
+                      f"--uniform {spec} --recent 32 (formats chosen on calibration text, not by the planner)"))
     for e in ("500", "4000"):
         specs.append((f"hnf-eps{e}", "hnfverify", PlanRequest(eps=Fraction(e)), f"--eps {e}"))
     specs += [
@@ -122,6 +136,9 @@ def build_plans(rep: Path, out: Path) -> list:
          "--avg-bits 4.5 --objective layers (vs hnf-avg4.5: objective linear)"),
         ("abl-avg4.5-objective-e2e", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="end_to_end"),
          "--avg-bits 4.5 --objective end_to_end (vs hnf-avg4.5: objective linear)"),
+        ("abl-fixed-k4v3-c32", "ablation", PlanRequest(uniform=FIXED["hnf-fixed-k4v3"].replace("c128", "c32"),
+                                                      recent=32),
+         "hnf-fixed-k4v3 with 32-token key groups (vs 128)"),
         ("abl-avg4-no-sink-recent", "ablation", PlanRequest(avg_bits=Fraction(4), sink=0, recent=0),
          "--avg-bits 4 --sink 0 --recent 0 (vs hnf-avg4: sink 4, recent 64)"),
         ("abl-K-int4", "ablation", PlanRequest(uniform="fp16,K=int4_t64"), "keys INT4 g64, values FP16"),
@@ -173,8 +190,8 @@ def timing(lm, makers: dict, repeats: int, steps: int) -> dict:
     return {k: {"ms_per_token_median": statistics.median(v), "runs": v} for k, v in res.items()}
 
 
-TIMED = ["uniform-fp8_e4m3", "uniform-int8", "uniform-int4", "kivi-4bit", "kivi-2bit", "hnf-avg3", "hnf-avg4",
-         "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500", "hnf-eps4000"]
+TIMED = ["uniform-fp8_e4m3", "uniform-int8", "uniform-int4", "uniform-int3", "kivi-4bit", "kivi-2bit", "hnf-avg3",
+         "hnf-avg4", "hnf-avg4.5", "hnf-avg5", "hnf-avg6", "hnf-avg7", "hnf-eps500", "hnf-eps4000", "hnf-fixed-k4v3"]
 
 
 def timing_makers(lm, by_name: dict) -> dict:
