@@ -235,11 +235,18 @@ class _Accumulator:
         d_ch = (xp_max.double() - xp_min.double()).norm(dim=-1) * (1 + 2.0 ** -30)   # (Hkv, n_groups)
         d_ch = d_ch.repeat_interleave(g, dim=1)[:, :t]
         torch.maximum(r[f"{name}_d_channel"][layer], d_ch, out=r[f"{name}_d_channel"][layer])
+        if not self.sub_groups:
+            return
+        # the smaller groups (multiples of 8): per-channel extremes of 8-token blocks once, then of k blocks
+        n8 = math.ceil(t / 8)
+        lo8 = F.pad(x, (0, 0, 0, n8 * 8 - t), value=float("inf")).reshape(hkv, n8, 8, d).amin(2)
+        hi8 = F.pad(x, (0, 0, 0, n8 * 8 - t), value=float("-inf")).reshape(hkv, n8, 8, d).amax(2)
         for sub in self.sub_groups:
-            n_sub = math.ceil(t / sub)
-            pad = n_sub * sub - t
-            lo = F.pad(x, (0, 0, 0, pad), value=float("inf")).reshape(hkv, n_sub, sub, d).amin(2)
-            hi = F.pad(x, (0, 0, 0, pad), value=float("-inf")).reshape(hkv, n_sub, sub, d).amax(2)
+            k = sub // 8
+            n_sub = math.ceil(n8 / k)
+            pad = n_sub * k - n8
+            lo = F.pad(lo8, (0, 0, 0, pad), value=float("inf")).reshape(hkv, n_sub, k, d).amin(2)
+            hi = F.pad(hi8, (0, 0, 0, pad), value=float("-inf")).reshape(hkv, n_sub, k, d).amax(2)
             d_sub = ((hi.double() - lo.double()).norm(dim=-1) * (1 + 2.0 ** -30)).repeat_interleave(sub, dim=1)[:, :t]
             out = r[f"{name}_d_channel_g{sub}"][layer]
             torch.maximum(out, d_sub, out=out)
