@@ -79,7 +79,9 @@ class Format:
     def segment_bits(self, n_tokens: int, d: int) -> Fraction:
         """Bits that ``n_tokens`` cached vectors of ``d`` elements really occupy. Channel-grouped
         formats quantize complete groups of ``group`` positions; the incomplete last group is held
-        in FP32 (lossless) until it completes, as KIVI keeps its residual."""
+        in FP32 (lossless) until it completes — a stream with no recent window (R = 0). A plan's
+        streams are counted by ``semantics.segment_bits`` (with R > 0 the incomplete group is held in
+        the recent format)."""
         if self.granularity == "channel":
             full = n_tokens - n_tokens % self.group
             return (self.bits_per_element * full + 32 * (n_tokens - full)) * d
