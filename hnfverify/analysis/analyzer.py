@@ -32,6 +32,9 @@ class AnalysisOptions:
     lipschitz_iters: int = 5          # Lanczos steps (products J v); 0 disables the estimate
     suffix_tokens: int = 128          # prefix of the first window for the suffix sensitivities (docs/design.md §2.5)
     suffix_iters: int = 6             # their Lanczos steps; 0 disables them (plans then use --composition product)
+    fisher_tokens: int = 1024         # tokens of each window the measured sensitivities take a forward and backward
+                                      # pass over (docs/design.md §3.1); 0 disables them
+    fisher_labels: str = "sampled"    # "sampled" (the model's own distribution) | "text" (the next tokens)
     seed: int = 0
 
     def validate(self) -> None:
@@ -47,6 +50,10 @@ class AnalysisOptions:
             raise InvalidArgument(f"--suffix-tokens must be >= 2, got {self.suffix_tokens}")
         if self.suffix_iters < 0:
             raise InvalidArgument(f"--suffix-iters must be >= 0, got {self.suffix_iters}")
+        if self.fisher_tokens < 0 or self.fisher_tokens == 1:
+            raise InvalidArgument(f"--fisher-tokens must be 0 or >= 2, got {self.fisher_tokens}")
+        if self.fisher_labels not in ("sampled", "text"):
+            raise InvalidArgument(f"--fisher-labels must be sampled or text, got {self.fisher_labels!r}")
 
 
 @dataclass
@@ -473,6 +480,17 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         sfx_meta = {"tokens": sm.tokens, "iterations": sm.iterations, "probes": sm.probes}
     t_sfx = time.perf_counter() - t2
 
+    # measured sensitivities of the output to each cached K/V in each format: the fisher objective's prices
+    t3 = time.perf_counter()
+    fisher = None
+    if options.fisher_tokens > 0:
+        from ..core.formats import format_table
+        from .sensitivity import measure as measure_fisher
+
+        fisher = measure_fisher(lm, windows, format_table(d, options.channel_group), tokens=options.fisher_tokens,
+                                seed=options.seed, labels=options.fisher_labels, progress=progress)
+    t_fisher = time.perf_counter() - t3
+
     n_q = acc.n_queries.clamp_min(1).double()
     alpha_mean = acc.alpha_sum / n_q
     seed_k = seed_curvature(alpha_mean, acc.hi["grad_k"], acc.hi["htrace"])
@@ -502,6 +520,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
     arrays["mlp_lipschitz_rel_change"] = mlp_lips_rel
     if sfx_meta is not None and "tokens" in sfx_meta:
         arrays.update(arrays_sfx)
+    if fisher is not None:
+        arrays["fisher"] = fisher.cost
     arrays["scaling"] = np.array([s if s is not None else np.nan for s in acc.scaling], dtype=np.float64)
     arrays = {k_: np.ascontiguousarray(v_) for k_, v_ in arrays.items()}
     meta = {
@@ -511,9 +531,11 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         "options": {"curvature": options.curvature, "channel_group": options.channel_group,
                     "channel_groups": channel_groups_of(options.channel_group),
                     "lipschitz_tokens": min(options.lipschitz_tokens, t), "lipschitz_iters": options.lipschitz_iters,
-                    "seed": options.seed, "suffix": sfx_meta},
+                    "seed": options.seed, "suffix": sfx_meta,
+                    "fisher": fisher.meta() if fisher is not None else None},
         "attn_implementation": model.config._attn_implementation,
         "weights_sha256": weights,
         "witnesses": witnesses,
     }
-    return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip, "suffix_s": t_sfx})
+    return Analysis(arrays, meta, {"stats_s": t_stats, "lipschitz_s": t_lip, "suffix_s": t_sfx,
+                                   "fisher_s": t_fisher})

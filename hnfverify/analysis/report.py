@@ -71,6 +71,10 @@ ARRAY_FIELDS = {
     "mass_avo_lo": "(layers, sinks, windows, 3, kv_heads) max over queries of sum over the segment of "
                    "alpha_t ||V_t - o||; lower end",
     "mass_avo_hi": "upper end",
+    "fisher": "(layers, kv_heads, 2 [K, V], 3 [sink, recent, rest], windows, formats, position intervals) MEASURED "
+              "diagonal-Fisher estimate 1/2 sum F e^2 of the KL each format's actual error on the calibration K/V adds "
+              "(summed over a window's tokens, mean over windows); analysis.fisher names the axes. A ranking for "
+              "--objective fisher (docs/design.md 3.1), in no bound",
 }
 
 __doc__ += "\n" + "\n".join(f"* ``{k}`` — {v}" for k, v in ARRAY_FIELDS.items())

@@ -26,7 +26,8 @@ def cmd_analyze(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument(f"--out {args.out!r} is a directory; give a file name such as report.json")
     options = AnalysisOptions(curvature=args.curvature, channel_group=args.channel_group,
                               lipschitz_tokens=args.lipschitz_tokens, lipschitz_iters=args.lipschitz_iters,
-                              suffix_tokens=args.suffix_tokens, suffix_iters=args.suffix_iters)
+                              suffix_tokens=args.suffix_tokens, suffix_iters=args.suffix_iters,
+                              fisher_tokens=args.fisher_tokens, fisher_labels=args.fisher_labels)
     options.validate()
     if args.plan:
         plan_request(args).validate()

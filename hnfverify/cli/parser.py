@@ -27,9 +27,10 @@ def add_plan_options(p) -> None:
     g.add_argument("--avg-bits", help="memory budget: average bits per element, overhead included")
     g.add_argument("--uniform", help="fixed formats (baselines): one format, e.g. int4_t64, or per K/V/segment "
                    "overrides, e.g. fp16,K.rest=int4_c32,V.rest=int4_t64 (KIVI-style with --sink 0 --recent 128)")
-    g.add_argument("--objective", choices=Objective.values(), default=Objective.LINEAR.value,
-                   help="what --avg-bits' greedy lowers: the first-order terms of the per-layer attention bounds "
-                        "(default), the per-layer bounds themselves, or the end-to-end composition bound")
+    g.add_argument("--objective", choices=Objective.values(), default=None,
+                   help="what the greedy lowers: the measured Fisher estimate of the KL (default for --avg-bits "
+                        "where the report has it), the first-order terms of the per-layer attention bounds (the "
+                        "default otherwise), the per-layer bounds themselves, or the end-to-end composition bound")
     g.add_argument("--plan-channel-group", dest="plan_channel_group", type=positive_int_arg("--plan-channel-group"),
                    default=None,
                    help="tokens per channel group of the searched plan's channel-grouped formats: the analysis' "
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of the first window the suffix sensitivities are measured on")
     a.add_argument("--suffix-iters", type=positive_int_arg("--suffix-iters"), default=6,
                    help="Lanczos steps per suffix sensitivity; 0: none (plans then compose by products)")
+    a.add_argument("--fisher-tokens", type=positive_int_arg("--fisher-tokens"), default=1024,
+                   help="tokens of every calibration window the measured sensitivities (the diagonal-Fisher KL "
+                        "estimate --objective fisher plans with) take a forward and backward pass over; 0: none")
+    a.add_argument("--fisher-labels", choices=("sampled", "text"), default="sampled",
+                   help="labels of that pass: drawn from the model's own distribution (default: the Fisher of the "
+                        "KL) or the text's next tokens (the empirical Fisher)")
     a.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--plan", action="store_true", help="also plan: --out is then the plan; the report goes "

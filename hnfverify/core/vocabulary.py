@@ -24,7 +24,8 @@ class Vocabulary(str, Enum):
 
 
 class Objective(Vocabulary):
-    """What ``--avg-bits``' greedy sequence lowers (docs/design.md §3)."""
+    """What ``--avg-bits``' greedy sequence lowers (docs/design.md §3.1)."""
+    FISHER = "fisher"
     LINEAR = "linear"
     LAYERS = "layers"
     END_TO_END = "end_to_end"

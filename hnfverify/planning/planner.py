@@ -23,7 +23,10 @@ increases any bound.
 * ``--avg-bits B``: the longest prefix of the sequence from ``thm_min`` (or the chain bottoms if
   no eps) whose average bits (overhead included) are <= B. Raising B only extends the prefix,
   so the bound never rises.
-* ``--avg-bits`` orders its moves by ``--objective``: ``linear`` (default) lowers the sum over layers
+* ``--avg-bits`` orders its moves by ``--objective`` (docs/design.md §3.1): ``fisher`` (default where the
+  report has the measured sensitivities) lowers the measured diagonal-Fisher estimate of the KL divergence,
+  the sum over units of each format's actual calibration error weighted by the squared output gradients
+  (``planning.sensitivity``); ``linear`` (the default otherwise) lowers the sum over layers
   of the bounds' first-order Taylor terms (sum dV A + (m + M) B weighted by ||W_o|| sqrt(G)) — not a
   bound, a ranking; ``layers`` lowers the sum of the layers' first-order bounds b_l themselves, whose
   exponential key terms are astronomically large at 2-4 bits and starve the values; ``end_to_end``
@@ -38,6 +41,7 @@ increases any bound.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..core.bound import exact_head_error, kl_bound, logit_osc_bound
 from ..core.formats import channel_groups_of, format_table
@@ -47,7 +51,7 @@ from ..core.vocabulary import Objective
 from ..errors import InvalidArgument, PlanInfeasible
 from .assemble import assemble, claim_up, raise_to_theorem
 from .modes import Planning, avg_bits_state, eps_state, fixed_channel_groups, fixed_formats, fixed_state
-from .request import PlanRequest
+from .request import PlanRequest, resolved_objective
 from .search import FloatHead, GreedySearch, average_bits, norm_overhead
 from .units import build_chain, head_inputs, set_errors, theorem_term, units_from_report
 
@@ -142,8 +146,10 @@ def set_chains(units: list, fixed, table: dict, req: PlanRequest) -> None:
             f"(worst: layer {worst.layer} head {worst.head} K {worst.seg}, needs eps >= {show_bound(need)})")
 
 
-def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l: int, g_q: int) -> Planning:
-    """The per-head exact inputs, the float twins and the two greedy searches the modes share."""
+def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l: int, g_q: int,
+                     costs: list | None = None) -> Planning:
+    """The per-head exact inputs, the float twins and the two greedy searches the modes share; ``costs``: the
+    fisher objective's per-unit prices (``planning.sensitivity.unit_costs``)."""
     by_head: dict = {}
     for u in units:
         by_head.setdefault((u.layer, u.head), []).append(u)
@@ -161,7 +167,7 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
     if comp["form"] == "suffix":
         amp_f = [float(s) for s in comp["suffix"]]                  # first-order weights of the suffix form
     amp_e2e = amp_f
-    if req.objective in (Objective.LAYERS, Objective.LINEAR):
+    if req.objective in (Objective.LAYERS, Objective.LINEAR, Objective.FISHER):
         amp_f = [1.0] * n_l
     float_heads = {}
     for lh, us in by_head.items():
@@ -171,8 +177,8 @@ def planning_context(units: list, meta: dict, req: PlanRequest, gains: dict, n_l
                                     tuple(float(inputs.mass_alpha[s]) for s in segs),
                                     tuple(float(inputs.mass_avo[s]) for s in segs),
                                     tuple(float(inputs.spread[s]) for s in segs))
-    search = GreedySearch(units, float_heads, weights, amp_f,
-                          objective="linear" if req.objective == Objective.LINEAR else "bound")
+    kind = {Objective.LINEAR.value: "linear", Objective.FISHER.value: "fisher"}.get(req.objective, "bound")
+    search = GreedySearch(units, float_heads, weights, amp_f, objective=kind, costs=costs)
     search_e2e = search if req.objective == Objective.END_TO_END else GreedySearch(units, float_heads, weights, amp_e2e)
     target = req.eps_target
     if req.max_kl is not None:
@@ -193,6 +199,7 @@ def search_table(table: dict, group: int, analysis_group: int) -> dict:
 def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
     """Build the plan (a JSON-ready dict in canonical form). Raises PlanInfeasible / InvalidArgument."""
     req.validate()
+    req = replace(req, objective=resolved_objective(req, arrays))
     shape = summary["shape"]
     g_q = shape["query_heads"] // shape["kv_heads"]
     big = summary["analysis"]["channel_group"]
@@ -214,7 +221,12 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
     n_l, n_h = shape["layers"], shape["kv_heads"]
     gains = layer_gains(arrays, req, n_l, n_h)
     set_chains(units, fixed, table, req)
-    ctx = planning_context(units, meta, req, gains, n_l, g_q)
+    costs = None
+    if fixed is None and req.objective == Objective.FISHER.value:
+        from .sensitivity import unit_costs
+
+        costs = unit_costs(units, summary, arrays)
+    ctx = planning_context(units, meta, req, gains, n_l, g_q, costs)
     theorem_minima = [u.thm_min for u in units]
     if fixed is not None:
         state, mode = fixed_state(ctx)

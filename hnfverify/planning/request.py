@@ -11,6 +11,9 @@ from ..core.vocabulary import Curvature, Objective
 from ..errors import InvalidArgument
 
 BUDGET_SPLIT = {
+    Objective.FISHER.value: "greedy: largest reduction of the measured diagonal-Fisher estimate of the KL divergence "
+              "(1/2 sum F e^2 over the calibration K/V, each format's actual error, recent and rest reads "
+              "separated) per added cache bit, over all (layer, KV head, K|V, segment) units",
     Objective.END_TO_END.value: "greedy: largest reduction of the end-to-end bound per added cache bit, over all "
                   "(layer, KV head, K|V, segment) units",
     Objective.LAYERS.value: "greedy: largest reduction of the sum of the per-layer first-order attention-output bounds "
@@ -67,7 +70,8 @@ class PlanRequest:
     lipschitz_margin: Fraction = Fraction(11, 10)
     curvature: str | None = None          # None: the report's choice
     max_seq_len: int | None = None
-    objective: str = Objective.LINEAR.value           # what --avg-bits' greedy sequence lowers
+    objective: str | None = None          # what the greedy sequence lowers; None: fisher for --avg-bits where the
+                                          # report measured it, else linear (resolved_objective)
     assign: tuple | None = None           # ((layer, head, "K"|"V", segment, format), ...): explicit plans
     error_norms: bool = True              # the cache records each stored vector's error norm (docs/design.md §4.1)
     composition: str | None = None        # "suffix" | "product" (docs/design.md §2.5); None: suffix where measured
@@ -84,7 +88,7 @@ class PlanRequest:
             raise InvalidArgument("--uniform cannot be combined with --avg-bits or --eps-target")
         if self.uniform is not None and self.assign is not None:
             raise InvalidArgument("uniform and assign are exclusive")
-        if self.objective not in OBJECTIVES:
+        if self.objective is not None and self.objective not in OBJECTIVES:
             raise InvalidArgument(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.eps is not None and self.eps <= 0:
             raise InvalidArgument(f"--eps must be > 0, got {fmt_number(self.eps)}")
@@ -106,3 +110,16 @@ class PlanRequest:
             raise InvalidArgument(f"--lipschitz-margin must be >= 1, got {fmt_number(self.lipschitz_margin)}")
         if self.curvature not in (None, *Curvature.values()):
             raise InvalidArgument(f"--curvature must be exact or seed, got {self.curvature!r}")
+
+
+def resolved_objective(req: PlanRequest, arrays: dict) -> str:
+    """The objective a request plans with: its own, else ``fisher`` for ``--avg-bits`` where the report has the
+    measured sensitivities (analyze --fisher-tokens > 0), else ``linear``."""
+    if req.objective == Objective.FISHER.value and "fisher" not in arrays:
+        raise InvalidArgument("--objective fisher: the report has no measured sensitivities (analyzed with "
+                              "--fisher-tokens 0); re-run analyze or choose another objective")
+    if req.objective is not None:
+        return req.objective
+    if req.avg_bits is not None and "fisher" in arrays:
+        return Objective.FISHER.value
+    return Objective.LINEAR.value

@@ -43,12 +43,16 @@ def float_head_linear(fh: FloatHead, dk: tuple, dv: tuple) -> float:
 
 
 class GreedySearch:
-    """Float twin of the exact bound for the greedy sequence. ``objective``: "bound" (E_h) or "linear"
-    (its first-order terms)."""
+    """Float twin of the exact bound for the greedy sequence. ``objective``: "bound" (E_h), "linear" (its
+    first-order terms) or "fisher" (``costs``: per unit and chain entry, the measured KL estimate of
+    ``planning.sensitivity``, summed over a head's units, unweighted)."""
 
-    def __init__(self, units, heads, weights, amp, objective="bound"):
+    def __init__(self, units, heads, weights, amp, objective="bound", costs=None):
         self.units = units
-        self.err_fn = {"bound": float_head_error, "linear": float_head_linear}[objective]
+        self.costs = costs if objective == "fisher" else None
+        if objective == "fisher" and costs is None:
+            raise ValueError("the fisher objective needs the units' costs")
+        self.err_fn = {"bound": float_head_error, "linear": float_head_linear, "fisher": None}[objective]
         self.by_lh: dict = {}
         for i, u in enumerate(units):
             self.by_lh.setdefault((u.layer, u.head), []).append(i)
@@ -67,8 +71,10 @@ class GreedySearch:
         return float(stream_bits(stream_formats(us, state), u.sink, u.recent, u.max_seq_len))
 
     def head_error(self, lh, state) -> float:
-        fh = self.heads[lh]
         idx = self.by_lh[lh]
+        if self.costs is not None:
+            return sum(self.costs[i][state[i]] for i in idx)
+        fh = self.heads[lh]
         out = []
         for kv in ("K", "V"):
             e = {}
@@ -88,7 +94,7 @@ class GreedySearch:
         maxima have plateaus, docs/design.md §2.4), the one with the largest decrease of the unit's own error
         per bit, scored below every real decrease, so a greedy sequence always reaches the finest formats."""
         best, plateau = None, None
-        scale = self.amp[lh[0]] * self.w[lh]
+        scale = 1.0 if self.costs is not None else self.amp[lh[0]] * self.w[lh]
         for i in self.by_lh[lh]:
             for j in range(state[i] + 1, len(self.units[i].chain)):
                 old = state[i]

@@ -1,0 +1,125 @@
+"""The measured sensitivities (``hnfverify.analysis.sensitivity``) and the planner's fisher objective."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from hnfverify.analysis.curvature import WINDOWS
+from hnfverify.analysis.sensitivity import REGIONS, _split_by_distance, intervals_of, split_attention
+from hnfverify.errors import InvalidArgument
+from hnfverify.planning import PlanRequest
+
+
+@pytest.mark.parametrize("t", [5, 40, 300])
+def test_split_by_distance_is_the_masked_product(t):
+    g = torch.Generator().manual_seed(t)
+    w = torch.tril(torch.randn(3, t, t, generator=g, dtype=torch.float64))
+    x = torch.randn(3, t, 7, generator=g, dtype=torch.float64)
+    got = _split_by_distance(w, x)
+    i, s = torch.arange(t).view(-1, 1), torch.arange(t).view(1, -1)
+    for k, r in enumerate(WINDOWS):
+        want = (w * ((i - s) >= r)).transpose(-1, -2) @ x
+        assert torch.allclose(got[k], want, atol=1e-10), r
+
+
+class _Module:
+    layer_idx = 0
+    scaling = None
+
+
+def test_split_attention_gradients_are_the_far_and_near_reads():
+    """The recorded gradient through reads at distance >= R is the derivative of the loss when only those
+    reads see a perturbed key (value): a central difference in float64 agrees."""
+    t, hq, hkv, d = 24, 4, 2, 8
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, hq, t, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, hkv, t, d, generator=g, dtype=torch.float64)
+    v = torch.randn(1, hkv, t, d, generator=g, dtype=torch.float64)
+    w = torch.randn(1, t, hq, d, generator=g, dtype=torch.float64)
+    mask = torch.zeros(1, 1, t, t).masked_fill(torch.ones(t, t).triu(1).bool(), torch.finfo(torch.float32).min)
+    grads: dict = {}
+    attn = split_attention(grads)
+    out, _ = attn(_Module(), q, k.float(), v.float(), mask, scaling=0.5)
+    (out.double() * w).sum().backward()
+    rec = grads[0]
+    tau = 0.5
+    dk = torch.randn(hkv, t, d, generator=g, dtype=torch.float64)
+    i, s = torch.arange(t).view(-1, 1), torch.arange(t).view(1, -1)
+
+    def loss(r, ek, ev):
+        """sum w * attention where reads at distance >= r see K + ek, V + ev."""
+        far = ((i - s) >= r).double()
+        qq = q.detach()
+        kk, vv = k.float().double()[0], v.float().double()[0]
+        tot = 0.0
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            sc = tau * (qq[0, h] @ kk[kv].T) + tau * far * (qq[0, h] @ ek[kv].T) + mask[0, 0].double()
+            a = torch.softmax(sc, -1)
+            o = a @ vv[kv] + (a * far) @ ev[kv]
+            tot = tot + (o * w[0, :, h]).sum()
+        return tot
+
+    h = 1e-6
+    zero = torch.zeros_like(dk)
+    for ri, r in enumerate(WINDOWS):
+        num_k = (loss(r, h * dk, zero) - loss(r, -h * dk, zero)) / (2 * h)
+        num_v = (loss(r, zero, h * dk) - loss(r, zero, -h * dk)) / (2 * h)
+        assert float((rec["k"][ri].double() * dk).sum()) == pytest.approx(float(num_k), rel=1e-3, abs=1e-5), r
+        assert float((rec["v"][ri].double() * dk).sum()) == pytest.approx(float(num_v), rel=1e-3, abs=1e-5), r
+
+
+def test_intervals_cover_the_positions_between_the_sink_lengths():
+    assert intervals_of(1024) == [[0, 1], [1, 4], [4, 16], [16, 64], [64, None]]
+    assert intervals_of(10) == [[0, 1], [1, 4], [4, None]]
+
+
+@pytest.fixture(scope="module")
+def tiny_sensitivity():
+    from hnfverify.analysis.sensitivity import measure
+    from hnfverify.core.formats import format_table
+    from hnfverify.models import tiny_model
+    from hnfverify.texts import TokenWindows
+
+    lm = tiny_model("tiny-llama", seed=3)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2)).tolist()
+    d = lm.model.config.hidden_size // lm.model.config.num_attention_heads
+    table = format_table(d, 16)
+    return measure(lm, TokenWindows("random", "file", ids, 1), table, tokens=48), table
+
+
+def test_costs_are_zero_for_fp32_and_grow_as_a_format_coarsens(tiny_sensitivity):
+    sens, table = tiny_sensitivity
+    c = sens.cost
+    assert (c >= 0).all() and torch.isfinite(torch.from_numpy(c)).all()
+    f = sens.formats.index
+    assert (c[..., f("fp32"), :] == 0).all()
+    rest = REGIONS.index("rest")
+    d = next(n for n in table if n.startswith("int8_t"))[len("int8_t"):]
+    for coarse, fine in ((f"int2_t{d}", f"int4_t{d}"), (f"int4_t{d}", f"int8_t{d}"), ("int2_c16", "int8_c16")):
+        a = c[:, :, :, rest, 0, f(coarse)].sum(-1)
+        b = c[:, :, :, rest, 0, f(fine)].sum(-1)
+        assert (a > b).all(), (coarse, fine)
+    # no read is nearer than distance 0: with R = 0 the recent reads carry nothing; with R > 0 they do
+    assert (c[:, :, :, REGIONS.index("recent"), 0] == 0).all()
+    assert (c[:, :, :, REGIONS.index("recent"), 1, f(f"int2_t{d}")].sum(-1) > 0).all()
+    # the sink is read by every query: its price is the whole gradient's, the same for every window
+    assert (c[:, :, :, REGIONS.index("sink")] == c[:, :, :, REGIONS.index("sink"), :1]).all()
+
+
+def test_fisher_objective_plans_within_budget_and_needs_the_measurement():
+    from hnfverify.models import tiny_model
+    from tests.helpers import tiny_plan
+
+    lm = tiny_model("tiny-llama", seed=3)
+    plans = [tiny_plan(lm, PlanRequest(avg_bits=Fraction(b), sink=4, recent=16), window=64, suffix_iters=0,
+                       fisher_tokens=64) for b in (6, 9)]
+    for b, p in zip((6, 9), plans):
+        assert p["mode"]["budget_split"].startswith("greedy: largest reduction of the measured diagonal-Fisher")
+        assert Fraction(p["claims"]["avg_bits"]) <= b
+    with pytest.raises(InvalidArgument, match="no measured sensitivities"):
+        tiny_plan(lm, PlanRequest(avg_bits=Fraction(6), objective="fisher"), window=64, suffix_iters=0,
+                  fisher_tokens=0)
+    p = tiny_plan(lm, PlanRequest(avg_bits=Fraction(6)), window=64, suffix_iters=0, fisher_tokens=0)
+    assert "first-order Taylor" in p["mode"]["budget_split"]          # linear where nothing was measured
