@@ -1,8 +1,9 @@
 """Analyzer wall time / plain forward wall time over the same calibration tokens (SmolLM2, CPU).
 
 The ratios are of the statistics and the block Lipschitz estimate (the analyzer-speed goal); the suffix
-sensitivities (docs/design.md §2.5, on by default in ``hnfverify analyze``) are measured in a separate
-run and reported on their own (``suffix_s``: the time the analysis spends on them).
+sensitivities (docs/design.md §2.5) and the measured Fisher sensitivities (§3.1), both on by default in
+``hnfverify analyze``, are measured in a separate run and reported on their own (``suffix_s``, ``fisher_s``:
+the time the analysis spends on each; the Fisher pass is one forward and backward per window).
 
 Default: 2 windows x 512 tokens of the prose calibration split, torch threads fixed, runs
 interleaved and repeated, medians reported. Also reports peak RSS of a separate 2048-token
@@ -30,7 +31,7 @@ from hnfverify.analysis.analyzer import analyze, AnalysisOptions
 lm = load_model("smollm2", verbose=False)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 w = token_windows(lm.tokenizer, "prose", max_tokens=2048, window=512)
-analyze(lm, w, AnalysisOptions(suffix_iters=0))
+analyze(lm, w, AnalysisOptions(suffix_iters=0, fisher_tokens=0))
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -76,15 +77,17 @@ def main() -> int:
             for w in wins.windows:
                 lm.model(input_ids=torch.tensor([w]), use_cache=False)
 
-    runs = {"plain": [], "analyze_no_lipschitz": [], "analyze_default": [], "suffix_s": []}
+    runs = {"plain": [], "analyze_no_lipschitz": [], "analyze_default": [], "suffix_s": [], "fisher_s": []}
     plain()  # warm-up
     for _ in range(args.repeats):
         t = time.perf_counter(); plain(); runs["plain"].append(time.perf_counter() - t)
-        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(lipschitz_iters=0, suffix_iters=0))
+        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(lipschitz_iters=0, suffix_iters=0, fisher_tokens=0))
         runs["analyze_no_lipschitz"].append(time.perf_counter() - t)
-        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(suffix_iters=0))
+        t = time.perf_counter(); analyze(lm, wins, AnalysisOptions(suffix_iters=0, fisher_tokens=0))
         runs["analyze_default"].append(time.perf_counter() - t)
-        runs["suffix_s"].append(analyze(lm, wins, AnalysisOptions()).timings["suffix_s"])
+        full = analyze(lm, wins, AnalysisOptions()).timings
+        runs["suffix_s"].append(full["suffix_s"])
+        runs["fisher_s"].append(full["fisher_s"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "model": "smollm2", "tokens": wins.n_tokens, "windows": len(wins.windows), "threads": args.threads,
@@ -93,6 +96,8 @@ def main() -> int:
         "ratio_analyze_default_over_plain": round(med["analyze_default"] / med["plain"], 2),
         "lipschitz_default": {"tokens": AnalysisOptions().lipschitz_tokens, "iters": AnalysisOptions().lipschitz_iters},
         "suffix_default": {"tokens": AnalysisOptions().suffix_tokens, "iters": AnalysisOptions().suffix_iters},
+        "fisher_default": {"tokens": AnalysisOptions().fisher_tokens, "labels": AnalysisOptions().fisher_labels},
+        "ratio_fisher_over_plain": round(med["fisher_s"] / med["plain"], 2),
     }
     if memory is not None:
         result["memory_2048_tokens"] = memory
@@ -108,6 +113,8 @@ def main() -> int:
               f"{result['lipschitz_default']['iters']} iters) / plain : {result['ratio_analyze_default_over_plain']}")
         print(f"  suffix sensitivities (separately; {result['suffix_default']['tokens']} tokens x "
               f"{result['suffix_default']['iters']} iters): {result['median_s']['suffix_s']} s")
+        print(f"  Fisher sensitivities (separately; forward + backward per window): {result['median_s']['fisher_s']} s "
+              f"({result['ratio_fisher_over_plain']}x the plain forward)")
         if "memory_2048_tokens" in result:
             print(f"  2048-token analysis: {result['memory_2048_tokens']}")
     return 0

@@ -122,20 +122,25 @@ def build_plans(rep: Path, out: Path) -> list:
         ("kivi-2bit-nores", "peer", PlanRequest(uniform="int2_t64,K.rest=int2_c32", sink=0, recent=0),
          "K int2 per channel (32-token groups), V int2 per token, no residual window (the incomplete group exact)"),
     ]
-    for b in ("3", "3.5", "4", "4.5", "5", "6", "7"):
-        specs.append((f"hnf-avg{b}", "hnfverify", PlanRequest(avg_bits=Fraction(b)), f"--avg-bits {b}"))
-    specs.append(("hnf-avg4.3-r32", "hnfverify", PlanRequest(avg_bits=Fraction("4.3"), recent=32),
-                  "--avg-bits 4.3 --recent 32"))
+    for b in ("3", "3.5", "4", "4.5", "5", "6", "7", "8"):
+        specs.append((f"hnf-avg{b}", "hnfverify", PlanRequest(avg_bits=Fraction(b)), f"--avg-bits {b} (objective fisher)"))
+    for b in ("3", "3.5", "4", "4.4"):
+        specs.append((f"hnf-avg{b}-r32", "hnfverify", PlanRequest(avg_bits=Fraction(b), recent=32),
+                      f"--avg-bits {b} --recent 32 (objective fisher)"))
     for name, spec in FIXED.items():
         specs.append((name, "hnfverify", PlanRequest(uniform=spec, recent=32),
                       f"--uniform {spec} --recent 32 (formats chosen on calibration text, not by the planner)"))
     for e in ("500", "4000"):
         specs.append((f"hnf-eps{e}", "hnfverify", PlanRequest(eps=Fraction(e)), f"--eps {e}"))
     specs += [
+        ("abl-avg4.5-objective-linear", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="linear"),
+         "--avg-bits 4.5 --objective linear (vs hnf-avg4.5: objective fisher)"),
+        ("abl-avg3-objective-linear", "ablation", PlanRequest(avg_bits=Fraction("3"), objective="linear"),
+         "--avg-bits 3 --objective linear (vs hnf-avg3: objective fisher)"),
         ("abl-avg4.5-objective-layers", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="layers"),
-         "--avg-bits 4.5 --objective layers (vs hnf-avg4.5: objective linear)"),
+         "--avg-bits 4.5 --objective layers (vs hnf-avg4.5: objective fisher)"),
         ("abl-avg4.5-objective-e2e", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="end_to_end"),
-         "--avg-bits 4.5 --objective end_to_end (vs hnf-avg4.5: objective linear)"),
+         "--avg-bits 4.5 --objective end_to_end (vs hnf-avg4.5: objective fisher)"),
         ("abl-fixed-k4v3-c32", "ablation", PlanRequest(uniform=FIXED["hnf-fixed-k4v3"].replace("c128", "c32"),
                                                       recent=32),
          "hnf-fixed-k4v3 with 32-token key groups (vs 128)"),

@@ -137,10 +137,13 @@ def ablation(rows) -> list:
                 f"| {_g(r.get('attention_error_bound_max'))} |")
 
     head = ["| variant | method | bits/el | prose KLD | code KLD | max certified E_h |", "|---|---|---:|---:|---:|---:|"]
-    out = ["### Planner objective at 4.5 bits", ""] + head + [
-        line("hnf-avg4.5", "objective `linear` (default): first-order terms of the per-layer bounds"),
+    out = ["### Planner objective at 4.5 and 3 bits", ""] + head + [
+        line("hnf-avg4.5", "objective `fisher` (default): measured diagonal-Fisher KL estimate (docs/design.md §3.1)"),
+        line("abl-avg4.5-objective-linear", "objective `linear`: first-order terms of the per-layer bounds"),
         line("abl-avg4.5-objective-layers", "objective `layers`: the per-layer certified bounds b_l themselves"),
-        line("abl-avg4.5-objective-e2e", "objective `end_to_end`: the composition bound (suffix form, weights S_l; docs/design.md §2.5)")]
+        line("abl-avg4.5-objective-e2e", "objective `end_to_end`: the composition bound (suffix form, weights S_l; docs/design.md §2.5)"),
+        line("hnf-avg3", "3 bits, objective `fisher` (default)"),
+        line("abl-avg3-objective-linear", "3 bits, objective `linear`")]
     out += ["", "### Sinks and recent window at 4 bits", ""] + head + [
         line("hnf-avg4", "sink 4 + recent 64 (default)"), line("abl-avg4-no-sink-recent", "no sink, no recent window")]
     out += ["", "### Which sensitivity signal allocates key bits best (values FP16, keys ≈ 4.5 bits)", ""] + head + [
@@ -298,7 +301,7 @@ def main() -> int:
         "keys per channel in groups of 32 tokens, values per token, FP16 residual window of 128, no sink "
         "(`--uniform fp16,K.rest=int4_c32,V.rest=int4_t64 --sink 0 --recent 128`); `quanto-*` = transformers' own "
         "`QuantizedCache(backend=\"quanto\", nbits, residual_length=128, q_group_size=64)`. hnfverify: "
-        "`hnfverify plan --avg-bits B` (objective `linear`, sink 4, recent 64) and `--eps E`. "
+        "`hnfverify plan --avg-bits B` (objective `fisher`, sink 4, recent 64; `-r32`: recent 32) and `--eps E`. "
         "The uniform and KIVI-style peers run through hnfverify's own cache, so their decode times measure "
         "that implementation (pure PyTorch: per layer, one dequantization per shared packed buffer, "
         "docs/design.md §4.2), not KIVI's kernels.",
@@ -350,7 +353,10 @@ def main() -> int:
                + (f" Reported on their own (docs/design.md §2.5): the suffix sensitivities, "
                   f"{ao['suffix_default']['tokens']} tokens x {ao['suffix_default']['iters']} Lanczos steps per "
                   f"layer plus the remainder probes, add {ao['median_s']['suffix_s']} s to the analysis."
-                  if "suffix_s" in ao.get("median_s", {}) else ""), ""]
+                  if "suffix_s" in ao.get("median_s", {}) else "")
+               + (f" The measured Fisher sensitivities the planner ranks formats by (§3.1; one forward and backward "
+                  f"pass per window) add {ao['median_s']['fisher_s']} s ({ao['ratio_fisher_over_plain']}× the plain "
+                  f"forward)." if "fisher_s" in ao.get("median_s", {}) else ""), ""]
     if cs:
         cols = ["plan", "entries", "exact_fallbacks", "check_s", "filter_s", "smt_s", "recheck_s", "peak_rss_mib",
                 "verdict"]

@@ -74,7 +74,15 @@ ARRAY_FIELDS = {
     "fisher": "(layers, kv_heads, 2 [K, V], 3 [sink, recent, rest], windows, formats, position intervals) MEASURED "
               "diagonal-Fisher estimate 1/2 sum F e^2 of the KL each format's actual error on the calibration K/V adds "
               "(summed over a window's tokens, mean over windows); analysis.fisher names the axes. A ranking for "
-              "--objective fisher (docs/design.md 3.1), in no bound",
+              "--objective fisher (docs/design.md 3.1), in no bound; scaled by fisher_output_ratio",
+    "fisher_output_ratio": "(layers, kv_heads, 2 [K, V], formats) MEASURED ratio of the diagonal Fisher of the attention "
+                           "output (each format's actual output change, on a subset of the queries) to the diagonal "
+                           "over the cached entries, which scales that format's fisher prices; 1 for formats of more "
+                           "than 4 bits",
+    "fisher_key_tv": "(layers, kv_heads, formats) MEASURED mean over a subset of the queries of the total variation between "
+                     "the attention weights with exact keys and with every key in the format (largest over the KV head's "
+                     "query heads); the fisher objective leaves out key formats above 1/2 (docs/design.md 3.1); 0 where "
+                     "not measured (formats of more than 4 bits)"
 }
 
 __doc__ += "\n" + "\n".join(f"* ``{k}`` — {v}" for k, v in ARRAY_FIELDS.items())

@@ -41,11 +41,15 @@ class Sensitivity:
     tokens: int
     windows: int
     labels: str
+    ratio: object = None                # (layers, kv_heads, 2, formats): the output prices' ratio to the entries'
+                                        # (1: not measured)
+    key_tv: object = None               # (layers, kv_heads, formats): the keys' attention change (0: not measured)
 
     def meta(self) -> dict:
         return {"formats": list(self.formats), "intervals": [list(x) for x in self.intervals],
                 "windows": list(WINDOWS), "tokens": self.tokens, "calibration_windows": self.windows,
-                "labels": self.labels,
+                "labels": self.labels, "output_prices": {"formats_up_to_bits": NONLINEAR_BITS,
+                                                         "queries_per_window": NONLINEAR_QUERIES},
                 "axes": ["layer", "kv_head", "K|V", "sink|recent|rest", "window R", "format", "position interval"]}
 
 
@@ -74,6 +78,43 @@ def _split_by_distance(w, x):
     while len(out) < len(WINDOWS):          # windows longer than the text: nothing is that far
         out.append(torch.zeros_like(total))
     return torch.stack(out)
+
+
+#: integer formats of at most this many value bits are priced at the attention output too (_output_prices)
+NONLINEAR_BITS = 4
+#: queries (evenly spaced) the output prices are measured on, per window
+NONLINEAR_QUERIES = 256
+
+
+def _output_prices(rec: dict, fmt) -> tuple:
+    """For one layer and format, per KV head: 1/2 sum_t sum_i G_ti^2 (o~ - o)_ti^2 over a subset of the queries,
+    scaled to all of them, with o~ the attention output when every key (first) or every value (second) is
+    stored in the format and G = d loss / d o: the diagonal Fisher of the attention *output*, which sees the
+    actual output change — coherent errors that add up over positions and channels (a per-token range shrinks
+    every key toward its mean, which moves every logit of a query the same way) as well as the softmax's
+    nonlinearity — where the diagonal over the cached entries assumes they add up incoherently. Third: the
+    keys' attention change, the mean over those queries of TV(alpha, alpha~), the largest over the query heads."""
+    import torch
+
+    k, v, q, bias, go, tau = rec["key"], rec["value"], rec["query"], rec["bias"], rec["dout"], rec["tau"]
+    hkv, t, _ = k.shape
+    g = q.shape[0] // hkv
+    idx = torch.linspace(0, t - 1, min(t, NONLINEAR_QUERIES)).round().long().unique()
+    scale = t / len(idx)
+    kq, vq = _roundtrip_all(k, fmt), _roundtrip_all(v, fmt)
+    pk, pv, tv = [], [], []
+    for h in range(hkv):
+        qs = q[h * g:(h + 1) * g, idx]                                      # (g, n, d)
+        bs = (bias[h * g:(h + 1) * g] if bias.shape[0] > 1 else bias[:1])[:, idx]
+        a = torch.softmax(tau * (qs @ k[h].T) + bs, dim=-1)
+        at = torch.softmax(tau * (qs @ kq[h].T) + bs, dim=-1)
+        w = go[h * g:(h + 1) * g, idx].double().square()
+        dk = (at - a) @ v[h]
+        dv = a @ (vq[h] - v[h])
+        pk.append(0.5 * scale * float((w * dk.double().square()).sum()))
+        pv.append(0.5 * scale * float((w * dv.double().square()).sum()))
+        tv.append(float(0.5 * (at - a).abs().sum(-1).mean(-1).max()))
+    return pk, pv, tv
 
 
 def _roundtrip_all(x, fmt):
@@ -121,6 +162,7 @@ def split_attention(grads: dict):
         out = a @ vv
         rec = grads.setdefault(li, {})
         rec["key"], rec["value"] = key[0].detach().float(), value[0].detach().float()
+        rec["query"], rec["bias"], rec["tau"] = q[0].detach(), bias[0].detach(), tau
         qd, ad = q[0].detach(), a[0].detach()
 
         def on_scores(gs):              # d loss / d scores (1, Hq, T, T) -> per R, d loss / d K_s at distances >= R
@@ -129,6 +171,7 @@ def split_attention(grads: dict):
 
         def on_out(go):                 # d loss / d out (1, Hq, T, d) -> per R, d loss / d V_s at distances >= R
             rec["v"] = _split_by_distance(ad, go[0]).unflatten(1, (hkv, g)).sum(2)
+            rec["dout"] = go[0].detach()
 
         scores.register_hook(on_scores)
         out.register_hook(on_out)
@@ -157,7 +200,8 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
     ivs = intervals_of(t)
     nr, nf, ni = len(WINDOWS), len(names), len(ivs)
     grads: dict = {}                    # layer -> {"k": (windows, Hkv, T, d), "v": ..., "key", "value"}
-    cost = None
+    cost = out_price = tv_sum = None
+    coarse = [i for i, n in enumerate(names) if formats[n].value_bits <= NONLINEAR_BITS and formats[n].family == "int"]
     gen = torch.Generator().manual_seed(seed)
 
     bar = None
@@ -201,6 +245,14 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
                             per = torch.einsum("xrhtd,fhtd->hxrft", w2, e2)        # (Hkv, 3, windows, formats, T)
                             for j, (lo, hi) in enumerate(ivs):
                                 cost[li, :, kvi, :, :, :, j] += 0.5 * per[..., lo:hi].sum(-1).numpy()
+                        if out_price is None:
+                            out_price = np.zeros(cost.shape[:3] + (nf,))
+                            tv_sum = np.zeros(cost.shape[:2] + (nf,))
+                        for fi in coarse:
+                            pk, pv, tv = _output_prices(rec, formats[names[fi]])
+                            out_price[li, :, 0, fi] += pk
+                            out_price[li, :, 1, fi] += pv
+                            tv_sum[li, :, fi] += tv
                 grads.clear()
                 if bar:
                     bar.update(1)
@@ -213,4 +265,12 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
         from ..errors import ModelError
 
         raise ModelError("the sensitivity pass captured no attention call")
-    return Sensitivity(cost / len(windows.windows), names, ivs, t, len(windows.windows), labels)
+    # the coarse formats' prices scaled so that reading every position in its rest form (R = 0) costs what the
+    # attention output's diagonal Fisher says (docs/design.md §3.1); 1 for the finer formats
+    ratio = np.ones(cost.shape[:3] + (nf,))
+    whole = cost[:, :, :, REGIONS.index("rest"), 0].sum(-1)                # (layers, kv_heads, 2, formats)
+    ok = whole > 0
+    ratio[ok] = out_price[ok] / whole[ok]
+    cost *= ratio[:, :, :, None, None, :, None]
+    n = len(windows.windows)
+    return Sensitivity(cost / n, names, ivs, t, n, labels, ratio, tv_sum / n)

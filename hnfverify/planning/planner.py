@@ -114,8 +114,9 @@ def phi_for_kl(max_kl, gain):
     return Fraction(dec_down(math.sqrt(8 * float(max_kl)) / float(gain) * (1 - 1e-12), 12))
 
 
-def set_chains(units: list, fixed, table: dict, req: PlanRequest) -> None:
-    """Every unit's chain and its Theorem 5.7 minimum ``thm_min``; PlanInfeasible where none holds."""
+def set_chains(units: list, fixed, table: dict, req: PlanRequest, prune=None) -> None:
+    """Every unit's chain and its Theorem 5.7 minimum ``thm_min``; PlanInfeasible where none holds. ``prune``:
+    a searched plan's filter of each built chain (``planning.sensitivity.drop_far_keys``)."""
     infeasible = []
     for u in units:
         if fixed is not None:
@@ -128,6 +129,9 @@ def set_chains(units: list, fixed, table: dict, req: PlanRequest) -> None:
             u.thm_min = 0 if (req.eps is None or u.kv == "V" or req.eps >= theorem_term(uf, u, req.c)) else None
             continue
         build_chain(u, table, req.c)
+        if prune is not None and u.chain:
+            prune(u)
+            set_errors(u)
         if not u.chain:
             raise PlanInfeasible(f"layer {u.layer} head {u.head} {u.kv} {u.seg}: no format can represent values "
                                  f"up to {float(u.stats.amax):.4g}")
@@ -220,7 +224,12 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
         u.idx = i
     n_l, n_h = shape["layers"], shape["kv_heads"]
     gains = layer_gains(arrays, req, n_l, n_h)
-    set_chains(units, fixed, table, req)
+    prune = None
+    if fixed is None and req.objective == Objective.FISHER.value:
+        from .sensitivity import key_pruner
+
+        prune = key_pruner(summary, arrays)
+    set_chains(units, fixed, table, req, prune)
     costs = None
     if fixed is None and req.objective == Objective.FISHER.value:
         from .sensitivity import unit_costs

@@ -37,3 +37,24 @@ def unit_costs(units: list, summary: dict, arrays: dict) -> list:
                                   index[f.name]][js].sum()))
         out.append(row)
     return out
+
+
+#: the largest measured attention change (mean TV of the weights over the calibration queries) of a key format
+#: the fisher objective uses: beyond it the format moves most of the attention mass, outside the regime of a
+#: second-order estimate (docs/design.md §3.1)
+MAX_KEY_TV = 0.5
+
+
+def key_pruner(summary: dict, arrays: dict):
+    """The fisher objective's chain filter: it leaves out of a key unit's chain the formats whose measured
+    attention change exceeds MAX_KEY_TV (the finest format always stays); None where nothing was measured."""
+    tv = arrays.get("fisher_key_tv")
+    if tv is None:
+        return None
+    index = {n: i for i, n in enumerate(summary["analysis"]["fisher"]["formats"])}
+
+    def prune(u) -> None:
+        if u.kv == "K":
+            u.chain = [f for f in u.chain[:-1] if f.name not in index
+                       or tv[u.layer, u.head, index[f.name]] <= MAX_KEY_TV] + u.chain[-1:]
+    return prune

@@ -123,3 +123,75 @@ def test_fisher_objective_plans_within_budget_and_needs_the_measurement():
                   fisher_tokens=0)
     p = tiny_plan(lm, PlanRequest(avg_bits=Fraction(6)), window=64, suffix_iters=0, fisher_tokens=0)
     assert "first-order Taylor" in p["mode"]["budget_split"]          # linear where nothing was measured
+
+
+def _rec(t=40, hq=4, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(1, t, t).masked_fill(torch.ones(t, t).triu(1).bool(), torch.finfo(torch.float32).min)
+    k = torch.randn(hkv, t, d, generator=g)
+    k[:, :, 3] *= 20                                   # an outlier channel, as real keys have
+    return {"key": k, "value": torch.randn(hkv, t, d, generator=g), "query": torch.randn(hq, t, d, generator=g),
+            "bias": mask, "dout": torch.randn(hq, t, d, generator=g), "tau": d ** -0.5}
+
+
+def test_output_prices_are_zero_for_an_exact_format_and_grow_as_it_coarsens():
+    from hnfverify.analysis.sensitivity import _output_prices
+    from hnfverify.core.formats import by_name
+
+    rec = _rec()
+    pk, pv, tv = _output_prices(rec, by_name("fp32"))
+    assert pk == [0.0, 0.0] and pv == [0.0, 0.0] and tv == [0.0, 0.0]
+    k2, v2, tv2 = _output_prices(rec, by_name("int2_t16"))
+    k8, v8, tv8 = _output_prices(rec, by_name("int8_t16"))
+    assert all(a > b > 0 for a, b in zip(k2, k8)) and all(a > b > 0 for a, b in zip(v2, v8))
+    assert all(1 >= a > b > 0 for a, b in zip(tv2, tv8))
+
+
+def test_key_pruner_leaves_out_formats_that_move_the_attention_and_keeps_the_finest():
+    import numpy as np
+
+    from hnfverify.core.formats import by_name
+    from hnfverify.planning.sensitivity import MAX_KEY_TV, key_pruner
+    from hnfverify.planning.units import Unit
+
+    names = ["int2_t16", "int4_t16", "fp32"]
+    tv = np.zeros((1, 1, 3))
+    tv[0, 0, 0] = MAX_KEY_TV + 0.01
+    tv[0, 0, 1] = MAX_KEY_TV
+    prune = key_pruner({"analysis": {"fisher": {"formats": names}}}, {"fisher_key_tv": tv})
+    chain = [by_name(n) for n in names]
+    for kv, want in (("K", names[1:]), ("V", names)):
+        u = Unit(0, 0, kv, "rest", 8, None, (0, 0), {}, chain=list(chain))
+        prune(u)
+        assert [f.name for f in u.chain] == want
+    tv[:] = 1.0                                        # every format too coarse: the finest stays
+    u = Unit(0, 0, "K", "rest", 8, None, (0, 0), {}, chain=list(chain))
+    prune(u)
+    assert [f.name for f in u.chain] == ["fp32"]
+    assert key_pruner({}, {}) is None                  # nothing measured, nothing left out
+
+
+def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
+    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+    from hnfverify.models import tiny_model
+    from hnfverify.planning import plan_from_report
+    from hnfverify.planning.sensitivity import MAX_KEY_TV
+    from hnfverify.texts import TokenWindows
+
+    lm = tiny_model("tiny-llama", seed=3)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).tolist()
+    wins = TokenWindows("random", "file", ids, 1)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=0, fisher_tokens=64))
+    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
+               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
+               "arrays": {"sha256": "0" * 64}}
+    summary["model"]["weights_sha256"] = res.meta["weights_sha256"]
+    names = summary["analysis"]["fisher"]["formats"]
+    tv = res.arrays["fisher_key_tv"]
+    assert (tv >= 0).all() and (tv <= 1).all() and (tv > 0).any()
+    plan = plan_from_report(summary, res.arrays, PlanRequest(avg_bits=Fraction(6), sink=4, recent=16))
+    for la in plan["layers"]:
+        for h in la["heads"]:
+            for seg, st in h["K"].items():
+                if isinstance(st, dict) and "format" in st and st["format"] in names:
+                    assert tv[la["layer"], h["kv_head"], names.index(st["format"])] <= MAX_KEY_TV
