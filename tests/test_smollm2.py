@@ -36,7 +36,7 @@ def test_instrumented_logits_equal_plain_logits_on_smollm2(smollm2):
 
 def test_kappa_matches_independent_computation_at_picked_positions(smollm2):
     win = token_windows(smollm2.tokenizer, "code", max_tokens=64, window=64)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=0, suffix_iters=0))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=0, suffix_iters=0, fisher_tokens=0))
     a = res.arrays
     assert a["kappa_hi"].shape == (30, 3, 64)
     rng = np.random.default_rng(0)
@@ -86,7 +86,7 @@ def test_real_plan_checks_rechecks_replays_and_a_cheaper_format_is_refuted(smoll
     from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=16, suffix_iters=0))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=16, suffix_iters=0, fisher_tokens=0))
     save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(eps=Fraction(500), sink=4, recent=64), "r.json")
@@ -144,7 +144,7 @@ def test_all_fp32_plan_equals_dynamic_cache_on_smollm2(smollm2, tmp_path):
     from hnfverify.analysis.report import load, save
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=128, window=128)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=0))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=0, fisher_tokens=0))
     save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16))
@@ -204,7 +204,7 @@ def test_fast_cache_decodes_as_the_reference_cache_on_smollm2(smollm2, tmp_path)
     from tests.kv.reference_cache import MixedPrecisionCache as ReferenceCache
 
     win = token_windows(smollm2.tokenizer, "prose", max_tokens=256, window=256)
-    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=0))
+    res = analyze(smollm2, win, AnalysisOptions(lipschitz_iters=1, lipschitz_tokens=8, suffix_iters=0, fisher_tokens=0))
     save(res, smollm2.identity(), win.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(9, 2), sink=4, recent=16))

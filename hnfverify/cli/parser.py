@@ -20,6 +20,13 @@ from .check_commands import cmd_check, cmd_recheck, cmd_replay
 from .runtime_commands import cmd_eval, cmd_generate
 
 
+def recent_arg(s: str):
+    """--recent: an integer, or ``auto`` (None)."""
+    if s == "auto":
+        return None
+    return positive_int_arg("--recent")(s)
+
+
 def add_plan_options(p) -> None:
     g = p.add_argument_group("planning")
     g.add_argument("--eps", help="attention-output error tolerance: Theorem 5.7 and the per-head budget")
@@ -37,7 +44,9 @@ def add_plan_options(p) -> None:
                         "group (default) or a divisor of it that is a multiple of 8")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=positive_int_arg("--sink"), default=4, help="attention-sink prefix length")
-    g.add_argument("--recent", type=positive_int_arg("--recent"), default=64, help="recent window length")
+    g.add_argument("--recent", type=recent_arg, default=64,
+                   help="recent window length, or auto: the window of the analysis' rule grid whose plan has the lowest "
+                        "measured KL estimate at the --avg-bits budget (objective fisher)")
     g.add_argument("--lipschitz-margin", default="1.1", help="factor applied to the measured block Lipschitz estimates")
     g.add_argument("--composition", choices=("suffix", "product"), default=None,
                    help="how layer errors compose to the output (docs/design.md 2.5): measured suffix sensitivities "

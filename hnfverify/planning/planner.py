@@ -202,8 +202,39 @@ def search_table(table: dict, group: int, analysis_group: int) -> dict:
 
 def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> dict:
     """Build the plan (a JSON-ready dict in canonical form). Raises PlanInfeasible / InvalidArgument."""
+    return plan_with_estimate(summary, arrays, req, report_name)[0]
+
+
+def plan_with_estimate(summary: dict, arrays: dict, req: PlanRequest, report_name: str = "") -> tuple:
+    """(plan, the fisher objective's estimate of its KL per token, None for other objectives). With
+    ``req.recent`` None (``--recent auto``) the window R of the rule grid with the lowest estimate at the budget
+    (docs/design.md §3.1)."""
     req.validate()
     req = replace(req, objective=resolved_objective(req, arrays))
+    if req.recent is not None:
+        return _plan(summary, arrays, req, report_name)
+    if req.avg_bits is None or req.objective != Objective.FISHER.value or req.uniform or req.assign:
+        raise InvalidArgument("--recent auto chooses the window by the fisher objective's estimate: it needs "
+                              "--avg-bits and a report with the measured sensitivities (--objective fisher)")
+    tried, best, errors = [], None, []
+    for r in summary["rule_grid"]["windows"]:
+        try:
+            plan, est = _plan(summary, arrays, replace(req, recent=r), report_name)
+        except PlanInfeasible as e:
+            errors.append(str(e))
+            continue
+        tried.append(f"R={r}: {est:.4g}")
+        if best is None or est < best[1]:
+            best = (plan, est, r)
+    if best is None:
+        raise PlanInfeasible(f"--recent auto: no window of the grid fits the budget ({errors[0]})")
+    plan = best[0]
+    plan["mode"]["budget_split"] += (f"; the recent window R = {best[2]} of the rule grid, the lowest estimated KL per "
+                                     f"token at this budget ({', '.join(tried)})")
+    return plan, best[1]
+
+
+def _plan(summary: dict, arrays: dict, req: PlanRequest, report_name: str) -> tuple:
     shape = summary["shape"]
     g_q = shape["query_heads"] // shape["kv_heads"]
     big = summary["analysis"]["channel_group"]
@@ -270,4 +301,7 @@ def plan_from_report(summary: dict, arrays: dict, req: PlanRequest, report_name:
     plan["claims"]["attention_error_max"] = [claim_up(max(row)) for row in head_err]
     plan["claims"]["logit_bound"] = claim_up(z)
     plan["claims"]["kl_bound"] = claim_up(kl)
-    return plan
+    estimate = None
+    if costs is not None:
+        estimate = sum(costs[i][state[i]] for i in range(len(units))) / summary["analysis"]["fisher"]["tokens"]
+    return plan, estimate

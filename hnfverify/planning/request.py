@@ -66,7 +66,7 @@ class PlanRequest:
     uniform: str | None = None
     c: Fraction = Fraction(4)
     sink: int = 4
-    recent: int = 64
+    recent: int | None = 64               # None: --recent auto (the grid window with the lowest fisher estimate)
     lipschitz_margin: Fraction = Fraction(11, 10)
     curvature: str | None = None          # None: the report's choice
     max_seq_len: int | None = None

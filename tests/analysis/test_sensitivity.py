@@ -195,3 +195,32 @@ def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
             for seg, st in h["K"].items():
                 if isinstance(st, dict) and "format" in st and st["format"] in names:
                     assert tv[la["layer"], h["kv_head"], names.index(st["format"])] <= MAX_KEY_TV
+
+
+def test_recent_auto_takes_the_window_with_the_lowest_estimate():
+    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+    from hnfverify.errors import PlanInfeasible
+    from hnfverify.models import tiny_model
+    from hnfverify.planning.planner import plan_with_estimate
+    from hnfverify.texts import TokenWindows
+
+    lm = tiny_model("tiny-llama", seed=4)
+    ids = torch.randint(0, 256, (2, 160), generator=torch.Generator().manual_seed(6)).tolist()
+    wins = TokenWindows("random", "file", ids, 1)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=0, fisher_tokens=160))
+    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
+               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
+               "arrays": {"sha256": "0" * 64}}
+    summary["model"]["weights_sha256"] = res.meta["weights_sha256"]
+    est = {}
+    for r in summary["rule_grid"]["windows"]:
+        try:
+            est[r] = plan_with_estimate(summary, res.arrays, PlanRequest(avg_bits=Fraction(7), recent=r))[1]
+        except PlanInfeasible:
+            pass
+    assert len(est) >= 2 and len(set(est.values())) >= 2
+    plan, e = plan_with_estimate(summary, res.arrays, PlanRequest(avg_bits=Fraction(7), recent=None))
+    assert plan["rule"]["recent"] == min(est, key=est.get) and e == min(est.values())
+    assert "the lowest estimated KL per token" in plan["mode"]["budget_split"]
+    with pytest.raises(InvalidArgument, match="--recent auto"):
+        plan_with_estimate(summary, res.arrays, PlanRequest(eps=Fraction(1), recent=None))
