@@ -53,14 +53,16 @@ def naive_kappa(q, k, v, tau, t, sliding_window=None):
 
 def tiny_plan(lm, request, windows: int = 2, window: int = 64, seed: int = 5, **options):
     """analyze ``lm`` on random token windows (in memory, no report file) and plan with ``request`` (a
-    PlanRequest). ``options``: AnalysisOptions fields (default: a cheap Lipschitz estimate)."""
+    PlanRequest). ``options``: AnalysisOptions fields (default: a cheap Lipschitz estimate, no Fisher pass)."""
     from hnfverify.analysis.analyzer import AnalysisOptions, analyze
     from hnfverify.planning import plan_from_report
     from hnfverify.texts import TokenWindows
 
     ids = torch.randint(0, 256, (windows, window), generator=torch.Generator().manual_seed(seed)).tolist()
     wins = TokenWindows("random", "file", ids, 1)
-    res = analyze(lm, wins, AnalysisOptions(**{"lipschitz_iters": 2, "lipschitz_tokens": 8, **options}))
+    # the Fisher pass only where a test asks for it (fisher_tokens=...): the planner's objective is its subject
+    res = analyze(lm, wins, AnalysisOptions(**{"lipschitz_iters": 2, "lipschitz_tokens": 8, "fisher_tokens": 0,
+                                               **options}))
     summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
                "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
                "arrays": {"sha256": "0" * 64}}

@@ -41,7 +41,7 @@ def made(tmp_path_factory):
     lm = tiny_model("tiny-llama")
     g = torch.Generator().manual_seed(5)
     wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, fisher_tokens=0))
     save(res, lm.identity(), wins.identity(), tmp / "r.json")
     summary, arrays = load(tmp / "r.json")
     plan = plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16), "r.json")

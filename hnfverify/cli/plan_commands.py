@@ -41,7 +41,7 @@ def write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: boo
 
 
 def cmd_plan(args, out: TextIO, err: TextIO) -> int:
-    from ..planning import plan_from_report
+    from ..planning.planner import plan_with_estimate
     from ..analysis.report import load
 
     req = plan_request(args)
@@ -49,7 +49,10 @@ def cmd_plan(args, out: TextIO, err: TextIO) -> int:
     if os.path.isdir(args.out):
         raise InvalidArgument(f"--out {args.out!r} is a directory; give a file name such as plan.json")
     summary, arrays = load(args.report)
-    plan = plan_from_report(summary, arrays, req, os.path.basename(args.report))
+    plan, estimate = plan_with_estimate(summary, arrays, req, os.path.basename(args.report))
+    if estimate is not None and not args.json:
+        print(f"estimate     KL per token ~ {estimate:.4g} (measured second-order estimate on the calibration "
+              f"text, objective fisher; a ranking, not a bound)", file=out)
     write_plan(plan, args.out, out, args.json, args.brief)
     return EXIT_OK
 

@@ -1,5 +1,6 @@
 """The measured sensitivities (``hnfverify.analysis.sensitivity``) and the planner's fisher objective."""
 
+import json
 from fractions import Fraction
 
 import pytest
@@ -224,3 +225,33 @@ def test_recent_auto_takes_the_window_with_the_lowest_estimate():
     assert "the lowest estimated KL per token" in plan["mode"]["budget_split"]
     with pytest.raises(InvalidArgument, match="--recent auto"):
         plan_with_estimate(summary, res.arrays, PlanRequest(eps=Fraction(1), recent=None))
+
+
+def test_cli_plans_with_the_measured_sensitivities_and_refuses_auto_without_them(tmp_path):
+    import io
+
+    from hnfverify.cli import run
+
+    def cli(argv):
+        out, err = io.StringIO(), io.StringIO()
+        return run(argv, out, err), out.getvalue(), err.getvalue()
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 60)
+    for name, extra in (("rep.json", []), ("bare.json", ["--fisher-tokens", "0"])):
+        code, _, err = cli(["analyze", "--model", "tiny-llama", "--calib", str(text), "--max-tokens", "256",
+                            "--window", "128", "--out", str(tmp_path / name), "--quiet", "--threads", "1", *extra])
+        assert code == 0, err
+    code, out, err = cli(["plan", str(tmp_path / "rep.json"), "--avg-bits", "7", "--recent", "auto",
+                          "--out", str(tmp_path / "p.json")])
+    assert code == 0, err
+    assert "estimate     KL per token ~" in out
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert "the lowest estimated KL per token" in plan["mode"]["budget_split"]
+    code, out, err = cli(["plan", str(tmp_path / "bare.json"), "--avg-bits", "7", "--recent", "auto",
+                          "--out", str(tmp_path / "q.json")])
+    assert code == 2 and "--recent auto" in err and "Traceback" not in err
+    assert not (tmp_path / "q.json").exists()
+    code, out, err = cli(["plan", str(tmp_path / "bare.json"), "--avg-bits", "7", "--objective", "fisher",
+                          "--out", str(tmp_path / "q.json")])
+    assert code == 2 and "no measured sensitivities" in err

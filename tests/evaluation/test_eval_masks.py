@@ -63,7 +63,7 @@ def _fp32_plan(lm, tmp_path, lipschitz: bool = True) -> dict:
     """analyze (2 random windows of T) -> report on disk -> --uniform fp32 plan, as the other tiny-model tests do."""
     g = torch.Generator().manual_seed(5)
     wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2 if lipschitz else 0, lipschitz_tokens=8))
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2 if lipschitz else 0, lipschitz_tokens=8, fisher_tokens=0))
     if not lipschitz:
         # Gemma's sandwich-norm blocks have no rest-of-block estimate (UnsupportedModel); an FP32 plan's
         # logits do not depend on the Lipschitz numbers, which only enter the composition bound

@@ -161,7 +161,7 @@ def tiny_lm_plan():
 
     lm = tiny_model("tiny-llama")
     wins = TokenWindows("random", "file", torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, fisher_tokens=0))
     summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
                "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
                "arrays": {"sha256": "0" * 64}}

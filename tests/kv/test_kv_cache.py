@@ -21,7 +21,7 @@ def tiny():
     lm = tiny_model("tiny-llama")
     g = torch.Generator().manual_seed(5)
     wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, fisher_tokens=0))
     summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"],
                "analysis": {**res.meta["options"]}, "calibration": wins.identity(), "model": lm.identity(),
                "arrays": {"sha256": "0" * 64}}
