@@ -51,11 +51,10 @@ def naive_kappa(q, k, v, tau, t, sliding_window=None):
     return out
 
 
-def tiny_plan(lm, request, windows: int = 2, window: int = 64, seed: int = 5, **options):
-    """analyze ``lm`` on random token windows (in memory, no report file) and plan with ``request`` (a
-    PlanRequest). ``options``: AnalysisOptions fields (default: a cheap Lipschitz estimate, no Fisher pass)."""
+def tiny_report(lm, windows: int = 2, window: int = 64, seed: int = 5, **options):
+    """(summary, arrays) of an analysis of ``lm`` on random token windows (in memory, no report file).
+    ``options``: AnalysisOptions fields (default: a cheap Lipschitz estimate, no Fisher pass)."""
     from hnfverify.analysis.analyzer import AnalysisOptions, analyze
-    from hnfverify.planning import plan_from_report
     from hnfverify.texts import TokenWindows
 
     ids = torch.randint(0, 256, (windows, window), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -67,4 +66,12 @@ def tiny_plan(lm, request, windows: int = 2, window: int = 64, seed: int = 5, **
                "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
                "arrays": {"sha256": "0" * 64}}
     summary["model"]["weights_sha256"] = res.meta["weights_sha256"]
-    return plan_from_report(summary, res.arrays, request)
+    return summary, res.arrays
+
+
+def tiny_plan(lm, request, windows: int = 2, window: int = 64, seed: int = 5, **options):
+    """analyze ``lm`` on random token windows (``tiny_report``) and plan with ``request`` (a PlanRequest)."""
+    from hnfverify.planning import plan_from_report
+
+    summary, arrays = tiny_report(lm, windows, window, seed, **options)
+    return plan_from_report(summary, arrays, request)

@@ -173,24 +173,16 @@ def test_key_pruner_leaves_out_formats_that_move_the_attention_and_keeps_the_fin
 
 
 def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
-    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
     from hnfverify.models import tiny_model
     from hnfverify.planning import plan_from_report
     from hnfverify.planning.sensitivity import MAX_KEY_TV
-    from hnfverify.texts import TokenWindows
+    from tests.helpers import tiny_report
 
-    lm = tiny_model("tiny-llama", seed=3)
-    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5)).tolist()
-    wins = TokenWindows("random", "file", ids, 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=0, fisher_tokens=64))
-    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
-               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
-               "arrays": {"sha256": "0" * 64}}
-    summary["model"]["weights_sha256"] = res.meta["weights_sha256"]
+    summary, arrays = tiny_report(tiny_model("tiny-llama", seed=3), window=64, suffix_iters=0, fisher_tokens=64)
     names = summary["analysis"]["fisher"]["formats"]
-    tv = res.arrays["fisher_key_tv"]
+    tv = arrays["fisher_key_tv"]
     assert (tv >= 0).all() and (tv <= 1).all() and (tv > 0).any()
-    plan = plan_from_report(summary, res.arrays, PlanRequest(avg_bits=Fraction(6), sink=4, recent=16))
+    plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(6), sink=4, recent=16))
     for la in plan["layers"]:
         for h in la["heads"]:
             for seg, st in h["K"].items():
@@ -199,32 +191,25 @@ def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
 
 
 def test_recent_auto_takes_the_window_with_the_lowest_estimate():
-    from hnfverify.analysis.analyzer import AnalysisOptions, analyze
     from hnfverify.errors import PlanInfeasible
     from hnfverify.models import tiny_model
     from hnfverify.planning.planner import plan_with_estimate
-    from hnfverify.texts import TokenWindows
+    from tests.helpers import tiny_report
 
-    lm = tiny_model("tiny-llama", seed=4)
-    ids = torch.randint(0, 256, (2, 160), generator=torch.Generator().manual_seed(6)).tolist()
-    wins = TokenWindows("random", "file", ids, 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, suffix_iters=0, fisher_tokens=160))
-    summary = {"shape": res.meta["shape"], "rule_grid": res.meta["rule_grid"], "analysis": {**res.meta["options"]},
-               "calibration": wins.identity(), "model": {k: str(v) for k, v in lm.identity().items()},
-               "arrays": {"sha256": "0" * 64}}
-    summary["model"]["weights_sha256"] = res.meta["weights_sha256"]
+    summary, arrays = tiny_report(tiny_model("tiny-llama", seed=4), window=160, seed=6, suffix_iters=0,
+                                  fisher_tokens=160)
     est = {}
     for r in summary["rule_grid"]["windows"]:
         try:
-            est[r] = plan_with_estimate(summary, res.arrays, PlanRequest(avg_bits=Fraction(7), recent=r))[1]
+            est[r] = plan_with_estimate(summary, arrays, PlanRequest(avg_bits=Fraction(7), recent=r))[1]
         except PlanInfeasible:
             pass
     assert len(est) >= 2 and len(set(est.values())) >= 2
-    plan, e = plan_with_estimate(summary, res.arrays, PlanRequest(avg_bits=Fraction(7), recent=None))
+    plan, e = plan_with_estimate(summary, arrays, PlanRequest(avg_bits=Fraction(7), recent=None))
     assert plan["rule"]["recent"] == min(est, key=est.get) and e == min(est.values())
     assert "the lowest estimated KL per token" in plan["mode"]["budget_split"]
     with pytest.raises(InvalidArgument, match="--recent auto"):
-        plan_with_estimate(summary, res.arrays, PlanRequest(eps=Fraction(1), recent=None))
+        plan_with_estimate(summary, arrays, PlanRequest(eps=Fraction(1), recent=None))
 
 
 def test_cli_plans_with_the_measured_sensitivities_and_refuses_auto_without_them(tmp_path):
