@@ -86,8 +86,8 @@ NONLINEAR_BITS = 4
 NONLINEAR_QUERIES = 256
 
 
-def _output_prices(rec: dict, fmt) -> tuple:
-    """For one layer and format, per KV head: 1/2 sum_t sum_i G_ti^2 (o~ - o)_ti^2 over a subset of the queries,
+def _output_prices(rec: dict, kq, vq) -> tuple:
+    """For one layer and format (kq, vq: its stored keys and values), per KV head: 1/2 sum_t sum_i G_ti^2 (o~ - o)_ti^2 over a subset of the queries,
     scaled to all of them, with o~ the attention output when every key (first) or every value (second) is
     stored in the format and G = d loss / d o: the diagonal Fisher of the attention *output*, which sees the
     actual output change — coherent errors that add up over positions and channels (a per-token range shrinks
@@ -101,7 +101,6 @@ def _output_prices(rec: dict, fmt) -> tuple:
     g = q.shape[0] // hkv
     idx = torch.linspace(0, t - 1, min(t, NONLINEAR_QUERIES)).round().long().unique()
     scale = t / len(idx)
-    kq, vq = _roundtrip_all(k, fmt), _roundtrip_all(v, fmt)
     pk, pv, tv = [], [], []
     for h in range(hkv):
         qs = q[h * g:(h + 1) * g, idx]                                      # (g, n, d)
@@ -234,13 +233,14 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
                         rec = grads[li]
                         if cost is None:
                             cost = np.zeros((len(grads), rec["key"].shape[0], 2, len(REGIONS), nr, nf, ni))
+                        stored = [[_roundtrip_all(x, formats[n]) for n in names] for x in (rec["key"], rec["value"])]
                         for kvi, (x, gr) in enumerate(((rec["key"], rec["k"]), (rec["value"], rec["v"]))):
                             gr = gr.double()                                        # (windows, Hkv, T, d)
                             tot = gr[0]
                             w2 = torch.stack([tot.square().expand(nr, *tot.shape),  # sink: every query
                                               (tot - gr).square(),                  # recent: distances < R
                                               gr.square()])                         # rest: distances >= R
-                            e2 = torch.stack([(_roundtrip_all(x, formats[n]) - x).double().square() for n in names])
+                            e2 = torch.stack([(y - x).double().square() for y in stored[kvi]])
                             e2 = torch.nan_to_num(e2, nan=1e300, posinf=1e300)     # a format that overflows
                             per = torch.einsum("xrhtd,fhtd->hxrft", w2, e2)        # (Hkv, 3, windows, formats, T)
                             for j, (lo, hi) in enumerate(ivs):
@@ -249,7 +249,7 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
                             out_price = np.zeros(cost.shape[:3] + (nf,))
                             tv_sum = np.zeros(cost.shape[:2] + (nf,))
                         for fi in coarse:
-                            pk, pv, tv = _output_prices(rec, formats[names[fi]])
+                            pk, pv, tv = _output_prices(rec, stored[0][fi], stored[1][fi])
                             out_price[li, :, 0, fi] += pk
                             out_price[li, :, 1, fi] += pv
                             tv_sum[li, :, fi] += tv

@@ -136,14 +136,18 @@ def _rec(t=40, hq=4, hkv=2, d=16, seed=0):
 
 
 def test_output_prices_are_zero_for_an_exact_format_and_grow_as_it_coarsens():
-    from hnfverify.analysis.sensitivity import _output_prices
+    from hnfverify.analysis.sensitivity import _output_prices, _roundtrip_all
     from hnfverify.core.formats import by_name
 
     rec = _rec()
-    pk, pv, tv = _output_prices(rec, by_name("fp32"))
+    def prices(name):
+        f = by_name(name)
+        return _output_prices(rec, _roundtrip_all(rec["key"], f), _roundtrip_all(rec["value"], f))
+
+    pk, pv, tv = prices("fp32")
     assert pk == [0.0, 0.0] and pv == [0.0, 0.0] and tv == [0.0, 0.0]
-    k2, v2, tv2 = _output_prices(rec, by_name("int2_t16"))
-    k8, v8, tv8 = _output_prices(rec, by_name("int8_t16"))
+    k2, v2, tv2 = prices("int2_t16")
+    k8, v8, tv8 = prices("int8_t16")
     assert all(a > b > 0 for a, b in zip(k2, k8)) and all(a > b > 0 for a, b in zip(v2, v8))
     assert all(1 >= a > b > 0 for a, b in zip(tv2, tv8))
 
