@@ -51,14 +51,16 @@ def test_kappa_matches_independent_computation_at_picked_positions(smollm2):
 
 
 def test_2048_calibration_tokens_fit_in_4_gib(tmp_path):
-    """A fresh process analyzing 4 x 512 tokens peaks below 4 GiB resident (model load included)."""
+    """A fresh process analyzing 4 x 512 tokens peaks below 4 GiB resident (model load included). The
+    Fisher pass runs over one window instead of the default two: its peak is one window's forward and
+    backward, the same for every window."""
     import subprocess
     import sys
 
     code = ("import resource, sys\n"
             "from hnfverify.cli import run\n"
             f"rc = run(['analyze', '--max-tokens', '2048', '--window', '512', '--quiet', '--threads', '2', "
-            f"'--out', {str(tmp_path / 'r.json')!r}])\n"
+            f"'--fisher-tokens', '512', '--out', {str(tmp_path / 'r.json')!r}])\n"
             "print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -163,10 +163,14 @@ def test_every_number_format_and_sha_field_refuses_a_trailing_newline(source):
     (eps, c, claims, intervals, assumptions, format names, sha256s)."""
     base = _plan(source)
     P.loads(P.dumps(base))                                           # the plan itself is valid
-    accepted, tried = [], 0
+    accepted, tried, kinds = [], 0, set()
     for path, s in _leaves(base):
         if _FREE.search(path) or not (_NUM.fullmatch(s) or _FMT.fullmatch(s) or _SHA.fullmatch(s)):
             continue
+        kind = re.sub(r"\[\d+\]", "[]", path)       # one leaf of each kind of field (every layer's are alike)
+        if kind in kinds:
+            continue
+        kinds.add(kind)
         plan = copy.deepcopy(base)
         _set(plan, path, s + "\n")
         tried += 1
