@@ -14,15 +14,21 @@ Pipelines (nonlinear real arithmetic, every float32/float64 rounding as a (1 + d
 resp. 2^-52; the casts above as assumptions):
   INT-b asymmetric, b = 2, 3, 4, 8 (hnfverify/core/formats/integer.py):
     |x - (q s + z)| <= u (1 + 2^-9) R + (u 2^-9 + 2^-20) A + 2^-23
+  LM-b codebooks, b = 2, 3, 4 (the same pipeline, the stored value l_q s + z with l_q the level nearest
+  to t = (x - z) / s, every level within reach W of every t in [0, 2^b - 1]): the same bound, u = W / (2^b - 1)
   FP8 with a per-token FP16 scale (hnfverify/core/formats/fp8.py):
     |x - q s| <= (u + 2^-21) |x| + (1 + 2^-21) SUB s
 """
 
 import sys
 import time
+from pathlib import Path
 from fractions import Fraction as F
 
 import z3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hnfverify.core.formats.integer import CODEBOOK_BITS, LEVELS, codebook_reach  # noqa: E402
 
 FAILS = []
 
@@ -60,9 +66,11 @@ def cast_lemma(name, eb, sb, lo, hi, rel, ab):
     expect_unsat(name, s)
 
 
-def int_pipeline(b):
+def int_pipeline(b, reach=F(1, 2), label=None):
+    """The INT-b pipeline; with ``reach`` W > 0 the codebook variant: the code q is any level within W of t
+    (every t in [0, n] has its nearest level within W, and t > n takes the top level, at most W below n)."""
     n = 2 ** b - 1
-    u = F(1, 2 * n)
+    u = F(reach) / n
     lo, hi, x, z, s, tt, q, xh, d1, d2, a = z3.Reals("lo hi x z s tt q xh d1 d2 A")
     sv = z3.SolverFor("QF_NRA")
     sv.set("timeout", 120000)
@@ -75,12 +83,13 @@ def int_pipeline(b):
     two = R(F(1, 2 ** 23) + F(1, 2 ** 48))                  # (1 + 2^-24)^2 - 1: a subtraction, then a division
     sv.add(d1 <= two, -d1 <= two, d2 <= e32, -d2 <= e32)
     sv.add(tt * s == (x - z) * (1 + d1))                                                  # (x - z) / s in float32
-    sv.add(q >= 0, q <= n, z3.Or(z3.And(q - tt <= R(F(1, 2)), tt - q <= R(F(1, 2))),   # round, clamp
-                                 z3.And(q == n, tt > n)))
+    w = R(reach)
+    sv.add(q >= 0, q <= n, z3.Or(z3.And(q - tt <= w, tt - q <= w),                       # round, clamp
+                                 z3.And(q <= n, q >= n - w, tt > n)))
     sv.add(xh == (q * s + z) * (1 + d2))                                                  # q s + z in float32
     bound = R(u * (1 + F(1, 2 ** 9))) * (hi - lo) + R(u * F(1, 2 ** 9) + F(1, 2 ** 20)) * a + R(F(1, 2 ** 23))
     sv.add(z3.Or(x - xh > bound, xh - x > bound))
-    expect_unsat(f"int{b} asymmetric group quantization (FP16 scale and zero-point, float32 arithmetic)", sv)
+    expect_unsat(label or f"int{b} asymmetric group quantization (FP16 scale and zero-point, float32 arithmetic)", sv)
 
 
 def fp8_pipeline(name, mx, u, sub):
@@ -119,6 +128,9 @@ def main() -> int:
     print("quantization pipelines (z3 nonlinear real arithmetic):")
     for b in (2, 3, 4, 8):
         int_pipeline(b)
+    for b in CODEBOOK_BITS:
+        w = codebook_reach(LEVELS[b])
+        int_pipeline(b, w, f"lm{b} codebook group quantization (reach W = {w}; FP16 scale and zero-point, float32)")
     fp8_pipeline("fp8-e4m3", 448, F(1, 16), F(2) ** -10)
     fp8_pipeline("fp8-e5m2", 57344, F(1, 8), F(2) ** -17)
     if FAILS:

@@ -336,7 +336,20 @@ _FLOATS = {"fp32": (23, -126, (2 - Q(1, 2 ** 23)) * Q(2) ** 127, 32),
 _FP8 = {"e4m3": (3, -6, Q(448)), "e5m2": (2, -14, Q(57344))}
 _INT_MODEL = ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
               "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
-_FNAME = re.compile(r"fp32|fp16|bf16|fp8_(e4m3|e5m2)_t([1-9][0-9]*)|int(8|4|3|2)_(t|c)([1-9][0-9]*)")
+_LM_MODEL = ("asymmetric nearest of the Lloyd-Max levels, FP16 zero-point (rounded down) and scale (rounded up) "
+             "per group; |dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
+# the codebook levels in 32nds of the scale (docs/design.md §2.3b); u = W / (2^b - 1), W the largest distance
+# from a point of [0, 2^b - 1] to its nearest level
+_LM_LEVELS = {2: (16, 39, 58, 80), 3: (14, 50, 77, 101, 125, 149, 176, 211),
+              4: (8, 54, 91, 123, 152, 179, 204, 229, 254, 279, 305, 331, 360, 391, 428, 473)}
+_FNAME = re.compile(r"fp32|fp16|bf16|fp8_(e4m3|e5m2)_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*)")
+
+
+def _lm_u(b):
+    lv = [Q(n, 32) for n in _LM_LEVELS[b]]
+    top = 2 ** b - 1
+    w = max([lv[0], top - lv[-1]] + [(y - x) / 2 for x, y in zip(lv, lv[1:])])
+    return w / top
 
 
 def format_def(name):
@@ -365,11 +378,14 @@ def format_def(name):
                                 f"|dx| <= (u + 2^-21)|x| + (1 + 2^-21) {canon(sub)} s"}
         return {"name": name, "kind": "fp8", "u": u, "sub": sub, "max": mx, "domain": FP16_MAX, "gran": "token",
                 "group": g, "entry": entry}
-    b, g = int(m.group(3)), int(m.group(5))
+    kind, g = m.group(3), int(m.group(5))
+    b = int(kind[-1])
     gran = "token" if m.group(4) == "t" else "channel"
-    u = Q(1, 2 * (2 ** b - 1))
-    entry = {"family": "int", "granularity": gran, "group": g, "value_bits": b, "overhead_bits": 32,
-             "bits_per_element": canon(b + Q(32, g)), "u": canon(u), "error_model": _INT_MODEL}
+    lm = kind.startswith("lm")
+    u = _lm_u(b) if lm else Q(1, 2 * (2 ** b - 1))
+    entry = {"family": "codebook" if lm else "int", "granularity": gran, "group": g, "value_bits": b,
+             "overhead_bits": 32, "bits_per_element": canon(b + Q(32, g)), "u": canon(u),
+             "error_model": _LM_MODEL if lm else _INT_MODEL}
     return {"name": name, "kind": "int", "u": u, "domain": FP16_MAX, "gran": gran, "group": g, "entry": entry}
 
 

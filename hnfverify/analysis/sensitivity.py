@@ -200,7 +200,8 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
     nr, nf, ni = len(WINDOWS), len(names), len(ivs)
     grads: dict = {}                    # layer -> {"k": (windows, Hkv, T, d), "v": ..., "key", "value"}
     cost = out_price = tv_sum = None
-    coarse = [i for i, n in enumerate(names) if formats[n].value_bits <= NONLINEAR_BITS and formats[n].family == "int"]
+    coarse = [i for i, n in enumerate(names)
+              if formats[n].value_bits <= NONLINEAR_BITS and formats[n].family in ("int", "codebook")]
     gen = torch.Generator().manual_seed(seed)
 
     bar = None

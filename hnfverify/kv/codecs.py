@@ -1,5 +1,6 @@
 """One codec per format family, behind the stream mechanics of ``storage.py``: floats (a cast),
-FP8 (per-token FP16 scale, torch's float8 dtypes), integers (FP16 scale and zero-point, bit-packed).
+FP8 (per-token FP16 scale, torch's float8 dtypes), integers and codebooks (FP16 scale and zero-point,
+bit-packed codes).
 Each does exactly what the format's reference semantics say (``hnfverify/core/formats``)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 from ..core.formats import Format
 from ..core.formats.floating import FloatFormat
 from ..core.formats.fp8 import Fp8Format
+from ..core.formats.integer import CodebookFormat
 from .storage import Packed, fp16_down, fp16_up_from64, grouped, pack_bits, ungrouped, unpack_bits
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -57,8 +59,30 @@ class Fp8Codec:
         dst.mul_(p.scale.to(torch.float32))
 
 
+_LEVELS: dict = {}
+
+
+def _levels(fmt: Format) -> tuple | None:
+    """A codebook format's (levels, midpoints) as float32 tensors (exact: multiples of 1/32, and of 1/64), else None."""
+    if not isinstance(fmt, CodebookFormat):
+        return None
+    b = fmt.value_bits
+    if b not in _LEVELS:
+        lv = torch.tensor([float(v) for v in fmt.levels], dtype=torch.float32)
+        _LEVELS[b] = (lv, (lv[1:] + lv[:-1]) / 2)
+    return _LEVELS[b]
+
+
+def code_values(q: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """What the codes stand for in units of the scale: q itself (uniform grids, uint8) or the codebook's levels
+    (float32)."""
+    lv = _levels(fmt)
+    return q if lv is None else lv[0][q.to(torch.int64)]
+
+
 class IntCodec:
-    """INT8 / INT4 / INT2, asymmetric: FP16 zero-point rounded down, scale rounded up; packed codes."""
+    """INT8 / INT4 / INT3 / INT2 and the LM codebooks, asymmetric: FP16 zero-point rounded down, scale rounded
+    up; packed codes. A uniform code q stands for q s + z, a codebook's for levels[q] s + z."""
 
     @staticmethod
     def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
@@ -68,23 +92,27 @@ class IntCodec:
         z = fp16_down(lo)
         s = torch.clamp(fp16_up_from64((hi.to(torch.float64) - z.to(torch.float64)) / n_levels), min=2.0 ** -24)
         z32, s32 = z.to(torch.float32), s.to(torch.float32)
-        q = torch.round((g - z32) / s32).clamp(0, n_levels).to(torch.uint8)
+        lv = _levels(fmt)
+        if lv is None:
+            q = torch.round((g - z32) / s32).clamp(0, n_levels).to(torch.uint8)
+        else:                                   # the nearest level (a tie goes to the lower; both are within W)
+            q = torch.bucketize(((g - z32) / s32).contiguous(), lv[1]).to(torch.uint8)
         p = Packed(fmt, shape, pack_bits(q, fmt.value_bits), scale=s, zero=z)
         if not values:
             return p
-        return p, ungrouped(IntCodec.affine(q, s32, z32), fmt, shape)   # what dequantize(p) gives, without unpacking
+        return p, ungrouped(IntCodec.affine(q, s32, z32, fmt), fmt, shape)   # what dequantize(p) gives
 
     @staticmethod
-    def affine(q: torch.Tensor, s32: torch.Tensor, z32: torch.Tensor) -> torch.Tensor:
-        """The stored value of code q: q * s + z in float32 (the one formula both paths use)."""
-        return q.to(torch.float32) * s32 + z32
+    def affine(q: torch.Tensor, s32: torch.Tensor, z32: torch.Tensor, fmt: Format) -> torch.Tensor:
+        """The stored value of code q: q * s + z (levels[q] * s + z) in float32 (the one formula every path uses)."""
+        return code_values(q, fmt).to(torch.float32) * s32 + z32
 
     @staticmethod
     def dequantize(p: Packed) -> torch.Tensor:
         fmt = p.fmt
         gshape_last = fmt.group if fmt.granularity != "channel" else p.shape[-2] // p.data.shape[-3]
         q = unpack_bits(p.data, fmt.value_bits, gshape_last)
-        return ungrouped(IntCodec.affine(q, p.scale.to(torch.float32), p.zero.to(torch.float32)), fmt, p.shape)
+        return ungrouped(IntCodec.affine(q, p.scale.to(torch.float32), p.zero.to(torch.float32), fmt), fmt, p.shape)
 
     @staticmethod
     def token_major(p: Packed) -> torch.Tensor:
@@ -101,7 +129,7 @@ class IntCodec:
         """dequantize() of full channel groups stored by :meth:`token_major`, into dst (..., groups * g, d):
         the same float32 values (q * s, then + z)."""
         d = dst.shape[-1]
-        q = unpack_bits(data, fmt.value_bits, d)                          # (..., groups, g, d)
+        q = code_values(unpack_bits(data, fmt.value_bits, d), fmt)        # (..., groups, g, d)
         dst = dst.unflatten(-2, (data.shape[-3], fmt.group))
         torch.mul(q, scale.to(torch.float32).transpose(-1, -2), out=dst)
         dst.add_(zero.to(torch.float32).transpose(-1, -2))
@@ -113,11 +141,11 @@ class IntCodec:
         s32, z32 = p.scale.to(torch.float32), p.zero.to(torch.float32)
         if fmt.granularity == "channel":        # codes (..., groups, d, g) read transposed, dst written in order
             g = p.shape[-2] // p.data.shape[-3]
-            q = unpack_bits(p.data, fmt.value_bits, g).transpose(-1, -2)
+            q = code_values(unpack_bits(p.data, fmt.value_bits, g), fmt).transpose(-1, -2)
             dst = dst.unflatten(-2, (p.data.shape[-3], g))
             s32, z32 = s32.transpose(-1, -2).contiguous(), z32.transpose(-1, -2).contiguous()
         else:
-            q = unpack_bits(p.data, fmt.value_bits, fmt.group)
+            q = code_values(unpack_bits(p.data, fmt.value_bits, fmt.group), fmt)
         torch.mul(q, s32, out=dst)
         dst.add_(z32)
 

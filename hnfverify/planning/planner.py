@@ -116,7 +116,7 @@ def phi_for_kl(max_kl, gain):
 
 def set_chains(units: list, fixed, table: dict, req: PlanRequest, prune=None) -> None:
     """Every unit's chain and its Theorem 5.7 minimum ``thm_min``; PlanInfeasible where none holds. ``prune``:
-    a searched plan's filter of each built chain (``planning.sensitivity.drop_far_keys``)."""
+    a searched plan's replacement of each built chain (``planning.sensitivity.fisher_chains``)."""
     infeasible = []
     for u in units:
         if fixed is not None:
@@ -257,9 +257,10 @@ def _plan(summary: dict, arrays: dict, req: PlanRequest, report_name: str) -> tu
     gains = layer_gains(arrays, req, n_l, n_h)
     prune = None
     if fixed is None and req.objective == Objective.FISHER.value:
-        from .sensitivity import key_pruner
+        from .sensitivity import fisher_chains
 
-        prune = key_pruner(summary, arrays)
+        rechain = fisher_chains(summary, arrays, table, req.eps is not None)
+        prune = lambda u: rechain(u, req.c)         # noqa: E731
     set_chains(units, fixed, table, req, prune)
     costs = None
     if fixed is None and req.objective == Objective.FISHER.value:

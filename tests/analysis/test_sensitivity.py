@@ -152,28 +152,38 @@ def test_output_prices_are_zero_for_an_exact_format_and_grow_as_it_coarsens():
     assert all(1 >= a > b > 0 for a, b in zip(tv2, tv8))
 
 
-def test_key_pruner_leaves_out_formats_that_move_the_attention_and_keeps_the_finest():
+def test_fisher_chains_keep_the_cheapest_estimate_per_bits_leave_out_moving_keys_and_keep_the_finest():
+    """The fisher objective's chains: among formats of equal bits the lower estimated KL wins (a codebook over the
+    uniform grid here), a format is kept only if it is priced below every cheaper one, key formats beyond the
+    attention-change limit are left out, and the certified chain's finest format stays last."""
     import numpy as np
 
-    from hnfverify.core.formats import by_name
-    from hnfverify.planning.sensitivity import MAX_KEY_TV, key_pruner
+    from hnfverify.core.formats import SegmentStats, by_name
+    from hnfverify.planning.sensitivity import MAX_KEY_TV, fisher_chains
     from hnfverify.planning.units import Unit
 
-    names = ["int2_t16", "int4_t16", "fp32"]
-    tv = np.zeros((1, 1, 3))
-    tv[0, 0, 0] = MAX_KEY_TV + 0.01
-    tv[0, 0, 1] = MAX_KEY_TV
-    prune = key_pruner({"analysis": {"fisher": {"formats": names}}}, {"fisher_key_tv": tv})
-    chain = [by_name(n) for n in names]
-    for kv, want in (("K", names[1:]), ("V", names)):
-        u = Unit(0, 0, kv, "rest", 8, None, (0, 0), {}, chain=list(chain))
-        prune(u)
-        assert [f.name for f in u.chain] == want
-    tv[:] = 1.0                                        # every format too coarse: the finest stays
-    u = Unit(0, 0, "K", "rest", 8, None, (0, 0), {}, chain=list(chain))
-    prune(u)
+    names = ["int2_t16", "lm2_t16", "int4_t16", "lm4_t16", "int8_t16", "fp16", "fp32"]
+    price = {"int2_t16": 0.9, "lm2_t16": 0.5, "int4_t16": 0.3, "lm4_t16": 0.2, "int8_t16": 0.25, "fp16": 0.01,
+             "fp32": 0.0}
+    fisher = np.zeros((1, 1, 2, 3, 1, len(names), 1))
+    for j, n in enumerate(names):
+        fisher[0, 0, :, 2, 0, j, 0] = price[n]
+    tv = np.zeros((1, 1, len(names)))
+    tv[0, 0, names.index("lm2_t16")] = MAX_KEY_TV + 0.01
+    summary = {"analysis": {"fisher": {"formats": names, "windows": [16], "intervals": [[4, None]], "tokens": 64}}}
+    table = {n: by_name(n) for n in names}
+    rechain = fisher_chains(summary, {"fisher": fisher, "fisher_key_tv": tv}, table, eps_bound=False)
+    stats = SegmentStats(16, Fraction(1), Fraction(1), Fraction(1))
+    for kv, want in (("V", ["lm2_t16", "lm4_t16", "fp16", "fp32"]), ("K", ["int2_t16", "lm4_t16", "fp16", "fp32"])):
+        u = Unit(0, 0, kv, "rest", 44, stats, (Fraction(0), Fraction(0)), {}, chain=[by_name("fp32")], sink=4,
+                 recent=16, max_seq_len=64)
+        rechain(u, Fraction(1))
+        assert [f.name for f in u.chain] == want, kv
+    tv[:] = 1.0                                        # every key format moves the attention: the finest stays
+    u = Unit(0, 0, "K", "rest", 44, stats, (Fraction(0), Fraction(0)), {}, chain=[by_name("fp32")], sink=4,
+             recent=16, max_seq_len=64)
+    rechain(u, Fraction(1))
     assert [f.name for f in u.chain] == ["fp32"]
-    assert key_pruner({}, {}) is None                  # nothing measured, nothing left out
 
 
 def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():

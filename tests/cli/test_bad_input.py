@@ -131,7 +131,7 @@ def test_check_refuses_a_format_name_with_a_trailing_newline(tmp_path):
 
 
 _NUM = re.compile(r"-?(0|[1-9][0-9]*)((\.[0-9]+)?([eE][-+]?[0-9]+)?|/[1-9][0-9]*)")
-_FMT = re.compile(r"fp32|fp16|bf16|fp8_e(4m3|5m2)_t[1-9][0-9]*|int(8|4|3|2)_(t|c)[1-9][0-9]*")
+_FMT = re.compile(r"fp32|fp16|bf16|fp8_e(4m3|5m2)_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*")
 _SHA = re.compile(r"[0-9a-f]{64}")
 # free text in the schema (plain strings: names, provenance, descriptions), where "64\n" is just text
 _FREE = re.compile(r"^\$\.(tool|model|calibration|mode|analysis\.report)\b|\.provenance\b|\.(name|statement)$")

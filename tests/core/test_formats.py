@@ -16,12 +16,17 @@ def test_table_bits_and_unit_roundoffs():
               "int3_t64": (F(7, 2), F(1, 14)), "int3_c32": (4, F(1, 14)),
               "int8_c32": (9, F(1, 510)), "int4_c32": (5, F(1, 30)), "int2_c32": (3, F(1, 6))}
     expect.update({f"int{b}_c{g}": (b + F(32, g), F(1, 2 * (2**b - 1))) for b in (8, 4, 3, 2) for g in (16, 8)})
+    reach = {4: F(23, 32), 3: F(9, 16), 2: F(1, 2)}          # the levels' largest distance to a point of [0, 2^b - 1]
+    expect.update({f"lm{b}_{t}": (b + F(32, g), reach[b] / (2**b - 1)) for b in (4, 3, 2)
+                   for t, g in (("t64", 64), ("c32", 32), ("c16", 16), ("c8", 8))})
     assert set(t) == set(expect)
     for name, (bits, u) in expect.items():
         assert t[name].bits_per_element == bits and t[name].u == u
         assert by_name(name) == t[name]
     with pytest.raises(InputError, match="unknown format"):
         by_name("int5_t64")
+    with pytest.raises(InputError, match="unknown format"):
+        by_name("lm8_t64")
 
 
 def test_segment_bits_count_the_fp32_residual_of_channel_groups():
@@ -38,6 +43,10 @@ def test_error_models_are_the_proved_lemmas_per_element():
         u = F(1, 2 * (2**b - 1))
         lemma = u * (1 + F(1, 2**9)) * 3 + (u * F(1, 2**9) + F(1, 2**20)) * 5 + F(1, 2**23)
         assert by_name(f"int{b}_t1").l2_error(s) == lemma
+    for b, w in ((4, F(23, 32)), (3, F(9, 16)), (2, F(1, 2))):
+        u = w / (2**b - 1)
+        lemma = u * (1 + F(1, 2**9)) * 3 + (u * F(1, 2**9) + F(1, 2**20)) * 5 + F(1, 2**23)
+        assert by_name(f"lm{b}_t1").l2_error(s) == lemma
     for name, u, sub, mx in (("fp8_e4m3_t1", F(1, 16), F(2) ** -10, 448), ("fp8_e5m2_t1", F(1, 8), F(2) ** -17, 57344)):
         scale = max(F(5) * (1 + F(1, 2**9)) / mx, F(1, 2**14))
         assert by_name(name).l2_error(s) == (u + F(1, 2**21)) * 5 + sub * (1 + F(1, 2**21)) * scale

@@ -9,8 +9,9 @@ from hypothesis import given, strategies as st
 from hnfverify.core.formats import SegmentStats, by_name
 from hnfverify.kv.quant import dequantize, quantize
 
-NAMES_T = ["fp32", "fp16", "bf16", "fp8_e4m3_t{d}", "fp8_e5m2_t{d}", "int8_t{d}", "int4_t{d}", "int3_t{d}", "int2_t{d}"]
-NAMES_C = ["int8_c{g}", "int4_c{g}", "int3_c{g}", "int2_c{g}"]
+NAMES_T = ["fp32", "fp16", "bf16", "fp8_e4m3_t{d}", "fp8_e5m2_t{d}", "int8_t{d}", "int4_t{d}", "int3_t{d}", "int2_t{d}",
+           "lm4_t{d}", "lm3_t{d}", "lm2_t{d}"]
+NAMES_C = ["int8_c{g}", "int4_c{g}", "int3_c{g}", "int2_c{g}", "lm4_c{g}", "lm3_c{g}", "lm2_c{g}"]
 
 
 def _per_element_bound(fmt, x_group_lo, x_group_hi, amax_group, absx):
@@ -64,13 +65,36 @@ def test_roundtrip_error_within_the_proved_model(spec, name, group):
 
 @pytest.mark.parametrize("name, n", [("int4_t64", 96), ("int2_t64", 96), ("int8_t64", 96), ("fp8_e4m3_t64", 96),
                                      ("fp16", 96), ("bf16", 96), ("fp32", 96), ("int4_c32", 96), ("int2_c32", 64),
-                                     ("int3_t64", 96), ("int3_c32", 96), ("int3_c128", 128)])
+                                     ("int3_t64", 96), ("int3_c32", 96), ("int3_c128", 128), ("lm3_t64", 96),
+                                     ("lm2_t64", 40), ("lm4_c64", 128), ("lm3_c128", 256), ("lm2_c32", 96)])
 def test_real_bytes_equal_the_plan_accounting(name, n):
     fmt = by_name(name)
     x = torch.randn(1, 3, n, 64)
     p = quantize(x, fmt)
     accounted = float(fmt.segment_bits(n, 64)) / 8 * 3
     assert abs(p.nbytes - accounted) <= 0.01 * accounted, (p.nbytes, accounted)
+
+
+def test_codebook_codes_are_the_nearest_level_and_beat_the_uniform_grid_on_gaussian_groups():
+    """A codebook stores, of its levels, one nearest to (x - z) / s (so within the reach W the lemma uses), and on
+    Gaussian data (what the levels were fitted for) its mean squared error is below the uniform grid's."""
+    from hnfverify.kv.codecs import code_values
+    from hnfverify.kv.quant import unpack_bits
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 128, 64, generator=gen)
+    for b in (4, 3, 2):
+        fmt = by_name(f"lm{b}_t64")
+        p = quantize(x, fmt)
+        t = (x - p.zero.float()) / p.scale.float()
+        stored = code_values(unpack_bits(p.data, b, 64), fmt)
+        levels = torch.tensor([float(v) for v in fmt.levels])
+        nearest = (t.unsqueeze(-1) - levels).abs().amin(-1)
+        assert torch.allclose((t - stored).abs(), nearest, atol=1e-5)
+        assert float(nearest.max()) <= float(fmt.u) * (2 ** b - 1) + 1e-5
+        mse = float(((dequantize(p) - x) ** 2).mean())
+        mse_uniform = float(((dequantize(quantize(x, by_name(f"int{b}_t64"))) - x) ** 2).mean())
+        assert mse < 0.9 * mse_uniform, (b, mse, mse_uniform)
 
 
 def test_packing_is_lossless_for_codes():
@@ -92,7 +116,8 @@ def test_packing_is_lossless_for_codes():
         assert torch.equal(unpack_bits(p[:, [0, 5, 2]], bits, 64), torch.cat([q] * 3, dim=2)[:, [0, 5, 2]])
 
 
-@given(name=st.sampled_from(["int3_t{d}", "int3_c{g}", "int4_c{g}", "int2_t{d}", "int8_c{g}"]),
+@given(name=st.sampled_from(["int3_t{d}", "int3_c{g}", "int4_c{g}", "int2_t{d}", "int8_c{g}", "lm4_t{d}", "lm3_c{g}",
+                             "lm2_t{d}", "lm2_c{g}"]),
        kind=st.sampled_from(["constant", "outliers", "zeros", "tiny"]), value=st.floats(-3000, 3000),
        seed=st.integers(0, 2**31 - 1))
 def test_roundtrip_within_the_model_on_constant_and_outlier_heavy_vectors(name, kind, value, seed):

@@ -2,8 +2,9 @@
 
 ``format_table(head_dim, channel_group)`` returns every format the planner may use for a model
 with that head dimension: FP32, FP16, BF16, FP8-E4M3/E5M2 (per-token FP16 scale), INT8/INT4/INT3/INT2
-per token (group = head_dim) and per channel (group = ``channel_group`` tokens; any divisor of the
-analysis' channel group is sound, docs/design.md §3). ``by_name``
+and the LM4/LM3/LM2 codebooks (Lloyd-Max levels, docs/design.md §2.3b) per token (group = head_dim) and
+per channel (group = ``channel_group`` tokens; any divisor of the analysis' channel group is sound,
+docs/design.md §3). ``by_name``
 rebuilds a format from its name (e.g. ``int4_c32``), which is what plan.json stores.
 """
 
@@ -15,14 +16,14 @@ from ...errors import InputError
 from .base import GRANULARITIES, Format, SegmentStats
 from .floating import BF16, FP16, FP32, FloatFormat
 from .fp8 import Fp8Format, e4m3, e5m2
-from .integer import INT_BITS, IntFormat, int_format, packed_row_bytes
+from .integer import CODEBOOK_BITS, INT_BITS, CodebookFormat, IntFormat, codebook_format, int_format, packed_row_bytes
 
-__all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "format_table", "by_name",
+__all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "CodebookFormat", "format_table", "by_name",
            "GRANULARITIES", "channel_groups_of", "FP32", "FP16", "BF16", "INT_BITS", "packed_row_bytes"]
 
 # used with fullmatch (``$`` would accept a final newline); ASCII digits without a leading zero, as in
 # specs/plan.schema.json (``\d`` would also take other scripts' digits, which int() reads)
-_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|int(8|4|3|2)_(t|c)([1-9][0-9]*))")
+_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))")
 
 
 def channel_groups_of(channel_group: int) -> list[int]:
@@ -39,6 +40,10 @@ def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
         if packed_row_bytes(b, head_dim) * 8 == b * head_dim:     # a token's codes fill whole bytes
             fmts.append(int_format(b, "token", head_dim))
         fmts += [int_format(b, "channel", g) for g in channel_groups_of(channel_group)]
+    for b in CODEBOOK_BITS:
+        if packed_row_bytes(b, head_dim) * 8 == b * head_dim:
+            fmts.append(codebook_format(b, "token", head_dim))
+        fmts += [codebook_format(b, "channel", g) for g in channel_groups_of(channel_group)]
     return {f.name: f for f in fmts}
 
 
@@ -46,7 +51,7 @@ def by_name(name: str) -> Format:
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not m:
         raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, fp8_e4m3_tG, fp8_e5m2_tG, "
-                         "intB_tG or intB_cG (B = 8, 4, 3, 2)")
+                         "intB_tG or intB_cG (B = 8, 4, 3, 2), lmB_tG or lmB_cG (B = 4, 3, 2)")
     if name in ("fp32", "fp16", "bf16"):
         return {"fp32": FP32, "fp16": FP16, "bf16": BF16}[name]
     if m.group(2):
@@ -56,4 +61,7 @@ def by_name(name: str) -> Format:
     group = int(m.group(6))
     if not 1 <= group <= 4096:
         raise InputError(f"format {name!r}: group size must be in [1, 4096]")
-    return int_format(int(m.group(4)), "token" if m.group(5) == "t" else "channel", group)
+    kind, gran = m.group(4), "token" if m.group(5) == "t" else "channel"
+    if kind.startswith("lm"):
+        return codebook_format(int(kind[2:]), gran, group)
+    return int_format(int(kind[3:]), gran, group)

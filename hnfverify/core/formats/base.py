@@ -52,7 +52,7 @@ class Format:
     """Base class. ``name`` is unique and is what plan.json refers to."""
 
     name: str
-    family: str                 # "float" | "fp8" | "int"
+    family: str                 # "float" | "fp8" | "int" | "codebook"
     granularity: str            # "none" | "token" | "channel"
     group: int                  # elements (token) or tokens (channel) sharing a scale; 0 for none
     value_bits: int             # bits of one stored element

@@ -61,3 +61,47 @@ class IntFormat(Format):
 def int_format(bits: int, granularity: str, group: int) -> IntFormat:
     tag = "t" if granularity == "token" else "c"
     return IntFormat(f"int{bits}_{tag}{group}", "int", granularity, group, bits, SCALE_BITS + ZERO_BITS)
+
+
+#: Lloyd–Max levels for min–max-normalized Gaussian groups (docs/design.md §2.3b), in units of the scale
+#: s = (hi - z) / (2^b - 1): a code q stands for LEVELS[b][q] * s + z. Fitted once by ``proofs/codebook_levels.py``
+#: (Lloyd's algorithm on 5,000 groups of 64 N(0, 1) samples, levels free in [0, 2^b - 1]) and rounded to
+#: multiples of 1/32, so every level and every midpoint is exact in float32.
+LEVELS = {
+    2: tuple(Fraction(n, 32) for n in (16, 39, 58, 80)),
+    3: tuple(Fraction(n, 32) for n in (14, 50, 77, 101, 125, 149, 176, 211)),
+    4: tuple(Fraction(n, 32) for n in (8, 54, 91, 123, 152, 179, 204, 229, 254, 279, 305, 331, 360, 391, 428, 473)),
+}
+CODEBOOK_BITS = (4, 3, 2)
+
+
+def codebook_reach(levels: tuple) -> Fraction:
+    """W: the farthest any t in [0, 2^b - 1] lies from its nearest level (in units of s): the larger of the
+    two end gaps and half the widest inner gap."""
+    top = len(levels) - 1
+    inner = max(b - a for a, b in zip(levels, levels[1:]))
+    return max(levels[0], top - levels[-1], inner / 2)
+
+
+@dataclass(frozen=True)
+class CodebookFormat(IntFormat):
+    """The INT-b scale and zero-point with non-uniform levels: a code stands for LEVELS[b][q] s + z. The
+    same lemma as INT-b with the rounding step's 1/2 replaced by the reach W (proofs/format_error_models.py),
+    so u = W / (2^b - 1)."""
+
+    @property
+    def levels(self) -> tuple:
+        return LEVELS[self.value_bits]
+
+    @property
+    def u(self) -> Fraction:
+        return codebook_reach(self.levels) / (2 ** self.value_bits - 1)
+
+    def error_model(self) -> str:
+        return ("asymmetric nearest of the Lloyd-Max levels, FP16 zero-point (rounded down) and scale (rounded up) "
+                "per group; |dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
+
+
+def codebook_format(bits: int, granularity: str, group: int) -> CodebookFormat:
+    tag = "t" if granularity == "token" else "c"
+    return CodebookFormat(f"lm{bits}_{tag}{group}", "codebook", granularity, group, bits, SCALE_BITS + ZERO_BITS)

@@ -7,6 +7,20 @@ from .numbers import fmt, round_up, sqrt_up
 
 
 # ---------------------------------------------------------------- formats (docs/design.md §2.2, §2.3)
+#: the codebook formats' levels in units of the scale (docs/design.md §2.3b), this checker's own copy
+CODEBOOK_LEVELS = {
+    2: (16, 39, 58, 80),
+    3: (14, 50, 77, 101, 125, 149, 176, 211),
+    4: (8, 54, 91, 123, 152, 179, 204, 229, 254, 279, 305, 331, 360, 391, 428, 473),
+}
+CODEBOOK_LEVELS = {b: tuple(F(n, 32) for n in lv) for b, lv in CODEBOOK_LEVELS.items()}
+
+
+def _reach(levels):
+    """The farthest a point of [0, 2^b - 1] lies from its nearest level."""
+    return max(levels[0], len(levels) - 1 - levels[-1], max(b - a for a, b in zip(levels, levels[1:])) / 2)
+
+
 def fmt_def(name):
     """The format a name denotes, or None: unit roundoff u, grid, domain, bits, table entry."""
     floats = {"fp32": (23, -126, (2 - F(1, 2 ** 23)) * F(2) ** 127, 32), "fp16": (10, -14, F(65504), 16),
@@ -21,12 +35,14 @@ def fmt_def(name):
         f = {"family": "fp8", "gran": "token", "group": int(name.rsplit("_t", 1)[1]), "bits": 8, "over": 16,
              "max": mx, "domain": F(65504)}
     else:
-        m = re.fullmatch(r"int(8|4|3|2)_(t|c)([1-9][0-9]*)", name)
-        if not m or not 1 <= int(m.group(3)) <= 4096:
+        m = re.fullmatch(r"(int|lm)(8|4|3|2)_(t|c)([1-9][0-9]*)", name)
+        if not m or not 1 <= int(m.group(4)) <= 4096 or (m.group(1) == "lm" and m.group(2) == "8"):
             return None
-        b = int(m.group(1))
-        return {"name": name, "family": "int", "gran": "token" if m.group(2) == "t" else "channel",
-                "group": int(m.group(3)), "bits": b, "over": 32, "u": F(1, 2 * (2 ** b - 1)), "domain": F(65504)}
+        b = int(m.group(2))
+        u = F(1, 2 * (2 ** b - 1)) if m.group(1) == "int" else _reach(CODEBOOK_LEVELS[b]) / (2 ** b - 1)
+        return {"name": name, "family": "int" if m.group(1) == "int" else "codebook",
+                "gran": "token" if m.group(3) == "t" else "channel",
+                "group": int(m.group(4)), "bits": b, "over": 32, "u": u, "domain": F(65504)}
     f.update(name=name, u=F(1, 2 ** (mant + 1)), sub=F(2) ** (emin - mant - 1))
     return f
 
@@ -39,6 +55,9 @@ def fmt_json(f):
     elif f["family"] == "fp8":
         em = (f"per-token FP16 scale s >= amax/{fmt(f['max'])}, clamp, round-to-nearest-even; "
               f"|dx| <= (u + 2^-21)|x| + (1 + 2^-21) {fmt(f['sub'])} s")
+    elif f["family"] == "codebook":
+        em = ("asymmetric nearest of the Lloyd-Max levels, FP16 zero-point (rounded down) and scale (rounded up) "
+              "per group; |dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
     else:
         em = ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
               "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")

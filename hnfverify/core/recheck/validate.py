@@ -46,7 +46,7 @@ def read_json(data, what, limit):
     return obj
 
 
-FORMAT_NAME = r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|int(8|4|3|2)_(t|c)[1-9][0-9]*"
+FORMAT_NAME = r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
 INPUTS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
 NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
                 "bits_per_element", "u", "avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len",
@@ -81,7 +81,7 @@ LAYER = O({"layer": I(), "tau": NN, "lipschitz": GAIN, "mlp_lipschitz": GAIN, "s
            "heads": ("list", HEAD, 1)})
 COMPOSITION = O({"form": E("suffix", "product"), "logit_gain": ("null", GAIN),
                  "remainder": ("null", O({"measured": NN, "margin": NN, "value": NN, "radius": NN}))})
-FORMAT = O({"family": E("float", "fp8", "int"), "granularity": E("none", "token", "channel"), "group": I(),
+FORMAT = O({"family": E("float", "fp8", "int", "codebook"), "granularity": E("none", "token", "channel"), "group": I(),
             "value_bits": I(1, 64), "overhead_bits": I(), "bits_per_element": NN, "u": NN, "error_model": S})
 PLAN = O({
     "schema_version": I(1, 1), "kind": E("hnfverify-plan"), "tool": ("map", S, None, 0, ("name", "version")),
