@@ -42,6 +42,9 @@ def add_plan_options(p) -> None:
                    default=None,
                    help="tokens per channel group of the searched plan's channel-grouped formats: the analysis' "
                         "group (default) or a divisor of it that is a multiple of 8")
+    g.add_argument("--no-codebooks", dest="no_codebooks", action="store_true",
+                   help="searched plans choose from the uniform grids only, not the Lloyd-Max codebooks lmB_* "
+                        "(ablation)")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=positive_int_arg("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=recent_arg, default=64,

@@ -25,7 +25,8 @@ def plan_request(args):
         curvature=args.plan_curvature, max_seq_len=args.max_seq_len, objective=args.objective,
         error_norms=not args.no_error_norms, composition=args.composition,
         suffix_margin=fraction_arg("--suffix-margin", args.suffix_margin),
-        max_kl=fraction_arg("--max-kl", args.max_kl), channel_group=args.plan_channel_group)
+        max_kl=fraction_arg("--max-kl", args.max_kl), channel_group=args.plan_channel_group,
+        codebooks=not args.no_codebooks)
 
 
 def write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bool = False) -> None:

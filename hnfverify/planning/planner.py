@@ -243,6 +243,8 @@ def _plan(summary: dict, arrays: dict, req: PlanRequest, report_name: str) -> tu
     if fixed is None:                       # a searched plan: one channel group, the user's or the analysis'
         groups = {req.channel_group or big}
         table = search_table(table, req.channel_group or big, big)
+        if not req.codebooks:               # the ablation: uniform grids only
+            table = {n: f for n, f in table.items() if f.family != "codebook"}
     else:
         groups = fixed_channel_groups(req)
     # the diameters of the plan's one group where the analysis measured them, else of the analysis' group,

@@ -77,6 +77,7 @@ class PlanRequest:
     composition: str | None = None        # "suffix" | "product" (docs/design.md §2.5); None: suffix where measured
     suffix_margin: Fraction = Fraction(2)
     max_kl: Fraction | None = None        # the KL budget of every token (docs/design.md §2.6)
+    codebooks: bool = True                # searched plans may choose the codebook formats lmB_* (docs/design.md §2.3b)
     channel_group: int | None = None      # the searched plans' channel group (a divisor of the analysis'); None: its
 
     def validate(self) -> None:

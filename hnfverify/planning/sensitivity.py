@@ -83,8 +83,8 @@ def fisher_chains(summary: dict, arrays: dict, table: dict, eps_bound: bool):
         fin_th = theorem_term(finest, u, c) if eps_bound and u.kv == "K" else 0
         chain, best, best_th = [], None, None
         for bits, pr, _, f in sorted(cands):
-            if bits >= unit_bits(u, finest) or (fin_pr is not None and pr <= fin_pr):
-                continue
+            if bits >= unit_bits(u, finest) or (fin_pr is not None and best is not None and best <= fin_pr):
+                break                           # the finest's bits, or an entry already as good as the finest
             th = theorem_term(f, u, c) if eps_bound and u.kv == "K" else 0
             if th < fin_th:                     # the terms must fall along the chain down to the finest's
                 continue

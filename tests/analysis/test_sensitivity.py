@@ -184,6 +184,15 @@ def test_fisher_chains_keep_the_cheapest_estimate_per_bits_leave_out_moving_keys
              recent=16, max_seq_len=64)
     rechain(u, Fraction(1))
     assert [f.name for f in u.chain] == ["fp32"]
+    # a format priced like the finest (the estimate cannot tell int8 from fp32) stays in the chain: without it
+    # the next step after 4 bits would be 32 bits
+    tv[:] = 0.0
+    fisher[0, 0, :, 2, 0, names.index("int8_t16"), 0] = 0.0
+    fisher[0, 0, :, 2, 0, names.index("fp16"), 0] = 0.0
+    u = Unit(0, 0, "V", "rest", 44, stats, (Fraction(0), Fraction(0)), {}, chain=[by_name("fp32")], sink=4,
+             recent=16, max_seq_len=64)
+    rechain(u, Fraction(1))
+    assert [f.name for f in u.chain] == ["lm2_t16", "lm4_t16", "int8_t16", "fp32"]
 
 
 def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
@@ -202,6 +211,30 @@ def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
             for seg, st in h["K"].items():
                 if isinstance(st, dict) and "format" in st and st["format"] in names:
                     assert tv[la["layer"], h["kv_head"], names.index(st["format"])] <= MAX_KEY_TV
+
+
+def test_no_codebooks_plans_from_the_uniform_grids_only_and_still_checks():
+    from hnfverify.cli.parser import build_parser
+    from hnfverify.cli.plan_commands import plan_request
+    from hnfverify.core.formats import by_name
+    from hnfverify.core.verify.obligations import check_plan
+    from hnfverify.models import tiny_model
+    from hnfverify.planning import plan_from_report
+    from tests.helpers import tiny_report
+
+    summary, arrays = tiny_report(tiny_model("tiny-llama", seed=3), window=64, suffix_iters=0, fisher_tokens=64)
+    assert any(by_name(n).family == "codebook" for n in summary["analysis"]["fisher"]["formats"])
+    args = build_parser().parse_args(["plan", "r.json", "--avg-bits", "3", "--no-codebooks"])
+    req = plan_request(args)
+    assert req.codebooks is False and PlanRequest(avg_bits=Fraction(3)).codebooks is True
+    for codebooks in (True, False):
+        req = PlanRequest(avg_bits=Fraction(6), sink=4, recent=16, codebooks=codebooks)
+        plan = plan_from_report(summary, arrays, req)
+        used = {st["format"] for la in plan["layers"] for h in la["heads"] for kv in "KV"
+                for st in h[kv].values() if isinstance(st, dict) and "format" in st}
+        assert any(by_name(n).family == "codebook" for n in used) == codebooks, used
+        assert Fraction(plan["claims"]["avg_bits"]) <= 6
+        assert check_plan(plan).verdict() == "PROVED"
 
 
 def test_recent_auto_takes_the_window_with_the_lowest_estimate():
