@@ -524,6 +524,8 @@ def analyze(lm, windows: TokenWindows, options: AnalysisOptions = AnalysisOption
         arrays["fisher"] = fisher.cost
         arrays["fisher_output_ratio"] = fisher.ratio
         arrays["fisher_key_tv"] = fisher.key_tv
+        arrays["fisher_joint_ratio"] = fisher.joint
+        arrays["fisher_joint_kl"] = fisher.joint_kl
     arrays["scaling"] = np.array([s if s is not None else np.nan for s in acc.scaling], dtype=np.float64)
     arrays = {k_: np.ascontiguousarray(v_) for k_, v_ in arrays.items()}
     meta = {

@@ -82,7 +82,13 @@ ARRAY_FIELDS = {
     "fisher_key_tv": "(layers, kv_heads, formats) MEASURED mean over a subset of the queries of the total variation between "
                      "the attention weights with exact keys and with every key in the format (largest over the KV head's "
                      "query heads); the fisher objective leaves out key formats above 1/2 (docs/design.md 3.1); 0 where "
-                     "not measured (formats of more than 4 bits)"
+                     "not measured (formats of more than 4 bits)",
+    "fisher_joint_ratio": "(2 [K, V], formats) MEASURED ratio of the model's KL (first calibration window, summed over its "
+                          "tokens) with every key (value) of every layer and head in the format from position 4 on, to "
+                          "the sum of those units' fisher prices, which scales that format's prices (docs/design.md "
+                          "3.1); 1 where not measured (formats of more than 4 bits)",
+    "fisher_joint_kl": "(2 [K, V], formats) MEASURED that KL per token; the fisher objective leaves out formats above 1 "
+                       "(docs/design.md 3.1); NaN where not measured"
 }
 
 __doc__ += "\n" + "\n".join(f"* ``{k}`` — {v}" for k, v in ARRAY_FIELDS.items())
@@ -235,8 +241,11 @@ def lookup(summary: dict, arrays: dict, layer: int, head: int, position: int) ->
     for name, a in sorted(arrays.items()):
         if name.startswith(("kappa_far", "kappa_near")):
             out[name] = [float(x) for x in a[layer, :, head, position]]
-        elif name.startswith("mass_"):
+        elif name.startswith("mass_") or name == "fisher":
             continue
+        elif name.startswith("fisher_"):        # per (layer, kv head) over the formats, or whole-model per K/V
+            part = a[layer, head] if a.shape[:2] == (shape["layers"], shape["kv_heads"]) else a
+            out[name] = [[None if x != x else float(x) for x in row] for row in part.reshape(-1, part.shape[-1])]
         elif a.ndim == 3:
             out[name] = a[layer, head, position].item()
         elif a.ndim == 4:

@@ -44,12 +44,16 @@ class Sensitivity:
     ratio: object = None                # (layers, kv_heads, 2, formats): the output prices' ratio to the entries'
                                         # (1: not measured)
     key_tv: object = None               # (layers, kv_heads, formats): the keys' attention change (0: not measured)
+    joint: object = None                # (2 [K, V], formats): measured whole-model KL / the summed prices (1: not
+                                        # measured)
+    joint_kl: object = None             # (2, formats): that KL per token (NaN: not measured)
 
     def meta(self) -> dict:
         return {"formats": list(self.formats), "intervals": [list(x) for x in self.intervals],
                 "windows": list(WINDOWS), "tokens": self.tokens, "calibration_windows": self.windows,
                 "labels": self.labels, "output_prices": {"formats_up_to_bits": NONLINEAR_BITS,
                                                          "queries_per_window": NONLINEAR_QUERIES},
+                "joint": {"formats_up_to_bits": NONLINEAR_BITS, "sink": JOINT_SINK},
                 "axes": ["layer", "kv_head", "K|V", "sink|recent|rest", "window R", "format", "position interval"]}
 
 
@@ -84,6 +88,58 @@ def _split_by_distance(w, x):
 NONLINEAR_BITS = 4
 #: queries (evenly spaced) the output prices are measured on, per window
 NONLINEAR_QUERIES = 256
+
+
+#: the exact prefix of the joint measurement (the default plan's sink; a cut of the rule grid's intervals)
+JOINT_SINK = 4
+
+
+def _stored_attention(kv: int, fmt, sink: int):
+    """The model's attention (its mask and scaling, float32) reading every key (kv = 0) or value (kv = 1)
+    from position ``sink`` on in ``fmt`` (channel groups aligned at position 0, as the prices take them;
+    None: exactly)."""
+    import torch
+
+    from .analyzer import attention_bias
+
+    def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        hkv, d = key.shape[1], query.shape[-1]
+        g = query.shape[1] // hkv
+        tau = float(scaling if scaling is not None else getattr(module, "scaling", d ** -0.5))
+        q, k, v = query.float(), key.float(), value.float()
+        if fmt is not None:
+            x = k if kv == 0 else v
+            y = _roundtrip_all(x, fmt)
+            y[..., :sink, :] = x[..., :sink, :]
+            k, v = (y, v) if kv == 0 else (k, y)
+        bias = attention_bias(attention_mask, query, key, module)
+        a = torch.softmax(tau * (q @ k.repeat_interleave(g, dim=1).transpose(-1, -2)) + bias, dim=-1)
+        out = a @ v.repeat_interleave(g, dim=1)
+        return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+    return attn
+
+
+def _joint_kl(model, ids, coarse: list, names: list, formats: dict) -> "np.ndarray":
+    """(2, formats): sum over the window's tokens of KL(p || p~), p~ the model's output with every key (first)
+    or every value (second) of every layer and head read in the format from position JOINT_SINK on; NaN for
+    the formats not in ``coarse``."""
+    import numpy as np
+    import torch
+
+    from .routing import routed_attention
+
+    out = np.full((2, len(names)), np.nan)
+    with torch.no_grad():
+        with routed_attention(model, _stored_attention(0, None, JOINT_SINK), prefix="hnfverify_joint"):
+            ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].double(), -1)
+        for kv in (0, 1):
+            for fi in coarse:
+                with routed_attention(model, _stored_attention(kv, formats[names[fi]], JOINT_SINK),
+                                      prefix="hnfverify_joint"):
+                    lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].double(), -1)
+                out[kv, fi] = float((ref.exp() * (ref - lp)).sum())
+    return out
 
 
 def _output_prices(rec: dict, kq, vq) -> tuple:
@@ -198,10 +254,16 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
     names = list(formats)
     ivs = intervals_of(t)
     nr, nf, ni = len(WINDOWS), len(names), len(ivs)
+    js = [j for j, (lo, _) in enumerate(ivs) if lo >= JOINT_SINK]       # the joint measurement's positions
     grads: dict = {}                    # layer -> {"k": (windows, Hkv, T, d), "v": ..., "key", "value"}
     cost = out_price = tv_sum = None
     coarse = [i for i, n in enumerate(names)
               if formats[n].value_bits <= NONLINEAR_BITS and formats[n].family in ("int", "codebook")]
+    # the joint measurement (first window): the coarse per-token formats and those of the analysis' channel group;
+    # a smaller group takes the ratio of its family and bits at that group
+    big = max([f.group for f in formats.values() if f.granularity == "channel"], default=None)
+    measured = [i for i in coarse if formats[names[i]].granularity != "channel" or formats[names[i]].group == big]
+    joint_kl = first = None
     gen = torch.Generator().manual_seed(seed)
 
     bar = None
@@ -229,6 +291,8 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
                         loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum")
                     loss.backward()
                 del logits, loss, x0
+                if joint_kl is None:
+                    joint_kl = _joint_kl(model, ids, measured, names, formats)
                 with torch.no_grad():
                     for li in sorted(grads):
                         rec = grads[li]
@@ -255,6 +319,8 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
                             out_price[li, :, 1, fi] += pv
                             tv_sum[li, :, fi] += tv
                 grads.clear()
+                if first is None and cost is not None:
+                    first = cost[:, :, :, REGIONS.index("rest"), 0][..., js].sum(-1)    # (layers, kv_heads, 2, formats)
                 if bar:
                     bar.update(1)
     finally:
@@ -273,5 +339,21 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
     ok = whole > 0
     ratio[ok] = out_price[ok] / whole[ok]
     cost *= ratio[:, :, :, None, None, :, None]
+    # and so that every unit of a kind in the format at once (rest form from JOINT_SINK on, R = 0) costs the KL
+    # the model really shows then: the prices add over units, which drops the cross terms between heads, layers
+    # and tokens that a biased error makes add up (docs/design.md §3.1)
+    summed = (first * ratio).sum((0, 1))                                 # (2, formats), the first window
+    joint = np.ones((2, nf))
+    ok = np.isfinite(joint_kl) & (summed > 0) & (joint_kl > 0)
+    joint[ok] = joint_kl[ok] / summed[ok]
+    for i in coarse:
+        f = formats[names[i]]
+        if i not in measured:
+            src = [m for m in measured if formats[names[m]].granularity == "channel"
+                   and (formats[names[m]].family, formats[names[m]].value_bits) == (f.family, f.value_bits)]
+            if src:
+                joint[:, i] = joint[:, src[0]]
+                joint_kl[:, i] = joint_kl[:, src[0]]
+    cost *= joint[None, None, :, None, None, :, None]
     n = len(windows.windows)
-    return Sensitivity(cost / n, names, ivs, t, n, labels, ratio, tv_sum / n)
+    return Sensitivity(cost / n, names, ivs, t, n, labels, ratio, tv_sum / n, joint, joint_kl / t)

@@ -52,6 +52,9 @@ def unit_costs(units: list, summary: dict, arrays: dict) -> list:
 #: the fisher objective uses: beyond it the format moves most of the attention mass, outside the regime of a
 #: second-order estimate (docs/design.md §3.1)
 MAX_KEY_TV = 0.5
+#: a format whose joint measurement (every unit of the kind in it, docs/design.md §3.1) costs more KL per token
+#: than this breaks the model where it is used everywhere: outside the second-order regime, so out of the chains
+MAX_JOINT_KL = 1.0
 
 
 def fisher_chains(summary: dict, arrays: dict, table: dict, eps_bound: bool):
@@ -59,13 +62,14 @@ def fisher_chains(summary: dict, arrays: dict, table: dict, eps_bound: bool):
     (bits, certified error), with the formats that are cheapest in *estimated* KL for their bits — sorted by bits,
     each kept iff its price is below every cheaper format's — so a codebook that errs more in the worst case
     but less on the data can be chosen. Left out: key formats whose measured attention change exceeds
-    MAX_KEY_TV, and formats the report does not price. ``eps_bound``: Theorem 5.7 constrains the plan, so a
+    MAX_KEY_TV, formats whose joint measurement exceeds MAX_JOINT_KL, and formats the report does not price. ``eps_bound``: Theorem 5.7 constrains the plan, so a
     key chain's theorem terms must not grow (the planner's first admissible entry is then a threshold). The
     chain's finest format (the certified chain's last) always stays last."""
     from .units import theorem_term, unit_bits
 
     price = pricer(summary, arrays)
     tv = arrays.get("fisher_key_tv")
+    joint_kl = arrays.get("fisher_joint_kl")
     index = {n: i for i, n in enumerate(summary["analysis"]["fisher"]["formats"])}
 
     def rechain(u, c) -> None:
@@ -76,6 +80,9 @@ def fisher_chains(summary: dict, arrays: dict, table: dict, eps_bound: bool):
                 continue
             if u.kv == "K" and tv is not None and f.name in index and tv[u.layer, u.head, index[f.name]] > MAX_KEY_TV:
                 continue
+            if (joint_kl is not None and f.name in index
+                    and joint_kl[0 if u.kv == "K" else 1, index[f.name]] > MAX_JOINT_KL):
+                continue                        # NaN (not measured) compares False
             pr = price(u, f.name)
             if pr is not None:
                 cands.append((unit_bits(u, f), pr, f.name, f))

@@ -109,6 +109,27 @@ def test_costs_are_zero_for_fp32_and_grow_as_a_format_coarsens(tiny_sensitivity)
     assert (c[:, :, :, REGIONS.index("sink")] == c[:, :, :, REGIONS.index("sink"), :1]).all()
 
 
+def test_the_joint_measurement_is_the_model_kl_with_every_unit_of_a_kind_in_the_format(tiny_sensitivity):
+    """The joint KL is measured for the coarse formats (the per-token ones and the analysis' channel group, a
+    smaller group copying its family's), grows as a format coarsens, and scales the coarse formats' prices."""
+    import numpy as np
+
+    from hnfverify.analysis.sensitivity import NONLINEAR_BITS
+
+    sens, table = tiny_sensitivity
+    f = sens.formats.index
+    d = next(n for n in table if n.startswith("int8_t"))[len("int8_t"):]
+    jk = sens.joint_kl
+    for n, fmt in table.items():
+        coarse = fmt.value_bits <= NONLINEAR_BITS and fmt.family in ("int", "codebook")
+        assert np.isfinite(jk[:, f(n)]).all() == coarse, n
+        assert (sens.joint[:, f(n)] == 1).all() or coarse, n
+    assert (jk[:, f(f"int2_t{d}")] > jk[:, f(f"int4_t{d}")]).all()
+    assert (jk[:, f("lm2_c8")] == jk[:, f("lm2_c16")]).all()
+    assert (sens.joint[:, f("int3_c8")] == sens.joint[:, f("int3_c16")]).all()
+    assert (sens.joint[:, f(f"int2_t{d}")] != 1).all()
+
+
 def test_fisher_objective_plans_within_budget_and_needs_the_measurement():
     from hnfverify.models import tiny_model
     from tests.helpers import tiny_plan
@@ -193,6 +214,19 @@ def test_fisher_chains_keep_the_cheapest_estimate_per_bits_leave_out_moving_keys
              recent=16, max_seq_len=64)
     rechain(u, Fraction(1))
     assert [f.name for f in u.chain] == ["lm2_t16", "lm4_t16", "int8_t16", "fp32"]
+    # a format that breaks the model when every unit of its kind uses it is out of that kind's chains
+    from hnfverify.planning.sensitivity import MAX_JOINT_KL
+
+    jk = np.full((2, len(names)), np.nan)
+    jk[1, names.index("lm4_t16")] = MAX_JOINT_KL * 1.01
+    jk[0, names.index("lm4_t16")] = MAX_JOINT_KL
+    rechain = fisher_chains(summary, {"fisher": fisher, "fisher_key_tv": tv, "fisher_joint_kl": jk}, table, False)
+    for kv, want in (("V", ["lm2_t16", "int4_t16", "int8_t16", "fp32"]),
+                     ("K", ["lm2_t16", "lm4_t16", "int8_t16", "fp32"])):
+        u = Unit(0, 0, kv, "rest", 44, stats, (Fraction(0), Fraction(0)), {}, chain=[by_name("fp32")], sink=4,
+                 recent=16, max_seq_len=64)
+        rechain(u, Fraction(1))
+        assert [f.name for f in u.chain] == want, kv
 
 
 def test_a_fisher_plan_uses_no_key_format_beyond_the_attention_change_limit():
