@@ -20,6 +20,18 @@ from .check_commands import cmd_check, cmd_recheck, cmd_replay
 from .runtime_commands import cmd_eval, cmd_generate
 
 
+def channel_group_arg(name: str):
+    """--channel-group: an integer, or ``all``."""
+    def parse(s: str):
+        if s == "all":
+            return s
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer or all, got {s!r}") from None
+    return parse
+
+
 def recent_arg(s: str):
     """--recent: an integer, or ``auto`` (None)."""
     if s == "auto":
@@ -38,10 +50,11 @@ def add_plan_options(p) -> None:
                    help="what the greedy lowers: the measured Fisher estimate of the KL (default for --avg-bits "
                         "where the report has it), the first-order terms of the per-layer attention bounds (the "
                         "default otherwise), the per-layer bounds themselves, or the end-to-end composition bound")
-    g.add_argument("--plan-channel-group", dest="plan_channel_group", type=positive_int_arg("--plan-channel-group"),
+    g.add_argument("--plan-channel-group", dest="plan_channel_group", type=channel_group_arg("--plan-channel-group"),
                    default=None,
                    help="tokens per channel group of the searched plan's channel-grouped formats: the analysis' "
-                        "group (default) or a divisor of it that is a multiple of 8")
+                        "group (default) or a divisor of it that is a multiple of 8; all: each unit picks among "
+                        "them (bounds from the analysis' group's diameters)")
     g.add_argument("--no-codebooks", dest="no_codebooks", action="store_true",
                    help="searched plans choose from the uniform grids only, not the Lloyd-Max codebooks lmB_* "
                         "(ablation)")
@@ -115,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--brief", action="store_true", help="no per-layer table")
     pl.add_argument("--curvature", dest="plan_curvature", choices=Curvature.values(),
                     help="same as --plan-curvature: which curvature the planner uses (ablation)")
-    pl.add_argument("--channel-group", dest="plan_channel_group", type=positive_int_arg("--channel-group"),
+    pl.add_argument("--channel-group", dest="plan_channel_group", type=channel_group_arg("--channel-group"),
                     help="same as --plan-channel-group")
     add_plan_options(pl)
     pl.set_defaults(func=cmd_plan)

@@ -240,7 +240,11 @@ def _plan(summary: dict, arrays: dict, req: PlanRequest, report_name: str) -> tu
     big = summary["analysis"]["channel_group"]
     table = format_table(shape["head_dim"], big)
     fixed = fixed_formats(req, table)
-    if fixed is None:                       # a searched plan: one channel group, the user's or the analysis'
+    if fixed is None and req.channel_group == "all":
+        # every group inside the analysis' in the table; the diameters are the analysis' group's, which contains
+        # each of them (docs/design.md §3)
+        groups = {big}
+    elif fixed is None:                     # a searched plan: one channel group, the user's or the analysis'
         groups = {req.channel_group or big}
         table = search_table(table, req.channel_group or big, big)
         if not req.codebooks:               # the ablation: uniform grids only

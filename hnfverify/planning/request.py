@@ -78,9 +78,12 @@ class PlanRequest:
     suffix_margin: Fraction = Fraction(2)
     max_kl: Fraction | None = None        # the KL budget of every token (docs/design.md §2.6)
     codebooks: bool = True                # searched plans may choose the codebook formats lmB_* (docs/design.md §2.3b)
-    channel_group: int | None = None      # the searched plans' channel group (a divisor of the analysis'); None: its
+    channel_group: int | str | None = None  # the searched plans' channel group (a divisor of the analysis'), or "all":
+                                          # each unit picks among every divisor the analysis measured; None: its
 
     def validate(self) -> None:
+        if isinstance(self.channel_group, str) and self.channel_group != "all":
+            raise InvalidArgument(f"--channel-group must be an integer or all, got {self.channel_group!r}")
         modes = [x is not None for x in (self.eps, self.avg_bits, self.uniform, self.assign)]
         if not any(modes):
             raise InvalidArgument("give --eps, --avg-bits or --uniform")

@@ -271,6 +271,36 @@ def test_no_codebooks_plans_from_the_uniform_grids_only_and_still_checks():
         assert check_plan(plan).verdict() == "PROVED"
 
 
+def test_channel_group_all_lets_each_unit_pick_its_group_and_still_checks():
+    from hnfverify.cli.parser import build_parser
+    from hnfverify.cli.plan_commands import plan_request
+    from hnfverify.core.formats import by_name, channel_groups_of
+    from hnfverify.core.verify.obligations import check_plan
+    from hnfverify.errors import InvalidArgument
+    from hnfverify.models import tiny_model
+    from hnfverify.planning import plan_from_report
+    from tests.helpers import tiny_report
+
+    summary, arrays = tiny_report(tiny_model("tiny-llama", seed=3), window=64, suffix_iters=0, fisher_tokens=64,
+                                  channel_group=32)
+    assert plan_request(build_parser().parse_args(["plan", "r.json", "--avg-bits", "6", "--channel-group", "all"])
+                        ).channel_group == "all"
+    with pytest.raises(InvalidArgument, match="integer or all"):
+        build_parser().parse_args(["plan", "r.json", "--avg-bits", "6", "--channel-group", "every"])
+    with pytest.raises(InvalidArgument, match="integer or all"):
+        PlanRequest(avg_bits=Fraction(6), channel_group="every").validate()
+    used = {}
+    for group in (None, "all"):
+        plan = plan_from_report(summary, arrays, PlanRequest(avg_bits=Fraction(5), sink=4, recent=16,
+                                                             channel_group=group))
+        assert Fraction(plan["claims"]["avg_bits"]) <= 5
+        assert check_plan(plan).verdict() == "PROVED"
+        used[group] = {by.group for by in (by_name(st["format"]) for la in plan["layers"] for h in la["heads"]
+                       for kv in "KV" for st in h[kv].values() if isinstance(st, dict) and "format" in st)
+                       if by.granularity == "channel"}
+    assert used[None] == {32} and used["all"] <= set(channel_groups_of(32)) and used["all"] - {32}, used
+
+
 def test_recent_auto_takes_the_window_with_the_lowest_estimate():
     from hnfverify.errors import PlanInfeasible
     from hnfverify.models import tiny_model
