@@ -54,13 +54,21 @@ class IntFormat(Format):
         return self.u * (1 + SLACK) * diam + (self.u * SLACK + A_COEF) * s.norm + sqrt_up(Fraction(s.d)) * ABS
 
     def error_model(self) -> str:
-        return ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
+        return "asymmetric round-to-nearest, " + _GROUP_BOUND
+
+
+#: the scale, zero-point and bound every grouped integer format (uniform or codebook) shares
+_GROUP_BOUND = ("FP16 zero-point (rounded down) and scale (rounded up) per group; "
                 "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
 
 
-def int_format(bits: int, granularity: str, group: int) -> IntFormat:
+def _grouped(cls, prefix: str, family: str, bits: int, granularity: str, group: int):
     tag = "t" if granularity == "token" else "c"
-    return IntFormat(f"int{bits}_{tag}{group}", "int", granularity, group, bits, SCALE_BITS + ZERO_BITS)
+    return cls(f"{prefix}{bits}_{tag}{group}", family, granularity, group, bits, SCALE_BITS + ZERO_BITS)
+
+
+def int_format(bits: int, granularity: str, group: int) -> IntFormat:
+    return _grouped(IntFormat, "int", "int", bits, granularity, group)
 
 
 #: Lloyd–Max levels for min–max-normalized Gaussian groups (docs/design.md §2.3b), in units of the scale
@@ -98,10 +106,8 @@ class CodebookFormat(IntFormat):
         return codebook_reach(self.levels) / (2 ** self.value_bits - 1)
 
     def error_model(self) -> str:
-        return ("asymmetric nearest of the Lloyd-Max levels, FP16 zero-point (rounded down) and scale (rounded up) "
-                "per group; |dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
+        return "asymmetric nearest of the Lloyd-Max levels, " + _GROUP_BOUND
 
 
 def codebook_format(bits: int, granularity: str, group: int) -> CodebookFormat:
-    tag = "t" if granularity == "token" else "c"
-    return CodebookFormat(f"lm{bits}_{tag}{group}", "codebook", granularity, group, bits, SCALE_BITS + ZERO_BITS)
+    return _grouped(CodebookFormat, "lm", "codebook", bits, granularity, group)
