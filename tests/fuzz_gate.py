@@ -788,7 +788,7 @@ def gen_chains(p, rng):
         inp = rule["rest"]["inputs"]
         fd = [oracle.format_def(f1)]
         dt, dc = Fraction(inp["d_token"][1]), Fraction(inp["d_channel"][1])
-        e1 = oracle.chain_value(fd, dt, dc, Fraction(65504), p["shape"]["head_dim"], 0)["error"]
+        e1 = oracle.chain_value(fd, dt, dc, Fraction(65504), None, None, p["shape"]["head_dim"], 0)["error"]
         amax = Fraction(65504) - e1.lo * rng.choice([Fraction(1, 2), Fraction(2)])
         if amax > 0:
             inp["amax"] = ["0", oracle.canon(oracle.rdown(amax, 80))]

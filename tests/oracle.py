@@ -343,6 +343,10 @@ _LM_MODEL = ("asymmetric nearest of the Lloyd-Max levels, FP16 zero-point (round
 _LM_LEVELS = {2: (16, 39, 58, 80), 3: (14, 50, 77, 101, 125, 149, 176, 211),
               4: (8, 54, 91, 123, 152, 179, 204, 229, 254, 279, 305, 331, 360, 391, 428, 473)}
 _FNAME = re.compile(r"fp32|fp16|bf16|fp8_(e4m3|e5m2)_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*)")
+# §2.3c: the Hadamard-rotated per-token formats, the inner format of y = H x
+_ROT_MODEL = ("Hadamard-rotated y = FWHT32(x) / sqrt(d); |dx| <= E_in + e_f + rho (N + e_f + E_in) + tau, "
+              "e_f = rho N + tau, rho = gamma_(log2 d + 2), tau = 5 sqrt(d) 2^-126, E_in the inner bound on the "
+              "ranges of y (d_token_h, amax_h) widened by e_f; inner: ")
 
 
 def _lm_u(b):
@@ -356,6 +360,12 @@ def format_def(name):
     """The definition of a named format: its table entry (``entry``) and what the bounds need."""
     if not isinstance(name, str):
         return None
+    if name.endswith("_h"):
+        inner = format_def(name[:-2])
+        if inner is None or inner["kind"] != "int" or inner["gran"] != "token" or inner.get("rot"):
+            return None
+        entry = dict(inner["entry"], error_model=_ROT_MODEL + inner["entry"]["error_model"])
+        return dict(inner, name=name, rot=True, inner=inner, entry=entry)
     m = _FNAME.fullmatch(name)
     if not m:
         return None
@@ -389,6 +399,22 @@ def format_def(name):
     return {"name": name, "kind": "int", "u": u, "domain": FP16_MAX, "gran": gran, "group": g, "entry": entry}
 
 
+def rotated_stage(f, dt, dc, amax, dth, amh, sd: R, d: int):
+    """A rotated format's (error, D of the inner grid, amax of the rotated values) for ranges (§2.3c): the inner
+    format's bound on the ranges of the computed H x, and the two rotations' rounding."""
+    n = d.bit_length() + 1
+    rho = R.of(n * Q(1, 2 ** 24) / (1 - n * Q(1, 2 ** 24)))
+    tau = sd * Q(5, 2 ** 126)
+    norm = sd * amax
+    a_h = norm if amh is None else rmin(amh, norm)
+    norm = rmin(norm, sd * a_h)
+    d_h = (sd * 2) * a_h if dth is None else rmin(dth, (sd * 2) * a_h)
+    e = rho * norm + tau
+    y_d, y_am = d_h + (sd * 2) * e, a_h + e
+    ein = stage_error(f["inner"], y_d, y_d, y_am, sd)
+    return ein + e + rho * (norm + e + ein) + tau, y_d, y_am
+
+
 def stage_error(f, dt: R, dc: R, amax: R, sd: R) -> R:
     """err(f, ranges): the format's l2 error bound for one cached d-vector (§2.3; formats' lemmas)."""
     norm = sd * amax
@@ -404,37 +430,46 @@ def stage_error(f, dt: R, dc: R, amax: R, sd: R) -> R:
 _CHAINS: dict = {}
 
 
-def chain_value(fmts: list, dt, dc, amax, d: int, kappa) -> dict:
+def chain_value(fmts: list, dt, dc, amax, dth, amh, d: int, kappa) -> dict:
     """Walk a chain of formats over the reader's ranges (§2.2, §2.3): every stage's widened ranges,
-    its error, its domain, and sum_k u_k D_k^2 (the Theorem 5.7 right-hand side without c kappa)."""
-    key = (tuple(f["name"] for f in fmts), dt, dc, amax, d)
+    its error, its domain, and sum_k u_k D_k^2 (the Theorem 5.7 right-hand side without c kappa).
+    dth, amh: the rotated ranges d_token_h, amax_h (None: not given)."""
+    key = (tuple(f["name"] for f in fmts), dt, dc, amax, dth, amh, d)
     if key not in _CHAINS:
         if len(_CHAINS) > 100000:
             _CHAINS.clear()
-        _CHAINS[key] = _chain_value(fmts, Q(dt), Q(dc), Q(amax), d)
+        _CHAINS[key] = _chain_value(fmts, Q(dt), Q(dc), Q(amax), dth, amh, d)
     return dict(_CHAINS[key], kappa=Q(kappa))
 
 
-def _chain_value(fmts, dt, dc, amax, d):
+def _chain_value(fmts, dt, dc, amax, dth, amh, d):
     sd = rsqrt(Q(d))
     dt, dc, amax = R.of(dt), R.of(dc), R.of(amax)
+    dth, amh = (None if x is None else R.of(Q(x)) for x in (dth, amh))
     e = None
     stages = []
     total = R.of(0)
     dom = True
     for f in fmts:
         if e is None:
-            w_dt, w_dc, w_amax = dt, dc, amax
+            w_dt, w_dc, w_amax, w_dth, w_amh = dt, dc, amax, dth, amh
         else:
             grow = (sd * 2) * e
             w_dt, w_dc, w_amax = dt + grow, dc + grow, amax + e
+            w_dth, w_amh = None if dth is None else dth + grow, None if amh is None else amh + e
         diam = w_dc if f["gran"] == "channel" else w_dt
-        ok = le(w_amax, R.of(f["domain"]))
-        if ok is False:
-            dom = False
-        elif ok is None and dom is not False:
-            dom = None
-        err = stage_error(f, w_dt, w_dc, w_amax, sd)
+        checks = [w_amax]
+        if f.get("rot"):
+            err, diam, y_am = rotated_stage(f, w_dt, w_dc, w_amax, w_dth, w_amh, sd, d)
+            checks.append(y_am)
+        else:
+            err = stage_error(f, w_dt, w_dc, w_amax, sd)
+        for a in checks:
+            ok = le(a, R.of(f["domain"]))
+            if ok is False:
+                dom = False
+            elif ok is None and dom is not False:
+                dom = None
         e = err if e is None else (e + err).inexact()       # e_k = round_up(e_(k-1) + err): §2.3
         total = total + f["u"] * diam * diam
         stages.append({"format": f["name"], "u": f["u"], "D": diam, "amax": w_amax, "error": e})
@@ -539,6 +574,7 @@ def _numstr(x, path, nonneg=True):
 
 
 INPUT_KEYS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
+INPUT_KEYS_H = ("d_token_h", "amax_h")          # optional: the rotated formats' ranges (§2.3c)
 LIP_KEYS = ("lipschitz", "mlp_lipschitz")
 
 
@@ -687,8 +723,8 @@ def _schema(p):
 
 
 def _inputs(x, path):
-    _obj(x, path, list(INPUT_KEYS))
-    for k in INPUT_KEYS:
+    _obj(x, path, list(INPUT_KEYS), list(INPUT_KEYS_H))
+    for k in INPUT_KEYS + tuple(k for k in INPUT_KEYS_H if k in x):
         iv = x[k]
         if not isinstance(iv, list) or len(iv) != 2:
             raise _Bad(f"{path}.{k}", "must be a [lo, hi] pair")
@@ -747,6 +783,8 @@ def _semantics(p):
         f = format_def(name)
         if f["gran"] == "token" and f["group"] != shape["head_dim"]:
             bad(f"$.formats.{name}", f"per-token group {f['group']} is not head_dim {shape['head_dim']}")
+        if f.get("rot") and shape["head_dim"] & (shape["head_dim"] - 1):
+            bad(f"$.formats.{name}", "a Hadamard rotation needs a power-of-two head_dim")
         if f["gran"] == "channel" and p["analysis"]["channel_group"] % f["group"]:
             bad(f"$.formats.{name}", f"channel group {f['group']} does not divide analysis.channel_group")
     if shape["query_heads"] % shape["kv_heads"]:
@@ -838,7 +876,7 @@ def _semantics(p):
 
 
 def _interval_rules(inputs, path, num, bad):
-    for k in INPUT_KEYS:
+    for k in INPUT_KEYS + tuple(k for k in INPUT_KEYS_H if k in inputs):
         lo, hi = num(inputs[k][0], f"{path}.{k}[0]"), num(inputs[k][1], f"{path}.{k}[1]")
         if lo > hi:
             bad(f"{path}.{k}", "lo > hi")
@@ -1173,7 +1211,9 @@ def _minus(ivs, blocks):
 
 
 def _rng(inputs):
-    return parse(inputs["d_token"][1]), parse(inputs["d_channel"][1]), parse(inputs["amax"][1])
+    """d_token, d_channel, amax, and the rotated d_token_h, amax_h (None where absent)."""
+    return (parse(inputs["d_token"][1]), parse(inputs["d_channel"][1]), parse(inputs["amax"][1]),
+            *(parse(inputs[k][1]) if k in inputs else None for k in INPUT_KEYS_H))
 
 
 def decide(plan, crop=False) -> Result:
@@ -1229,9 +1269,9 @@ def decide(plan, crop=False) -> Result:
                         res.findings.append(f"L{li} H{hid} {kv}: state {name} read with {reader} inputs, "
                                             "which the plan leaves null")
                         continue
-                    dt, dc, am = _rng(inp)
+                    rg = _rng(inp)
                     kap = parse(inp["kappa"][1]) if kv == "K" else Q(0)
-                    cv = chain_value([fmts[rule[x]["format"]] for x in st["chain"]], dt, dc, am, d, kap)
+                    cv = chain_value([fmts[rule[x]["format"]] for x in st["chain"]], *rg, d, kap)
                     rhs = (c * kap) * cv["sum_uD2"]
                     if len(st["chain"]) > 1:
                         rhs = rhs.inexact()
@@ -1250,13 +1290,13 @@ def decide(plan, crop=False) -> Result:
                 for seg, chains in (("sink", [("sink",)]), ("recent", [("recent",)]), ("rest", rest_chains)):
                     if lens[seg] <= 0 or rule[seg]["inputs"] is None:
                         continue
-                    dt, dc, am = _rng(rule[seg]["inputs"])
+                    rg = _rng(rule[seg]["inputs"])
                     for ch in chains:
-                        acc("doc", seg, chain_value([fmts[rule[x]["format"]] for x in ch], dt, dc, am, d, 0)["error"])
+                        acc("doc", seg, chain_value([fmts[rule[x]["format"]] for x in ch], *rg, d, 0)["error"])
                 for bi, b in enumerate(rule["blocks"]):
-                    dt, dc, am = _rng(b["inputs"])
+                    rg = _rng(b["inputs"])
                     kap = parse(b["inputs"]["kappa"][1]) if kv == "K" else Q(0)
-                    cv = chain_value([fmts[b["format"]]], dt, dc, am, d, kap)
+                    cv = chain_value([fmts[b["format"]]], *rg, d, kap)
                     rhs = (c * kap) * cv["sum_uD2"]
                     th = le(rhs, eps)
                     holds = (False if cv["domain"] is False or th is False else

@@ -61,6 +61,14 @@ def reports(draw, max_layers=3, max_heads=2):
         arrays[f"{kv}_tok_min"], arrays[f"{kv}_tok_max"] = lo_.astype(np.float32), hi_.astype(np.float32)
         arrays[f"{kv}_d_token"] = (hi_ - lo_) * np.sqrt(d)
         arrays[f"{kv}_d_channel"] = (hi_ - lo_) * np.sqrt(d) * pos(n_l, n_h, w, lo=0.2, hi=1.0)
+    # the rotated formats' ranges (docs/design.md §2.3c), from a generator of their own: the arrays above are
+    # those drawn before they existed
+    rot = np.random.default_rng(seed + 1)
+    for kv in ("k", "v"):
+        amax = np.maximum(-arrays[f"{kv}_tok_min"], arrays[f"{kv}_tok_max"]).astype(np.float64)
+        a_h = amax * rot.uniform(0.2, 1.0, size=amax.shape)
+        arrays[f"{kv}_rot_min"], arrays[f"{kv}_rot_max"] = -a_h * rot.uniform(0.5, 1.0, size=amax.shape), a_h
+        arrays[f"{kv}_d_token_h"] = (arrays[f"{kv}_rot_max"] - arrays[f"{kv}_rot_min"]) * np.sqrt(d)
     summary = {
         "shape": {"layers": n_l, "kv_heads": n_h, "query_heads": n_h * g, "head_dim": d, "positions": w},
         "rule_grid": {"sinks": sinks, "windows": windows, "segments": ["sink", "recent", "rest"]},

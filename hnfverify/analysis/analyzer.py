@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from .curvature import MAX_FIELDS, SINKS, WINDOWS, causal_allowed, position_stats, seed_curvature
-from ..core.formats import channel_groups_of
+from ..core.formats import channel_groups_of, is_power_of_two
 from ..core.vocabulary import Curvature
 from ..errors import InvalidArgument, ModelError, UnsupportedModel
 from .instrument import AttentionCall, attention_modules, instrument, output_projection
@@ -164,6 +164,16 @@ class _Accumulator:
             self.ranges[f"{kv}_d_channel"] = z()
             for sub in self.sub_groups:
                 self.ranges[f"{kv}_d_channel_g{sub}"] = z()
+            if is_power_of_two(d):          # the rotated formats' ranges (docs/design.md §2.3c)
+                self.ranges[f"{kv}_rot_min"] = torch.full((n_layers, hkv, t), inf, dtype=torch.float64)
+                self.ranges[f"{kv}_rot_max"] = torch.full((n_layers, hkv, t), -inf, dtype=torch.float64)
+                self.ranges[f"{kv}_d_token_h"] = z()
+        if is_power_of_two(d):
+            from ..kv.rotation import hadamard64
+
+            self.hadamard = hadamard64(d)
+        else:
+            self.hadamard = None
         n_s, n_r = len(SINKS), len(WINDOWS)
         self.split = {
             "kappa_far_lo": torch.zeros(n_layers, n_r, hkv, t, dtype=torch.float64),
@@ -231,6 +241,17 @@ class _Accumulator:
         # per-token group = the head's d channels; box [min, max]^d has l2 diameter sqrt(d) (max - min)
         d_tok = (tmax.double() - tmin.double()) * math.sqrt(d) * (1 + 2.0 ** -30)
         torch.maximum(r[f"{name}_d_token"][layer], d_tok, out=r[f"{name}_d_token"][layer])
+        if self.hadamard is not None:
+            # H x in float64 (H symmetric, orthogonal), each end pushed out by a bound of the product's rounding:
+            # |fl(Hx)_i - (Hx)_i| <= gamma_d^(64) ||x||_1 / sqrt(d) <= (d + 2) 2^-53 ||x||_2, doubled for the sqrt
+            x64 = x.double()
+            y = x64 @ self.hadamard
+            w = x64.norm(dim=-1) * ((d + 2) * 2.0 ** -52)
+            ylo, yhi = y.amin(-1) - w, y.amax(-1) + w
+            torch.minimum(r[f"{name}_rot_min"][layer], ylo, out=r[f"{name}_rot_min"][layer])
+            torch.maximum(r[f"{name}_rot_max"][layer], yhi, out=r[f"{name}_rot_max"][layer])
+            d_h = (yhi - ylo) * math.sqrt(d) * (1 + 2.0 ** -30)
+            torch.maximum(r[f"{name}_d_token_h"][layer], d_h, out=r[f"{name}_d_token_h"][layer])
         # per-channel groups of g tokens; box prod_c [min_c, max_c] has diameter ||max - min||_2
         g = self.g
         n_groups = math.ceil(t / g)

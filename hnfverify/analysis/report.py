@@ -44,6 +44,10 @@ ARRAY_FIELDS = {
     "k_d_token": "l2 diameter of K_t's per-token quantization box sqrt(d)(max-min), max over windows",
     "k_d_channel": "l2 diameter of K_t's per-channel-group box ||max_c - min_c||, max over windows",
     "v_d_token": "as k_d_token for V", "v_d_channel": "as k_d_channel for V",
+    "k_rot_min": "per-token min of H K_t (H the normalized Hadamard of head_dim, float64 pushed out by its rounding; "
+                 "power-of-two head_dim only, docs/design.md 2.3c)", "k_rot_max": "per-token max of H K_t",
+    "v_rot_min": "per-token min of H V_t", "v_rot_max": "per-token max of H V_t",
+    "k_d_token_h": "as k_d_token for H K_t", "v_d_token_h": "as k_d_token for H V_t",
     "k_d_channel_gN": "as k_d_channel over groups of N tokens, for every N in analysis.channel_groups below channel_group "
                       "(the groups a plan may use instead, docs/design.md 3)", "v_d_channel_gN": "as k_d_channel_gN for V",
     "o_proj_norm_qhead": "(layers, query_heads) spectral norm of the output projection's slice for each query head",

@@ -58,6 +58,8 @@ def add_plan_options(p) -> None:
     g.add_argument("--no-codebooks", dest="no_codebooks", action="store_true",
                    help="searched plans choose from the uniform grids only, not the Lloyd-Max codebooks lmB_* "
                         "(ablation)")
+    g.add_argument("--no-rotation", dest="no_rotation", action="store_true",
+                   help="searched plans do not choose the Hadamard-rotated per-token formats *_h (ablation)")
     g.add_argument("--c", help="the constant c of Theorem 5.7 (default 4)")
     g.add_argument("--sink", type=positive_int_arg("--sink"), default=4, help="attention-sink prefix length")
     g.add_argument("--recent", type=recent_arg, default=64,

@@ -26,7 +26,7 @@ def plan_request(args):
         error_norms=not args.no_error_norms, composition=args.composition,
         suffix_margin=fraction_arg("--suffix-margin", args.suffix_margin),
         max_kl=fraction_arg("--max-kl", args.max_kl), channel_group=args.plan_channel_group,
-        codebooks=not args.no_codebooks)
+        codebooks=not args.no_codebooks, rotation=not args.no_rotation)
 
 
 def write_plan(plan: dict, out_path: str, out: TextIO, as_json: bool, brief: bool = False) -> None:

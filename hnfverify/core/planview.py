@@ -100,7 +100,8 @@ def _hi(interval) -> Fraction:
 
 
 def segment_stats(inputs: dict, d: int) -> SegmentStats:
-    return SegmentStats(d, _hi(inputs["d_token"]), _hi(inputs["d_channel"]), _hi(inputs["amax"]))
+    opt = [_hi(inputs[k]) if k in inputs else None for k in ("d_token_h", "amax_h")]
+    return SegmentStats(d, _hi(inputs["d_token"]), _hi(inputs["d_channel"]), _hi(inputs["amax"]), *opt)
 
 
 def _stream(layer: int, head: int, kv: str, rule: dict, t: int, d: int) -> StreamView:

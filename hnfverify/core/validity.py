@@ -7,7 +7,7 @@ numbers parsed, so ``parse_number`` does not fail here. No torch.
 
 from __future__ import annotations
 
-from .formats import by_name
+from .formats import RotatedFormat, by_name, is_power_of_two
 from .numbers import fmt_number, parse_number
 from .semantics import SEGMENTS
 
@@ -57,6 +57,8 @@ def consistency_problems(plan: dict) -> list[tuple[str, str]]:
         if f.granularity == "token" and f.group != d:
             add(f"$.formats.{name}", f"a per-token format groups the head's {d} channels (head_dim); group {f.group} "
                                      "cannot run")
+        if isinstance(f, RotatedFormat) and not is_power_of_two(d):
+            add(f"$.formats.{name}", f"{name} is Hadamard-rotated: that needs a power-of-two head_dim, got {d}")
         if f.granularity == "channel" and group % f.group:
             # a group aligned at multiples of f.group lies inside one aligned group of the analysis' (docs/design.md §3)
             add(f"$.formats.{name}", f"channel group {f.group} does not divide $.analysis.channel_group {group}, the "

@@ -1,6 +1,6 @@
 """One codec per format family, behind the stream mechanics of ``storage.py``: floats (a cast),
 FP8 (per-token FP16 scale, torch's float8 dtypes), integers and codebooks (FP16 scale and zero-point,
-bit-packed codes).
+bit-packed codes), and the Hadamard-rotated per-token formats (the integer codec on the rotated vectors).
 Each does exactly what the format's reference semantics say (``hnfverify/core/formats``)."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from ..core.formats import Format
 from ..core.formats.floating import FloatFormat
 from ..core.formats.fp8 import Fp8Format
 from ..core.formats.integer import CodebookFormat
+from ..core.formats.rotated import RotatedFormat
+from .rotation import rotate
 from .storage import Packed, fp16_down, fp16_up_from64, grouped, pack_bits, ungrouped, unpack_bits
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -150,8 +152,35 @@ class IntCodec:
         dst.add_(z32)
 
 
+class RotatedCodec:
+    """``intB_tG_h`` / ``lmB_tG_h``: the inner per-token format of y = R(x) (``rotation.rotate``), read back as
+    R(w). The packed bytes are the inner format's; the Packed carries the rotated format."""
+
+    @staticmethod
+    def _inner(p: Packed) -> Packed:
+        return Packed(p.fmt.inner, p.shape, p.data, p.scale, p.zero)
+
+    @staticmethod
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
+        r = IntCodec.quantize(rotate(x), fmt.inner, shape, group_tokens, values)
+        p, w = r if values else (r, None)
+        p = Packed(fmt, p.shape, p.data, p.scale, p.zero)
+        return (p, rotate(w)) if values else p
+
+    @staticmethod
+    def dequantize(p: Packed) -> torch.Tensor:
+        return rotate(IntCodec.dequantize(RotatedCodec._inner(p)))
+
+    @staticmethod
+    def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+        IntCodec.dequantize_into(RotatedCodec._inner(p), dst)
+        dst.copy_(rotate(dst))
+
+
 def codec_for(fmt: Format):
     """The codec of a format's family (FP8 formats are float formats too: they are tested first)."""
+    if isinstance(fmt, RotatedFormat):
+        return RotatedCodec
     if isinstance(fmt, Fp8Format):
         return Fp8Codec
     if isinstance(fmt, FloatFormat):

@@ -168,7 +168,7 @@ def assemble(summary, req, units, state, meta, table, tau, lips, lips_meas, mlps
                         "tokens": calib["n_tokens"], "curvature": meta["curvature"],
                         "queries": int(calib["n_tokens"]) * int(summary["shape"]["query_heads"])}},
         {"name": "ranges", "statement": "every cached key/value lies within the plan's amax, d_token and d_channel "
-         "upper ends", "margin": "1", "value": max((u.inputs["amax"][1] for u in units), key=parse_number),
+         "upper ends (and its Hadamard rotation within d_token_h and amax_h, where given)", "margin": "1", "value": max((u.inputs["amax"][1] for u in units), key=parse_number),
          "provenance": {"calibration_sha256": calib["token_ids_sha256"], "windows": calib["n_windows"]}},
         {"name": "attention mass", "statement": "every deployment query puts at most mass_alpha (and mass_avo) on "
          "each segment, and ||q|| <= q_max", "margin": "1",

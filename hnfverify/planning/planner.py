@@ -44,7 +44,7 @@ import math
 from dataclasses import replace
 
 from ..core.bound import exact_head_error, kl_bound, logit_osc_bound
-from ..core.formats import channel_groups_of, format_table
+from ..core.formats import RotatedFormat, channel_groups_of, format_table
 from ..core.numbers import dec_down, dec_up, fmt_number, parse_number, round_up, show_bound
 from ..core.semantics import SEGMENTS
 from ..core.vocabulary import Objective
@@ -247,8 +247,9 @@ def _plan(summary: dict, arrays: dict, req: PlanRequest, report_name: str) -> tu
     elif fixed is None:                     # a searched plan: one channel group, the user's or the analysis'
         groups = {req.channel_group or big}
         table = search_table(table, req.channel_group or big, big)
-        if not req.codebooks:               # the ablation: uniform grids only
-            table = {n: f for n, f in table.items() if f.family != "codebook"}
+    if fixed is None:                       # the ablations: uniform grids only, no rotation
+        table = {n: f for n, f in table.items() if (req.codebooks or f.family != "codebook")
+                 and (req.rotation or not isinstance(f, RotatedFormat))}
     else:
         groups = fixed_channel_groups(req)
     # the diameters of the plan's one group where the analysis measured them, else of the analysis' group,

@@ -78,6 +78,7 @@ class PlanRequest:
     suffix_margin: Fraction = Fraction(2)
     max_kl: Fraction | None = None        # the KL budget of every token (docs/design.md §2.6)
     codebooks: bool = True                # searched plans may choose the codebook formats lmB_* (docs/design.md §2.3b)
+    rotation: bool = True                 # searched plans may choose the Hadamard-rotated formats *_h (§2.3c)
     channel_group: int | str | None = None  # the searched plans' channel group (a divisor of the analysis'), or "all":
                                           # each unit picks among every divisor the analysis measured; None: its
 

@@ -10,6 +10,7 @@ from functools import lru_cache
 from ..core.bound import HeadInputs
 from ..core.formats import Format, SegmentStats
 from ..core.numbers import dec_down, dec_up, parse_number
+from ..core.planview import segment_stats
 from ..core.semantics import SEGMENTS, StreamRule, segment_bits, segment_lengths, stored_counts
 from ..errors import InvalidArgument
 from .request import PlanRequest
@@ -165,6 +166,9 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
             for kv in ("K", "V"):
                 p = kv.lower()
                 amax_arr = np.maximum(np.abs(arrays[f"{p}_tok_min"][li, h]), np.abs(arrays[f"{p}_tok_max"][li, h]))
+                rot = f"{p}_rot_min" in arrays          # the rotated formats' ranges (docs/design.md §2.3c)
+                if rot:
+                    amax_h_arr = np.maximum(np.abs(arrays[f"{p}_rot_min"][li, h]), np.abs(arrays[f"{p}_rot_max"][li, h]))
                 for seg in SEGMENTS:
                     if lengths[seg] == 0:
                         continue
@@ -197,8 +201,10 @@ def units_from_report(summary: dict, arrays: dict, req: PlanRequest, table: dict
                         "vo": interval(mx(arrays["vo_max_lo"][li, h]), mx(arrays["vo_max_hi"][li, h])),
                         "mass_alpha": interval(float(ma_lo), float(ma)), "mass_avo": interval(float(mv_lo), float(mv)),
                     }
-                    stats = SegmentStats(d, parse_number(inputs["d_token"][1]), parse_number(inputs["d_channel"][1]),
-                                         parse_number(inputs["amax"][1]))
+                    if rot:
+                        d_h, amax_h = mx(arrays[f"{p}_d_token_h"][li, h]), float(np.max(amax_h_arr[sl]))
+                        inputs["d_token_h"], inputs["amax_h"] = interval(d_h, d_h), interval(amax_h, amax_h)
+                    stats = segment_stats(inputs, d)
                     kap = (parse_number(inputs["kappa"][0]), parse_number(inputs["kappa"][1]))
                     units.append(Unit(li, h, kv, seg, lengths[seg], stats, kap, inputs, sink=req.sink,
                                       recent=req.recent, max_seq_len=t))

@@ -19,6 +19,8 @@ def test_table_bits_and_unit_roundoffs():
     reach = {4: F(23, 32), 3: F(9, 16), 2: F(1, 2)}          # the levels' largest distance to a point of [0, 2^b - 1]
     expect.update({f"lm{b}_{t}": (b + F(32, g), reach[b] / (2**b - 1)) for b in (4, 3, 2)
                    for t, g in (("t64", 64), ("c32", 32), ("c16", 16), ("c8", 8))})
+    # the rotated per-token formats: the inner format's bits and u (docs/design.md §2.3c)
+    expect.update({f"{k}{b}_t64_h": expect[f"{k}{b}_t64"] for k in ("int", "lm") for b in (4, 3, 2)})
     assert set(t) == set(expect)
     for name, (bits, u) in expect.items():
         assert t[name].bits_per_element == bits and t[name].u == u

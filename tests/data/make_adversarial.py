@@ -496,7 +496,7 @@ def _widened_amax(rule, p):
     f1 = oracle.format_def(rule["recent"]["format"])
     inp = rule["rest"]["inputs"]
     e1 = oracle.chain_value([f1], Fraction(inp["d_token"][1]), Fraction(inp["d_channel"][1]), Fraction(65504),
-                            p["shape"]["head_dim"], 0)["error"]
+                            None, None, p["shape"]["head_dim"], 0)["error"]
     return oracle.rdown(Fraction(65504) - e1.lo / 2, 60)
 
 

@@ -4,7 +4,8 @@
 with that head dimension: FP32, FP16, BF16, FP8-E4M3/E5M2 (per-token FP16 scale), INT8/INT4/INT3/INT2
 and the LM4/LM3/LM2 codebooks (Lloyd-Max levels, docs/design.md §2.3b) per token (group = head_dim) and
 per channel (group = ``channel_group`` tokens; any divisor of the analysis' channel group is sound,
-docs/design.md §3). ``by_name``
+docs/design.md §3), and, where head_dim is a power of two, the per-token INT4/3/2 and LM4/3/2 formats of the
+Hadamard-rotated vector (``int3_t64_h``, docs/design.md §2.3c). ``by_name``
 rebuilds a format from its name (e.g. ``int4_c32``), which is what plan.json stores.
 """
 
@@ -17,13 +18,19 @@ from .base import GRANULARITIES, Format, SegmentStats
 from .floating import BF16, FP16, FP32, FloatFormat
 from .fp8 import Fp8Format, e4m3, e5m2
 from .integer import CODEBOOK_BITS, INT_BITS, CodebookFormat, IntFormat, codebook_format, int_format, packed_row_bytes
+from .rotated import RotatedFormat, is_power_of_two, rotated
 
 __all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "CodebookFormat", "format_table", "by_name",
-           "GRANULARITIES", "channel_groups_of", "FP32", "FP16", "BF16", "INT_BITS", "packed_row_bytes"]
+           "GRANULARITIES", "channel_groups_of", "FP32", "FP16", "BF16", "INT_BITS", "packed_row_bytes", "RotatedFormat",
+           "ROTATED_BITS", "is_power_of_two"]
+
+#: the bits of the per-token formats that get a rotated variant (INT8 gains nothing from it)
+ROTATED_BITS = (4, 3, 2)
 
 # used with fullmatch (``$`` would accept a final newline); ASCII digits without a leading zero, as in
 # specs/plan.schema.json (``\d`` would also take other scripts' digits, which int() reads)
-_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))")
+_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))"
+                   r"(_h)?")
 
 
 def channel_groups_of(channel_group: int) -> list[int]:
@@ -44,6 +51,9 @@ def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
         if packed_row_bytes(b, head_dim) * 8 == b * head_dim:
             fmts.append(codebook_format(b, "token", head_dim))
         fmts += [codebook_format(b, "channel", g) for g in channel_groups_of(channel_group)]
+    if is_power_of_two(head_dim):
+        fmts += [rotated(f) for f in list(fmts) if f.granularity == "token" and f.family in ("int", "codebook")
+                 and f.value_bits in ROTATED_BITS]
     return {f.name: f for f in fmts}
 
 
@@ -51,7 +61,13 @@ def by_name(name: str) -> Format:
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not m:
         raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, fp8_e4m3_tG, fp8_e5m2_tG, "
-                         "intB_tG or intB_cG (B = 8, 4, 3, 2), lmB_tG or lmB_cG (B = 4, 3, 2)")
+                         "intB_tG or intB_cG (B = 8, 4, 3, 2), lmB_tG or lmB_cG (B = 4, 3, 2), and intB_tG_h or "
+                         "lmB_tG_h (Hadamard-rotated)")
+    if m.group(7):
+        if not m.group(4) or m.group(5) != "t":
+            raise InputError(f"unknown format {name!r}: only the per-token intB_tG and lmB_tG formats have a "
+                             "Hadamard-rotated variant (_h)")
+        return rotated(by_name(name[:-2]))
     if name in ("fp32", "fp16", "bf16"):
         return {"fp32": FP32, "fp16": FP16, "bf16": BF16}[name]
     if m.group(2):

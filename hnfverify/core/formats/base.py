@@ -26,12 +26,16 @@ class SegmentStats:
 
     d: head_dim; d_token: max l2 diameter of a vector's per-token box sqrt(d) (max - min);
     d_channel: max l2 diameter of its per-channel-group box; amax: max |x| of any element.
+    d_token_h, amax_h: the same of H x, H the normalized Hadamard of head_dim (rotated formats,
+    docs/design.md §2.3c); None where not measured.
     """
 
     d: int
     d_token: Fraction
     d_channel: Fraction
     amax: Fraction
+    d_token_h: Fraction | None = None
+    amax_h: Fraction | None = None
 
     @property
     def norm(self) -> Fraction:
@@ -44,7 +48,10 @@ class SegmentStats:
         if delta == 0:
             return self
         grow = 2 * sqrt_up(Fraction(self.d)) * delta
-        return SegmentStats(self.d, self.d_token + grow, self.d_channel + grow, self.amax + delta)
+        # ||H dx||_2 = ||dx||_2 <= delta: the rotated coordinates move by at most delta too
+        return SegmentStats(self.d, self.d_token + grow, self.d_channel + grow, self.amax + delta,
+                            None if self.d_token_h is None else self.d_token_h + grow,
+                            None if self.amax_h is None else self.amax_h + delta)
 
 
 @dataclass(frozen=True)

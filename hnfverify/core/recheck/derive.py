@@ -5,7 +5,7 @@ from fractions import Fraction as F
 
 from .base import expect
 from .numbers import bound, exp_up, fmt, num, round_up, show, sqrt_up
-from .formats import chain_stages, diam
+from .formats import chain_stages, diam, domain_ok
 from .semantics import (READER, chain, minus_blocks, reachable, seg_errors, smt_composition, smt_kl, smt_monotonicity, smt_precision, smt_suffix,
                         stream)
 
@@ -41,7 +41,7 @@ def precision(eps, c, t, layer, head, st):
         stages = chain_stages(ch, ranges)
         rhs = c * kap * sum((f["u"] * diam(f, s) ** 2 for f, s, _ in stages), F(0))
         for f, s, _ in stages:
-            expect(s["amax"] <= f["domain"], f"{oid}: does not hold: {f['name']} out of its domain (amax "
+            expect(domain_ok(f, s), f"{oid}: does not hold: {f['name']} out of its domain (amax "
                                              f"{fmt(s['amax'])} > {fmt(f['domain'])}), the plan violates it")
         expect(rhs <= eps, f"{oid}: does not hold: c kappa sum u D^2 = {show(rhs)} exceeds eps = {fmt(eps)}, "
                            "the plan violates it")

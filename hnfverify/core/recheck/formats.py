@@ -21,8 +21,19 @@ def _reach(levels):
     return max(levels[0], len(levels) - 1 - levels[-1], max(b - a for a, b in zip(levels, levels[1:])) / 2)
 
 
+#: the rotated formats' error-model text before the inner format's (docs/design.md §2.3c)
+ROTATION_MODEL = ("Hadamard-rotated y = FWHT32(x) / sqrt(d); |dx| <= E_in + e_f + rho (N + e_f + E_in) + tau, "
+                  "e_f = rho N + tau, rho = gamma_(log2 d + 2), tau = 5 sqrt(d) 2^-126, E_in the inner bound on the "
+                  "ranges of y (d_token_h, amax_h) widened by e_f; inner: ")
+
+
 def fmt_def(name):
     """The format a name denotes, or None: unit roundoff u, grid, domain, bits, table entry."""
+    if isinstance(name, str) and name.endswith("_h"):
+        inner = fmt_def(name[:-2])
+        if inner is None or inner.get("rot") or inner["family"] not in ("int", "codebook") or inner["gran"] != "token":
+            return None
+        return dict(inner, name=name, rot=inner)
     floats = {"fp32": (23, -126, (2 - F(1, 2 ** 23)) * F(2) ** 127, 32), "fp16": (10, -14, F(65504), 16),
               "bf16": (7, -126, (2 - F(1, 2 ** 7)) * F(2) ** 127, 16)}
     if not isinstance(name, str):
@@ -49,6 +60,9 @@ def fmt_def(name):
 
 def fmt_json(f):
     """The format's entry in a plan's formats table."""
+    if f.get("rot"):
+        e = fmt_json(f["rot"])
+        return dict(e, error_model=ROTATION_MODEL + e["error_model"])
     if f["family"] == "float":
         em = (f"round-to-nearest; |dx| <= u|x| (normal), <= {fmt(f['sub'])} (subnormal); "
               f"overflow above {fmt(f['max'])}")
@@ -66,13 +80,46 @@ def fmt_json(f):
             "overhead_bits": f["over"], "bits_per_element": fmt(bpe), "u": fmt(f["u"]), "error_model": em}
 
 
+def rotation(d):
+    """rho and tau of the rotation's lemma (§2.3c) for a power-of-two d."""
+    n = d.bit_length() + 1
+    return n * F(1, 2 ** 24) / (1 - n * F(1, 2 ** 24)), 5 * sqrt_up(F(d)) * F(1, 2 ** 126)
+
+
+def rotated_stages(st):
+    """(N, e_f, the ranges of the computed H x) for ranges st: the measured rotated ranges where given, capped by
+    what ||H x|| = ||x|| <= sqrt(d) amax implies."""
+    sd = sqrt_up(F(st["d"]))
+    rho, tau = rotation(st["d"])
+    n = sd * st["amax"]
+    amh = n if st.get("amh") is None else min(st["amh"], n)
+    n = min(n, sd * amh)
+    dth = 2 * sd * amh if st.get("dth") is None else min(st["dth"], 2 * sd * amh)
+    e = rho * n + tau
+    return n, e, widen({"d": st["d"], "dt": dth, "dc": dth, "amax": amh}, e)
+
+
+def domain_ok(f, st):
+    """Every value (and, rotated, every rotated value) within the format's domain."""
+    if f.get("rot"):
+        return st["amax"] <= f["domain"] and rotated_stages(st)[2]["amax"] <= f["domain"]
+    return st["amax"] <= f["domain"]
+
+
 def diam(f, st):
     """D of Theorem 5.7: the l2 diameter of the box the format quantizes a vector over."""
+    if f.get("rot"):
+        return rotated_stages(st)[2]["dt"]
     return st["dc"] if f["gran"] == "channel" else st["dt"]
 
 
 def l2_error(f, st):
     """||x - dequant(quant(x))||_2 for one cached d-vector within the ranges st (the lemmas of §2.3)."""
+    if f.get("rot"):
+        rho, tau = rotation(st["d"])
+        n, e, ys = rotated_stages(st)
+        ein = l2_error(f["rot"], ys)
+        return ein + e + rho * (n + e + ein) + tau
     sd = sqrt_up(F(st["d"]))
     norm = sd * st["amax"]
     if f["family"] == "float":
@@ -89,7 +136,10 @@ def widen(st, e):
     if e == 0:
         return st
     g = 2 * sqrt_up(F(st["d"])) * e
-    return {"d": st["d"], "dt": st["dt"] + g, "dc": st["dc"] + g, "amax": st["amax"] + e}
+    out = {"d": st["d"], "dt": st["dt"] + g, "dc": st["dc"] + g, "amax": st["amax"] + e}
+    if "dth" in st:         # the rotated ranges move by at most e per element too
+        out.update(dth=None if st["dth"] is None else st["dth"] + g, amh=None if st["amh"] is None else st["amh"] + e)
+    return out
 
 
 def chain_stages(chain, st):

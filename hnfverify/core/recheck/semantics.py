@@ -56,7 +56,9 @@ def stream(rule, kv, t, d):
     lens = {"sink": s_len, "recent": r_len, "rest": t - s_len - r_len}
 
     def ranges(inp):
-        return {"d": d, "dt": num(inp["d_token"][1]), "dc": num(inp["d_channel"][1]), "amax": num(inp["amax"][1])}
+        return {"d": d, "dt": num(inp["d_token"][1]), "dc": num(inp["d_channel"][1]), "amax": num(inp["amax"][1]),
+                "dth": num(inp["d_token_h"][1]) if "d_token_h" in inp else None,
+                "amh": num(inp["amax_h"][1]) if "amax_h" in inp else None}
 
     def kap(inp):
         return num(inp["kappa"][1]) if kv == "K" else F(0)

@@ -46,7 +46,8 @@ def read_json(data, what, limit):
     return obj
 
 
-FORMAT_NAME = r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
+FORMAT_NAME = (r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
+               r"|(int(8|4|3|2)|lm(4|3|2))_t[1-9][0-9]*_h")
 INPUTS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
 NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
                 "bits_per_element", "u", "avg_bits", "compression_vs_fp16", "cache_bits_at_max_seq_len",
@@ -71,7 +72,9 @@ def O(req, opt=None):
 
 S, NN, SN = ("re", None, None), ("re", NUM[2:], 2000), ("re", NUM, 2000)      # string, number >= 0, number
 NAME = ("re", FORMAT_NAME, None)
-INPUTS_SPEC = O({k: ("pair", NN) for k in INPUTS})
+#: the rotated formats' ranges (optional: without them a rotated format's bound takes what ||x|| implies)
+INPUTS_H = ("d_token_h", "amax_h")
+INPUTS_SPEC = O({k: ("pair", NN) for k in INPUTS}, {k: ("pair", NN) for k in INPUTS_H})
 SEG, LEN = {"format": NAME, "inputs": ("null", INPUTS_SPEC)}, {"length": I(0, LENGTH)}
 GAIN = O({"measured": NN, "margin": NN, "value": NN})
 RULE = O({"sink": O({**SEG, **LEN}), "recent": O({**SEG, **LEN}), "rest": O(SEG, LEN), "blocks": (
@@ -174,6 +177,8 @@ def validate(p):
         need(f is not None, f"$.formats.{name}", "unknown format")
         need(same(spec, fmt_json(f)), f"$.formats.{name}", "the table entry differs from the format's definition")
         need(f["gran"] != "token" or f["group"] == d, f"$.formats.{name}", "a per-token group must be head_dim")
+        need(not f.get("rot") or d & (d - 1) == 0, f"$.formats.{name}", "a Hadamard rotation needs a power-of-two "
+             "head_dim")
         need(f["gran"] != "channel" or p["analysis"]["channel_group"] % f["group"] == 0, f"$.formats.{name}",
              "channel group does not divide $.analysis.channel_group")
     need(sh["query_heads"] % sh["kv_heads"] == 0, "$.shape", "query_heads must be a multiple of kv_heads")
@@ -225,7 +230,7 @@ def validate(p):
                          f"{path}.format", "a channel-grouped format only for the rest")
                     inp = item["inputs"]
                     need(inp is not None or lens.get(seg, 1) == 0, f"{path}.inputs", "a non-empty segment needs inputs")
-                    for k in INPUTS if inp is not None else ():
+                    for k in (INPUTS + tuple(k for k in INPUTS_H if k in inp)) if inp is not None else ():
                         need(num(inp[k][0], f"{path}.inputs.{k}[0]") <= num(inp[k][1], f"{path}.inputs.{k}[1]"),
                              f"{path}.inputs.{k}", "lower end exceeds upper end")
                     need(inp is None or num(inp["qnorm"][1]) <= num(head["q_max"]), f"{hp}.q_max",

@@ -51,6 +51,10 @@ VARIANTS = {
     "avg-bits-product": dict(avg_bits=Fraction(6), sink=4, recent=8, max_seq_len=24, composition="product"),
     "recent-0": dict(eps=Fraction(50), sink=4, recent=0, max_seq_len=24),
     "channel-rest": dict(uniform="int8_t16,K.rest=int4_c8,V.rest=int4_t16", sink=1, recent=8, max_seq_len=24),
+    # the Hadamard-rotated formats (docs/design.md §2.3c), on ranges implied by ||x|| alone and on measured ones
+    "rotated": dict(uniform="int8_t16,K.rest=int3_t16_h,V.rest=lm4_t16_h", sink=1, recent=8, max_seq_len=24),
+    "rotated-measured": dict(uniform="lm4_t16_h,K.rest=int3_t16_h,V.rest=lm2_t16_h", sink=4, recent=8,
+                             max_seq_len=24),
 }
 _CACHE: dict = {}
 
@@ -58,6 +62,13 @@ _CACHE: dict = {}
 def make_plan(variant="eps-target") -> dict:
     if variant not in _CACHE:
         summary, arrays = _report()
+        if variant.endswith("-measured"):
+            import numpy as np
+
+            for kv in "kv":
+                amax = np.maximum(-arrays[f"{kv}_tok_min"], arrays[f"{kv}_tok_max"]).astype(np.float64) * 0.6
+                arrays[f"{kv}_rot_min"], arrays[f"{kv}_rot_max"] = -amax * 0.8, amax
+                arrays[f"{kv}_d_token_h"] = amax * 1.8 * 4
         _CACHE[variant] = plan_from_report(summary, arrays, PlanRequest(**VARIANTS[variant]))
     return copy.deepcopy(_CACHE[variant])
 
@@ -153,6 +164,9 @@ def test_variants_cover_what_they_claim():
     ch = make_plan("channel-rest")
     assert any(by_name(h["K"]["rest"]["format"]).granularity == "channel" for layer in ch["layers"]
                for h in layer["heads"])
+    assert "d_token_h" not in make_plan("rotated")["layers"][0]["heads"][0]["K"]["rest"]["inputs"]
+    rm = make_plan("rotated-measured")["layers"][0]["heads"][0]
+    assert rm["K"]["rest"]["format"] == "int3_t16_h" and "amax_h" in rm["V"]["sink"]["inputs"]
 
 
 def test_unedited_resealed_certificate_is_still_confirmed():
