@@ -121,6 +121,10 @@ def build_plans(rep: Path, out: Path) -> list:
          "K int4 per channel (32-token groups), V int4 per token, no residual window (the incomplete group exact)"),
         ("kivi-2bit-nores", "peer", PlanRequest(uniform="int2_t64,K.rest=int2_c32", sink=0, recent=0),
          "K int2 per channel (32-token groups), V int2 per token, no residual window (the incomplete group exact)"),
+        ("quarot-int4", "peer", PlanRequest(uniform="int4_t64_h", sink=0, recent=0),
+         "QuaRot-style: K and V Hadamard-rotated, INT4 per token (group = head_dim 64), no residual"),
+        ("quarot-int3", "peer", PlanRequest(uniform="int3_t64_h", sink=0, recent=0),
+         "QuaRot-style: K and V Hadamard-rotated, INT3 per token (group = head_dim 64), no residual"),
     ]
     for b in ("3", "3.5", "4", "4.5", "5", "6", "7", "8"):
         specs.append((f"hnf-avg{b}", "hnfverify", PlanRequest(avg_bits=Fraction(b)), f"--avg-bits {b} (objective fisher)"))
@@ -138,6 +142,8 @@ def build_plans(rep: Path, out: Path) -> list:
     for b in ("3", "4"):
         specs.append((f"abl-avg{b}-no-codebooks", "ablation", PlanRequest(avg_bits=Fraction(b), codebooks=False),
                       f"--avg-bits {b} --no-codebooks: uniform grids only (vs hnf-avg{b}: codebooks allowed)"))
+        specs.append((f"abl-avg{b}-no-rotation", "ablation", PlanRequest(avg_bits=Fraction(b), rotation=False),
+                      f"--avg-bits {b} --no-rotation: no Hadamard-rotated formats (vs hnf-avg{b}: rotation allowed)"))
     specs += [
         ("abl-avg4.5-objective-linear", "ablation", PlanRequest(avg_bits=Fraction("4.5"), objective="linear"),
          "--avg-bits 4.5 --objective linear (vs hnf-avg4.5: objective fisher)"),

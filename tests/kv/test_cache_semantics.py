@@ -186,7 +186,8 @@ def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
     from hnfverify.core.semantics import norm_bits
     from hnfverify.evaluation import accounted_bytes, accounting_units
 
-    for spec, s, r in (("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16)):
+    for spec, s, r in (("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16),
+                       ("lm4_t16_h,K.rest=int3_t16_h,V.rest=lm2_t16_h", 4, 8), ("int3_t16_h", 1, 0)):
         plan = synthetic_plan(uniform=spec, sink=s, recent=r)
         n_l = len(plan["layers"])
         cache = MixedPrecisionCache.from_plan(plan)
@@ -202,7 +203,7 @@ def test_accounted_bytes_equal_the_cache_after_prefill_and_steps():
 
 
 @pytest.mark.parametrize("spec,s,r", [("int4_t16", 4, 0), ("fp16,rest=int4_c8", 4, 0), ("int8_t16,rest=int2_t16", 0, 8),
-                                      ("fp16,rest=int4_c8", 1, 16)])
+                                      ("fp16,rest=int4_c8", 1, 16), ("int8_t16,rest=lm3_t16_h", 1, 8)])
 def test_draft_and_crop_equal_never_drafting(spec, s, r):
     """Crop after a draft chunk, for every kind of stream (R = 0 per-token and channel rests included)."""
     plan = synthetic_plan(uniform=spec, sink=s, recent=r)

@@ -45,7 +45,8 @@ def test_codes_beyond_the_range_are_infinite_and_chains_add():
 
 
 @pytest.mark.parametrize("spec,s,r", [("int8_t16,K.rest=int4_c8", 4, 8), ("int4_t16", 1, 0), ("fp16,rest=int2_c8", 0, 16),
-                                      ("int2_t16", 1, 8), ("int4_t16,rest=int2_c8", 4, 16)])
+                                      ("int2_t16", 1, 8), ("int4_t16,rest=int2_c8", 4, 16),
+                                      ("lm4_t16_h,rest=int2_t16_h", 1, 8), ("int3_t16_h", 4, 0)])
 def test_recorded_norms_bound_the_true_errors_at_every_step(spec, s, r):
     """After a prefill and every one-token step, for every layer, head, K|V and position: the decoded code
     >= ||what the cache returns - what was written||, through sink, recent, rest chains and channel groups."""
