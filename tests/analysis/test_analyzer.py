@@ -97,6 +97,31 @@ def test_ranges_and_diameters():
                                                                                       a["v_d_channel"])
 
 
+def test_rotated_ranges_bound_the_rotated_keys_and_values():
+    """The rotated formats' ranges (docs/design.md §2.3c): per position, [rot_min, rot_max] holds every coordinate
+    of H K_t and H V_t of every window (recomputed independently), and d_token_h is sqrt(d) times that range."""
+    from hnfverify.kv.rotation import sylvester
+
+    lm = tiny_model("tiny-llama")
+    wins = _windows(2, 20)
+    a = analyze(lm, wins, AnalysisOptions(channel_group=8, lipschitz_iters=0)).arrays
+    d = 16
+    h = sylvester(d) / math.sqrt(d)
+    for li in range(4):
+        for w in wins.windows:
+            _, k, v, _ = independent_qkv(lm.model, torch.tensor([w]), li)
+            for name, x in (("k", k), ("v", v)):
+                y = x.double() @ h                                      # (Hkv, T, d)
+                assert np.all(a[f"{name}_rot_min"][li] <= y.amin(-1).numpy() + 1e-6)
+                assert np.all(a[f"{name}_rot_max"][li] >= y.amax(-1).numpy() - 1e-6)
+                width = (y.amax(-1) - y.amin(-1)).numpy() * math.sqrt(d)          # this window's, per position
+                assert np.all(a[f"{name}_d_token_h"][li] >= width - 1e-6)
+        for name in ("k", "v"):
+            amax = np.maximum(-a[f"{name}_tok_min"][li], a[f"{name}_tok_max"][li]).astype(np.float64)
+            amax_h = np.maximum(-a[f"{name}_rot_min"][li], a[f"{name}_rot_max"][li])
+            assert np.all(amax_h <= math.sqrt(d) * amax * (1 + 1e-6))       # ||H x||_inf <= ||x||_2
+
+
 def test_report_round_trip_and_lookup(tmp_path):
     lm = tiny_model("tiny-qwen2")
     wins = _windows(1, 12)

@@ -492,6 +492,24 @@ case("domain-bf16-far-above-65504", "§2.3", 0, "bf16: amax 1e6 is inside its do
     _domain("bf16", 10 ** 6, True))
 
 
+def _rotated_domain(amax_h, expect_ok):
+    """int3_t16_h values of amax 30000 (inside 65504) whose rotation reaches amax_h (§2.3c)."""
+    def build():
+        p = _domain("int3_t16_h", 30000, expect_ok)()
+        head(p)["V"]["sink"]["inputs"]["amax_h"] = ["0", oracle.canon(Fraction(amax_h))]
+        return null_claims(p)
+    return build
+
+
+case("domain-rotated-above-65504", "§2.3c", 1, "int3_t16_h: amax 30000 inside the domain, but the rotated values' "
+     "amax_h just above 65504 (the FP16 zero-point / scale of the rotated vector outside the lemma's domain)")(
+    _rotated_domain(Fraction(65504) + Fraction(1, 2 ** 20), False))
+case("domain-rotated-inside", "§2.3c", 0, "int3_t16_h: amax 30000, rotated amax_h 20000: inside the domain")(
+    _rotated_domain(20000, True))
+case("domain-rotated-implied", "§2.3c", 1, "int3_t16_h without a measured amax_h: amax 30000 implies only "
+     "amax_h <= sqrt(16) 30000 = 120000, outside the domain")(_domain("int3_t16_h", 30000, False))
+
+
 def _widened_amax(rule, p):
     f1 = oracle.format_def(rule["recent"]["format"])
     inp = rule["rest"]["inputs"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from hnfverify.errors import InvalidArgument
-from hnfverify.core.formats import by_name
+from hnfverify.core.formats import RotatedFormat, SegmentStats, by_name
 from hnfverify.core.plan import dumps, loads
 from hnfverify.planning import PlanInfeasible, PlanRequest, plan_from_report
 from tests.strategies import fixed_report, reports
@@ -39,8 +39,15 @@ def oracle_theorem_violations(summary, arrays, plan):
                     else:
                         kap = arrays["kappa_near_hi" if seg == "recent" else "kappa_far_hi"][li, ri, h, t]
                     fmt = by_name(rule[seg]["format"])
-                    d = arrays["k_d_channel" if fmt.granularity == "channel" else "k_d_token"][li, h, t]
-                    if eps < c * Fraction(float(kap)) * Fraction(float(d)) ** 2 * fmt.u:
+                    d = Fraction(float(arrays["k_d_channel" if fmt.granularity == "channel" else "k_d_token"][li, h, t]))
+                    if isinstance(fmt, RotatedFormat):      # D of the rotated grid at this position (§2.3c)
+                        amax = max(-float(arrays["k_tok_min"][li, h, t]), float(arrays["k_tok_max"][li, h, t]))
+                        a_h = max(-float(arrays["k_rot_min"][li, h, t]), float(arrays["k_rot_max"][li, h, t]))
+                        st_t = SegmentStats(int(summary["shape"]["head_dim"]), d, d,
+                                            Fraction(amax), Fraction(float(arrays["k_d_token_h"][li, h, t])),
+                                            Fraction(a_h))
+                        d = fmt.theorem_diameter(st_t)
+                    if eps < c * Fraction(float(kap)) * d ** 2 * fmt.u:
                         bad.append((li, h, seg, t))
     return bad
 

@@ -25,7 +25,7 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
     """Perturb kappa of one key segment; the verdict must equal the exact oracle's."""
     if plan is None:
         return
-    from hnfverify.core.formats import by_name
+    from hnfverify.core.formats import RotatedFormat, by_name
 
     p = copy.deepcopy(plan)
     li = data.draw(st.integers(0, len(p["layers"]) - 1))
@@ -36,6 +36,10 @@ def test_check_never_proves_what_the_oracle_refutes(plan, data):
         return
     f = by_name(item["format"])
     dd = Fraction(item["inputs"]["d_channel" if f.granularity == "channel" else "d_token"][1])
+    if isinstance(f, RotatedFormat):            # the rotated grid's D (docs/design.md §2.3c)
+        from hnfverify.core.planview import segment_stats
+
+        dd = f.theorem_diameter(segment_stats(item["inputs"], p["shape"]["head_dim"]))
     if dd == 0:
         return
     eps, c = Fraction(p["eps"]), Fraction(p["c"])
