@@ -174,7 +174,7 @@ class RotatedCodec:
     @staticmethod
     def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
         IntCodec.dequantize_into(RotatedCodec._inner(p), dst)
-        dst.copy_(rotate(dst))
+        rotate(dst, out=dst)
 
 
 def codec_for(fmt: Format):

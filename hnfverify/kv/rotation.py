@@ -31,21 +31,33 @@ def hadamard64(d: int) -> torch.Tensor:
     return sylvester(d) / math.sqrt(d)
 
 
-def rotate(x: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """H x for every row of x (..., d), float32: butterflies over the bits of the channel index, then the scale.
-    A new contiguous tensor; its own inverse up to the rounding the formats' lemma bounds."""
+    Into ``out`` (any float32 tensor or view of x's shape, x itself included: only the last stage writes it, after
+    every read of x) or a new tensor; its own inverse up to the rounding the formats' lemma bounds. The same
+    operations in the same order either way."""
     d = x.shape[-1]
     if not is_power_of_two(d):
         raise ModelError(f"a Hadamard rotation needs a power-of-two head_dim, got {d}")
     shape = x.shape
-    a = x.to(torch.float32).reshape(-1, d).clone()
-    b = torch.empty_like(a)
-    h = 1
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    if d == 1:
+        return out.copy_(x)
+    if d == 2 and out.data_ptr() == x.data_ptr():      # one stage: it would read what it writes
+        x = x.clone()
+    src = x.to(torch.float32)
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    bufs = [torch.empty(shape, dtype=torch.float32, device=x.device) for _ in range(2 if d > 4 else 1)]
+    h, k = 1, 0
     while h < d:
-        src, dst = a.view(-1, d // (2 * h), 2, h), b.view(-1, d // (2 * h), 2, h)
-        torch.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
-        torch.sub(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
-        a, b = b, a
-        h *= 2
-    a.mul_(torch.tensor(1.0 / math.sqrt(d), dtype=torch.float64).to(torch.float32).item())
-    return a.view(shape)
+        last = 2 * h == d
+        dst = out if last else bufs[k % len(bufs)]
+        # (..., d / 2h, 2, h) views: the last dimension has stride 1, so out may be any slice of a larger tensor
+        dv, sv = (t.view(*shape[:-1], d // (2 * h), 2, h) for t in (dst, src))
+        torch.add(sv[..., 0, :], sv[..., 1, :], out=dv[..., 0, :])
+        torch.sub(sv[..., 0, :], sv[..., 1, :], out=dv[..., 1, :])
+        src, h, k = dst, 2 * h, k + 1
+    out.mul_(torch.tensor(1.0 / math.sqrt(d), dtype=torch.float64).to(torch.float32).item())
+    return out

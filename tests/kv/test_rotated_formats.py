@@ -105,6 +105,14 @@ def test_rotation_preserves_scores_to_float_rounding(d, seed, scale):
     back = rotate(rotate(k)).double()
     assert torch.all((back - k.double()).norm(dim=-1) <= (2 * rho + rho * rho) * kn + 3 * tau)
     assert torch.allclose(rotate(k).double(), k.double() @ hadamard64(d), rtol=0, atol=1e-5 * scale)
+    for dd in (1, 2, d):                        # in place, and into a strided view, the same bits
+        x = torch.randn(2, 5, dd, generator=gen)
+        want = rotate(x)
+        big = torch.zeros(2, 9, dd)
+        rotate(x, out=big[:, 2:7])
+        assert torch.equal(big[:, 2:7], want)
+        rotate(x, out=x)
+        assert torch.equal(x, want)
 
 
 def test_the_rotation_is_the_same_bits_on_any_shape_and_view():
