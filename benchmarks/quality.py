@@ -34,7 +34,10 @@ KIVI = {"kivi-4bit": "fp16,K.rest=int4_c32,V.rest=int4_t64", "kivi-2bit": "fp16,
 #: fixed allocations chosen from measurements on calibration-split text (never the evaluation split): keys per
 #: channel in 128-token groups, values per token, an INT8 window of 32, the first 4 tokens in FP16
 FIXED = {"hnf-fixed-k4v3": "int8_t64,sink=fp16,K.rest=int4_c128,V.rest=int3_t64",
-         "hnf-fixed-k3v3": "int8_t64,sink=fp16,K.rest=int3_c128,V.rest=int3_t64"}
+         "hnf-fixed-k3v3": "int8_t64,sink=fp16,K.rest=int3_c128,V.rest=int3_t64",
+         # the same with Hadamard-rotated values (docs/design.md §2.3c)
+         "hnf-fixed-k4v3h": "int8_t64,sink=fp16,K.rest=int4_c128,V.rest=int3_t64_h",
+         "hnf-fixed-k3v3h": "int8_t64,sink=fp16,K.rest=int3_c128,V.rest=int3_t64_h"}
 
 
 def log(*a):

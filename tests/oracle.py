@@ -641,7 +641,7 @@ def _schema(p):
             raise _Bad(fp, "unknown format name")
         _obj(spec, fp, ["family", "granularity", "group", "value_bits", "overhead_bits", "bits_per_element", "u",
                         "error_model"])
-        if spec["family"] not in ("float", "fp8", "int"):
+        if spec["family"] not in ("float", "fp8", "int", "codebook"):
             raise _Bad(f"{fp}.family", "unknown family")
         if spec["granularity"] not in ("none", "token", "channel"):
             raise _Bad(f"{fp}.granularity", "unknown granularity")

@@ -867,3 +867,28 @@ def test_per_position_audit_is_confirmed_only_when_complete():
     assert decide(cert, plan)[0] == 0
     cert["obligations"].remove(audit[-1])
     assert "missing" in rejected(reseal(recount(cert)), plan)
+
+
+def test_a_rotated_format_needs_a_power_of_two_head_dim():
+    """int3_t12_h cannot run (no Sylvester Hadamard of order 12): check's validity, recheck and the oracle refuse
+    the plan by name (docs/design.md §2.3c)."""
+    from hnfverify.core.formats import format_table
+    from hnfverify.core.recheck.base import Reject
+    from hnfverify.core.recheck.validate import validate
+    from hnfverify.core.validity import consistency_problems
+    from tests import oracle
+
+    assert not [n for n in format_table(12, 4) if n.endswith("_h")]
+    p = make_plan("rotated")
+    text = json.dumps(p).replace("_t16", "_t12")
+    p = json.loads(text)
+    p["shape"]["head_dim"] = 12
+    p["formats"] = {n: by_name(n).to_json() for n in p["formats"]}
+    probs = consistency_problems(p)
+    assert any("power-of-two head_dim" in msg and "int3_t12_h" in path for path, msg in probs), probs
+    with pytest.raises(Reject, match="power-of-two"):
+        validate(p)
+    ok, why, kind = oracle.validate(p)
+    assert not ok and "power-of-two" in why and kind == "semantic", (why, kind)
+    ok, why, _ = oracle.validate(make_plan("rotated"))
+    assert ok, why
