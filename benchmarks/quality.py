@@ -140,8 +140,8 @@ def build_plans(rep: Path, out: Path) -> list:
     for e in ("500", "4000"):
         specs.append((f"hnf-eps{e}", "hnfverify", PlanRequest(eps=Fraction(e)), f"--eps {e}"))
     for b in ("3", "4.5"):
-        specs.append((f"abl-avg{b}-group-all", "ablation", PlanRequest(avg_bits=Fraction(b), channel_group="all"),
-                      f"--avg-bits {b} --channel-group all: each unit picks its channel group (vs hnf-avg{b}: 128)"))
+        specs.append((f"abl-avg{b}-group128", "ablation", PlanRequest(avg_bits=Fraction(b), channel_group=128),
+                      f"--avg-bits {b} --channel-group 128: one channel group (vs hnf-avg{b}: each unit picks)"))
     for b in ("3", "4"):
         specs.append((f"abl-avg{b}-no-codebooks", "ablation", PlanRequest(avg_bits=Fraction(b), codebooks=False),
                       f"--avg-bits {b} --no-codebooks: uniform grids only (vs hnf-avg{b}: codebooks allowed)"))

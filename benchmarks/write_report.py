@@ -109,6 +109,65 @@ def verdicts(rows, full_ms=None) -> list:
     return lines
 
 
+def dppl(r, c) -> float:
+    e = r["eval"][c]
+    return 100 * (e["ppl"] / e["ppl_ref"] - 1)
+
+
+def goals(rows) -> list:
+    """The quality goals (bits per element while decoding, both texts): at most 4.5 bits with ΔPPL <= +0.5% and
+    KLD <= 0.01; at most 3 bits with ΔPPL <= +5%; at every budget of the grid the best hnfverify plan with at
+    most that many bits has lower KLD on both texts than every peer with at most that many bits."""
+    ours = [r for r in rows if r["group"] == "hnfverify"]
+    peers = [r for r in rows if r["group"] == "peer"]
+    by = {r["method"]: r for r in rows}
+    tol = 0.02
+    out = ["| budget | goal | plan | bits/el while decoding | within budget | prose ΔPPL % | code ΔPPL % | prose KLD "
+           "| code KLD | goal met |", "|---:|---|---|---:|---|---:|---:|---:|---:|---|"]
+    for budget, goal, ok in ((4.5, "ΔPPL <= +0.5% and KLD <= 0.01 on both",
+                              lambda r: all(dppl(r, c) <= 0.5 and r["eval"][c]["kld"] <= 0.01 for c in CORPORA)),
+                             (3.0, "ΔPPL <= +5% on both", lambda r: all(dppl(r, c) <= 5 for c in CORPORA))):
+        within = [r for r in ours if bits(r) <= budget + tol]
+        shown = []
+        if within:
+            shown.append(min(within, key=lambda r: (not ok(r), max(dppl(r, c) for c in CORPORA))))
+        else:
+            out.append(f"| {budget} | {goal} | (no hnfverify plan within the budget) | | | | | | | **no** |")
+        nominal = by.get(f"hnf-avg{budget:g}")        # the planner's plan at this budget (bits at max_seq_len)
+        if nominal is not None and nominal not in shown:
+            shown.append(nominal)
+        for r in shown:
+            inside = bits(r) <= budget + tol
+            out.append(f"| {budget} | {goal} | `{r['method']}` | {bits(r):.3f} | {'yes' if inside else 'no'} "
+                       f"| {dppl(r, 'prose'):+.2f} | {dppl(r, 'code'):+.2f} | {r['eval']['prose']['kld']:.4f} "
+                       f"| {r['eval']['code']['kld']:.4f} | {'**yes**' if inside and ok(r) else '**no**'} |")
+    out += ["", "`hnf-avgB` is planned for B bits per element at the plan's max_seq_len; while decoding from 513 to "
+            "1024 tokens its sink and recent window weigh more, so it may hold more than B bits on average.",
+            "", "Pareto goal, per budget of the grid: among the hnfverify plans with at most that many bits (while "
+            "decoding), the one that loses to the fewest peers with at most that many bits; the peers it does not "
+            "beat on both texts.", "",
+            "| budget | hnfverify plan | bits/el | KLD prose / code | peers within the budget | "
+            "not beaten on both texts | met |", "|---:|---|---:|---|---:|---|---|"]
+    for budget in (3, 3.5, 4, 4.5, 5, 6, 7, 8):
+        rivals = [p for p in peers if bits(p) <= budget + tol]
+        within = [r for r in ours if bits(r) <= budget + tol]
+        if not within:
+            out.append(f"| {budget} | (none) | | | {len(rivals)} | | **no** |")
+            continue
+
+        def lost(o):
+            return [p for p in rivals if not all(o["eval"][c]["kld"] < p["eval"][c]["kld"] for c in CORPORA)]
+
+        best = min(within, key=lambda o: (len(lost(o)), mean_kld(o)))
+        miss = lost(best)
+        out.append(f"| {budget} | `{best['method']}` | {bits(best):.3f} | {best['eval']['prose']['kld']:.4f} / "
+                   f"{best['eval']['code']['kld']:.4f} | {len(rivals)} | "
+                   + (", ".join(f"{p['method']} ({bits(p):.2f} bits, {p['eval']['prose']['kld']:.4f} / "
+                                f"{p['eval']['code']['kld']:.4f})" for p in sorted(miss, key=bits)) or "none")
+                   + f" | {'**yes**' if not miss else '**no**'} |")
+    return out
+
+
 def certificates(rows) -> list:
     """Plan-time (§2.4) and run-time (§2.4b) bound / actual per plan and text: median, p10, min, max, violations."""
     out = ["| method | bits/el | text | plan-time median | p10 | min | max | violations | run-time median | p10 | min "
@@ -137,7 +196,23 @@ def ablation(rows) -> list:
                 f"| {_g(r.get('attention_error_bound_max'))} |")
 
     head = ["| variant | method | bits/el | prose KLD | code KLD | max certified E_h |", "|---|---|---:|---:|---:|---:|"]
-    out = ["### Planner objective at 4.5 and 3 bits", ""] + head + [
+    out = ["### Formats: rotation, codebooks, channel groups (searched plans at the same budget)", "",
+           "| variant | method | bits/el | prose ΔPPL % | code ΔPPL % | prose KLD | code KLD |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for name, label in (("hnf-avg3", "3 bits, all formats (default)"),
+                        ("abl-avg3-no-rotation", "3 bits, no Hadamard rotation (`--no-rotation`)"),
+                        ("abl-avg3-no-codebooks", "3 bits, uniform grids only (`--no-codebooks`)"),
+                        ("abl-avg3-group128", "3 bits, one channel group of 128 (`--channel-group 128`)"),
+                        ("hnf-avg4", "4 bits, all formats (default)"),
+                        ("abl-avg4-no-rotation", "4 bits, no Hadamard rotation"),
+                        ("abl-avg4-no-codebooks", "4 bits, uniform grids only"),
+                        ("hnf-avg4.5", "4.5 bits, all formats (default)"),
+                        ("abl-avg4.5-group128", "4.5 bits, one channel group of 128")):
+        r = by.get(name)
+        out.append(f"| {label} | (missing) | | | | | |" if r is None else
+                   f"| {label} | `{name}` | {bits(r):.3f} | {dppl(r, 'prose'):+.2f} | {dppl(r, 'code'):+.2f} "
+                   f"| {r['eval']['prose']['kld']:.4f} | {r['eval']['code']['kld']:.4f} |")
+    out += ["", "### Planner objective at 4.5 and 3 bits", ""] + head + [
         line("hnf-avg4.5", "objective `fisher` (default): measured diagonal-Fisher KL estimate (docs/design.md §3.1)"),
         line("abl-avg4.5-objective-linear", "objective `linear`: first-order terms of the per-layer bounds"),
         line("abl-avg4.5-objective-layers", "objective `layers`: the per-layer certified bounds b_l themselves"),
@@ -168,7 +243,7 @@ def ablation(rows) -> list:
     return out + [""] + pred
 
 
-def speed_by_context(co: dict) -> list:
+def speed_by_context(co: dict, fallback_shape: dict | None = None) -> list:
     """Decode ms/token by context and the memory held at the longest one (benchmarks/cache_overhead.py)."""
     ctxs = sorted(co["contexts"], key=int)
     names = list(co["contexts"][ctxs[0]])
@@ -189,7 +264,8 @@ def speed_by_context(co: dict) -> list:
     if all("rss_growth_mib" in v for v in row.values()):
         full_rss = row["DynamicCache"]["rss_growth_mib"]
         positions = int(last) + co["steps"]
-        shape = co.get("shape") or json.loads(Path(next(iter(co["plans"]))).read_text())["shape"]
+        plan_path = Path(next(iter(co["plans"])))
+        shape = co.get("shape") or (json.loads(plan_path.read_text())["shape"] if plan_path.exists() else fallback_shape)
         full_bytes = shape["layers"] * 2 * shape["kv_heads"] * positions * shape["head_dim"] * 4 / 2 ** 20
         md += ["", f"Memory at L = {last} ({positions} positions): growth of the resident set of a fresh process "
                "from before the prefill to the end of the decode (allocations above 1 MiB mmapped, so freed memory "
@@ -248,6 +324,9 @@ def main() -> int:
                                         "certified E_h vs largest observed error per (layer, KV head), prose"))
     ao, cs = _load(d / "analyzer_overhead.json"), _load(d / "check_scaling.json")
     co = _load(d / "cache_overhead.json")
+    # each input's own date: the scale and long-context results may come from an earlier run than quality.json
+    dated = {n: time.strftime("%Y-%m-%d", time.gmtime(os.path.getmtime(d / n))) for n in
+             ("quality.json", "analyzer_overhead.json", "check_scaling.json", "cache_overhead.json") if (d / n).exists()}
 
     ev = rows[0]["eval"]
     md = [
@@ -256,7 +335,8 @@ def main() -> int:
         f"Generated by `make bench` (`benchmarks/quality.py`, `benchmarks/analyzer_overhead.py`, "
         f"`benchmarks/check_scaling.py`, then `benchmarks/write_report.py`) on {time.strftime('%Y-%m-%d', time.gmtime(os.path.getmtime(d / 'quality.json')))}. "
         "Do not edit: every number below is read from the JSON results of that run, copied to "
-        "`benchmarks/results/` (the plans are in `out/bench/plans/`).",
+        "`benchmarks/results/` (the plans are in `out/bench/plans/`). Date of each result file: "
+        + ", ".join(f"`{n}` {t}" for n, t in dated.items()) + ".",
         "",
         "## Commands (from the Makefile)",
         "",
@@ -300,8 +380,13 @@ def main() -> int:
         "scale; INT8/INT4 per token in groups of 64 = head_dim, FP16 scale and zero-point); `kivi-*` = KIVI-style, "
         "keys per channel in groups of 32 tokens, values per token, FP16 residual window of 128, no sink "
         "(`--uniform fp16,K.rest=int4_c32,V.rest=int4_t64 --sink 0 --recent 128`); `quanto-*` = transformers' own "
-        "`QuantizedCache(backend=\"quanto\", nbits, residual_length=128, q_group_size=64)`. hnfverify: "
-        "`hnfverify plan --avg-bits B` (objective `fisher`, sink 4, recent 64; `-r32`: recent 32) and `--eps E`. "
+        "`QuantizedCache(backend=\"quanto\", nbits, residual_length=128, q_group_size=64)`; `kivi-*-nores` = the "
+        "KIVI-style formats without the FP16 residual (the incomplete key group exact in FP32); `quarot-*` = "
+        "QuaRot-style, K and V Hadamard-rotated (normalized Sylvester Hadamard of head_dim) and INT4/INT3 per "
+        "token, group = head_dim, no residual. hnfverify: "
+        "`hnfverify plan --avg-bits B` (objective `fisher`, sink 4, recent 64, every format of the table including "
+        "codebooks and rotated formats, each unit picking its channel group; `-r32`: recent 32), `--eps E`, and "
+        "`hnf-fixed-*`: fixed allocations chosen on calibration text (`--uniform`, see each row's plan). "
         "The uniform and KIVI-style peers run through hnfverify's own cache, so their decode times measure "
         "that implementation (pure PyTorch: per layer, one dequantization per shared packed buffer, "
         "docs/design.md §4.2), not KIVI's kernels.",
@@ -327,6 +412,10 @@ def main() -> int:
         "",
     ] + verdicts(rows, full_ms) + [
         "",
+        "### The quality goals",
+        "",
+    ] + goals(rows) + [
+        "",
         "![Pareto prose](benchmarks/figures/pareto-prose.png)",
         "![Pareto code](benchmarks/figures/pareto-code.png)",
         "",
@@ -341,7 +430,9 @@ def main() -> int:
                   "bound_vs_actual.png) (`hnfverify report ... --eval-windows 1`)")
     if co:
         md += ["", "## Decode speed and memory by context length (`benchmarks/cache_overhead.py`)", ""]
-        md += speed_by_context(co)
+        shapes = [json.loads(Path(r["plan"]).read_text())["shape"] for r in rows if r.get("plan")
+                  and Path(r["plan"]).exists()][:1]
+        md += speed_by_context(co, shapes[0] if shapes else None)
     md += ["", "## Scale", ""]
     if ao:
         md += [f"Analyzer overhead (`benchmarks/analyzer_overhead.py`, {ao['tokens']} prose tokens in "

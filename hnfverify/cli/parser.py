@@ -51,9 +51,9 @@ def add_plan_options(p) -> None:
                         "where the report has it), the first-order terms of the per-layer attention bounds (the "
                         "default otherwise), the per-layer bounds themselves, or the end-to-end composition bound")
     g.add_argument("--plan-channel-group", dest="plan_channel_group", type=channel_group_arg("--plan-channel-group"),
-                   default=None,
+                   default="all",
                    help="tokens per channel group of the searched plan's channel-grouped formats: the analysis' "
-                        "group (default) or a divisor of it that is a multiple of 8; all: each unit picks among "
+                        "group or a divisor of it that is a multiple of 8; all (default): each unit picks among "
                         "them (bounds from the analysis' group's diameters)")
     g.add_argument("--no-codebooks", dest="no_codebooks", action="store_true",
                    help="searched plans choose from the uniform grids only, not the Lloyd-Max codebooks lmB_* "

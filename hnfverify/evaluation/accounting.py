@@ -49,7 +49,12 @@ def accounted_bytes(units: list, d: int, n: int, norm_bits: int = 0) -> int:
     from ..core.semantics import SEGMENTS, segment_bits, stored_counts
 
     bits = norm_bits * n * len(units)
+    # streams with the same sink, recent window and formats occupy the same bits: count each kind once
+    kinds: dict = {}
     for rule in units:
+        key = (rule.sink, rule.recent, tuple(rule.formats[seg].name for seg in SEGMENTS))
+        kinds.setdefault(key, [rule, 0])[1] += 1
+    for rule, mult in kinds.values():
         c = stored_counts(rule, n)
-        bits += sum(segment_bits(rule.formats[seg], seg, c, d) for seg in SEGMENTS)
+        bits += mult * sum(segment_bits(rule.formats[seg], seg, c, d) for seg in SEGMENTS)
     return int(bits) // 8

@@ -79,8 +79,9 @@ class PlanRequest:
     max_kl: Fraction | None = None        # the KL budget of every token (docs/design.md §2.6)
     codebooks: bool = True                # searched plans may choose the codebook formats lmB_* (docs/design.md §2.3b)
     rotation: bool = True                 # searched plans may choose the Hadamard-rotated formats *_h (§2.3c)
-    channel_group: int | str | None = None  # the searched plans' channel group (a divisor of the analysis'), or "all":
-                                          # each unit picks among every divisor the analysis measured; None: its
+    channel_group: int | str | None = "all"  # the searched plans' channel group (a divisor of the analysis'), or "all"
+                                          # (default: a superset of every single group's search, same objective):
+                                          # each unit picks among every divisor the analysis measured; None: the analysis'
 
     def validate(self) -> None:
         if isinstance(self.channel_group, str) and self.channel_group != "all":
