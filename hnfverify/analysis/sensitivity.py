@@ -336,7 +336,11 @@ def measure(lm, windows, formats: dict, tokens: int = 1024, seed: int = 0, label
     # attention output's diagonal Fisher says (docs/design.md §3.1); 1 for the finer formats
     ratio = np.ones(cost.shape[:3] + (nf,))
     whole = cost[:, :, :, REGIONS.index("rest"), 0].sum(-1)                # (layers, kv_heads, 2, formats)
-    ok = whole > 0
+    # only the coarse formats have output prices (out_price is 0 elsewhere): a finer format keeps its own
+    # diagonal-Fisher estimate (scaling it by 0 priced FP8 / INT8 / FP16 as free)
+    is_coarse = np.zeros(nf, dtype=bool)
+    is_coarse[coarse] = True
+    ok = (whole > 0) & is_coarse
     ratio[ok] = out_price[ok] / whole[ok]
     cost *= ratio[:, :, :, None, None, :, None]
     # and so that every unit of a kind in the format at once (rest form from JOINT_SINK on, R = 0) costs the KL

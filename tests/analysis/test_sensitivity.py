@@ -102,6 +102,14 @@ def test_costs_are_zero_for_fp32_and_grow_as_a_format_coarsens(tiny_sensitivity)
         a = c[:, :, :, rest, 0, f(coarse)].sum(-1)
         b = c[:, :, :, rest, 0, f(fine)].sum(-1)
         assert (a > b).all(), (coarse, fine)
+    # every lossy format has a price, ordered by its precision: the output-price scaling of the coarse formats
+    # once multiplied the finer ones by 0 (FP16, BF16, FP8 and INT8 priced as free; the planner then preferred
+    # FP8 to INT8 at 6-8 bits and held KLD 0.008 where uniform INT8 has 0.0004 on SmolLM2)
+    price = {n: c[:, :, :, rest, 0, f(n)].sum(-1) for n in sens.formats if n != "fp32"}
+    assert all((p > 0).all() for p in price.values()), [n for n, p in price.items() if not (p > 0).all()]
+    for coarse, fine in (("fp8_e4m3_t" + d, "fp16"), ("fp8_e5m2_t" + d, "fp8_e4m3_t" + d), ("bf16", "fp16"),
+                         (f"int4_t{d}", "fp8_e4m3_t" + d), ("fp8_e4m3_t" + d, f"int8_t{d}")):
+        assert (price[coarse] > price[fine]).all(), (coarse, fine)
     # no read is nearer than distance 0: with R = 0 the recent reads carry nothing; with R > 0 they do
     assert (c[:, :, :, REGIONS.index("recent"), 0] == 0).all()
     assert (c[:, :, :, REGIONS.index("recent"), 1, f(f"int2_t{d}")].sum(-1) > 0).all()
