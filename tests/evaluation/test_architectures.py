@@ -1,0 +1,130 @@
+"""The whole pipeline on tiny random configs of each supported architecture: analyze -> plan -> check ->
+certificate re-decided by recheck -> MixedPrecisionCache with generate -> teacher-forced evaluation.
+
+Per architecture: an all-FP32 plan decodes exactly as DynamicCache (tokens identical, logits bit for bit; past
+a sliding window within 1e-5, as the cache keeps the masked-out positions that DynamicCache drops) and its teacher-forced pass gives the model's own logits; a quantized
+plan is PROVED, its certificate CONFIRMED by recheck, and its teacher-forced pass equals token-by-token decoding
+with MixedPrecisionCache, with no attention output above its plan-time bound. Qwen3 (q/k norms on each head)
+and Phi-3 (fused qkv projection) join Llama, Mistral and Qwen2 (sliding windows, interleaved with full layers).
+Decoder layers of other structures (OLMo-2 and Gemma's post-norms, GPT-NeoX's parallel residual) are refused
+by the analyzer's rest-of-block estimate (tests/analysis/test_mlp_lipschitz.py).
+"""
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from hnfverify.analysis.analyzer import AnalysisOptions, analyze
+from hnfverify.analysis.report import load, save
+from hnfverify.evaluation import WindowStats, evaluate, head_bounds, plan_attention
+from hnfverify.kv.cache import MixedPrecisionCache
+from hnfverify.models import ByteTokenizer, LoadedModel
+from hnfverify.planning import PlanRequest, plan_from_report
+from hnfverify.texts import TokenWindows
+
+T = 64
+WINDOW = 8
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0,
+              eos_token_id=None, bos_token_id=None)
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+SLIDING = {"mistral", "qwen2"}
+
+
+def _config(kind: str):
+    import transformers as tf
+
+    cls, kw = {
+        "llama": (tf.LlamaConfig, {}),
+        "mistral": (tf.MistralConfig, dict(sliding_window=WINDOW)),
+        "qwen2": (tf.Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=LAYER_TYPES)),
+        "qwen3": (tf.Qwen3Config, dict(head_dim=16)),                 # q_norm / k_norm before RoPE
+        "phi3": (tf.Phi3Config, {}),                                  # fused qkv_proj and gate_up_proj
+    }[kind]
+    return cls(**{**COMMON, **kw})
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def arch(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    kind = request.param
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(kind), attn_implementation="sdpa", dtype=torch.float32).eval()
+    lm = LoadedModel(model, ByteTokenizer(), f"tiny-{kind}", "random init, seed 0", {"seed": 0})
+    g = torch.Generator().manual_seed(5)
+    wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, fisher_tokens=0))
+    d = tmp_path_factory.mktemp(kind)
+    save(res, lm.identity(), wins.identity(), d / "r.json")
+    summary, arrays = load(d / "r.json")
+    return kind, lm, summary, arrays, d
+
+
+def _plan(arch, **kw):
+    _, _, summary, arrays, _ = arch
+    return plan_from_report(summary, arrays, PlanRequest(sink=4, recent=16, **kw), "r.json")
+
+
+def test_all_fp32_plan_decodes_and_evaluates_as_the_model(arch):
+    kind, lm, *_ = arch
+    plan = _plan(arch, uniform="fp32")
+    ids = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    ref = lm.model.generate(ids, **kw)
+    got = lm.model.generate(ids, cache=MixedPrecisionCache.from_plan(plan, lm.model), **kw)
+    assert torch.equal(ref.sequences, got.sequences), kind
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref.logits, got.logits))
+    if kind in SLIDING:
+        # DynamicCache drops what falls out of the window; MixedPrecisionCache still holds it, masked out, so
+        # the attention kernel sums over more (zero-weight) positions in another order: within float32 rounding
+        assert diff <= 1e-5, (kind, diff)
+    else:
+        assert diff == 0, (kind, diff)
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(2))
+    bounds, _, _ = head_bounds(plan)
+    with torch.no_grad():
+        own = lm.model(input_ids=ids, use_cache=False).logits
+        with plan_attention(lm.model, plan, 24, bounds, WindowStats()):
+            tf = lm.model(input_ids=ids, use_cache=False).logits
+    assert float((tf - own).abs().max()) <= 1e-5, (kind, float((tf - own).abs().max()))
+    r = evaluate(lm, plan, "prose", windows=1, prefix=32, scored=32)
+    assert abs(r["ppl"] / r["ppl_ref"] - 1) <= 1e-6 and r["top1"] == 1.0, (kind, r["ppl"], r["ppl_ref"])
+
+
+def test_quantized_plan_is_proved_rechecked_and_teacher_forced_equals_decoding(arch):
+    from hnfverify.core import recheck
+    from hnfverify.core.plan import plan_sha256, save_plan
+    from hnfverify.core.verify import PROVED, certificate
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
+
+    kind, lm, _, _, d = arch
+    plan = _plan(arch, avg_bits=Fraction(6))
+    assert {s["format"] for h in plan["layers"][0]["heads"] for kv in "KV"
+            for s in (h[kv][seg] for seg in ("sink", "recent", "rest"))} != {"fp32"}
+    path = d / "plan.json"
+    save_plan(plan, path)
+    result = check_plan(plan, CheckOptions())
+    assert result.verdict() == PROVED, (kind, result.verdict())
+    cert = certificate.build(plan, plan_sha256(plan), path.name, result, CheckOptions())
+    code, message = recheck.decide(certificate.write(cert, str(d / "certs")).read_bytes(), path.read_bytes())
+    assert code == 0, (kind, message)
+
+    prefix = 24
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(3))
+    bounds, _, _ = head_bounds(plan)
+    st = WindowStats()
+    with torch.no_grad():
+        with plan_attention(lm.model, plan, prefix, bounds, st):
+            tf = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
+        cache = MixedPrecisionCache.from_plan(plan, lm.model)
+        out = lm.model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
+        dec = [out.logits[0, -1]]
+        for i in range(prefix, T - 1):
+            out = lm.model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+            dec.append(out.logits[0, -1])
+    dec = torch.stack(dec)
+    assert torch.allclose(tf, dec, atol=2e-5, rtol=1e-4), (kind, float((tf - dec).abs().max()))
+    assert st.violations == 0 and st.checked > 0, kind
