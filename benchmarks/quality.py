@@ -104,6 +104,39 @@ def _keys_by_score(summary, arrays, signal: str, target_key_bits: float):
     return tuple(assign), bits(a)
 
 
+PREFIX, SCORED = 512, 512
+
+
+def decode_bits(plan: dict) -> Fraction:
+    """Bits per element of the plan's cache averaged over the lengths PREFIX+1 .. PREFIX+SCORED by the byte
+    accounting the evaluation's memory curve uses (docs/design.md §4): the budget as BENCHMARKS.md counts it."""
+    from hnfverify.core.semantics import norm_bits
+    from hnfverify.evaluation.accounting import accounted_bytes, accounting_units
+
+    units, d, s = accounting_units(plan), plan["shape"]["head_dim"], plan["shape"]
+    nb = norm_bits(plan["rule"])
+    per = [Fraction(accounted_bytes(units, d, n, nb) * 8, 2 * s["layers"] * s["kv_heads"] * n * d)
+           for n in range(PREFIX + 1, PREFIX + SCORED + 1)]
+    return sum(per) / len(per)
+
+
+def matched(summary, arrays, req):
+    """The plan of ``req`` with its --avg-bits (a budget at max_seq_len) lowered until the bits while decoding
+    are at most req.avg_bits: steps down by the excess, a few digits. Returns (plan, the --avg-bits used)."""
+    from dataclasses import replace
+
+    from hnfverify.planning import plan_from_report
+
+    budget = a = req.avg_bits
+    plan = plan_from_report(summary, arrays, req, "report.json")
+    got = decode_bits(plan)
+    while got > budget:
+        a = min(a - Fraction(1, 1000), Fraction(int((a - (got - budget)) * 1000), 1000))
+        plan = plan_from_report(summary, arrays, replace(req, avg_bits=a), "report.json")
+        got = decode_bits(plan)
+    return plan, a
+
+
 def build_plans(rep: Path, out: Path) -> list:
     """[(name, group, plan path, plan, note)]"""
     from hnfverify.core.plan import save_plan
@@ -175,7 +208,12 @@ def build_plans(rep: Path, out: Path) -> list:
     plans = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
     for name, group, req, note in specs:
-        plan = plan_from_report(summary, arrays, req, "report.json")
+        if req.avg_bits is not None:
+            # the budgets are bits per element while decoding (PREFIX+1 .. PREFIX+SCORED), as the report counts them
+            plan, a = matched(summary, arrays, req)
+            note += f"; planned at --avg-bits {a} ({float(a):.3f}) to hold at most {req.avg_bits} bits while decoding"
+        else:
+            plan = plan_from_report(summary, arrays, req, "report.json")
         path = out / "plans" / f"{name}.json"
         save_plan(plan, path)
         plans.append((name, group, path, plan, note))
