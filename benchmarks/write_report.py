@@ -62,8 +62,8 @@ def main_table(rows, full_ms) -> list:
         checked = sum(r["eval"][x]["attention_outputs_checked"] for x in CORPORA) if r.get("plan") else None
         out.append(
             f"| {r['method']} | {r['group']} | {bits(r):.3f} | {bits_end(r):.3f} | {16 / bits(r):.2f}× "
-            f"| {p['ppl']:.3f} ({100 * (p['ppl'] / p['ppl_ref'] - 1):+.2f}) | {p['kld']:.4f} | {p['top1']:.3f} "
-            f"| {c['ppl']:.3f} ({100 * (c['ppl'] / c['ppl_ref'] - 1):+.2f}) | {c['kld']:.4f} | {c['top1']:.3f} "
+            f"| {p['ppl']:.3f} ({dppl(r, 'prose'):+.2f}) | {p['kld']:.4f} | {p['top1']:.3f} "
+            f"| {c['ppl']:.3f} ({dppl(r, 'code'):+.2f}) | {c['kld']:.4f} | {c['top1']:.3f} "
             f"| {dec_s} | {r.get('check') or '-'} | {_g(r.get('attention_error_bound_max'))} "
             f"| {'-' if viol is None else f'{viol} of {checked}'} |")
     return out

@@ -75,3 +75,15 @@ def tiny_plan(lm, request, windows: int = 2, window: int = 64, seed: int = 5, **
 
     summary, arrays = tiny_report(lm, windows, window, seed, **options)
     return plan_from_report(summary, arrays, request)
+
+
+def decode_logits(model, cache, ids, prefix: int):
+    """Prefill ids[:, :prefix] into ``cache``, then feed one token per step up to ids' last but one: the
+    logits predicting positions prefix .. T-1 (T, V), as token-by-token decoding computes them."""
+    t = ids.shape[1]
+    out = model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
+    dec = [out.logits[0, -1]]
+    for i in range(prefix, t - 1):
+        out = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+        dec.append(out.logits[0, -1])
+    return torch.stack(dec)

@@ -22,6 +22,7 @@ from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.models import ByteTokenizer, LoadedModel
 from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.texts import TokenWindows
+from tests.helpers import decode_logits
 
 T = 64
 WINDOW = 8
@@ -119,12 +120,6 @@ def test_quantized_plan_is_proved_rechecked_and_teacher_forced_equals_decoding(a
     with torch.no_grad():
         with plan_attention(lm.model, plan, prefix, bounds, st):
             tf = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
-        cache = MixedPrecisionCache.from_plan(plan, lm.model)
-        out = lm.model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
-        dec = [out.logits[0, -1]]
-        for i in range(prefix, T - 1):
-            out = lm.model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
-            dec.append(out.logits[0, -1])
-    dec = torch.stack(dec)
+        dec = decode_logits(lm.model, MixedPrecisionCache.from_plan(plan, lm.model), ids, prefix)
     assert torch.allclose(tf, dec, atol=2e-5, rtol=1e-4), (kind, float((tf - dec).abs().max()))
     assert st.violations == 0 and st.checked > 0, kind

@@ -12,6 +12,7 @@ from hnfverify.kv.cache import MixedPrecisionCache
 from hnfverify.models import tiny_model
 from hnfverify.planning import PlanRequest, plan_from_report
 from hnfverify.texts import TokenWindows
+from tests.helpers import decode_logits
 
 T = 64
 
@@ -62,13 +63,8 @@ def test_teacher_forced_evaluation_equals_token_by_token_decoding(tiny):
         with plan_attention(lm.model, plan, prefix, bounds, st):
             tf = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
         cache = MixedPrecisionCache.from_plan(plan, lm.model)
-        out = lm.model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
-        dec = [out.logits[0, -1]]
-        for i in range(prefix, T - 1):
-            out = lm.model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
-            dec.append(out.logits[0, -1])
+        dec = decode_logits(lm.model, cache, ids, prefix)
         lm.model(input_ids=ids[:, T - 1:T], cache=cache, use_cache=True)       # the cache now holds T positions
-    dec = torch.stack(dec)
     assert torch.allclose(tf, dec, atol=2e-5, rtol=1e-4), float((tf - dec).abs().max())
     assert st.violations == 0 and st.checked > 0
     # the cache holds exactly the bytes the plan accounts for at max_seq_len (T)
