@@ -5,14 +5,14 @@ from __future__ import annotations
 from .attention import plan_rules
 
 
-def real_cache_bytes(plan: dict, kv: dict, t_len: int) -> int:
+def real_cache_bytes(plan: dict, kv: dict, t_len: int, rules: dict | None = None) -> int:
     """Bytes of the packed cache holding the window's K/V at length t_len, as a plan cache stores them
     after one-token steps (``semantics.stored_counts``), quantized for real: values, scales,
-    zero-points, FP32 pending positions."""
+    zero-points, FP32 pending positions. ``rules``: ``plan_rules(plan)`` when the caller has it."""
     from ..kv.quant import quantize
     from ..core.semantics import norm_bits, stored_counts
 
-    rules = plan_rules(plan)
+    rules = rules if rules is not None else plan_rules(plan)
     total = 0
     for li, (k, v) in kv.items():
         for h in range(k.shape[1]):

@@ -144,23 +144,51 @@ class WindowStats:
 
 
 def cached_selector(cache: dict, rule, t_len: int, prefix: int):
+    """(selector, spans) of ``rule``: the selector, and per code the scored rows read, the smallest column
+    range [lo, hi) holding it with the rows' mask there: [(code, lo, hi, (n, hi - lo) bool)]."""
     key = (t_len, prefix, rule.sink, rule.recent, rule.channel_group)
     if key not in cache:
-        cache[key] = selector(rule, t_len, prefix)
+        sel = selector(rule, t_len, prefix)
+        cache[key] = (sel, _spans(sel[prefix:]))
     return cache[key]
 
 
+def _sel(cache: dict, rule, t_len: int, prefix: int):
+    """The scored rows of ``rule``'s selector as int64 indices (n, T), cached with it."""
+    key = ("long", t_len, prefix, rule.sink, rule.recent, rule.channel_group)
+    if key not in cache:
+        cache[key] = cached_selector(cache, rule, t_len, prefix)[0][prefix:].long()
+    return cache[key]
+
+
+def _spans(sel) -> list:
+    out = []
+    for code in (EXACT, SINK, RECENT, REST):
+        m = sel == code
+        cols = m.any(0).nonzero()
+        if cols.numel():
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            out.append((code, lo, hi, m[:, lo:hi]))
+    return out
+
+
+def plan_parts(plan: dict) -> tuple:
+    """What the teacher-forced attention reads of a plan, once per plan: its rules (``plan_rules``) and each
+    (layer, KV head)'s ||W_o|| block norm rounded up."""
+    from ..core.planview import view
+
+    return plan_rules(plan), [[float_up(h.o_proj_norm) for h in la.heads] for la in view(plan).layers]
+
+
 @contextlib.contextmanager
-def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowStats):
-    """Route the model's attention through the plan's teacher-forced attention inside the block."""
+def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowStats, parts: tuple | None = None):
+    """Route the model's attention through the plan's teacher-forced attention inside the block.
+    ``parts``: ``plan_parts(plan)`` when the caller has it (evaluating many windows)."""
     import torch
 
     from ..kv.certify import bound_from_parts, distances_up
 
-    rules = plan_rules(plan)
-    from ..core.planview import view as _view
-
-    onorm = [[float_up(h.o_proj_norm) for h in la.heads] for la in _view(plan).layers]
+    rules, onorm = parts if parts is not None else plan_parts(plan)
     sel_cache: dict = {}
     runtime = plan["rule"].get("error_norms") == "u8log"
     output = plan["composition"]["form"] == "suffix"        # the injected errors feed the output claims (§2.6)
@@ -181,76 +209,79 @@ def plan_attention(model, plan: dict, prefix: int, bounds: dict, stats: WindowSt
         n_sc = max(t_len - prefix, 0)
         delta = torch.zeros(b, n_sc if output else 0, hq, d, dtype=torch.float64)  # o~ - o per scored query
         rt_all = torch.zeros(b, hq, n_sc, dtype=torch.float64)              # run-time bound per query head
+        zero32, zero64 = torch.zeros(()), torch.zeros((), dtype=torch.float64)
         for bi in range(b):
             for h in range(hkv):
                 krule, vrule = rules[(li, h)]
                 kx, vx = key[bi, h].float(), value[bi, h].float()
-                selk, selv = (cached_selector(sel_cache, r_, t_len, prefix) for r_ in (krule, vrule))
+                (_, spk), (_, spv) = (cached_selector(sel_cache, r_, t_len, prefix) for r_ in (krule, vrule))
                 kvers, vvers = versions(kx, krule), versions(vx, vrule)
                 bound = bounds[(li, h)]
-                worst = torch.zeros(max(t_len - prefix, 0), dtype=torch.float64)
-                rt_worst, rt_err = torch.zeros_like(worst), torch.zeros_like(worst)
-                if runtime and t_len > prefix:
+                hs = slice(h * g, (h + 1) * g)                               # the KV head's query heads
+                qg = query[bi, hs].float()                                   # (g, T, d)
+                mb = bias[bi if bias.shape[0] > 1 else 0, hs if bias.shape[1] > 1 else slice(0, 1)]  # (g|1, T, T)
+                # prefix queries read exactly (prefill); scored query i reads at t the stored form its selector
+                # names, computed on the columns where that form is read
+                sc = tau * (qg @ kx.T)
+                for code, lo, hi, msk in spk:
+                    if code != EXACT:
+                        sc[:, prefix:, lo:hi] = torch.where(msk, tau * (qg[:, prefix:] @ kvers[code][lo:hi].T),
+                                                            sc[:, prefix:, lo:hi])
+                a = torch.softmax(sc + mb, dim=-1)
+                o = a @ vx                                                   # (g, T, d)
+                if n_sc:
+                    o_s = torch.zeros(g, n_sc, d)
+                    for code, lo, hi, msk in spv:
+                        o_s = o_s + torch.where(msk, a[:, prefix:, lo:hi], zero32) @ vvers[code][lo:hi]
+                    o[:, prefix:] = o_s
+                out[bi, :, hs] = o.transpose(0, 1).to(out.dtype)
+                if not n_sc:
+                    continue
+                # soundness: the exact attention output on the same q, K, V
+                qs = qg[:, prefix:].double()
+                mbs = mb[:, prefix:].double()
+                oe = torch.softmax(tau * (qs @ kx.double().T) + mbs, dim=-1) @ vx.double()
+                diff = o_s.double() - oe                                     # (g, n, d)
+                if output:
+                    delta[bi, :, hs] = diff.transpose(0, 1)
+                worst = diff.norm(dim=-1).amax(0)                            # max over the query heads
+                if runtime:
+                    # §2.4b from the stored forms query i reads and their recorded norms, in float64
                     ar = torch.arange(t_len)
-                    dk_m = version_norms(kx, kvers, krule)[selk[prefix:].long(), ar]      # (n, T)
-                    dv_m = version_norms(vx, vvers, vrule)[selv[prefix:].long(), ar]
-                    k64, v64 = [kv_.double() for kv_ in kvers], [vv.double() for vv in vvers]
-                for gi in range(g):
-                    qh = query[bi, h * g + gi].float()                      # (T, d)
-                    mb = bias[bi if bias.shape[0] > 1 else 0, h * g + gi if bias.shape[1] > 1 else 0]
-                    sc = torch.zeros(t_len, t_len)
-                    for vi, kv_ in enumerate(kvers):
-                        sc = torch.where(selk == vi, tau * (qh @ kv_.T), sc)
-                    sc = sc + mb
-                    a = torch.softmax(sc, dim=-1)
-                    o = torch.zeros(t_len, d)
-                    for vi, vv in enumerate(vvers):
-                        o = o + torch.where(selv == vi, a, torch.zeros(())) @ vv
-                    out[bi, :, h * g + gi] = o.to(out.dtype)
-                    if t_len > prefix:
-                        # soundness: the exact attention output on the same q, K, V
-                        qs = qh[prefix:].double()
-                        se = tau * (qs @ kx.double().T) + mb[prefix:].double()
-                        oe = torch.softmax(se, dim=-1) @ vx.double()
-                        if output:
-                            delta[bi, :, h * g + gi] = o[prefix:].double() - oe
-                        err = (o[prefix:].double() - oe).norm(dim=-1)
-                        worst = torch.maximum(worst, err)
-                        if runtime:
-                            # §2.4b from the stored forms query i reads and their recorded norms, in float64
-                            mb64 = mb[prefix:].double()
-                            s64 = torch.zeros_like(se)
-                            for vi, kv_ in enumerate(k64):
-                                s64 = torch.where(selk[prefix:] == vi, tau * (qs @ kv_.T), s64)
-                            a64 = torch.softmax(s64 + mb64, dim=-1)
-                            o64 = sum(torch.where(selv[prefix:] == vi, a64, torch.zeros((), dtype=torch.float64)) @ vv
-                                      for vi, vv in enumerate(v64))
-                            dist = torch.zeros_like(a64)
-                            for vi, vv in enumerate(v64):
-                                dist = torch.where(selv[prefix:] == vi, distances_up(vv, o64), dist)
-                            vis = mb64 > torch.finfo(torch.float32).min / 2
-                            rb = bound_from_parts(a64, dist, dk_m, dv_m, qs.norm(dim=-1), tau, vis)
-                            # the bound is of exact arithmetic: compare the float64 attention over the stored
-                            # forms, allowing float64 rounding (1e-12 of the values' scale)
-                            err64 = (o64 - oe).norm(dim=-1)
-                            slack = 1e-12 * (1.0 + float(vx.norm(dim=-1).max()))
-                            stats.rt_violations += int((err64 > rb + slack).sum())
-                            rt_worst = torch.maximum(rt_worst, rb)
-                            rt_all[bi, h * g + gi] = rb
-                            rt_err = torch.maximum(rt_err, err64)
-                if t_len > prefix:
-                    stats.head_max[(li, h)] = max(stats.head_max.get((li, h), 0.0), float(worst.max()))
-                    stats.checked += worst.numel()
-                    stats.violations += int((worst > bound).sum())
-                    stats.max_err_over_bound = max(stats.max_err_over_bound, float((worst / bound).max()))
-                    nz = worst[worst > 0]
-                    if nz.numel():
-                        stats.ratios.append((bound / nz).log10())
-                    if runtime:
-                        stats.rt_checked += worst.numel()
-                        pos = rt_err > 1e-12
-                        if pos.any():
-                            stats.rt_ratios.append((rt_worst[pos] / rt_err[pos]).log10())
+                    dk_m = version_norms(kx, kvers, krule)[_sel(sel_cache, krule, t_len, prefix), ar]   # (n, T)
+                    dv_m = version_norms(vx, vvers, vrule)[_sel(sel_cache, vrule, t_len, prefix), ar]
+                    s64 = torch.zeros(g, n_sc, t_len, dtype=torch.float64)
+                    for code, lo, hi, msk in spk:
+                        s64[..., lo:hi] = torch.where(msk, tau * (qs @ kvers[code][lo:hi].double().T), s64[..., lo:hi])
+                    a64 = torch.softmax(s64 + mbs, dim=-1)
+                    v64 = [(code, lo, hi, msk, vvers[code][lo:hi].double()) for code, lo, hi, msk in spv]
+                    o64 = torch.zeros(g, n_sc, d, dtype=torch.float64)
+                    for code, lo, hi, msk, vv in v64:
+                        o64 = o64 + torch.where(msk, a64[..., lo:hi], zero64) @ vv
+                    dist = torch.zeros_like(a64)
+                    for code, lo, hi, msk, vv in v64:
+                        dist[..., lo:hi] = torch.where(msk, distances_up(vv, o64), dist[..., lo:hi])
+                    vis = mbs > torch.finfo(torch.float32).min / 2
+                    rb = bound_from_parts(a64, dist, dk_m, dv_m, qs.norm(dim=-1), tau, vis)      # (g, n)
+                    # the bound is of exact arithmetic: compare the float64 attention over the stored
+                    # forms, allowing float64 rounding (1e-12 of the values' scale)
+                    err64 = (o64 - oe).norm(dim=-1)
+                    slack = 1e-12 * (1.0 + float(vx.norm(dim=-1).max()))
+                    stats.rt_violations += int((err64 > rb + slack).sum())
+                    rt_all[bi, hs] = rb
+                    rt_worst, rt_err = rb.amax(0), err64.amax(0)
+                stats.head_max[(li, h)] = max(stats.head_max.get((li, h), 0.0), float(worst.max()))
+                stats.checked += worst.numel()
+                stats.violations += int((worst > bound).sum())
+                stats.max_err_over_bound = max(stats.max_err_over_bound, float((worst / bound).max()))
+                nz = worst[worst > 0]
+                if nz.numel():
+                    stats.ratios.append((bound / nz).log10())
+                if runtime:
+                    stats.rt_checked += worst.numel()
+                    pos = rt_err > 1e-12
+                    if pos.any():
+                        stats.rt_ratios.append((rt_worst[pos] / rt_err[pos]).log10())
         if n_sc and output:
             from ..analysis.instrument import output_projection
 

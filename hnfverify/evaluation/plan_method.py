@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from .attention import head_bounds, plan_attention
-from .accounting import accounting_units, accounted_bytes, real_cache_bytes
+from .attention import head_bounds, plan_attention, plan_parts
+from .accounting import accounted_bytes, real_cache_bytes
 from .method import Method
 from ..kv.certify import output_inputs
 
 
 def plan_method(name: str, plan: dict) -> Method:
     bounds, e_l, _ = head_bounds(plan)
-    units = accounting_units(plan)
+    parts = plan_parts(plan)
+    units = [r for rules in parts[0].values() for r in rules]
 
     def nbytes(window_stats, t_len):
         kv = {li: (k[:, :, :t_len], v[:, :, :t_len]) for li, (k, v) in window_stats.kv.items()}
-        return real_cache_bytes(plan, kv, t_len)
+        return real_cache_bytes(plan, kv, t_len, parts[0])
 
     def context(model, prefix, window_stats):
-        return plan_attention(model, plan, prefix, bounds, window_stats)
+        return plan_attention(model, plan, prefix, bounds, window_stats, parts)
 
     from ..core.semantics import norm_bits
 
