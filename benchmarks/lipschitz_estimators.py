@@ -79,7 +79,7 @@ def main() -> int:
 
             t = time.perf_counter()
             pb = power_iteration(fb, a_[0].float(), args.power)
-            pm = power_iteration(rest_of_block(blk), mid[li].norm_input.float(), args.power)
+            pm = power_iteration(rest_of_block(blk).at(mid[li].layer_input.float()), mid[li].attention_output.float(), args.power)
             times["power"] += time.perf_counter() - t
             ratios["block"].append(b / pb)
             ratios["rest"].append(m / pm)

@@ -87,3 +87,47 @@ def decode_logits(model, cache, ids, prefix: int):
         out = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
         dec.append(out.logits[0, -1])
     return torch.stack(dec)
+
+
+def recorded_decode_logits(model, plan, ids, prefix: int):
+    """``decode_logits`` through a fresh MixedPrecisionCache of ``plan`` that records, per layer and step, the
+    K/V the model gave ``update`` and the K/V it returned. Returns (logits, {layer: [(k_in, v_in, k_out, v_out)]})."""
+    from hnfverify.kv.cache import MixedPrecisionCache
+
+    cache = MixedPrecisionCache.from_plan(plan, model)
+    steps: dict = {}
+    for li, layer in enumerate(cache.layers):
+        def update(k, v, *args, _orig=layer.update, _li=li, **kw):
+            out = _orig(k, v, *args, **kw)
+            steps.setdefault(_li, []).append((k.detach().clone(), v.detach().clone(),
+                                              out[0].detach().clone(), out[1].detach().clone()))
+            return out
+        layer.update = update
+    return decode_logits(model, cache, ids, prefix), steps
+
+
+def assert_cache_reads_the_plan_forms(plan, steps: dict) -> int:
+    """At every one-token step of ``recorded_decode_logits``, each (layer, KV head) stream the cache returned is
+    exactly what the plan's one definition (``evaluation.attention.versions`` / ``selector``, docs/design.md §4)
+    says a query at that step reads, computed from the K/V the model itself gave the cache. Returns the number of
+    steps checked."""
+    from hnfverify.evaluation.attention import plan_rules, selector, versions
+
+    rules = plan_rules(plan)
+    checked = 0
+    for li, recs in steps.items():
+        inputs = [torch.cat([r[i] for r in recs], 2)[0] for i in (0, 1)]          # (Hkv, T, d) K and V
+        for step, rec in enumerate(recs[1:], 1):                                  # the one-token steps
+            n = rec[2].shape[2]
+            for h in range(inputs[0].shape[0]):
+                for which in (0, 1):
+                    rule = rules[(li, h)][which]
+                    x = inputs[which][h, :n].float()
+                    vers = versions(x, rule)
+                    sel = selector(rule, n, n - 1)[n - 1]
+                    want = torch.stack([vers[int(c)][t] for t, c in enumerate(sel.tolist())])
+                    got = rec[2 + which][0, h].float()
+                    assert torch.equal(got, want), (li, step, h, "KV"[which], float((got - want).abs().max()))
+            checked += 1
+    assert checked > 0
+    return checked

@@ -6,13 +6,21 @@ For block f and calibration hidden states x (1, T, D), the spectral norm of the 
 The estimate is a lower bound of ||J_f(x)||_2 at that point and of the block's Lipschitz constant; its
 relative change over the last step is reported so users can judge convergence.
 
-The rest of block l after its attention (:func:`mlp_lipschitz`): an error injected at the attention output
-enters h_mid = x + attn(x) and passes through h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) before it
-reaches block l + 1. Its local estimate L'_l is measured the same way at the calibration h_mid, for
-Llama-family decoder layers only; a layer of another structure (sandwich norms, post-norms, parallel
-attention and MLP) is refused, and the structure is also checked on the captured tensors. That map acts on
-each token alone (checked on the captured point), so its Jacobian is block diagonal over tokens and each
-token gets its own bidiagonalization (``jacobian_norm(rows=True)``).
+The rest of block l after its attention (:func:`mlp_lipschitz`): an error injected at the attention module's
+output a reaches block l + 1 through the map R_x: a -> block output, the block input x fixed
+(:func:`rest_of_block`, docs/design.md §2.5a). Its local estimate L'_l is measured the same way at the
+calibration a. Four layer structures are known, each identified by the layer's modules and then checked on
+the captured tensors (the block's real output must equal R_x(a)); any other is refused:
+
+* sequential (Llama family): h = x + a, y = h + mlp(post_attention_layernorm(h));
+* parallel (GPT-NeoX with use_parallel_residual): y = x + a + mlp(post_attention_layernorm(x)), so R_x is
+  a translation and L'_l = 1 exactly;
+* post-norm (OLMo-2): h = x + post_attention_layernorm(a), y = h + post_feedforward_layernorm(mlp(h));
+* sandwich (Gemma 2/3): h = x + post_attention_layernorm(a),
+  y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))).
+
+R_x acts on each token alone (checked on the captured point), so its Jacobian is block diagonal over tokens
+and each token gets its own bidiagonalization (``jacobian_norm(rows=True)``).
 """
 
 from __future__ import annotations
@@ -197,27 +205,74 @@ def block_lipschitz(block, args: tuple, kwargs: dict, iters: int = 8, seed: int 
 
 
 # --------------------------------------------------------------------------- the rest of the block (its MLP)
-_NOT_LLAMA = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_norm", "post_mlp_norm")
+_REFUSED = ("post_attention_norm", "post_mlp_norm")
 
 
-def rest_of_block(block):
-    """The map h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) of a Llama-family decoder layer.
-    Raises UnsupportedModel, naming the layer's class, where the layer does not have that structure."""
+@dataclass(frozen=True)
+class RestOfBlock:
+    """The structure of a decoder layer after its attention (module doc): ``kind`` is one of "sequential",
+    "parallel", "post-norm", "sandwich"; ``at(x)`` is R_x: attention output a -> block output (tensors
+    (..., T, D)); ``norm_is_mid``: whether post_attention_layernorm's input is h = x + a (sequential only)."""
+    kind: str
+    build: object
+
+    def at(self, x):
+        return self.build(x)
+
+    @property
+    def norm_is_mid(self) -> bool:
+        return self.kind == "sequential"
+
+
+def rest_of_block(block) -> RestOfBlock:
+    """The :class:`RestOfBlock` of a decoder layer. Raises UnsupportedModel, naming the layer's class, where
+    the layer has none of the four structures of the module doc."""
     from ..errors import UnsupportedModel
 
     cls = type(block).__name__
-    ln, mlp = getattr(block, "post_attention_layernorm", None), getattr(block, "mlp", None)
-    extra = [n for n in _NOT_LLAMA if getattr(block, n, None) is not None]
-    if ln is None or mlp is None or extra or getattr(block, "use_parallel_residual", False):
+    mlp = getattr(block, "mlp", None)
+    post_attn, post_ff, pre_ff = (getattr(block, n, None) for n in
+                                  ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm"))
+    refused = [n for n in _REFUSED if getattr(block, n, None) is not None]
+    parallel = bool(getattr(block, "use_parallel_residual", False))
+    kind = None
+    if mlp is not None and post_attn is not None and not refused:
+        if parallel and post_ff is None and pre_ff is None:
+            kind = "parallel"
+        elif not parallel and post_ff is None and pre_ff is None:
+            kind = "sequential"
+        elif not parallel and post_ff is not None and pre_ff is None:
+            kind = "post-norm"
+        elif not parallel and post_ff is not None and pre_ff is not None:
+            kind = "sandwich"
+    if kind is None:
         have = ", ".join(n for n, _ in block.named_children())
-        raise UnsupportedModel(f"decoder layer {cls} is not a Llama-family layer h_mid -> h_mid + "
-                               f"mlp(post_attention_layernorm(h_mid)) (it has {have}); the measured Lipschitz "
-                               "estimate of the rest of the block (mlp_lipschitz) is defined only for that structure")
+        raise UnsupportedModel(f"decoder layer {cls} has none of the known structures after its attention "
+                               f"(sequential, parallel, post-norm, sandwich; it has {have}{', parallel residual' if parallel else ''}): "
+                               "the measured Lipschitz estimate of the rest of the block (mlp_lipschitz) is defined "
+                               "only for those")
 
-    def fn(h):
-        return h + mlp(ln(h))
+    def build(x):
+        if kind == "sequential":
+            def fn(a):
+                h = x + a
+                return h + mlp(post_attn(h))
+        elif kind == "parallel":
+            c = x + mlp(post_attn(x))                 # the MLP reads the block input: the error passes unchanged
 
-    return fn
+            def fn(a):
+                return c + a
+        elif kind == "post-norm":
+            def fn(a):
+                h = x + post_attn(a)
+                return h + post_ff(mlp(h))
+        else:
+            def fn(a):
+                h = x + post_attn(a)
+                return h + post_ff(mlp(pre_ff(h)))
+        return fn
+
+    return RestOfBlock(kind, build)
 
 
 @dataclass
@@ -268,14 +323,15 @@ def capture_mid_states(blocks: dict):
 
 
 def mlp_lipschitz(block, point: MidPoint, iters: int = 8, seed: int = 0) -> LipschitzEstimate:
-    """Power iteration for the rest of ``block`` after its attention at the captured h_mid (see the module doc).
-    Checks on the captured tensors that h_mid = x + attention output and that the block's output is
-    h_mid + mlp(post_attention_layernorm(h_mid)); raises UnsupportedModel otherwise."""
+    """Lanczos estimate of ||J R_x|| for the rest of ``block`` after its attention (:func:`rest_of_block`) at the
+    captured attention output, the block input x fixed (see the module doc). Checks on the captured tensors
+    that the block's output is R_x(a) (and, for the sequential structure, that post_attention_layernorm reads
+    x + a); raises UnsupportedModel otherwise."""
     import torch
 
     from ..errors import UnsupportedModel
 
-    fn = rest_of_block(block)
+    rest = rest_of_block(block)
     cls = type(block).__name__
     parts = None if point is None else (point.layer_input, point.attention_output, point.norm_input, point.layer_output)
     if parts is None or any(v is None for v in parts):
@@ -286,18 +342,19 @@ def mlp_lipschitz(block, point: MidPoint, iters: int = 8, seed: int = 0) -> Lips
     def close(u, v):
         return u.shape == v.shape and float((u - v).abs().max()) <= 1e-5 * (1.0 + float(v.abs().max()))
 
+    fn = rest.at(x)
     with torch.no_grad():
-        if not close(x + a, h):
+        if rest.norm_is_mid and not close(x + a, h):
             raise UnsupportedModel(f"decoder layer {cls}: the input of post_attention_layernorm is not the block "
-                                   "input plus the attention output (h_mid = x + attn(x)); mlp_lipschitz is defined "
-                                   "only for Llama-family layers")
-        base = fn(h)
+                                   "input plus the attention output (h = x + attn(x)), as the sequential structure "
+                                   "has it")
+        base = fn(a)
         if not close(base, y):
-            raise UnsupportedModel(f"decoder layer {cls}: its output is not h_mid + "
-                                   "mlp(post_attention_layernorm(h_mid)); mlp_lipschitz is defined only for "
-                                   "Llama-family layers")
+            raise UnsupportedModel(f"decoder layer {cls}: its output is not what the {rest.kind} structure computes "
+                                   "from its input and its attention output; mlp_lipschitz is defined only for the "
+                                   "structures it identifies")
     with torch.enable_grad():
-        return jacobian_norm(fn, h, iters=iters, seed=seed, rows=_tokenwise(fn, h, base))
+        return jacobian_norm(fn, a, iters=iters, seed=seed, rows=_tokenwise(fn, a, base))
 
 
 def _tokenwise(fn, h, base) -> bool:

@@ -55,7 +55,8 @@ ARRAY_FIELDS = {
     "lipschitz": "(layers,) MEASURED local Lipschitz estimate of each decoder block (Golub-Kahan-Lanczos, double vjp)",
     "lipschitz_rel_change": "(layers,) relative change of the estimate in the last Lanczos step",
     "mlp_lipschitz": "(layers,) MEASURED local Lipschitz estimate of the rest of each block after its attention, "
-                     "h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)) (Lanczos per token at the same points)",
+                     "the map from the attention output to the block output, the block input fixed (Lanczos per "
+                     "token at the same points; docs/design.md 2.5a)",
     "mlp_lipschitz_rel_change": "(layers,) relative change of that estimate in the last Lanczos step",
     "scaling": "(layers,) attention score scale tau",
     "suffix": "(layers,) MEASURED suffix sensitivity S_l: power-iteration estimate of the spectral norm of the Jacobian "
@@ -167,8 +168,9 @@ def build_summary(analysis, model_identity: dict, calib_identity: dict, arrays_n
             "lipschitz": "MEASURED (not proved): Golub-Kahan-Lanczos on the Jacobian of each decoder block at "
                          "calibration hidden states; a lower bound of the block's local Lipschitz constant",
             "mlp_lipschitz": "MEASURED (not proved): the same estimate (per token) for the rest of each block after "
-                             "its attention, h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)), at the "
-                             "calibration h_mid (Llama-family decoder layers only)",
+                             "its attention, attention output -> block output with the block input fixed, at the "
+                             "calibration point (sequential, parallel, post-norm and sandwich layers; "
+                             "docs/design.md 2.5a)",
         },
         "shape": analysis.meta["shape"],
         "rule_grid": analysis.meta["rule_grid"],

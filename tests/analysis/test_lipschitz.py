@@ -80,8 +80,9 @@ def test_the_rest_of_block_is_bidiagonalized_per_token_only_where_it_maps_tokens
     from hnfverify.analysis.lipschitz import _tokenwise, rest_of_block
 
     lm = tiny_model("tiny-llama")
-    h = torch.randn(1, 6, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(2))
-    fn = rest_of_block(lm.model.model.layers[0])
+    g = torch.Generator().manual_seed(2)
+    x, h = (torch.randn(1, 6, lm.model.config.hidden_size, generator=g) for _ in range(2))
+    fn = rest_of_block(lm.model.model.layers[0]).at(x)
     with torch.no_grad():
         assert _tokenwise(fn, h, fn(h))
 
@@ -89,7 +90,8 @@ def test_the_rest_of_block_is_bidiagonalized_per_token_only_where_it_maps_tokens
             return fn(y) + 1e-3 * y.cumsum(-2)
 
         assert not _tokenwise(mixing, h, mixing(h))
-        assert not _tokenwise(fn, h[:, :2], fn(h[:, :2]))      # too few tokens to tell
+        fn2 = rest_of_block(lm.model.model.layers[0]).at(x[:, :2])
+        assert not _tokenwise(fn2, h[:, :2], fn2(h[:, :2]))    # too few tokens to tell
 
 
 def test_analysis_restores_threads_and_attention_and_repeats_its_estimates_exactly():

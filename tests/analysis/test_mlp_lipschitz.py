@@ -1,7 +1,8 @@
-"""The rest of block l after its attention: h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)), h_mid the
-hidden state after the attention residual add. Its measured local Lipschitz estimate L'_l (power iteration at
-the calibration points) is stored in the report as ``mlp_lipschitz`` and written into each plan layer like the
-block estimate ``lipschitz``; layers without that structure are refused.
+"""The rest of block l after its attention: the map from the attention output to the block output, the block
+input fixed (Llama: h_mid -> h_mid + mlp(post_attention_layernorm(h_mid)); OLMo-2's post-norms, Gemma's sandwich
+norms and GPT-NeoX's parallel residual have their own, docs/design.md §2.5a). Its measured local Lipschitz
+estimate L'_l (Lanczos at the calibration points) is stored in the report as ``mlp_lipschitz`` and written into
+each plan layer like the block estimate ``lipschitz``; layers of an unknown structure are refused.
 
 failed before the fix: the analysis had no ``mlp_lipschitz`` (KeyError), ``hnfverify.analysis.lipschitz`` had no
 rest-of-block estimate, plans had no per-layer ``mlp_lipschitz`` entry, decoder layers of other shapes
@@ -94,9 +95,7 @@ def test_no_estimate_when_the_lipschitz_iterations_are_off():
     assert res.arrays["mlp_lipschitz"].shape == (4,) and np.all(np.isnan(res.arrays["mlp_lipschitz"]))
 
 
-@pytest.mark.parametrize("kind, cls", [("gemma3", "Gemma3DecoderLayer"), ("cohere", "CohereDecoderLayer"),
-                                       ("olmo2", "Olmo2DecoderLayer")])
-def test_decoder_layers_of_another_structure_are_refused(kind, cls):
+def _other_structure(kind: str):
     import transformers as tf
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -104,12 +103,78 @@ def test_decoder_layers_of_another_structure_are_refused(kind, cls):
                   tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0)
     cfg = {"gemma3": lambda: tf.Gemma3TextConfig(head_dim=16, sliding_window=8, **common),
            "cohere": lambda: tf.CohereConfig(**common),
-           "olmo2": lambda: tf.Olmo2Config(**common)}[kind]()
+           "olmo2": lambda: tf.Olmo2Config(**common),
+           "gpt_neox": lambda: tf.GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                                                use_parallel_residual=True)}[kind]()
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    lm = LoadedModel(model, ByteTokenizer(), kind, "random", {})
-    with pytest.raises(UnsupportedModel, match=cls):
-        analyze(lm, _windows(16), AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    return LoadedModel(model, ByteTokenizer(), kind, "random", {})
+
+
+def test_decoder_layers_of_an_unknown_structure_are_refused():
+    # Cohere: attention and MLP in parallel on one norm, without use_parallel_residual: none of the four structures
+    with pytest.raises(UnsupportedModel, match="CohereDecoderLayer"):
+        analyze(_other_structure("cohere"), _windows(16), AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+
+
+def _exact_rest_norm(model, ids, layer: int) -> float:
+    """||J||_2 of e -> the output of decoder layer ``layer`` when e is added to that layer's attention-module output
+    (all positions), from the whole model through forward hooks (not via the analyzer's structures)."""
+    from hnfverify.analysis.analyzer import _layer_blocks
+    from hnfverify.analysis.instrument import attention_modules
+
+    attn = [m for _, m in attention_modules(model) if int(m.layer_idx) == layer][0]
+    box = {}
+
+    def add(module, args, out):
+        return (out[0] + box["e"],) + tuple(out[1:]) if isinstance(out, tuple) else out + box["e"]
+
+    def grab(module, args, out):
+        box["y"] = out[0] if isinstance(out, tuple) else out
+
+    hooks = [attn.register_forward_hook(add), _layer_blocks(model)[layer].register_forward_hook(grab)]
+    try:
+        def f(e):
+            box["e"] = e
+            model(input_ids=ids, use_cache=False)
+            return box["y"]
+
+        with routed_eager(model):
+            e0 = torch.zeros(1, ids.shape[1], model.config.hidden_size)
+            jac = torch.autograd.functional.jacobian(f, e0)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = e0.numel()
+    return float(torch.linalg.matrix_norm(jac.reshape(n, n).double(), ord=2))
+
+
+def routed_eager(model):
+    from hnfverify.analysis.routing import routed_attention
+
+    return routed_attention(model, "eager")
+
+
+@pytest.mark.parametrize("kind, structure", [("olmo2", "post-norm"), ("gemma3", "sandwich"),
+                                             ("gpt_neox", "parallel")])
+def test_other_structures_estimate_the_exact_rest_of_block_norm(kind, structure):
+    """OLMo-2's post-norms, Gemma-3's sandwich norms, GPT-NeoX's parallel residual: the estimate is within a few
+    percent of (and never above) the exact norm of the attention-output -> block-output Jacobian, the block
+    input fixed; for the parallel residual that map is a translation, so L' = 1."""
+    from hnfverify.analysis.analyzer import _layer_blocks
+    from hnfverify.analysis.lipschitz import rest_of_block
+
+    lm = _other_structure(kind)
+    assert {rest_of_block(b).kind for b in _layer_blocks(lm.model).values()} == {structure}
+    wins = _windows(N_TOK)
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=40, lipschitz_tokens=N_TOK))
+    ids = torch.tensor(wins.windows)
+    for layer in (0, 1):
+        est = float(res.arrays["mlp_lipschitz"][layer])
+        true = _exact_rest_norm(lm.model, ids, layer)
+        assert est <= true * (1 + 1e-4) and est >= 0.97 * true, (kind, layer, est, true)
+        if structure == "parallel":
+            assert abs(true - 1.0) <= 1e-5 and abs(est - 1.0) <= 1e-5, (est, true)
 
 
 def test_synthetic_report_provides_the_array():

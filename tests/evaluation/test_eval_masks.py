@@ -12,7 +12,6 @@ QuantizedCache refuses) with that causal mask (9 failed).
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -59,16 +58,11 @@ def _lm(kind: str, seed: int = 0, attn: str = "sdpa", **over) -> LoadedModel:
     return LoadedModel(model, ByteTokenizer(), f"tiny-{kind}", f"random init, seed {seed}", {"seed": seed})
 
 
-def _fp32_plan(lm, tmp_path, lipschitz: bool = True) -> dict:
+def _fp32_plan(lm, tmp_path) -> dict:
     """analyze (2 random windows of T) -> report on disk -> --uniform fp32 plan, as the other tiny-model tests do."""
     g = torch.Generator().manual_seed(5)
     wins = TokenWindows("random", "file", torch.randint(0, 256, (2, T), generator=g).tolist(), 1)
-    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2 if lipschitz else 0, lipschitz_tokens=8, fisher_tokens=0))
-    if not lipschitz:
-        # Gemma's sandwich-norm blocks have no rest-of-block estimate (UnsupportedModel); an FP32 plan's
-        # logits do not depend on the Lipschitz numbers, which only enter the composition bound
-        for k in ("lipschitz", "mlp_lipschitz"):
-            res.arrays[k] = np.ones(res.meta["shape"]["layers"])
+    res = analyze(lm, wins, AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8, fisher_tokens=0))
     save(res, lm.identity(), wins.identity(), tmp_path / "r.json")
     summary, arrays = load(tmp_path / "r.json")
     return plan_from_report(summary, arrays, PlanRequest(uniform="fp32", sink=4, recent=16), "r.json")
@@ -84,7 +78,7 @@ def _teacher_forced_logits(lm, plan, ids, prefix):
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3"])
 def test_all_fp32_plan_reproduces_the_models_own_logits_on_sliding_window_layers(kind, tmp_path):
     lm = _lm(kind)
-    plan = _fp32_plan(lm, tmp_path, lipschitz=kind != "gemma3")
+    plan = _fp32_plan(lm, tmp_path)
     ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = lm.model(input_ids=ids, use_cache=False).logits
