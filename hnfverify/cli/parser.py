@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     rpt.add_argument("--bench", help="benchmarks/quality.py's quality.json: adds the Pareto plots")
     rpt.add_argument("--eval-windows", type=int, default=1,
                      help="evaluation windows for the bound-vs-actual scatter (0: skip; needs the model)")
-    rpt.add_argument("--text", choices=Corpus.values(), default=Corpus.PROSE.value)
+    rpt.add_argument("--text", default=Corpus.PROSE.value,
+                     help="prose or code (their evaluation splits), or a UTF-8 text file (default prose)")
     rpt.add_argument("--model", default="smollm2")
     rpt.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     rpt.set_defaults(func=cmd_report)

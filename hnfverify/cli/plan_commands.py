@@ -74,10 +74,13 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
 
     from .. import plots
     from ..core.plan import load_plan
+    from ..core.vocabulary import Corpus
 
     plan = load_plan(args.plan)
     if args.eval_windows < 0:
         raise InvalidArgument(f"--eval-windows must be >= 0, got {args.eval_windows}")
+    if args.text not in Corpus.values() and not Path(args.text).is_file():
+        raise InvalidArgument(f"--text must be prose or code (the evaluation splits) or a text file, got {args.text!r}")
     rows = None
     if args.bench:
         try:

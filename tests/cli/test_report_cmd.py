@@ -49,7 +49,8 @@ def test_report_writes_pngs_and_rejects_bad_input(tmp_path, run_cli, no_tracebac
     bench.write_text(json.dumps({"rows": [{"method": "x"}]}))
     for argv, msg in ((["--bench", str(bench)], "not a benchmarks/quality.py result"),
                       (["--bench", str(tmp_path / "missing.json")], "--bench"),
-                      (["--eval-windows", "-1"], "--eval-windows")):
+                      (["--eval-windows", "-1"], "--eval-windows"),
+                      (["--text", str(tmp_path / "no-such-text.txt")], "--text must be prose or code")):
         code, _, err = run_cli(["report", str(p), "--out", str(tmp_path / "r2")] + argv)
         assert code == 2 and msg in err, err
         no_traceback(err)
