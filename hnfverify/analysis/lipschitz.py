@@ -13,8 +13,8 @@ calibration a. Four layer structures are known, each identified by the layer's m
 the captured tensors (the block's real output must equal R_x(a)); any other is refused:
 
 * sequential (Llama family): h = x + a, y = h + mlp(post_attention_layernorm(h));
-* parallel (GPT-NeoX with use_parallel_residual): y = x + a + mlp(post_attention_layernorm(x)), so R_x is
-  a translation and L'_l = 1 exactly;
+* parallel (GPT-NeoX with use_parallel_residual; Phi and Cohere, whose MLP reads the attention's own
+  input_layernorm): y = x + a + mlp(norm(x)), so R_x is a translation and L'_l = 1 exactly;
 * post-norm (OLMo-2): h = x + post_attention_layernorm(a), y = h + post_feedforward_layernorm(mlp(h));
 * sandwich (Gemma 2/3): h = x + post_attention_layernorm(a),
   y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))).
@@ -235,8 +235,11 @@ def rest_of_block(block) -> RestOfBlock:
                                   ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm"))
     refused = [n for n in _REFUSED if getattr(block, n, None) is not None]
     parallel = bool(getattr(block, "use_parallel_residual", False))
-    kind = None
-    if mlp is not None and post_attn is not None and not refused:
+    kind, mlp_norm = None, post_attn
+    if mlp is not None and post_attn is None and pre_ff is None and post_ff is None and not refused \
+            and getattr(block, "input_layernorm", None) is not None:
+        kind, mlp_norm = "parallel", block.input_layernorm      # Phi, Cohere: attention and MLP on one norm
+    elif mlp is not None and post_attn is not None and not refused:
         if parallel and post_ff is None and pre_ff is None:
             kind = "parallel"
         elif not parallel and post_ff is None and pre_ff is None:
@@ -258,7 +261,7 @@ def rest_of_block(block) -> RestOfBlock:
                 h = x + a
                 return h + mlp(post_attn(h))
         elif kind == "parallel":
-            c = x + mlp(post_attn(x))                 # the MLP reads the block input: the error passes unchanged
+            c = x + mlp(mlp_norm(x))                  # the MLP reads the block input: the error passes unchanged
 
             def fn(a):
                 return c + a
@@ -333,11 +336,12 @@ def mlp_lipschitz(block, point: MidPoint, iters: int = 8, seed: int = 0) -> Lips
 
     rest = rest_of_block(block)
     cls = type(block).__name__
-    parts = None if point is None else (point.layer_input, point.attention_output, point.norm_input, point.layer_output)
-    if parts is None or any(v is None for v in parts):
-        raise UnsupportedModel(f"decoder layer {cls}: its attention output and post-attention hidden state were "
-                               "not observed during the calibration pass")
-    x, a, h, y = (t.to(torch.float32) for t in parts)
+    parts = None if point is None else (point.layer_input, point.attention_output, point.layer_output)
+    if parts is None or any(v is None for v in parts) or (rest.norm_is_mid and point.norm_input is None):
+        raise UnsupportedModel(f"decoder layer {cls}: its input, attention output and output (and, sequential, "
+                               "post_attention_layernorm's input) were not observed during the calibration pass")
+    x, a, y = (t.to(torch.float32) for t in parts)
+    h = point.norm_input.to(torch.float32) if rest.norm_is_mid else None
 
     def close(u, v):
         return u.shape == v.shape and float((u - v).abs().max()) <= 1e-5 * (1.0 + float(v.abs().max()))

@@ -112,9 +112,21 @@ def _other_structure(kind: str):
 
 
 def test_decoder_layers_of_an_unknown_structure_are_refused():
-    # Cohere: attention and MLP in parallel on one norm, without use_parallel_residual: none of the four structures
-    with pytest.raises(UnsupportedModel, match="CohereDecoderLayer"):
-        analyze(_other_structure("cohere"), _windows(16), AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8))
+    opts = AnalysisOptions(lipschitz_iters=2, lipschitz_tokens=8)
+    # a layer with a norm the four structures do not have: refused by its modules, before any work
+    lm = tiny_model("tiny-llama")
+    lm.model.model.layers[1].post_mlp_norm = torch.nn.Identity()
+    with pytest.raises(UnsupportedModel, match="LlamaDecoderLayer has none of the known structures"):
+        analyze(lm, _windows(16), opts)
+    # modules of the sequential structure, but the layer computes something else: refused on the captured point
+    lm = tiny_model("tiny-llama")
+    def other(module, args, kwargs, out):                         # y + x / 2
+        x = args[0] if args else kwargs["hidden_states"]
+        return out + 0.5 * x if torch.is_tensor(out) else (out[0] + 0.5 * x,) + tuple(out[1:])
+
+    lm.model.model.layers[1].register_forward_hook(other, with_kwargs=True)
+    with pytest.raises(UnsupportedModel, match="not what the sequential structure computes"):
+        analyze(lm, _windows(16), opts)
 
 
 def _exact_rest_norm(model, ids, layer: int) -> float:
@@ -156,11 +168,11 @@ def routed_eager(model):
 
 
 @pytest.mark.parametrize("kind, structure", [("olmo2", "post-norm"), ("gemma3", "sandwich"),
-                                             ("gpt_neox", "parallel")])
+                                             ("gpt_neox", "parallel"), ("cohere", "parallel")])
 def test_other_structures_estimate_the_exact_rest_of_block_norm(kind, structure):
-    """OLMo-2's post-norms, Gemma-3's sandwich norms, GPT-NeoX's parallel residual: the estimate is within a few
-    percent of (and never above) the exact norm of the attention-output -> block-output Jacobian, the block
-    input fixed; for the parallel residual that map is a translation, so L' = 1."""
+    """OLMo-2's post-norms, Gemma-3's sandwich norms, GPT-NeoX's parallel residual and Cohere's parallel block on
+    one norm: the estimate is within a few percent of (and never above) the exact norm of the attention-output ->
+    block-output Jacobian, the block input fixed; for a parallel block that map is a translation, so L' = 1."""
     from hnfverify.analysis.analyzer import _layer_blocks
     from hnfverify.analysis.lipschitz import rest_of_block
 

@@ -7,9 +7,10 @@ plan is PROVED, its certificate CONFIRMED by recheck, and its teacher-forced pas
 with MixedPrecisionCache (the cache returning, bit for bit, the plan's stored forms of the K/V the model gave
 it), with no attention output above its plan-time bound. Qwen3 (q/k norms on each head) and Phi-3 (fused qkv
 projection) join Llama, Mistral and Qwen2 (sliding windows, interleaved with full layers); GPT-NeoX (parallel
-residual, partial rotary, LayerNorm), OLMo-2 (post-norms) and Gemma-3 (sandwich norms, local/global layers,
-head_dim 256, one KV head) have the other decoder-layer structures of the rest-of-block estimate
-(docs/design.md §2.5a, tests/analysis/test_mlp_lipschitz.py).
+residual, partial rotary, LayerNorm), Phi and Cohere (attention and MLP in parallel on one norm; Cohere's
+scaled logits), OLMo-2 (post-norms) and Gemma-3 (sandwich norms, local/global layers, head_dim 256, one KV
+head) have the other decoder-layer structures of the rest-of-block estimate (docs/design.md §2.5a,
+tests/analysis/test_mlp_lipschitz.py).
 """
 
 from fractions import Fraction
@@ -32,7 +33,7 @@ LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0,
               eos_token_id=None, bos_token_id=None)
-KINDS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "olmo2", "gemma3"]
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "olmo2", "gemma3", "phi", "cohere"]
 SLIDING = {"mistral", "qwen2", "gemma3"}
 
 
@@ -51,6 +52,8 @@ def _config(kind: str):
         # sandwich norms, local/global interleaved, head_dim 256, one KV head, query_pre_attn_scalar scaling
         "gemma3": (tf.Gemma3TextConfig, dict(head_dim=256, num_key_value_heads=1, sliding_window=WINDOW,
                                              layer_types=LAYER_TYPES, query_pre_attn_scalar=64)),
+        "phi": (tf.PhiConfig, dict(partial_rotary_factor=0.5)),     # attention and MLP in parallel on one norm
+        "cohere": (tf.CohereConfig, dict(logit_scale=0.5)),         # the same, LayerNorm without bias, scaled logits
     }[kind]
     cfg = {**COMMON, **kw}
     if kind == "gpt_neox":
