@@ -134,3 +134,13 @@ def check_output_target(option: str, path: str, *, directory: bool, example: str
                                   f"too long (at most {limit} here)")
     if len(os.fsencode(p)) + 40 > path_max:
         raise InvalidArgument(f"{option} {shown_path(path)}: the path is too long (at most about {path_max - 40} bytes)")
+
+
+def check_text(text: str) -> None:
+    """--text of eval and report: a built-in corpus (its evaluation split) or an existing text file."""
+    from pathlib import Path
+
+    from ..core.vocabulary import Corpus
+
+    if text not in Corpus.values() and not Path(text).is_file():
+        raise InvalidArgument(f"--text must be prose or code (the evaluation splits) or a text file, got {text!r}")

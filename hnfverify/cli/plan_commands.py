@@ -7,7 +7,7 @@ import os
 from typing import TextIO
 
 from ..errors import EXIT_OK, InvalidArgument
-from .options import fraction_arg, quiet_transformers, set_threads
+from .options import check_text, fraction_arg, quiet_transformers, set_threads
 from .render import print_plan
 
 
@@ -74,13 +74,11 @@ def cmd_report(args, out: TextIO, err: TextIO) -> int:
 
     from .. import plots
     from ..core.plan import load_plan
-    from ..core.vocabulary import Corpus
 
     plan = load_plan(args.plan)
     if args.eval_windows < 0:
         raise InvalidArgument(f"--eval-windows must be >= 0, got {args.eval_windows}")
-    if args.text not in Corpus.values() and not Path(args.text).is_file():
-        raise InvalidArgument(f"--text must be prose or code (the evaluation splits) or a text file, got {args.text!r}")
+    check_text(args.text)
     rows = None
     if args.bench:
         try:

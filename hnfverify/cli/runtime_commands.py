@@ -6,11 +6,9 @@ import json
 import time
 from fractions import Fraction
 from typing import TextIO
-from pathlib import Path
 
-from ..core.vocabulary import Corpus
 from ..errors import EXIT_OK, InvalidArgument
-from .options import quiet_transformers, set_threads
+from .options import check_text, quiet_transformers, set_threads
 from .render import print_eval
 
 
@@ -22,8 +20,7 @@ def cmd_eval(args, out: TextIO, err: TextIO) -> int:
         raise InvalidArgument("--windows, --prefix and --scored must be positive")
     texts = args.text or ["prose", "code"]
     for t in texts:
-        if t not in Corpus.values() and not Path(t).is_file():
-            raise InvalidArgument(f"--text must be prose or code (the evaluation splits) or a text file, got {t!r}")
+        check_text(t)
     plan = load_plan(args.plan)
     set_threads(args.threads)
     quiet_transformers()

@@ -37,9 +37,9 @@ def real_cache_bytes(plan: dict, kv: dict, t_len: int, rules: dict | None = None
     return total
 
 
-def accounting_units(plan: dict) -> list:
-    """The StreamRule of every (layer, KV head, K|V) of a rule plan."""
-    return [r for rules in plan_rules(plan).values() for r in rules]
+def accounting_units(plan: dict, rules: dict | None = None) -> list:
+    """The StreamRule of every (layer, KV head, K|V) of a rule plan (``rules``: ``plan_rules(plan)`` if known)."""
+    return [r for pair in (rules if rules is not None else plan_rules(plan)).values() for r in pair]
 
 
 def accounted_bytes(units: list, d: int, n: int, norm_bits: int = 0) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .attention import head_bounds, plan_attention, plan_parts
-from .accounting import accounted_bytes, real_cache_bytes
+from .accounting import accounted_bytes, accounting_units, real_cache_bytes
 from .method import Method
 from ..kv.certify import output_inputs
 
@@ -11,7 +11,7 @@ from ..kv.certify import output_inputs
 def plan_method(name: str, plan: dict) -> Method:
     bounds, e_l, _ = head_bounds(plan)
     parts = plan_parts(plan)
-    units = [r for rules in parts[0].values() for r in rules]
+    units = accounting_units(plan, parts[0])
 
     def nbytes(window_stats, t_len):
         kv = {li: (k[:, :, :t_len], v[:, :, :t_len]) for li, (k, v) in window_stats.kv.items()}

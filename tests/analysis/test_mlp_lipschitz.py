@@ -134,6 +134,7 @@ def _exact_rest_norm(model, ids, layer: int) -> float:
     (all positions), from the whole model through forward hooks (not via the analyzer's structures)."""
     from hnfverify.analysis.analyzer import _layer_blocks
     from hnfverify.analysis.instrument import attention_modules
+    from hnfverify.analysis.routing import routed_attention
 
     attn = [m for _, m in attention_modules(model) if int(m.layer_idx) == layer][0]
     box = {}
@@ -151,7 +152,7 @@ def _exact_rest_norm(model, ids, layer: int) -> float:
             model(input_ids=ids, use_cache=False)
             return box["y"]
 
-        with routed_eager(model):
+        with routed_attention(model, "eager"):
             e0 = torch.zeros(1, ids.shape[1], model.config.hidden_size)
             jac = torch.autograd.functional.jacobian(f, e0)
     finally:
@@ -159,12 +160,6 @@ def _exact_rest_norm(model, ids, layer: int) -> float:
             h.remove()
     n = e0.numel()
     return float(torch.linalg.matrix_norm(jac.reshape(n, n).double(), ord=2))
-
-
-def routed_eager(model):
-    from hnfverify.analysis.routing import routed_attention
-
-    return routed_attention(model, "eager")
 
 
 @pytest.mark.parametrize("kind, structure", [("olmo2", "post-norm"), ("gemma3", "sandwich"),
