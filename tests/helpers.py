@@ -90,9 +90,13 @@ def decode_logits(model, cache, ids, prefix: int):
 
 
 def recorded_decode_logits(model, plan, ids, prefix: int):
-    """``decode_logits`` through a fresh MixedPrecisionCache of ``plan`` that records, per layer and step, the
-    K/V the model gave ``update`` and the K/V it returned. Returns (logits, {layer: [(k_in, v_in, k_out, v_out)]})."""
+    """``decode_logits`` through a fresh MixedPrecisionCache of ``plan`` under run-time certification
+    (``kv.certify.certify``), recording per layer and step the K/V the model gave ``update`` and the K/V it
+    returned, and per attention call the real attention error — the output from what the cache returned minus
+    the output on the exact K/V of the same pass, (B, Hq, n) — next to its certified run-time bound.
+    Returns (logits, {layer: [(k_in, v_in, k_out, v_out)]}, [(layer, error, bound)])."""
     from hnfverify.kv.cache import MixedPrecisionCache
+    from hnfverify.kv.certify import certify
 
     cache = MixedPrecisionCache.from_plan(plan, model)
     steps: dict = {}
@@ -103,7 +107,21 @@ def recorded_decode_logits(model, plan, ids, prefix: int):
                                               out[0].detach().clone(), out[1].detach().clone()))
             return out
         layer.update = update
-    return decode_logits(model, cache, ids, prefix), steps
+    calls = []
+
+    def observe(li, query, key, value, bias, tau, bounds):
+        g = query.shape[1] // key.shape[1]
+        exact = [torch.cat([r[i] for r in steps[li]], 2) for i in (0, 1)]
+
+        def out(k, v):
+            k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+            return torch.softmax(tau * query.double() @ k.transpose(-1, -2) + bias.double(), -1) @ v
+
+        calls.append((li, (out(key, value) - out(*exact)).norm(dim=-1), bounds))
+
+    with certify(model, cache, observer=observe):
+        logits = decode_logits(model, cache, ids, prefix)
+    return logits, steps, calls
 
 
 def assert_cache_reads_the_plan_forms(plan, steps: dict) -> int:

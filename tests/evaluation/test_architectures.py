@@ -5,7 +5,8 @@ Per architecture: an all-FP32 plan decodes exactly as DynamicCache (tokens ident
 a sliding window within 1e-5, as the cache keeps the masked-out positions that DynamicCache drops) and its teacher-forced pass gives the model's own logits; a quantized
 plan is PROVED, its certificate CONFIRMED by recheck, and its teacher-forced pass equals token-by-token decoding
 with MixedPrecisionCache (the cache returning, bit for bit, the plan's stored forms of the K/V the model gave
-it), with no attention output above its plan-time bound. Qwen3 (q/k norms on each head) and Phi-3 (fused qkv
+it), with no attention output above its plan-time bound; decoding with the real cache under run-time
+certification, every attention output stays within its run-time bound and its plan-time bound E_h. Qwen3 (q/k norms on each head) and Phi-3 (fused qkv
 projection) join Llama, Mistral and Qwen2 (sliding windows, interleaved with full layers); GPT-NeoX (parallel
 residual, partial rotary, LayerNorm), Phi and Cohere (attention and MLP in parallel on one norm; Cohere's
 scaled logits), OLMo-2 (post-norms) and Gemma-3 (sandwich norms, local/global layers, head_dim 256, one KV
@@ -134,7 +135,7 @@ def test_quantized_plan_is_proved_rechecked_and_teacher_forced_equals_decoding(a
     with torch.no_grad():
         with plan_attention(lm.model, plan, prefix, bounds, st):
             tf = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
-        dec, steps = recorded_decode_logits(lm.model, plan, ids, prefix)
+        dec, steps, calls = recorded_decode_logits(lm.model, plan, ids, prefix)
         own = lm.model(input_ids=ids, use_cache=False).logits[0, prefix - 1:T - 1]
     # the cache returns, bit for bit, the stored forms the plan's one definition names, of the K/V the model gave it
     assert assert_cache_reads_the_plan_forms(plan, steps) == len(steps) * (T - 1 - prefix)
@@ -147,3 +148,10 @@ def test_quantized_plan_is_proved_rechecked_and_teacher_forced_equals_decoding(a
     assert float(diff.max()) <= 0.1 * float((tf - own).abs().max()), (kind, float(diff.max()),
                                                                         float((tf - own).abs().max()))
     assert st.violations == 0 and st.checked > 0, kind
+    # the real cache, decoding: every attention output within its run-time bound and its plan-time bound E_h
+    g = lm.model.config.num_attention_heads // len(plan["layers"][0]["heads"])
+    for li, err, rt in calls:
+        assert bool((rt >= err).all()), (kind, li, float((err - rt).max()))
+        per_kv = err.amax(dim=(0, 2)).reshape(-1, g).amax(-1)
+        assert all(float(e) <= bounds[(li, h)] for h, e in enumerate(per_kv)), (kind, li, per_kv.tolist())
+    assert sum(int((err > 0).sum()) for _, err, _ in calls) > 100, kind
