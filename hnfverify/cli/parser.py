@@ -15,6 +15,7 @@ from ..core.vocabulary import Corpus, Curvature, Objective, Solver
 from ..errors import EXIT_INTERNAL, EXIT_USAGE, HnfError, InvalidArgument
 from .options import MAX_TIMEOUT_MS, MAX_WALL_TIMEOUT_S, milliseconds_arg, positive_int_arg, seconds_arg
 from .analysis_commands import cmd_analyze, cmd_fetch_model, cmd_inspect, cmd_splits
+from .engine_commands import LLAMA_TYPES, cmd_certify_engine
 from .plan_commands import cmd_plan, cmd_report, cmd_show
 from .check_commands import cmd_check, cmd_recheck, cmd_replay
 from .runtime_commands import cmd_eval, cmd_generate
@@ -221,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
                           "error norms) and print the largest certified bound per layer")
     gen.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     gen.set_defaults(func=cmd_generate)
+
+    ce = sub.add_parser("certify-engine", help="is an engine's KV-cache setting safe for this model: the plan it "
+                        "implies (llama.cpp -ctk/-ctv, vLLM fp8), checked, certified and evaluated, one exit code")
+    ce.add_argument("report", help="the model's analysis report (hnfverify analyze)")
+    ce.add_argument("--engine", required=True, choices=("llama.cpp", "vllm"))
+    ce.add_argument("--ctk", choices=LLAMA_TYPES, help="llama.cpp: the K cache type (-ctk)")
+    ce.add_argument("--ctv", choices=LLAMA_TYPES, help="llama.cpp: the V cache type (-ctv)")
+    ce.add_argument("--kv-cache-dtype", dest="kv_cache_dtype", help="vLLM: fp8 or fp8_e4m3")
+    ce.add_argument("--scales", help="vLLM: a JSON file {\"k_scale\": S, \"v_scale\": S}, S a number, one per layer, "
+                    "or per layer one per KV head (default: 1.0, vLLM's uncalibrated scale)")
+    ce.add_argument("--eps", help="also require Theorem 5.7 and each head's attention error <= eps (a budget)")
+    ce.add_argument("--max-kl", help="also require the certified KL bound of every token <= this")
+    ce.add_argument("--max-seq-len", type=positive_int_arg("--max-seq-len"), default=None)
+    ce.add_argument("--out-dir", default="engine", help="directory for plan.json and certs/ (default ./engine)")
+    ce.add_argument("--no-eval", action="store_true", help="plan, check and certify only (no model run)")
+    ce.add_argument("--model", default="smollm2")
+    ce.add_argument("--text", action="append", help="as for eval (default prose and code)")
+    ce.add_argument("--windows", type=positive_int_arg("--windows"), default=8)
+    ce.add_argument("--prefix", type=positive_int_arg("--prefix"), default=512)
+    ce.add_argument("--scored", type=positive_int_arg("--scored"), default=512)
+    ce.add_argument("--format", choices=("text", "json"), default="text")
+    ce.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
+    ce.set_defaults(func=cmd_certify_engine)
 
     f = sub.add_parser("fetch-model", help="download and convert a named model into the cache")
     f.add_argument("model", nargs="?", default="smollm2")

@@ -7,7 +7,7 @@ numbers parsed, so ``parse_number`` does not fail here. No torch.
 
 from __future__ import annotations
 
-from .formats import RotatedFormat, by_name, is_power_of_two
+from .formats import GgmlFormat, RotatedFormat, by_name, is_power_of_two
 from .numbers import fmt_number, parse_number
 from .semantics import SEGMENTS
 
@@ -54,7 +54,11 @@ def consistency_problems(plan: dict) -> list[tuple[str, str]]:
             f = by_name(name)
         except Exception:       # reported by the structural rules
             continue
-        if f.granularity == "token" and f.group != d:
+        if isinstance(f, GgmlFormat):
+            if d % f.group:
+                add(f"$.formats.{name}", f"{name} quantizes blocks of {f.group} channels: head_dim {d} is not a "
+                                         "multiple of it")
+        elif f.granularity == "token" and f.group != d:
             add(f"$.formats.{name}", f"a per-token format groups the head's {d} channels (head_dim); group {f.group} "
                                      "cannot run")
         if isinstance(f, RotatedFormat) and not is_power_of_two(d):

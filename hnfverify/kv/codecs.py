@@ -9,7 +9,8 @@ import torch
 
 from ..core.formats import Format
 from ..core.formats.floating import FloatFormat
-from ..core.formats.fp8 import Fp8Format
+from ..core.formats.fp8 import Fp8Format, ScaledFp8Format
+from ..core.formats.ggml import GgmlFormat
 from ..core.formats.integer import CodebookFormat
 from ..core.formats.rotated import RotatedFormat
 from .rotation import rotate
@@ -177,8 +178,141 @@ class RotatedCodec:
         rotate(dst, out=dst)
 
 
+class GgmlCodec:
+    """llama.cpp's q8_0 / q4_0 / q5_0 / q4_1 / q5_1 (``hnfverify/core/formats/ggml.py``), bit for bit what the
+    ``gguf`` package's ``quantize_blocks`` computes (float32 throughout). Per token: ``data`` holds the codes of its
+    d / 32 blocks — 8-bit codes as int8 bytes; 4- and 5-bit codes as ggml's nibble pairs (byte j of a block: code j
+    | code j + 16 << 4), then for 5 bits each block's 32 high bits (4 bytes, little-endian) — ``scale`` the FP16 d
+    and ``zero`` the FP16 min (``_1`` types) of each block. :func:`ggml_blocks` lays them out as ggml's blocks."""
+
+    @staticmethod
+    def codes(x: torch.Tensor, fmt) -> tuple:
+        """x (..., nb, 32) float32 -> (codes uint8 (..., nb, 32), d float32 (..., nb, 1), min float32 or None)."""
+        n = fmt.steps
+        if fmt.symmetric and n == 127:                                   # q8_0
+            d = x.abs().amax(-1, keepdim=True) / 127
+            idv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            t = x * idv
+            a = t.abs()
+            fl = torch.floor(a)
+            q = (torch.sign(t) * (fl + torch.floor(2 * (a - fl))))      # gguf's np_roundf: half away from zero
+            q = torch.nan_to_num(q).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+            return q, d, None
+        if fmt.symmetric:                                                # q4_0 / q5_0
+            imax = x.abs().argmax(-1, keepdim=True)                      # the first of the largest |x|
+            d = torch.gather(x, -1, imax) / -n
+            idv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            w = x * idv + (n + 0.5)
+            q = torch.trunc(torch.nan_to_num(w).clamp(0, 255)).to(torch.uint8).clamp_(max=2 * n - 1)
+            return q, d, None
+        mx, mn = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)     # q4_1 / q5_1
+        d = (mx - mn) / n
+        idv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        w = (x - mn) * idv + 0.5
+        q = torch.trunc(torch.nan_to_num(w).clamp(0, 255)).to(torch.uint8).clamp_(max=n)
+        return q, d, mn
+
+    @staticmethod
+    def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+        """codes (..., nb, 32) -> (..., nb * bytes per block) in ggml's order within a block."""
+        if bits == 8:
+            return q.flatten(-2)
+        lo = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)              # (..., nb, 16)
+        if bits == 4:
+            return lo.flatten(-2)
+        hb = (q >> 4).to(torch.int64) << torch.arange(32)                # the high bits, bit j = code j's
+        qh = hb.sum(-1, keepdim=True)                                    # (..., nb, 1) < 2^32
+        qh = ((qh >> torch.tensor([0, 8, 16, 24])) & 255).to(torch.uint8)
+        return torch.cat([lo.flatten(-2), qh.flatten(-2)], dim=-1)
+
+    @staticmethod
+    def _unpack(data: torch.Tensor, bits: int, nb: int) -> torch.Tensor:
+        """Inverse of :meth:`_pack`: (..., bytes) -> codes (..., nb, 32) uint8 (int8 bytes for q8_0)."""
+        if bits == 8:
+            return data.unflatten(-1, (nb, 32))
+        lo = data[..., :nb * 16].unflatten(-1, (nb, 16))
+        q = torch.cat([lo & 15, lo >> 4], dim=-1)
+        if bits == 5:
+            qh = data[..., nb * 16:].unflatten(-1, (nb, 4)).to(torch.int64)
+            word = (qh << torch.tensor([0, 8, 16, 24])).sum(-1, keepdim=True)
+            q = q | (((word >> torch.arange(32)) & 1).to(torch.uint8) << 4)
+        return q
+
+    @staticmethod
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
+        nb = shape[-1] // 32
+        xb = x.reshape(*shape[:-1], nb, 32)
+        q, d, mn = GgmlCodec.codes(xb, fmt)
+        d16 = d.squeeze(-1).to(torch.float16)
+        m16 = None if mn is None else mn.squeeze(-1).to(torch.float16)
+        p = Packed(fmt, shape, GgmlCodec._pack(q, fmt.value_bits), scale=d16, zero=m16)
+        return (p, GgmlCodec.dequantize(p)) if values else p
+
+    @staticmethod
+    def values(q: torch.Tensor, d16: torch.Tensor, m16, fmt) -> torch.Tensor:
+        """The stored float32 values of codes q (..., nb, 32): d q (q8_0), d (q - n) (q4_0 / q5_0), d q + m (_1)."""
+        d = d16.to(torch.float32).unsqueeze(-1)
+        if fmt.symmetric and fmt.steps == 127:
+            return q.view(torch.int8).to(torch.float32) * d
+        if fmt.symmetric:
+            return (q.to(torch.int8) - fmt.steps).to(torch.float32) * d
+        return q.to(torch.float32) * d + m16.to(torch.float32).unsqueeze(-1)
+
+    @staticmethod
+    def dequantize(p: Packed) -> torch.Tensor:
+        nb = p.shape[-1] // 32
+        q = GgmlCodec._unpack(p.data, p.fmt.value_bits, nb)
+        return GgmlCodec.values(q, p.scale, p.zero, p.fmt).reshape(p.shape)
+
+    @staticmethod
+    def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+        dst.copy_(GgmlCodec.dequantize(Packed(p.fmt, tuple(dst.shape), p.data, p.scale, p.zero)))
+
+
+def ggml_blocks(p: Packed):
+    """The packed tokens as ggml's blocks, a numpy uint8 array (tokens * d / 32, bytes per block): FP16 d, then
+    FP16 min (``_1``), then the high bits (5-bit types), then the nibbles (or int8 codes) — ``block_q*`` of ggml."""
+    import numpy as np
+
+    nb = p.shape[-1] // 32
+    bits = p.fmt.value_bits
+    data = p.data.reshape(-1, p.data.shape[-1])
+    parts = [p.scale.reshape(-1, nb, 1).view(torch.uint8).reshape(-1, nb, 2)]
+    if p.zero is not None:
+        parts.append(p.zero.reshape(-1, nb, 1).view(torch.uint8).reshape(-1, nb, 2))
+    if bits == 5:
+        parts.append(data[:, nb * 16:].reshape(-1, nb, 4))
+    parts.append(data[:, :nb * (32 if bits == 8 else 16)].reshape(-1, nb, 32 if bits == 8 else 16))
+    return np.ascontiguousarray(torch.cat(parts, dim=-1).reshape(-1, sum(t.shape[-1] for t in parts)).numpy())
+
+
+class ScaledFp8Codec:
+    """vLLM's FP8-E4M3 with one fixed float32 scale (``fp8_e4m3_s<s>``): clamp(x / s, +-448) cast to e4m3, read as
+    fp8 * s. Nothing but the FP8 bytes is stored per token (the scale is the plan's)."""
+
+    @staticmethod
+    def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
+        s = torch.tensor(float(fmt.scale), dtype=torch.float32)
+        y = (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        p = Packed(fmt, shape, y)
+        return (p, ScaledFp8Codec.dequantize(p)) if values else p
+
+    @staticmethod
+    def dequantize(p: Packed) -> torch.Tensor:
+        return p.data.to(torch.float32) * torch.tensor(float(p.fmt.scale), dtype=torch.float32)
+
+    @staticmethod
+    def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
+        dst.copy_(p.data)
+        dst.mul_(torch.tensor(float(p.fmt.scale), dtype=torch.float32))
+
+
 def codec_for(fmt: Format):
     """The codec of a format's family (FP8 formats are float formats too: they are tested first)."""
+    if isinstance(fmt, ScaledFp8Format):
+        return ScaledFp8Codec
+    if isinstance(fmt, GgmlFormat):
+        return GgmlCodec
     if isinstance(fmt, RotatedFormat):
         return RotatedCodec
     if isinstance(fmt, Fp8Format):

@@ -44,14 +44,14 @@ import math
 from dataclasses import replace
 
 from ..core.bound import exact_head_error, kl_bound, logit_osc_bound
-from ..core.formats import RotatedFormat, channel_groups_of, format_table
+from ..core.formats import RotatedFormat, ScaledFp8Format, by_name, channel_groups_of, engine_formats, format_table
 from ..core.numbers import dec_down, dec_up, fmt_number, parse_number, round_up, show_bound
 from ..core.semantics import SEGMENTS
 from ..core.vocabulary import Objective
-from ..errors import InvalidArgument, PlanInfeasible
+from ..errors import InputError, InvalidArgument, PlanInfeasible
 from .assemble import assemble, claim_up, raise_to_theorem
 from .modes import Planning, avg_bits_state, eps_state, fixed_channel_groups, fixed_formats, fixed_state
-from .request import PlanRequest, resolved_objective
+from .request import PlanRequest, parse_uniform, resolved_objective
 from .search import FloatHead, GreedySearch, average_bits, norm_overhead
 from .units import build_chain, head_inputs, set_errors, theorem_term, units_from_report
 
@@ -122,8 +122,9 @@ def set_chains(units: list, fixed, table: dict, req: PlanRequest, prune=None) ->
         if fixed is not None:
             uf = fixed(u)
             if not uf.representable(u.stats):
-                raise PlanInfeasible(f"--uniform {uf.name}: layer {u.layer} head {u.head} {u.kv} holds values up to "
-                                     f"{float(u.stats.amax):.4g}, beyond the format's range")
+                raise PlanInfeasible(f"{uf.name}: layer {u.layer} head {u.head} {u.kv} holds values up to "
+                                     f"{float(u.stats.amax):.4g}, beyond the format's range (at most "
+                                     f"{float(uf.domain_max):.4g})")
             u.chain = [uf]
             set_errors(u)
             u.thm_min = 0 if (req.eps is None or u.kv == "V" or req.eps >= theorem_term(uf, u, req.c)) else None
@@ -234,11 +235,28 @@ def plan_with_estimate(summary: dict, arrays: dict, req: PlanRequest, report_nam
     return plan, best[1]
 
 
+def scaled_formats(req: PlanRequest) -> dict:
+    """The fixed-scale FP8 formats (``fp8_e4m3_s<s>``, vLLM) a fixed plan names: one per scale, so not in any table."""
+    names = parse_uniform(req.uniform).values() if req.uniform is not None else [item[4] for item in req.assign]
+    out = {}
+    for name in names:
+        try:
+            f = by_name(name)
+        except InputError:
+            continue                        # reported by fixed_formats, with the table
+        if isinstance(f, ScaledFp8Format):
+            out[f.name] = f
+    return out
+
+
 def _plan(summary: dict, arrays: dict, req: PlanRequest, report_name: str) -> tuple:
     shape = summary["shape"]
     g_q = shape["query_heads"] // shape["kv_heads"]
     big = summary["analysis"]["channel_group"]
     table = format_table(shape["head_dim"], big)
+    if req.uniform is not None or req.assign is not None:
+        # fixed plans may name the engines' types too (docs/design.md §2.3d), FP8 with a fixed scale any scale
+        table = {**table, **engine_formats(shape["head_dim"]), **scaled_formats(req)}
     fixed = fixed_formats(req, table)
     if fixed is None and req.channel_group == "all":
         # every group inside the analysis' in the table; the diameters are the analysis' group's, which contains

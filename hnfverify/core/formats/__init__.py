@@ -16,20 +16,21 @@ import re
 from ...errors import InputError
 from .base import GRANULARITIES, Format, SegmentStats
 from .floating import BF16, FP16, FP32, FloatFormat
-from .fp8 import Fp8Format, e4m3, e5m2
+from .fp8 import Fp8Format, ScaledFp8Format, e4m3, e5m2, float32_exact, scaled_e4m3
+from .ggml import GGML_TYPES, GgmlFormat, ggml_format, ggml_formats
 from .integer import CODEBOOK_BITS, INT_BITS, CodebookFormat, IntFormat, codebook_format, int_format, packed_row_bytes
 from .rotated import RotatedFormat, is_power_of_two, rotated
 
 __all__ = ["Format", "SegmentStats", "FloatFormat", "Fp8Format", "IntFormat", "CodebookFormat", "format_table", "by_name",
            "GRANULARITIES", "channel_groups_of", "FP32", "FP16", "BF16", "INT_BITS", "packed_row_bytes", "RotatedFormat",
-           "ROTATED_BITS", "is_power_of_two"]
+           "ROTATED_BITS", "is_power_of_two", "GgmlFormat", "ScaledFp8Format", "engine_formats", "scaled_e4m3"]
 
 #: the bits of the per-token formats that get a rotated variant (INT8 gains nothing from it)
 ROTATED_BITS = (4, 3, 2)
 
 # used with fullmatch (``$`` would accept a final newline); ASCII digits without a leading zero, as in
 # specs/plan.schema.json (``\d`` would also take other scripts' digits, which int() reads)
-_NAME = re.compile(r"(fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))"
+_NAME = re.compile(r"(q8_0|q4_0|q5_0|q4_1|q5_1|fp8_e4m3_s(?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?|fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))"
                    r"(_h)?")
 
 
@@ -39,6 +40,12 @@ def channel_groups_of(channel_group: int) -> list[int]:
     and the group itself. A group aligned at multiples of g lies inside one aligned group of the
     analysis' (docs/design.md §3), so the measured diameter bounds it."""
     return sorted({channel_group} | {g for g in range(8, channel_group, 8) if channel_group % g == 0}, reverse=True)
+
+
+def engine_formats(head_dim: int) -> dict[str, Format]:
+    """The engines' own KV-cache types (llama.cpp's q8_0, q4_0, q5_0, q4_1, q5_1, docs/design.md §2.3d) a model with
+    this head_dim can use: for fixed plans (``--uniform``, ``certify-engine``); the planner's search does not pick them."""
+    return {f.name: f for f in ggml_formats(head_dim)}
 
 
 def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
@@ -60,7 +67,8 @@ def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
 def by_name(name: str) -> Format:
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not m:
-        raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, fp8_e4m3_tG, fp8_e5m2_tG, "
+        raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, q8_0, q4_0, q5_0, q4_1, q5_1, "
+                         "fp8_e4m3_sS (vLLM, fixed scale S), fp8_e4m3_tG, fp8_e5m2_tG, "
                          "intB_tG or intB_cG (B = 8, 4, 3, 2), lmB_tG or lmB_cG (B = 4, 3, 2), and intB_tG_h or "
                          "lmB_tG_h (Hadamard-rotated)")
     if m.group(7):
@@ -68,6 +76,16 @@ def by_name(name: str) -> Format:
             raise InputError(f"unknown format {name!r}: only the per-token intB_tG and lmB_tG formats have a "
                              "Hadamard-rotated variant (_h)")
         return rotated(by_name(name[:-2]))
+    if name in GGML_TYPES:
+        return ggml_format(name)
+    if name.startswith("fp8_e4m3_s"):
+        from fractions import Fraction
+
+        scale = Fraction(name[len("fp8_e4m3_s"):])
+        if not float32_exact(scale):
+            raise InputError(f"format {name!r}: the scale must be a positive normal float32 value written exactly "
+                             "(e.g. fp8_e4m3_s1, fp8_e4m3_s0.0029296875)")
+        return scaled_e4m3(scale)
     if name in ("fp32", "fp16", "bf16"):
         return {"fp32": FP32, "fp16": FP16, "bf16": BF16}[name]
     if m.group(2):

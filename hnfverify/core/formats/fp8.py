@@ -46,3 +46,48 @@ def e4m3(group: int) -> Fp8Format:
 def e5m2(group: int) -> Fp8Format:
     return Fp8Format(f"fp8_e5m2_t{group}", "fp8", "token", group, 8, SCALE_BITS,
                      mantissa_bits=2, min_exp=-14, max_finite=Fraction(57344))
+
+
+@dataclass(frozen=True)
+class ScaledFp8Format(FloatFormat):
+    """vLLM's FP8 KV cache (``--kv-cache-dtype fp8_e4m3``, docs/design.md §2.3d): one float32 scale s for a whole
+    layer's keys or values (per tensor; 1.0 unless calibrated) or per KV head, fixed in the plan (the format's name
+    ``fp8_e4m3_s<s>`` writes it exactly). Reference semantics: y = clamp(x / s, -448, 448) in float32, fp8-e4m3
+    round-to-nearest-even, x~ = fp8(y) s in float32. No per-token scale: 8 bits per element. The lemma is the
+    per-token one's with s fixed (``proofs/format_error_models.py``): |x - x~| <= (u + 2^-21) |x| + (1 + 2^-21) SUB s
+    for |x| <= 448 s; beyond, the clamp's error is unbounded in the model, so the format is representable only
+    for segments with amax <= 448 s."""
+
+    scale: Fraction = Fraction(1)
+
+    @property
+    def domain_max(self) -> Fraction:
+        return self.max_finite * self.scale
+
+    def l2_error(self, s: SegmentStats) -> Fraction:
+        return (self.u + Fraction(1, 2 ** 21)) * s.norm + sqrt_up(Fraction(s.d)) * self.sub_error * \
+            (1 + Fraction(1, 2 ** 21)) * self.scale
+
+    def error_model(self) -> str:
+        return (f"fixed float32 scale s = {fmt_number(self.scale)} (vLLM fp8_e4m3), clamp to +-448, round-to-nearest-"
+                f"even; |dx| <= (u + 2^-21)|x| + (1 + 2^-21) {fmt_number(self.sub_error)} s for |x| <= 448 s")
+
+    def to_json(self) -> dict:
+        return dict(super().to_json(), scale=fmt_number(self.scale))
+
+
+def float32_exact(x: Fraction) -> bool:
+    """True iff x is a finite positive normal float32 value (so a plan's scale is what the kernel multiplies by)."""
+    import struct
+
+    if x <= 0:
+        return False
+    f = struct.unpack("<f", struct.pack("<f", float(x)))[0]
+    return Fraction(f) == x and f >= 2.0 ** -126
+
+
+def scaled_e4m3(scale: Fraction) -> ScaledFp8Format:
+    from ..numbers import fmt_number as _fmt
+
+    return ScaledFp8Format(f"fp8_e4m3_s{_fmt(scale)}", "fp8", "none", 0, 8, 0, mantissa_bits=3, min_exp=-6,
+                           max_finite=Fraction(448), scale=scale)
