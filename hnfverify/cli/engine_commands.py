@@ -11,6 +11,7 @@ precision, flash or paged attention) are not modelled.
 from __future__ import annotations
 
 import json
+import math
 import os
 from fractions import Fraction
 from typing import TextIO
@@ -30,14 +31,14 @@ def _scale_name(x) -> str:
     """A vLLM scale (a JSON number) -> its fp8_e4m3_s format name: the float32 value vLLM multiplies by, exactly."""
     import struct
 
-    from ..core.numbers import fmt_number
+    from ..core.formats.fp8 import plain_decimal
 
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 or x != x or x == float("inf"):
         raise InputError(f"--scales: a scale must be a positive finite number, got {x!r}")
     f = struct.unpack("<f", struct.pack("<f", float(x)))[0]
     if not f >= 2.0 ** -126:
         raise InputError(f"--scales: scale {x!r} is not a normal float32 value")
-    return f"fp8_e4m3_s{fmt_number(Fraction(f))}"
+    return f"fp8_e4m3_s{plain_decimal(Fraction(f))}"
 
 
 def load_scales(path: str, n_layers: int, n_kv: int) -> dict:
@@ -64,6 +65,22 @@ def load_scales(path: str, n_layers: int, n_kv: int) -> dict:
                 raise InputError(f"--scales {path}: {key}[{li}] has {len(heads)} entries for {n_kv} KV heads")
             for h, x in enumerate(heads):
                 out[(li, h, kv)] = _scale_name(x)
+    return out
+
+
+def vllm_scales(summary: dict, arrays: dict) -> dict:
+    """Per-layer K and V scales for vLLM's fp8_e4m3 cache from an analysis: the power of two at or above amax / 448
+    (amax over the layer's KV heads and calibration positions), so 448 s covers what calibration saw with up to 2x
+    headroom and x / s, fp8 * s are exact scalings. {"k_scale": [...], "v_scale": [...]}, as ``--scales`` reads."""
+    import math
+
+    import numpy as np
+
+    out = {}
+    for kv in ("k", "v"):
+        amax = np.maximum(np.abs(arrays[f"{kv}_tok_min"]), np.abs(arrays[f"{kv}_tok_max"])).reshape(
+            summary["shape"]["layers"], -1).max(-1)
+        out[f"{kv}_scale"] = [2.0 ** math.ceil(math.log2(max(float(a), 2.0 ** -100) / 448)) for a in amax]
     return out
 
 
@@ -160,3 +177,75 @@ def cmd_certify_engine(args, out: TextIO, err: TextIO) -> int:
         print(f"hnfverify certify-engine: {bad} CERTIFIED BOUND(S) EXCEEDED", file=err)
         return EXIT_VIOLATED
     return Verdict(verdict).exit_code if verdict != PROVED else EXIT_OK
+
+
+def cmd_export(args, out: TextIO, err: TextIO) -> int:
+    """The cheapest engine setting whose certified bounds are within the plan's: per layer the attention-output bound
+    no larger than the plan's, and the end-to-end bound no larger where the plan has a finite one."""
+    from ..analysis.report import load
+    from ..core.plan import claim_float, load_plan
+    from ..core.formats import by_name
+    from ..planning.planner import plan_with_estimate
+
+    plan = load_plan(args.plan)
+    summary, arrays = load(args.report)
+    if summary["model"]["config_sha256"] != plan["model"]["config_sha256"]:
+        raise InvalidArgument(f"--report {args.report} analyses another model than the plan's "
+                              f"({summary['model']['name']} vs {plan['model']['name']})")
+    mine = [claim_float(x) for x in plan["claims"]["layer_bounds"]]
+    e2e = claim_float(plan["claims"]["end_to_end_bound"])
+    e2e = e2e if e2e is not None and math.isfinite(e2e) else None
+    bits = float(Fraction(plan["claims"]["avg_bits"]))
+    if args.to == "vllm":
+        scales = vllm_scales(summary, arrays)
+        target = args.out or "kv_scales.json"
+        from ..io import write_bytes_atomic
+
+        write_bytes_atomic(target, (json.dumps(scales, indent=1) + "\n").encode())
+        ns = argparse_ns(engine="vllm", kv_cache_dtype="fp8_e4m3", scales=target)
+        req, setting = engine_request(ns, summary["shape"])
+        eng, _ = plan_with_estimate(summary, arrays, req, os.path.basename(args.report))
+        out.write(f"vllm         --kv-cache-dtype fp8_e4m3 with the per-layer scales in {target} (k_scale, v_scale: "
+                  "powers of two at or above amax / 448 of the calibration analysis)\n")
+        _compare(out, eng, mine, e2e, bits)
+        return EXIT_OK
+    types = [t for t in LLAMA_TYPES]
+    cands = sorted(((by_name(_llama_format(k)).bits_per_element + by_name(_llama_format(v)).bits_per_element, k, v)
+                    for k in types for v in types), key=lambda c: (c[0], c[1], c[2]))
+    for _, k, v in cands:
+        req, setting = engine_request(argparse_ns(engine="llama.cpp", ctk=k, ctv=v), summary["shape"])
+        try:
+            eng, _ = plan_with_estimate(summary, arrays, req, os.path.basename(args.report))
+        except PlanInfeasible:
+            continue
+        lb = [claim_float(x) for x in eng["claims"]["layer_bounds"]]
+        ee = claim_float(eng["claims"]["end_to_end_bound"])
+        ee = ee if ee is not None and math.isfinite(ee) else None
+        if all(a <= b for a, b in zip(lb, mine)) and (e2e is None or (ee is not None and ee <= e2e)):
+            out.write(f"llama.cpp    -ctk {k} -ctv {v}{' -fa on' if v != 'f16' else ''}  (the cheapest pair whose "
+                      "certified per-layer attention bounds are within the plan's"
+                      f"{' and end-to-end bound too' if e2e is not None else ''}; a quantized V cache needs flash "
+                      "attention)\n")
+            _compare(out, eng, mine, e2e, bits)
+            return EXIT_OK
+    out.write("llama.cpp    no -ctk/-ctv pair certifies within the plan's bounds: keep the plan's cache (or f16)\n")
+    return EXIT_VIOLATED
+
+
+def argparse_ns(**kw):
+    from argparse import Namespace
+
+    base = dict(eps=None, max_kl=None, max_seq_len=None, kv_cache_dtype=None, scales=None, ctk=None, ctv=None)
+    return Namespace(**dict(base, **kw))
+
+
+def _compare(out: TextIO, eng: dict, mine: list, e2e, bits: float) -> None:
+    from ..core.plan import claim_float
+
+    eb = float(Fraction(eng["claims"]["avg_bits"]))
+    lb = [claim_float(x) for x in eng["claims"]["layer_bounds"]]
+    worst = max(lb)
+    within = all(a <= b for a, b in zip(lb, mine))
+    out.write(f"vs the plan  {eb:.4g} bits per element vs the mixed plan's {bits:.4g} ({eb - bits:+.4g}: one type for "
+              f"every layer and head, no sink or recent window); largest per-layer attention bound {worst:.4g} vs "
+              f"{max(mine):.4g}; every layer within the plan's bound: {'yes' if within else 'NO'}\n")

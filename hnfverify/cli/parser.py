@@ -15,7 +15,7 @@ from ..core.vocabulary import Corpus, Curvature, Objective, Solver
 from ..errors import EXIT_INTERNAL, EXIT_USAGE, HnfError, InvalidArgument
 from .options import MAX_TIMEOUT_MS, MAX_WALL_TIMEOUT_S, milliseconds_arg, positive_int_arg, seconds_arg
 from .analysis_commands import cmd_analyze, cmd_fetch_model, cmd_inspect, cmd_splits
-from .engine_commands import LLAMA_TYPES, cmd_certify_engine
+from .engine_commands import LLAMA_TYPES, cmd_certify_engine, cmd_export
 from .plan_commands import cmd_plan, cmd_report, cmd_show
 from .check_commands import cmd_check, cmd_recheck, cmd_replay
 from .runtime_commands import cmd_eval, cmd_generate
@@ -245,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--format", choices=("text", "json"), default="text")
     ce.add_argument("--threads", type=positive_int_arg("--threads"), default=None)
     ce.set_defaults(func=cmd_certify_engine)
+
+    ex = sub.add_parser("export", help="the cheapest engine setting within a plan's certified bounds (llama.cpp "
+                        "-ctk/-ctv) or vLLM's FP8 scale file")
+    ex.add_argument("plan")
+    ex.add_argument("--to", required=True, choices=("llama.cpp", "vllm"))
+    ex.add_argument("--report", required=True, help="the analysis report the plan was made from")
+    ex.add_argument("--out", help="vLLM: where the scale file goes (default kv_scales.json)")
+    ex.set_defaults(func=cmd_export)
 
     f = sub.add_parser("fetch-model", help="download and convert a named model into the cache")
     f.add_argument("model", nargs="?", default="smollm2")

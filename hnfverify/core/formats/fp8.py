@@ -86,8 +86,17 @@ def float32_exact(x: Fraction) -> bool:
     return Fraction(f) == x and f >= 2.0 ** -126
 
 
-def scaled_e4m3(scale: Fraction) -> ScaledFp8Format:
-    from ..numbers import fmt_number as _fmt
+def plain_decimal(x: Fraction) -> str:
+    """The exact decimal of a dyadic rational x > 0 (every float32 value is one), without an exponent: 0.0029296875."""
+    k = 0
+    while (x * 10 ** k).denominator != 1:
+        k += 1
+        if k > 200:
+            raise ValueError(f"{x} has no short exact decimal")
+    n = str((x * 10 ** k).numerator).rjust(k + 1, "0")
+    return n if k == 0 else f"{n[:-k]}.{n[-k:]}"
 
-    return ScaledFp8Format(f"fp8_e4m3_s{_fmt(scale)}", "fp8", "none", 0, 8, 0, mantissa_bits=3, min_exp=-6,
+
+def scaled_e4m3(scale: Fraction) -> ScaledFp8Format:
+    return ScaledFp8Format(f"fp8_e4m3_s{plain_decimal(scale)}", "fp8", "none", 0, 8, 0, mantissa_bits=3, min_exp=-6,
                            max_finite=Fraction(448), scale=scale)

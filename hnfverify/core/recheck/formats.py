@@ -1,6 +1,7 @@
 """The storage formats and their error models (docs/design.md §2.2, §2.3)."""
 
 import re
+import struct
 from fractions import Fraction as F
 
 from .numbers import fmt, round_up, sqrt_up
@@ -21,6 +22,10 @@ def _reach(levels):
     return max(levels[0], len(levels) - 1 - levels[-1], max(b - a for a, b in zip(levels, levels[1:])) / 2)
 
 
+#: llama.cpp's KV types: name -> (code bits, symmetric, n of d = M / -n (or amax / 127), N of d = range / N)
+GGML = {"q8_0": (8, True, 127), "q4_0": (4, True, 8), "q5_0": (5, True, 16), "q4_1": (4, False, 15),
+        "q5_1": (5, False, 31)}
+
 #: the rotated formats' error-model text before the inner format's (docs/design.md §2.3c)
 ROTATION_MODEL = ("Hadamard-rotated y = FWHT32(x) / sqrt(d); |dx| <= E_in + e_f + rho (N + e_f + E_in) + tau, "
                   "e_f = rho N + tau, rho = gamma_(log2 d + 2), tau = 5 sqrt(d) 2^-126, E_in the inner bound on the "
@@ -38,6 +43,18 @@ def fmt_def(name):
               "bf16": (7, -126, (2 - F(1, 2 ** 7)) * F(2) ** 127, 16)}
     if not isinstance(name, str):
         return None
+    if name in GGML:                        # llama.cpp's block types (docs/design.md §2.3d)
+        bits, sym, n = GGML[name]
+        lead = (F(1, 2 * n) if n == 127 else F(1, n)) if sym else F(1, 2 * n)
+        return {"name": name, "family": "ggml", "gran": "token", "group": 32, "bits": bits, "over": 16 if sym else 32,
+                "u": lead / 2 if sym else lead, "coef": lead + F(1, 2 ** 11), "sym": sym, "steps": n, "domain": F(65504)}
+    m = re.fullmatch(r"fp8_e4m3_s((0|[1-9][0-9]*)(\.[0-9]*[1-9])?)", name)
+    if m:                                   # vLLM's FP8 with a fixed float32 scale (docs/design.md §2.3d)
+        s = F(m.group(1))
+        if s <= 0 or F(struct.unpack("<f", struct.pack("<f", float(s)))[0]) != s or s < F(2) ** -126:
+            return None
+        return {"name": name, "family": "fp8", "gran": "none", "group": 0, "bits": 8, "over": 0, "max": F(448),
+                "domain": 448 * s, "u": F(1, 16), "sub": F(2) ** -10, "scale": s}
     if name in floats:
         mant, emin, mx, bits = floats[name]
         f = {"family": "float", "gran": "none", "group": 0, "bits": bits, "over": 0, "max": mx, "domain": mx}
@@ -63,7 +80,19 @@ def fmt_json(f):
     if f.get("rot"):
         e = fmt_json(f["rot"])
         return dict(e, error_model=ROTATION_MODEL + e["error_model"])
-    if f["family"] == "float":
+    if f["family"] == "ggml":
+        if f["sym"]:
+            how = "round to nearest" if f["steps"] == 127 else \
+                f"trunc(x/d + {f['steps']} + 1/2), clamped at {2 * f['steps'] - 1}"
+            em = (f"llama.cpp {f['name']}: blocks of 32 channels, FP16 d = amax/{f['steps']} (signed for q4_0/q5_0), "
+                  f"{how}; |dx| <= (c + 2^-11)(1 + 2^-9) amax + 2^-18")
+        else:
+            em = (f"llama.cpp {f['name']}: blocks of 32 channels, FP16 d = (max - min)/{f['steps']} and FP16 min; "
+                  "|dx| <= (1/(2N) + 2^-11)(1 + 2^-9) range + (2^-11 + 2^-20) amax + 2^-18")
+    elif f.get("scale") is not None:
+        em = (f"fixed float32 scale s = {fmt(f['scale'])} (vLLM fp8_e4m3), clamp to +-448, round-to-nearest-"
+              f"even; |dx| <= (u + 2^-21)|x| + (1 + 2^-21) {fmt(f['sub'])} s for |x| <= 448 s")
+    elif f["family"] == "float":
         em = (f"round-to-nearest; |dx| <= u|x| (normal), <= {fmt(f['sub'])} (subnormal); "
               f"overflow above {fmt(f['max'])}")
     elif f["family"] == "fp8":
@@ -76,8 +105,11 @@ def fmt_json(f):
         em = ("asymmetric round-to-nearest, FP16 zero-point (rounded down) and scale (rounded up) per group; "
               "|dx| <= u (1 + 2^-9) range + (u 2^-9 + 2^-20) |x|max + 2^-23")
     bpe = F(f["bits"]) + (F(f["over"], f["group"]) if f["over"] else 0)
-    return {"family": f["family"], "granularity": f["gran"], "group": f["group"], "value_bits": f["bits"],
-            "overhead_bits": f["over"], "bits_per_element": fmt(bpe), "u": fmt(f["u"]), "error_model": em}
+    out = {"family": f["family"], "granularity": f["gran"], "group": f["group"], "value_bits": f["bits"],
+           "overhead_bits": f["over"], "bits_per_element": fmt(bpe), "u": fmt(f["u"]), "error_model": em}
+    if f.get("scale") is not None:
+        out["scale"] = fmt(f["scale"])
+    return out
 
 
 def rotation(d):
@@ -110,6 +142,8 @@ def diam(f, st):
     """D of Theorem 5.7: the l2 diameter of the box the format quantizes a vector over."""
     if f.get("rot"):
         return rotated_stages(st)[2]["dt"]
+    if f["family"] == "ggml" and f["sym"]:       # the box [-amax, amax]^d
+        return 2 * sqrt_up(F(st["d"])) * st["amax"]
     return st["dc"] if f["gran"] == "channel" else st["dt"]
 
 
@@ -124,6 +158,13 @@ def l2_error(f, st):
     norm = sd * st["amax"]
     if f["family"] == "float":
         return f["u"] * norm + sd * f["sub"]
+    if f["family"] == "ggml":
+        lead = f["coef"] * (1 + F(1, 2 ** 9))
+        if f["sym"]:
+            return lead * norm + sd * F(1, 2 ** 18)
+        return lead * st["dt"] + (F(1, 2 ** 11) + F(1, 2 ** 20)) * norm + sd * F(1, 2 ** 18)
+    if f.get("scale") is not None:
+        return (f["u"] + F(1, 2 ** 21)) * norm + sd * f["sub"] * (1 + F(1, 2 ** 21)) * f["scale"]
     if f["family"] == "fp8":
         scale = max(st["amax"] * (1 + F(1, 2 ** 9)) / f["max"], F(1, 2 ** 14))
         return (f["u"] + F(1, 2 ** 21)) * norm + sd * f["sub"] * (1 + F(1, 2 ** 21)) * scale

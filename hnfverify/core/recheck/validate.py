@@ -46,7 +46,7 @@ def read_json(data, what, limit):
     return obj
 
 
-FORMAT_NAME = (r"fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
+FORMAT_NAME = (r"q8_0|q4_0|q5_0|q4_1|q5_1|fp8_e4m3_s(0|[1-9][0-9]*)(\.[0-9]*[1-9])?|fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
                r"|(int(8|4|3|2)|lm(4|3|2))_t[1-9][0-9]*_h")
 INPUTS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
 NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",
@@ -84,8 +84,9 @@ LAYER = O({"layer": I(), "tau": NN, "lipschitz": GAIN, "mlp_lipschitz": GAIN, "s
            "heads": ("list", HEAD, 1)})
 COMPOSITION = O({"form": E("suffix", "product"), "logit_gain": ("null", GAIN),
                  "remainder": ("null", O({"measured": NN, "margin": NN, "value": NN, "radius": NN}))})
-FORMAT = O({"family": E("float", "fp8", "int", "codebook"), "granularity": E("none", "token", "channel"), "group": I(),
-            "value_bits": I(1, 64), "overhead_bits": I(), "bits_per_element": NN, "u": NN, "error_model": S})
+FORMAT = O({"family": E("float", "fp8", "int", "codebook", "ggml"), "granularity": E("none", "token", "channel"), "group": I(),
+            "value_bits": I(1, 64), "overhead_bits": I(), "bits_per_element": NN, "u": NN, "error_model": S},
+           {"scale": NN})
 PLAN = O({
     "schema_version": I(1, 1), "kind": E("hnfverify-plan"), "tool": ("map", S, None, 0, ("name", "version")),
     "model": ("map", S, None, 0, ("name", "config_sha256")), "calibration": ("map", S, None, 0, ("token_ids_sha256",)),
@@ -176,7 +177,8 @@ def validate(p):
         f = fmt_def(name)
         need(f is not None, f"$.formats.{name}", "unknown format")
         need(same(spec, fmt_json(f)), f"$.formats.{name}", "the table entry differs from the format's definition")
-        need(f["gran"] != "token" or f["group"] == d, f"$.formats.{name}", "a per-token group must be head_dim")
+        need(f["gran"] != "token" or f["group"] == d or (f["family"] == "ggml" and d % f["group"] == 0),
+             f"$.formats.{name}", "a per-token group must be head_dim (llama.cpp's blocks of 32: divide it)")
         need(not f.get("rot") or d & (d - 1) == 0, f"$.formats.{name}", "a Hadamard rotation needs a power-of-two "
              "head_dim")
         need(f["gran"] != "channel" or p["analysis"]["channel_group"] % f["group"] == 0, f"$.formats.{name}",
