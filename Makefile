@@ -74,6 +74,7 @@ bench: bench-data bench-report
 bench-data: venv model
 	rm -f $(BENCH)/report.json $(BENCH)/report.safetensors
 	$(BIN)/python benchmarks/quality.py --out $(BENCH) --windows 2 --repeats 2 --steps 8
+	$(BIN)/python benchmarks/engines.py --out $(BENCH) --windows 2
 	$(BIN)/python benchmarks/analyzer_overhead.py --json > $(BENCH)/analyzer_overhead.json.tmp && mv $(BENCH)/analyzer_overhead.json.tmp $(BENCH)/analyzer_overhead.json
 	$(BIN)/python benchmarks/check_scaling.py --json > $(BENCH)/check_scaling.json.tmp && mv $(BENCH)/check_scaling.json.tmp $(BENCH)/check_scaling.json
 	$(MAKE) bench-long

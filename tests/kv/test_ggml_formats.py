@@ -106,3 +106,27 @@ def test_packed_layout_round_trips_through_the_cache_reader():
         dst = torch.empty_like(x)
         GgmlCodec.dequantize_into(p, dst)
         assert torch.equal(dst, dequantize(p))
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale_exp=st.integers(-12, 4), mag=st.sampled_from([1e-6, 1e-2, 1.0, 0.999]), seed=st.integers(0, 2**31 - 1))
+def test_vllm_fixed_scale_fp8_within_its_lemma_and_refused_beyond_448_s(scale_exp, mag, seed):
+    """fp8_e4m3_s<s>: clamp(x / s) cast to e4m3, read as fp8 * s; within (1/16 + 2^-21)|x| + (1 + 2^-21) 2^-10 s
+    for |x| <= 448 s, and a segment beyond 448 s is not representable."""
+    from hnfverify.core.formats import scaled_e4m3
+
+    s = F(2) ** scale_exp * F(3, 2)
+    fmt = scaled_e4m3(s)
+    assert by_name(fmt.name) == fmt and fmt.bits_per_element == 8
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(4, 64, generator=gen) * 2 - 1) * mag * 448 * float(s)
+    x[0, 0] = 448 * float(s) * mag
+    y = dequantize(quantize(x.to(torch.float32), fmt))
+    xd = x.to(torch.float32).double()
+    bound = (1 / 16 + 2.0 ** -21) * xd.abs() + (1 + 2.0 ** -21) * 2.0 ** -10 * float(s)
+    assert torch.all((y.double() - xd).abs() <= bound)
+    amax = F(float(xd.abs().max()))
+    assert fmt.representable(SegmentStats(64, amax, amax, amax))
+    assert not fmt.representable(SegmentStats(64, amax, amax, 448 * s * (1 + F(1, 2**20))))
+    with pytest.raises(Exception, match="float32"):
+        by_name("fp8_e4m3_s0.1")                      # 0.1 is not a float32 value: the scale must be exact
