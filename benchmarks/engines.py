@@ -6,10 +6,11 @@ equal bytes: bits, KLD, PPL, top-1 and the certified bounds, all on the same eva
 1. The calibration analysis out/bench/report.json (benchmarks/quality.py's; made if absent).
 2. Per setting the plan ``hnfverify certify-engine`` builds (every position of every layer and head in the engine's
    type, no sink, no recent window, no recorded error norms: the engine's own bytes), checked by the gate.
-   llama.cpp: K, V in q8_0, q5_1, q5_0, q4_1, q4_0 (25 pairs); vLLM fp8_e4m3 with scale 1.0 (its default) and
+   llama.cpp: K, V in q8_0, q5_1, q5_0, q4_1, iq4_nl, q4_0 (36 pairs); vLLM fp8_e4m3 with scale 1.0 (its default) and
    with per-(layer, K|V) scales amax / 448 from the calibration analysis (what ``hnfverify export --to vllm``
    writes).
-3. hnfverify ``--avg-bits B`` plans from the same analysis at the engines' bit widths (4.5 to 8.5).
+3. hnfverify ``--avg-bits B`` plans from the same analysis at the engines' bit widths (4 to 8.5: below 4.5 too, as a
+   plan's recent window and sink make it decode above its budget).
 4. Every method on the same windows (prose and code, eval split, 512 prefix + 512 scored, one reference pass per
    window). Writes out/bench/engines.json; benchmarks/write_report.py renders it into BENCHMARKS.md.
 """
@@ -29,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import analysis, log  # noqa: E402  (the same calibration analysis)
 
-TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-HNF_BITS = ("4.5", "5", "5.5", "6", "6.5", "7", "8.5")
+TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0")
+HNF_BITS = ("4", "4.2", "4.5", "5", "5.5", "6", "6.5", "7", "8.5")
 
 
 def engine_plans(rep: Path, out: Path) -> list:

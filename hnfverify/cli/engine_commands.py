@@ -19,7 +19,7 @@ from typing import TextIO
 from ..errors import EXIT_OK, EXIT_VIOLATED, InputError, InvalidArgument, PlanInfeasible
 from .options import check_output_target, check_text, fraction_arg, quiet_transformers, set_threads
 
-LLAMA_TYPES = ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "f16")
+LLAMA_TYPES = ("q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "iq4_nl", "f16")
 VLLM_DTYPES = ("fp8", "fp8_e4m3")
 
 
@@ -43,7 +43,9 @@ def _scale_name(x) -> str:
 
 def load_scales(path: str, n_layers: int, n_kv: int) -> dict:
     """``--scales FILE``: {"k_scale": S, "v_scale": S}, S a number (every layer), a list of one number per layer, or
-    a list per layer of one number per KV head -> {(layer, head, "K"|"V"): format name}."""
+    a list per layer of one number per KV head; or vLLM's own ``--quantization-param-path`` file
+    ({"kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {"0": {"<layer>": s}}}}: one scale per layer for
+    K and V, tensor-parallel rank 0) -> {(layer, head, "K"|"V"): format name}."""
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)
@@ -51,8 +53,18 @@ def load_scales(path: str, n_layers: int, n_kv: int) -> dict:
         raise InputError(f"--scales {path}: cannot read it: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"--scales {path}: not JSON: {e}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("kv_cache"), dict):
+        kc = doc["kv_cache"]
+        ranks = kc.get("scaling_factor")
+        if kc.get("dtype") != "float8_e4m3fn" or not isinstance(ranks, dict) or not isinstance(ranks.get("0"), dict):
+            raise InputError(f"--scales {path}: a vLLM quantization-param file needs kv_cache.dtype float8_e4m3fn and "
+                             "kv_cache.scaling_factor[\"0\"] (rank 0: layer -> scale)")
+        per = ranks["0"]
+        if sorted(per, key=lambda k: (len(k), k)) != [str(i) for i in range(n_layers)]:
+            raise InputError(f"--scales {path}: scaling_factor[\"0\"] must have the layers 0..{n_layers - 1}")
+        doc = {"k_scale": [per[str(i)] for i in range(n_layers)], "v_scale": [per[str(i)] for i in range(n_layers)]}
     if not isinstance(doc, dict) or not {"k_scale", "v_scale"} <= set(doc):
-        raise InputError(f"--scales {path}: expected an object with k_scale and v_scale")
+        raise InputError(f"--scales {path}: expected an object with k_scale and v_scale (or vLLM's kv_cache file)")
     out = {}
     for kv, key in (("K", "k_scale"), ("V", "v_scale")):
         s = doc[key]
@@ -201,12 +213,18 @@ def cmd_export(args, out: TextIO, err: TextIO) -> int:
         target = args.out or "kv_scales.json"
         from ..io import write_bytes_atomic
 
-        write_bytes_atomic(target, (json.dumps(scales, indent=1) + "\n").encode())
+        # vLLM's quantization-param schema (KVCacheQuantSchema): one scale per layer for K and V, per TP rank
+        arch = str(summary["model"].get("architecture", ""))
+        doc = {"model_type": arch.replace("ForCausalLM", "").lower(),
+               "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {"0": {
+                   str(li): max(k, v) for li, (k, v) in enumerate(zip(scales["k_scale"], scales["v_scale"]))}}}}
+        write_bytes_atomic(target, (json.dumps(doc, indent=1) + "\n").encode())
         ns = argparse_ns(engine="vllm", kv_cache_dtype="fp8_e4m3", scales=target)
         req, setting = engine_request(ns, summary["shape"])
         eng, _ = plan_with_estimate(summary, arrays, req, os.path.basename(args.report))
-        out.write(f"vllm         --kv-cache-dtype fp8_e4m3 with the per-layer scales in {target} (k_scale, v_scale: "
-                  "powers of two at or above amax / 448 of the calibration analysis)\n")
+        out.write(f"vllm         --kv-cache-dtype fp8_e4m3 --quantization-param-path {target} (vLLM's schema: per layer "
+                  "one scale for K and V, the power of two at or above amax / 448 of the calibration analysis; "
+                  "certify-engine --scales reads it)\n")
         _compare(out, eng, mine, e2e, bits)
         return EXIT_OK
     types = [t for t in LLAMA_TYPES]

@@ -10,7 +10,7 @@ import torch
 from ..core.formats import Format
 from ..core.formats.floating import FloatFormat
 from ..core.formats.fp8 import Fp8Format, ScaledFp8Format
-from ..core.formats.ggml import GgmlFormat
+from ..core.formats.ggml import KVALUES, GgmlFormat
 from ..core.formats.integer import CodebookFormat
 from ..core.formats.rotated import RotatedFormat
 from .rotation import rotate
@@ -178,6 +178,10 @@ class RotatedCodec:
         rotate(dst, out=dst)
 
 
+#: ggml's kvalues_iq4nl
+_IQ4NL = torch.tensor(KVALUES, dtype=torch.int8)
+
+
 class GgmlCodec:
     """llama.cpp's q8_0 / q4_0 / q5_0 / q4_1 / q5_1 (``hnfverify/core/formats/ggml.py``), bit for bit what the
     ``gguf`` package's ``quantize_blocks`` computes (float32 throughout). Per token: ``data`` holds the codes of its
@@ -189,6 +193,8 @@ class GgmlCodec:
     def codes(x: torch.Tensor, fmt) -> tuple:
         """x (..., nb, 32) float32 -> (codes uint8 (..., nb, 32), d float32 (..., nb, 1), min float32 or None)."""
         n = fmt.steps
+        if fmt.name == "iq4_nl":
+            return GgmlCodec.iq4_nl_codes(x) + (None,)
         if fmt.symmetric and n == 127:                                   # q8_0
             d = x.abs().amax(-1, keepdim=True) / 127
             idv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
@@ -211,6 +217,35 @@ class GgmlCodec:
         w = (x - mn) * idv + 0.5
         q = torch.trunc(torch.nan_to_num(w).clamp(0, 255)).to(torch.uint8).clamp_(max=n)
         return q, d, mn
+
+    @staticmethod
+    def iq4_nl_codes(x: torch.Tensor) -> tuple:
+        """ggml's quantize_row_iq4_nl_ref (ntry = -1, no importance weights), operation by operation in float32: the
+        codes nearest x / d0 at the trial scale d0 = M / -127, then d = sum w q x / sum w q^2 with w = x^2, the sums
+        taken in order over the block's 32 elements as the C loop does; a block with amax < 1e-15 stores d = 0."""
+        lv = _IQ4NL.to(torch.float32)
+        amax = x.abs().amax(-1, keepdim=True)
+        m = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))
+        d0 = m / -127.0
+        idv = 1.0 / d0
+        al = idv * x
+        mu = torch.searchsorted(lv, al.contiguous(), right=True).clamp_(1, 15)
+        lower = (al - lv[mu - 1]) < (lv[mu] - al)
+        q = torch.where(lower, mu - 1, mu)
+        q = torch.where(al <= lv[0], 0, torch.where(al >= lv[15], 15, q))
+        qv = lv[q]
+        w = x * x
+        sqx = torch.zeros(x.shape[:-1], dtype=torch.float32)
+        sq2 = torch.zeros(x.shape[:-1], dtype=torch.float32)
+        for j in range(x.shape[-1]):                                     # sequential float32 sums, as in C
+            wq = w[..., j] * qv[..., j]
+            sqx = sqx + wq * x[..., j]
+            sq2 = sq2 + wq * qv[..., j]
+        d = torch.where(sq2 > 0, sqx / torch.where(sq2 > 0, sq2, 1.0), 0.0).unsqueeze(-1)
+        small = amax < 1e-15
+        d = torch.where(small, 0.0, d)
+        q = torch.where(small, 0, q)
+        return torch.nan_to_num(q).to(torch.uint8), d
 
     @staticmethod
     def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -252,6 +287,8 @@ class GgmlCodec:
     def values(q: torch.Tensor, d16: torch.Tensor, m16, fmt) -> torch.Tensor:
         """The stored float32 values of codes q (..., nb, 32): d q (q8_0), d (q - n) (q4_0 / q5_0), d q + m (_1)."""
         d = d16.to(torch.float32).unsqueeze(-1)
+        if fmt.name == "iq4_nl":
+            return _IQ4NL.to(torch.float32)[q.long()] * d
         if fmt.symmetric and fmt.steps == 127:
             return q.view(torch.int8).to(torch.float32) * d
         if fmt.symmetric:

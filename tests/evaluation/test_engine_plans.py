@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     return lm, summary, arrays, d
 
 
-SETTINGS = [("q8_0", "q4_0"), ("q4_1", "q5_0"), ("q5_1", "q8_0")]
+SETTINGS = [("q8_0", "q4_0"), ("q4_1", "q5_0"), ("q5_1", "q8_0"), ("iq4_nl", "iq4_nl")]
 
 
 @pytest.mark.parametrize("ctk, ctv", SETTINGS)
@@ -125,5 +125,10 @@ def test_certify_engine_and_export_from_a_report(tiny, run_cli, tmp_path):
     code, out, err = run_cli(["export", str(tmp_path / "p.json"), "--to", "vllm", "--report", rep,
                               "--out", str(tmp_path / "kv.json")])
     assert code == 0, err
-    scales = json.loads((tmp_path / "kv.json").read_text())
-    assert len(scales["k_scale"]) == 2 and all(s > 0 and (s * 2 ** 60).is_integer() for s in scales["k_scale"])
+    doc = json.loads((tmp_path / "kv.json").read_text())          # vLLM's quantization-param schema
+    per = doc["kv_cache"]["scaling_factor"]["0"]
+    assert doc["kv_cache"]["dtype"] == "float8_e4m3fn" and sorted(per) == ["0", "1"]
+    assert all(s > 0 and (s * 2 ** 60).is_integer() for s in per.values())
+    code, out, err = run_cli(["certify-engine", rep, "--engine", "vllm", "--kv-cache-dtype", "fp8", "--no-eval",
+                              "--scales", str(tmp_path / "kv.json"), "--out-dir", str(tmp_path / "v4")])
+    assert code == 0 and "PROVED" in out, err

@@ -13,13 +13,14 @@ from hnfverify.core.formats import SegmentStats, by_name, engine_formats, format
 from hnfverify.kv.codecs import GgmlCodec, ggml_blocks
 from hnfverify.kv.quant import dequantize, quantize
 
-TYPES = ["q8_0", "q4_0", "q5_0", "q4_1", "q5_1"]
+TYPES = ["q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "iq4_nl"]
+GGUF_QUANTIZED = TYPES[:5]            # gguf quantizes these; iq4_nl's vectors come from ggml's compiled reference
 REF = Path(__file__).resolve().parents[1] / "data" / "ggml" / "reference.npz"
 
 
 def test_bits_per_element_are_llama_cpps():
     bits = {n: by_name(n).bits_per_element for n in TYPES}
-    assert bits == {"q8_0": F(17, 2), "q4_0": F(9, 2), "q5_0": F(11, 2), "q4_1": 5, "q5_1": 6}
+    assert bits == {"q8_0": F(17, 2), "q4_0": F(9, 2), "q5_0": F(11, 2), "q4_1": 5, "q5_1": 6, "iq4_nl": F(9, 2)}
     assert set(engine_formats(64)) == set(TYPES) and engine_formats(48) == {}
     assert not set(TYPES) & set(format_table(64, 32))          # the planner's search never picks them
 
@@ -37,11 +38,32 @@ def test_committed_reference_vectors_reproduced_byte_for_byte(name):
     assert p.nbytes * 8 == by_name(name).segment_bits(x.shape[0], x.shape[1])
 
 
+@pytest.fixture(scope="module")
+def iq4_nl_reference(tmp_path_factory):
+    """x (n, d) float32 -> ggml's iq4_nl blocks from its reference quantizer compiled here (tests/data/ggml/iq4_nl_ref.c),
+    or None where no C compiler is installed (the committed vectors still hold it to those bytes)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        return lambda x: None
+    exe = tmp_path_factory.mktemp("iq4") / "iq4_nl_ref"
+    subprocess.run(["gcc", "-O2", "-std=gnu11", "-ffp-contract=off", "-o", str(exe), str(REF.parent / "iq4_nl_ref.c"),
+                    "-lm"], check=True)
+
+    def run(x):
+        raw = subprocess.run([str(exe)], input=x.astype(np.float32).tobytes(), capture_output=True, check=True).stdout
+        return np.frombuffer(raw, dtype=np.uint8).reshape(x.shape[0], -1)
+    return run
+
+
 def _element_bound(fmt, xb: torch.Tensor) -> torch.Tensor:
     """The lemma of proofs/format_error_models.py per element of blocks xb (..., 32), float64."""
     a = xb.abs().amax(-1, keepdim=True)
     r = xb.amax(-1, keepdim=True) - xb.amin(-1, keepdim=True)
     c = float(fmt.coefficient) * (1 + 2.0 ** -9)
+    if fmt.name == "iq4_nl":                    # proofs/iq4_nl_scale.py: the coefficient holds the FP16 term
+        return (float(fmt.coefficient) * a + 2.0 ** -18).expand_as(xb)
     if fmt.symmetric:
         return (c * a + 2.0 ** -18).expand_as(xb)
     return (c * r + (2.0 ** -11 + 2.0 ** -20) * a + 2.0 ** -18).expand_as(xb)
@@ -54,7 +76,7 @@ vectors = st.tuples(st.integers(1, 6), st.sampled_from([32, 64, 128]), st.sample
 
 @settings(max_examples=60, deadline=None)
 @given(spec=vectors, name=st.sampled_from(TYPES))
-def test_roundtrip_within_the_proved_model_and_equal_to_gguf(spec, name):
+def test_roundtrip_within_the_proved_model_and_equal_to_gguf(spec, name, iq4_nl_reference):
     import gguf.quants as gq
     from gguf import GGMLQuantizationType as T
 
@@ -71,8 +93,14 @@ def test_roundtrip_within_the_proved_model_and_equal_to_gguf(spec, name):
     fmt = by_name(name)
     p = quantize(x, fmt)
     y = dequantize(p)
-    ref = gq.quantize(x.numpy(), getattr(T, name.upper()))
-    assert np.array_equal(ggml_blocks(p).reshape(ref.shape), ref)
+    if name in GGUF_QUANTIZED:
+        ref = gq.quantize(x.numpy(), getattr(T, name.upper()))
+    else:                                       # ggml's compiled reference (skipped without a C compiler)
+        ref = iq4_nl_reference(x.numpy())
+    if ref is not None:
+        assert np.array_equal(ggml_blocks(p).reshape(ref.shape), ref)
+        assert np.array_equal(y.numpy().view(np.uint32), gq.dequantize(ref, getattr(T, name.upper())).reshape(
+            y.shape).view(np.uint32))
     xd, err = x.double(), (y.double() - x.double()).abs()
     bound = _element_bound(fmt, xd.unflatten(-1, (d // 32, 32))).flatten(-2)
     assert torch.all(err <= bound), float((err - bound).max())

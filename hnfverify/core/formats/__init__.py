@@ -30,7 +30,7 @@ ROTATED_BITS = (4, 3, 2)
 
 # used with fullmatch (``$`` would accept a final newline); ASCII digits without a leading zero, as in
 # specs/plan.schema.json (``\d`` would also take other scripts' digits, which int() reads)
-_NAME = re.compile(r"(q8_0|q4_0|q5_0|q4_1|q5_1|fp8_e4m3_s(?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?|fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))"
+_NAME = re.compile(r"(q8_0|q4_0|q5_0|q4_1|q5_1|iq4_nl|fp8_e4m3_s(?:0|[1-9][0-9]*)(?:\.[0-9]*[1-9])?|fp32|fp16|bf16|fp8_e4m3_t([1-9][0-9]*)|fp8_e5m2_t([1-9][0-9]*)|(int(?:8|4|3|2)|lm(?:4|3|2))_(t|c)([1-9][0-9]*))"
                    r"(_h)?")
 
 
@@ -67,7 +67,7 @@ def format_table(head_dim: int, channel_group: int = 32) -> dict[str, Format]:
 def by_name(name: str) -> Format:
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not m:
-        raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, q8_0, q4_0, q5_0, q4_1, q5_1, "
+        raise InputError(f"unknown format {name!r}: expected fp32, fp16, bf16, q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl, "
                          "fp8_e4m3_sS (vLLM, fixed scale S), fp8_e4m3_tG, fp8_e5m2_tG, "
                          "intB_tG or intB_cG (B = 8, 4, 3, 2), lmB_tG or lmB_cG (B = 4, 3, 2), and intB_tG_h or "
                          "lmB_tG_h (Hadamard-rotated)")

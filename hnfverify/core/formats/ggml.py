@@ -1,5 +1,5 @@
 """llama.cpp's KV-cache types as hnfverify formats (docs/design.md §2.3d): ``q8_0``, ``q4_0``, ``q5_0``,
-``q4_1``, ``q5_1`` — per token, blocks of 32 consecutive channels of head_dim, one FP16 scale d per block
+``q4_1``, ``q5_1``, ``iq4_nl`` (16 fixed non-uniform levels, FP16 d, 4.5 bits; ``proofs/iq4_nl_scale.py``) — per token, blocks of 32 consecutive channels of head_dim, one FP16 scale d per block
 (``_0``) or a scale d and a minimum m (``_1``). Bits per element: 8.5, 4.5, 5.5, 5.0, 6.0.
 
 Reference semantics: ggml's ``quantize_row_q*_ref`` as the ``gguf`` package (0.19.0, ``gguf.quants``)
@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from ..numbers import sqrt_up
+from ..numbers import fmt_number, sqrt_up
 from .base import Format, SegmentStats
 
 BLOCK = 32
@@ -40,7 +40,15 @@ A_EXTRA = Fraction(1, 2 ** 20)
 ABS = Fraction(1, 2 ** 18)
 #: name -> (value bits, symmetric, the step divisor: n of d = M / -n (``_0``), N of d = R / N (``_1``))
 GGML_TYPES = {"q8_0": (8, True, 127), "q4_0": (4, True, 8), "q5_0": (5, True, 16),
-              "q4_1": (4, False, 15), "q5_1": (5, False, 31)}
+              "q4_1": (4, False, 15), "q5_1": (5, False, 31), "iq4_nl": (4, True, 0)}
+#: iq4_nl's levels (ggml's kvalues_iq4nl) and its lemma's constants (``proofs/iq4_nl_scale.py``): the least-squares
+#: scale is d0 (1 + delta) with delta in [LAMBDA_LO, LAMBDA_HI], every element within E d0 of d q
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4NL_LAMBDA_HI = Fraction(49, 400)
+IQ4NL_LAMBDA_LO = Fraction(-1, 10)
+IQ4NL_E = Fraction(2706, 100)
+IQ4NL_COEF = IQ4NL_E / 127 + Fraction(1, 2 ** 14) + FP16_REL * (1 + IQ4NL_LAMBDA_HI + Fraction(1, 2 ** 14)) + \
+    Fraction(1, 2 ** 22)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class GgmlFormat(Format):
     @property
     def coefficient(self) -> Fraction:
         """The lemma's leading coefficient (of A for ``_0``, of R for ``_1``), before the (1 + 2^-9) slack."""
+        if self.name == "iq4_nl":                   # its FP16 term is inside (proofs/iq4_nl_scale.py)
+            return IQ4NL_COEF
         if self.symmetric:
             # q8_0 rounds to nearest: half a step d = A / 127; q4_0 / q5_0 can clamp: a full step A / n
             return (Fraction(1, 2 * self.steps) if self.steps == 127 else Fraction(1, self.steps)) + FP16_REL
@@ -61,7 +71,7 @@ class GgmlFormat(Format):
     @property
     def u(self) -> Fraction:
         # half the leading coefficient per unit of D: D = 2 sqrt(d) amax (_0) or sqrt(d) (max - min) (_1)
-        lead = self.coefficient - FP16_REL
+        lead = self.coefficient - (0 if self.name == "iq4_nl" else FP16_REL)
         return lead / 2 if self.symmetric else lead
 
     def theorem_diameter(self, s: SegmentStats) -> Fraction:
@@ -80,8 +90,13 @@ class GgmlFormat(Format):
         return self.coefficient * (1 + SLACK) * s.d_token + (FP16_REL + A_EXTRA) * s.norm + sd * ABS
 
     def error_model(self) -> str:
+        if self.name == "iq4_nl":
+            return (f"llama.cpp iq4_nl: blocks of {BLOCK} channels, the nearest of 16 fixed levels at d0 = amax/127, then "
+                    "FP16 d = the least-squares scale of those codes; |dx| <= c (1 + 2^-9) amax + 2^-18, c = "
+                    f"{fmt_number(IQ4NL_COEF)}")
         if self.symmetric:
-            how = "round to nearest" if self.steps == 127 else f"trunc(x/d + {self.steps} + 1/2), clamped at {2 * self.steps - 1}"
+            how = "round to nearest" if self.steps == 127 else \
+                f"trunc(x/d + {self.steps} + 1/2), clamped at {2 * self.steps - 1}"
             return (f"llama.cpp {self.name}: blocks of {BLOCK} channels, FP16 d = amax/{self.steps} (signed for q4_0/q5_0), "
                     f"{how}; |dx| <= (c + 2^-11)(1 + 2^-9) amax + 2^-18")
         return (f"llama.cpp {self.name}: blocks of {BLOCK} channels, FP16 d = (max - min)/{self.steps} and FP16 min; "

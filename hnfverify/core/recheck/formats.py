@@ -24,7 +24,10 @@ def _reach(levels):
 
 #: llama.cpp's KV types: name -> (code bits, symmetric, n of d = M / -n (or amax / 127), N of d = range / N)
 GGML = {"q8_0": (8, True, 127), "q4_0": (4, True, 8), "q5_0": (5, True, 16), "q4_1": (4, False, 15),
-        "q5_1": (5, False, 31)}
+        "q5_1": (5, False, 31), "iq4_nl": (4, True, 0)}
+#: iq4_nl's per-element coefficient (docs/design.md §2.3d, proofs/iq4_nl_scale.py): E / 127 + 2^-14 + 2^-11 (1 + 49/400
+#: + 2^-14) + 2^-22 with E = 27.06, this checker's own copy
+IQ4NL_COEF = F(2706, 100) / 127 + F(1, 2 ** 14) + F(1, 2 ** 11) * (1 + F(49, 400) + F(1, 2 ** 14)) + F(1, 2 ** 22)
 
 #: the rotated formats' error-model text before the inner format's (docs/design.md §2.3c)
 ROTATION_MODEL = ("Hadamard-rotated y = FWHT32(x) / sqrt(d); |dx| <= E_in + e_f + rho (N + e_f + E_in) + tau, "
@@ -45,9 +48,13 @@ def fmt_def(name):
         return None
     if name in GGML:                        # llama.cpp's block types (docs/design.md §2.3d)
         bits, sym, n = GGML[name]
-        lead = (F(1, 2 * n) if n == 127 else F(1, n)) if sym else F(1, 2 * n)
+        if name == "iq4_nl":
+            lead, coef = IQ4NL_COEF, IQ4NL_COEF
+        else:
+            lead = (F(1, 2 * n) if n == 127 else F(1, n)) if sym else F(1, 2 * n)
+            coef = lead + F(1, 2 ** 11)
         return {"name": name, "family": "ggml", "gran": "token", "group": 32, "bits": bits, "over": 16 if sym else 32,
-                "u": lead / 2 if sym else lead, "coef": lead + F(1, 2 ** 11), "sym": sym, "steps": n, "domain": F(65504)}
+                "u": lead / 2 if sym else lead, "coef": coef, "sym": sym, "steps": n, "domain": F(65504)}
     m = re.fullmatch(r"fp8_e4m3_s((0|[1-9][0-9]*)(\.[0-9]*[1-9])?)", name)
     if m:                                   # vLLM's FP8 with a fixed float32 scale (docs/design.md §2.3d)
         s = F(m.group(1))
@@ -81,7 +88,11 @@ def fmt_json(f):
         e = fmt_json(f["rot"])
         return dict(e, error_model=ROTATION_MODEL + e["error_model"])
     if f["family"] == "ggml":
-        if f["sym"]:
+        if f["name"] == "iq4_nl":
+            em = ("llama.cpp iq4_nl: blocks of 32 channels, the nearest of 16 fixed levels at d0 = amax/127, then "
+                  "FP16 d = the least-squares scale of those codes; |dx| <= c (1 + 2^-9) amax + 2^-18, c = "
+                  f"{fmt(IQ4NL_COEF)}")
+        elif f["sym"]:
             how = "round to nearest" if f["steps"] == 127 else \
                 f"trunc(x/d + {f['steps']} + 1/2), clamped at {2 * f['steps'] - 1}"
             em = (f"llama.cpp {f['name']}: blocks of 32 channels, FP16 d = amax/{f['steps']} (signed for q4_0/q5_0), "

@@ -46,7 +46,7 @@ def read_json(data, what, limit):
     return obj
 
 
-FORMAT_NAME = (r"q8_0|q4_0|q5_0|q4_1|q5_1|fp8_e4m3_s(0|[1-9][0-9]*)(\.[0-9]*[1-9])?|fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
+FORMAT_NAME = (r"q8_0|q4_0|q5_0|q4_1|q5_1|iq4_nl|fp8_e4m3_s(0|[1-9][0-9]*)(\.[0-9]*[1-9])?|fp32|fp16|bf16|fp8_e4m3_t[1-9][0-9]*|fp8_e5m2_t[1-9][0-9]*|(int(8|4|3|2)|lm(4|3|2))_(t|c)[1-9][0-9]*"
                r"|(int(8|4|3|2)|lm(4|3|2))_t[1-9][0-9]*_h")
 INPUTS = ("kappa", "d_token", "d_channel", "amax", "alpha", "qnorm", "vo", "mass_alpha", "mass_avo")
 NUMERIC_KEYS = {"eps", "eps_target", "c", "tau", "measured", "margin", "value", "o_proj_norm", "q_max",

@@ -1,11 +1,15 @@
 """Reference vectors for llama.cpp's KV-cache types, made by code hnfverify did not write: the ``gguf`` package's
 numpy quantizers (``gguf.quants.quantize`` / ``dequantize``, gguf 0.19.0, which follow ggml's
-``quantize_row_q*_ref`` bit for bit). Run once; ``reference.npz`` is committed with this provenance and
-tests/kv/test_ggml_formats.py requires hnfverify's codec to reproduce every byte.
+``quantize_row_q*_ref`` bit for bit) for q8_0, q4_0, q5_0, q4_1, q5_1; for iq4_nl, which gguf only dequantizes,
+ggml's own reference quantizer compiled from its source (``iq4_nl_ref.c``: ggml commit d99724f2, copied verbatim,
+``gcc -O2 -ffp-contract=off``) and gguf's dequantizer. Run once; ``reference.npz`` is committed with this
+provenance and tests/kv/test_ggml_formats.py requires hnfverify's codec to reproduce every byte.
 
     .venv/bin/python tests/data/ggml/make_reference.py
 """
 
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,15 @@ def main() -> None:
         blocks = quantize(x, qt)
         out[f"{name}_blocks"] = blocks
         out[f"{name}_values"] = dequantize(blocks, qt)
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "iq4_nl_ref"
+        subprocess.run(["gcc", "-O2", "-std=gnu11", "-ffp-contract=off", "-o", str(exe), str(here / "iq4_nl_ref.c"),
+                        "-lm"], check=True)
+        raw = subprocess.run([str(exe)], input=x.astype(np.float32).tobytes(), capture_output=True, check=True).stdout
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(x.shape[0], -1)
+    out["iq4_nl_blocks"] = blocks
+    out["iq4_nl_values"] = dequantize(blocks, T.IQ4_NL)
     np.savez_compressed(Path(__file__).with_name("reference.npz"), gguf_version=np.array(version("gguf")), **out)
 
 
