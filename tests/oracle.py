@@ -356,10 +356,67 @@ def _lm_u(b):
     return w / top
 
 
+# §2.3d: llama.cpp's block types (code bits, step n of d = M / -n or amax / 127, N of d = range / N) and iq4_nl
+_GGML = {"q8_0": (8, "sym", 127), "q4_0": (4, "sym", 8), "q5_0": (5, "sym", 16), "q4_1": (4, "asym", 15),
+         "q5_1": (5, "asym", 31), "iq4_nl": (4, "nl", 0)}
+_IQ4NL_C = Q(2706, 100) / 127 + Q(1, 2 ** 14) + Q(1, 2 ** 11) * (1 + Q(49, 400) + Q(1, 2 ** 14)) + Q(1, 2 ** 22)
+
+
+def _plain_float32(s: str):
+    """The value of an exact decimal that is a positive normal float32, else None (an fp8_e4m3_s scale)."""
+    import struct
+
+    x = Q(s)
+    if x <= 0 or x < Q(2) ** -126:
+        return None
+    return x if Q(struct.unpack("<f", struct.pack("<f", float(x)))[0]) == x else None
+
+
+def _engine_def(name):
+    if name in _GGML:
+        b, kind, n = _GGML[name]
+        if kind == "nl":
+            c = _IQ4NL_C
+            lead = c
+            em = ("llama.cpp iq4_nl: blocks of 32 channels, the nearest of 16 fixed levels at d0 = amax/127, then "
+                  f"FP16 d = the least-squares scale of those codes; |dx| <= c (1 + 2^-9) amax + 2^-18, c = {canon(c)}")
+        elif kind == "sym":
+            lead = Q(1, 254) if n == 127 else Q(1, n)
+            c = lead + Q(1, 2 ** 11)
+            how = "round to nearest" if n == 127 else f"trunc(x/d + {n} + 1/2), clamped at {2 * n - 1}"
+            em = (f"llama.cpp {name}: blocks of 32 channels, FP16 d = amax/{n} (signed for q4_0/q5_0), {how}; "
+                  "|dx| <= (c + 2^-11)(1 + 2^-9) amax + 2^-18")
+        else:
+            lead = Q(1, 2 * n)
+            c = lead + Q(1, 2 ** 11)
+            em = (f"llama.cpp {name}: blocks of 32 channels, FP16 d = (max - min)/{n} and FP16 min; "
+                  "|dx| <= (1/(2N) + 2^-11)(1 + 2^-9) range + (2^-11 + 2^-20) amax + 2^-18")
+        over = 32 if kind == "asym" else 16
+        u = lead if kind == "asym" else lead / 2
+        entry = {"family": "ggml", "granularity": "token", "group": 32, "value_bits": b, "overhead_bits": over,
+                 "bits_per_element": canon(b + Q(over, 32)), "u": canon(u), "error_model": em}
+        return {"name": name, "kind": "ggml", "sym": kind != "asym", "coef": c, "u": u, "domain": FP16_MAX,
+                "gran": "token", "group": 32, "entry": entry}
+    m = re.fullmatch(r"fp8_e4m3_s((0|[1-9][0-9]*)(\.[0-9]*[1-9])?)", name)
+    s = _plain_float32(m.group(1)) if m else None
+    if s is None:
+        return None
+    sub = Q(2) ** -10
+    entry = {"family": "fp8", "granularity": "none", "group": 0, "value_bits": 8, "overhead_bits": 0,
+             "bits_per_element": "8", "u": canon(Q(1, 16)), "scale": canon(s),
+             "error_model": f"fixed float32 scale s = {canon(s)} (vLLM fp8_e4m3), clamp to +-448, round-to-nearest-"
+                            f"even; |dx| <= (u + 2^-21)|x| + (1 + 2^-21) {canon(sub)} s for |x| <= 448 s"}
+    return {"name": name, "kind": "fp8s", "u": Q(1, 16), "sub": sub, "scale": s, "domain": 448 * s, "gran": "none",
+            "group": 0, "entry": entry}
+
+
 def format_def(name):
     """The definition of a named format: its table entry (``entry``) and what the bounds need."""
     if not isinstance(name, str):
         return None
+    eng = _engine_def(name)
+    if eng is not None:
+        return eng
     if name.endswith("_h"):
         inner = format_def(name[:-2])
         if inner is None or inner["kind"] != "int" or inner["gran"] != "token" or inner.get("rot"):
@@ -423,6 +480,13 @@ def stage_error(f, dt: R, dc: R, amax: R, sd: R) -> R:
     if f["kind"] == "fp8":
         scale = rmax(amax * ((1 + Q(1, 2 ** 9)) / f["max"]), R.of(Q(1, 2 ** 14)))
         return (f["u"] + Q(1, 2 ** 21)) * norm + sd * (f["sub"] * (1 + Q(1, 2 ** 21))) * scale
+    if f["kind"] == "fp8s":
+        return (f["u"] + Q(1, 2 ** 21)) * norm + sd * (f["sub"] * (1 + Q(1, 2 ** 21)) * f["scale"])
+    if f["kind"] == "ggml":
+        lead = f["coef"] * (1 + Q(1, 2 ** 9))
+        if f["sym"]:
+            return lead * norm + sd * Q(1, 2 ** 18)
+        return lead * dt + (Q(1, 2 ** 11) + Q(1, 2 ** 20)) * norm + sd * Q(1, 2 ** 18)
     diam = dc if f["gran"] == "channel" else dt
     return (f["u"] * (1 + Q(1, 2 ** 9))) * diam + (f["u"] * Q(1, 2 ** 9) + Q(1, 2 ** 20)) * norm + sd * Q(1, 2 ** 23)
 
@@ -458,6 +522,8 @@ def _chain_value(fmts, dt, dc, amax, dth, amh, d):
             w_dt, w_dc, w_amax = dt + grow, dc + grow, amax + e
             w_dth, w_amh = None if dth is None else dth + grow, None if amh is None else amh + e
         diam = w_dc if f["gran"] == "channel" else w_dt
+        if f["kind"] == "ggml" and f["sym"]:                # the box [-amax, amax]^d (§2.3d)
+            diam = (sd * 2) * w_amax
         checks = [w_amax]
         if f.get("rot"):
             err, diam, y_am = rotated_stage(f, w_dt, w_dc, w_amax, w_dth, w_amh, sd, d)
@@ -640,8 +706,10 @@ def _schema(p):
         if format_def(name) is None:
             raise _Bad(fp, "unknown format name")
         _obj(spec, fp, ["family", "granularity", "group", "value_bits", "overhead_bits", "bits_per_element", "u",
-                        "error_model"])
-        if spec["family"] not in ("float", "fp8", "int", "codebook"):
+                        "error_model"], ["scale"])
+        if "scale" in spec:
+            _numstr(spec["scale"], f"{fp}.scale")
+        if spec["family"] not in ("float", "fp8", "int", "codebook", "ggml"):
             raise _Bad(f"{fp}.family", "unknown family")
         if spec["granularity"] not in ("none", "token", "channel"):
             raise _Bad(f"{fp}.granularity", "unknown granularity")
@@ -781,7 +849,10 @@ def _semantics(p):
     shape = p["shape"]
     for name in p["formats"]:               # every format of the plan can run on this model
         f = format_def(name)
-        if f["gran"] == "token" and f["group"] != shape["head_dim"]:
+        if f["kind"] == "ggml":
+            if shape["head_dim"] % 32:
+                bad(f"$.formats.{name}", f"blocks of 32 channels need 32 | head_dim {shape['head_dim']}")
+        elif f["gran"] == "token" and f["group"] != shape["head_dim"]:
             bad(f"$.formats.{name}", f"per-token group {f['group']} is not head_dim {shape['head_dim']}")
         if f.get("rot") and shape["head_dim"] & (shape["head_dim"] - 1):
             bad(f"$.formats.{name}", "a Hadamard rotation needs a power-of-two head_dim")

@@ -132,3 +132,29 @@ def test_certify_engine_and_export_from_a_report(tiny, run_cli, tmp_path):
     code, out, err = run_cli(["certify-engine", rep, "--engine", "vllm", "--kv-cache-dtype", "fp8", "--no-eval",
                               "--scales", str(tmp_path / "kv.json"), "--out-dir", str(tmp_path / "v4")])
     assert code == 0 and "PROVED" in out, err
+
+
+@pytest.mark.parametrize("setting", ["K=q8_0,V=q4_0", "K=q4_1,V=q5_1", "K=iq4_nl,V=q5_0", "fp8_e4m3_s1",
+                                     "K=fp8_e4m3_s0.0625,V=fp8_e4m3_s0.5"])
+def test_the_independent_oracle_decides_engine_plans_as_the_gate_does(tiny, setting):
+    """tests/oracle.py (stdlib only, written from docs/design.md §2.3d) re-derives the engine formats: it decides the
+    gate's verdict on each setting's plan, PROVED as it is and REFUTED one Theorem 5.7 step too tight."""
+    import sys
+    from pathlib import Path
+
+    from hnfverify.core.verify import PROVED, REFUTED
+    from hnfverify.core.verify.obligations import CheckOptions, check_plan
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import oracle
+
+    lm, summary, arrays, d = tiny
+    plan = plan_from_report(summary, arrays, PlanRequest(uniform=setting, sink=0, recent=0), "r.json")
+    res = oracle.decide(plan)
+    assert res.valid, res.reason
+    assert check_plan(plan, CheckOptions()).verdict() == PROVED and res.sound == "PROVED", (res.sound, res.failing())
+    # a budget below what one of its Theorem 5.7 obligations needs: both refute it
+    tight = plan_from_report(summary, arrays, PlanRequest(uniform=setting, sink=0, recent=0, eps=Fraction(1, 10**6)),
+                             "r.json")
+    res = oracle.decide(tight)
+    assert check_plan(tight, CheckOptions()).verdict() == REFUTED and res.sound == "REFUTED"
