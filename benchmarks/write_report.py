@@ -310,7 +310,7 @@ def engines_section(e: dict) -> list:
     out = [f"Every llama.cpp KV-cache type pair (`-ctk` x `-ctv`) and vLLM's `--kv-cache-dtype fp8_e4m3`, as the plan "
            "`hnfverify certify-engine` builds (every position of every layer and head in the engine's type, no sink, "
            "no recent window, no recorded error norms: the engine's own bytes; formats bit-exact to the `gguf` "
-           "package's quantizers, docs/design.md §2.3d), and hnfverify's `--avg-bits B` plans (recorded error norms "
+           "package's quantizers, iq4_nl to ggml's reference compiled from its source, docs/design.md §2.3d), and hnfverify's `--avg-bits B` plans (recorded error norms "
            f"included in their bits) from the same calibration analysis; {e['windows_per_corpus']} evaluation windows "
            f"per text of {e['prefix']} + {e['scored']} tokens, the same windows for every row (run "
            f"{e['date']}, {e['seconds'] / 60:.0f} minutes). `best hnfverify at <= its bytes`: the hnfverify plan "
