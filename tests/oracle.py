@@ -363,13 +363,18 @@ _IQ4NL_C = Q(2706, 100) / 127 + Q(1, 2 ** 14) + Q(1, 2 ** 11) * (1 + Q(49, 400) 
 
 
 def _plain_float32(s: str):
-    """The value of an exact decimal that is a positive normal float32, else None (an fp8_e4m3_s scale)."""
-    import struct
-
+    """The value of an exact decimal that is a positive normal float32, else None (an fp8_e4m3_s scale): x in
+    [2^-126, (2 - 2^-23) 2^127] with a significand of at most 24 bits, x = m 2^(e - 23), 2^23 <= m < 2^24."""
     x = Q(s)
-    if x <= 0 or x < Q(2) ** -126:
+    if x < Q(2) ** -126 or x > (2 - Q(1, 2 ** 23)) * Q(2) ** 127:
         return None
-    return x if Q(struct.unpack("<f", struct.pack("<f", float(x)))[0]) == x else None
+    e = x.numerator.bit_length() - x.denominator.bit_length()       # 2^e <= x < 2^(e + 2)
+    while Q(2) ** e > x:
+        e -= 1
+    while Q(2) ** (e + 1) <= x:
+        e += 1
+    m = x / Q(2) ** (e - 23)
+    return x if m.denominator == 1 else None
 
 
 def _engine_def(name):
