@@ -22,13 +22,12 @@ import json
 import os
 import sys
 import time
-from argparse import Namespace
 from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import analysis, log  # noqa: E402  (the same calibration analysis)
+from quality import analysis, log, quiet_torch  # noqa: E402  (the same calibration analysis and set-up)
 
 TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0")
 HNF_BITS = ("4", "4.2", "4.5", "5", "5.5", "6", "6.5", "7", "8.5")
@@ -37,21 +36,18 @@ HNF_BITS = ("4", "4.2", "4.5", "5", "5.5", "6", "6.5", "7", "8.5")
 def engine_plans(rep: Path, out: Path) -> list:
     """(name, group, plan path, plan, setting) for every engine setting."""
     from hnfverify.analysis.report import load
-    from hnfverify.cli.engine_commands import engine_request, vllm_scales
+    from hnfverify.cli.engine_commands import argparse_ns, engine_request, vllm_scales
     from hnfverify.core.plan import save_plan
     from hnfverify.planning.planner import plan_with_estimate
 
     summary, arrays = load(rep)
     pdir = out / "plans"
     pdir.mkdir(parents=True, exist_ok=True)
-    base = dict(eps=None, max_kl=None, max_seq_len=None, kv_cache_dtype=None, scales=None, ctk=None, ctv=None)
-    settings = [(f"llama.cpp {k}/{v}", Namespace(**dict(base, engine="llama.cpp", ctk=k, ctv=v)))
-                for k in TYPES for v in TYPES]
-    settings.append(("vllm fp8 s=1", Namespace(**dict(base, engine="vllm", kv_cache_dtype="fp8_e4m3"))))
+    settings = [(f"llama.cpp {k}/{v}", argparse_ns(engine="llama.cpp", ctk=k, ctv=v)) for k in TYPES for v in TYPES]
+    settings.append(("vllm fp8 s=1", argparse_ns(engine="vllm", kv_cache_dtype="fp8_e4m3")))
     scales = pdir / "vllm-scales.json"
     scales.write_text(json.dumps(vllm_scales(summary, arrays)))
-    settings.append(("vllm fp8 calibrated", Namespace(**dict(base, engine="vllm", kv_cache_dtype="fp8_e4m3",
-                                                             scales=str(scales)))))
+    settings.append(("vllm fp8 calibrated", argparse_ns(engine="vllm", kv_cache_dtype="fp8_e4m3", scales=str(scales))))
     plans = []
     for name, ns in settings:
         req, setting = engine_request(ns, summary["shape"])
@@ -80,12 +76,7 @@ def main() -> int:
     t_all = time.perf_counter()
     rep = analysis(out)
 
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_torch(args.threads)
     from hnfverify.core.plan import claim_float
     from hnfverify.core.verify.obligations import CheckOptions, check_plan
     from hnfverify.evaluation import evaluate_methods, plan_method

@@ -44,6 +44,17 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
+def quiet_torch(threads: int):
+    """torch with ``threads`` threads and transformers without warnings or progress bars (both benchmarks)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return torch
+
+
 def analysis(out: Path) -> Path:
     rep = out / "report.json"
     if not rep.exists():
@@ -317,12 +328,7 @@ def main() -> int:
     t_all = time.perf_counter()
     rep = analysis(out)
 
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    torch = quiet_torch(args.threads)
     from hnfverify.evaluation import evaluate_methods, plan_method
     from hnfverify.models import load_model
     from hnfverify.evaluation.quanto import quanto_method

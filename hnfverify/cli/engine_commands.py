@@ -31,14 +31,15 @@ def _scale_name(x) -> str:
     """A vLLM scale (a JSON number) -> its fp8_e4m3_s format name: the float32 value vLLM multiplies by, exactly."""
     import struct
 
-    from ..core.formats.fp8 import plain_decimal
+    from ..core.formats import scaled_e4m3
+    from ..core.formats.fp8 import float32_exact
 
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 or x != x or x == float("inf"):
         raise InputError(f"--scales: a scale must be a positive finite number, got {x!r}")
-    f = struct.unpack("<f", struct.pack("<f", float(x)))[0]
-    if not f >= 2.0 ** -126:
+    f = Fraction(struct.unpack("<f", struct.pack("<f", float(x)))[0])
+    if not float32_exact(f):
         raise InputError(f"--scales: scale {x!r} is not a normal float32 value")
-    return f"fp8_e4m3_s{plain_decimal(Fraction(f))}"
+    return scaled_e4m3(f).name
 
 
 def load_scales(path: str, n_layers: int, n_kv: int) -> dict:
@@ -227,9 +228,8 @@ def cmd_export(args, out: TextIO, err: TextIO) -> int:
                   "certify-engine --scales reads it)\n")
         _compare(out, eng, mine, e2e, bits)
         return EXIT_OK
-    types = [t for t in LLAMA_TYPES]
-    cands = sorted(((by_name(_llama_format(k)).bits_per_element + by_name(_llama_format(v)).bits_per_element, k, v)
-                    for k in types for v in types), key=lambda c: (c[0], c[1], c[2]))
+    cands = sorted((by_name(_llama_format(k)).bits_per_element + by_name(_llama_format(v)).bits_per_element, k, v)
+                   for k in LLAMA_TYPES for v in LLAMA_TYPES)
     for _, k, v in cands:
         req, setting = engine_request(argparse_ns(engine="llama.cpp", ctk=k, ctv=v), summary["shape"])
         try:

@@ -5,6 +5,8 @@ Each does exactly what the format's reference semantics say (``hnfverify/core/fo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..core.formats import Format
@@ -323,25 +325,31 @@ def ggml_blocks(p: Packed):
     return np.ascontiguousarray(torch.cat(parts, dim=-1).reshape(-1, sum(t.shape[-1] for t in parts)).numpy())
 
 
+@functools.lru_cache(maxsize=None)
+def _scale32(fmt) -> torch.Tensor:
+    """A fixed-scale FP8 format's scale as a float32 0-dim tensor (exact: the name holds a float32 value)."""
+    return torch.tensor(float(fmt.scale), dtype=torch.float32)
+
+
 class ScaledFp8Codec:
     """vLLM's FP8-E4M3 with one fixed float32 scale (``fp8_e4m3_s<s>``): clamp(x / s, +-448) cast to e4m3, read as
     fp8 * s. Nothing but the FP8 bytes is stored per token (the scale is the plan's)."""
 
     @staticmethod
     def quantize(x: torch.Tensor, fmt: Format, shape: tuple, group_tokens: int | None, values: bool = False):
-        s = torch.tensor(float(fmt.scale), dtype=torch.float32)
+        s = _scale32(fmt)
         y = (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
         p = Packed(fmt, shape, y)
         return (p, ScaledFp8Codec.dequantize(p)) if values else p
 
     @staticmethod
     def dequantize(p: Packed) -> torch.Tensor:
-        return p.data.to(torch.float32) * torch.tensor(float(p.fmt.scale), dtype=torch.float32)
+        return p.data.to(torch.float32) * _scale32(p.fmt)
 
     @staticmethod
     def dequantize_into(p: Packed, dst: torch.Tensor) -> None:
         dst.copy_(p.data)
-        dst.mul_(torch.tensor(float(p.fmt.scale), dtype=torch.float32))
+        dst.mul_(_scale32(p.fmt))
 
 
 def codec_for(fmt: Format):

@@ -71,7 +71,7 @@ def test_llama_cpp_setting_is_proved_stored_exactly_and_within_its_bounds(tiny, 
     bounds, _, _ = head_bounds(plan)
     for li, err, rt in calls:
         assert bool((rt >= err).all()), (li, float((err - rt).max()))
-        assert float(err.max()) <= min(bounds[(li, 0)], float("inf"))
+        assert float(err.max()) <= bounds[(li, 0)]
     assert sum(int((err > 0).sum()) for _, err, _ in calls) > 50
     # the engine's bytes: d / 32 blocks per head and position, plus the recorded norm bytes, nothing else
     cache = MixedPrecisionCache.from_plan(plan, lm.model)
